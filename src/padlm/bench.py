@@ -1,0 +1,192 @@
+"""``padlm bench``: speed of every strategy measured in ONE run, reported as ratios.
+
+Shared machines are noisy, so absolute numbers from different runs are not comparable; the
+ratios to ``base`` inside one run are. Every row decodes a fixed number of tokens (EOS
+ignored), after a warm-up, and reports the median of the repeats.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Annotated
+
+import torch
+import typer
+
+from padlm.decoding import GenerationConfig
+from padlm.engine import Personalizer
+from padlm.errors import PadlmError
+from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
+from padlm.prompting import render
+from padlm.strategies import PadStrategy
+
+BENCH_PROMPT = (
+    "I am preparing a short talk for a community science evening. Explain why the sky looks "
+    "blue during the day but turns red and orange at sunset. Cover what sunlight is made of, "
+    "what happens when light meets the molecules in the air, why shorter wavelengths scatter "
+    "more than longer ones, and why the path length of light through the atmosphere changes "
+    "at sunset. Finish with one simple experiment people can try at home with a glass of "
+    "water, a torch and a little milk to see the same effect."
+)
+BENCH_PREFERENCE = "P1A"
+BENCH_STRATEGIES = ("base", "prompt", "pad", "pad-lora", "linear-alignment", "args",
+                    "reference-pad")
+
+
+def lora_persrm(engine: Personalizer) -> PersonalizedRewardModel:
+    """A PersRM on the general path: a LoRA (r=16) on its own copy of the base backbone.
+    Its adapter is freshly initialised; speed does not depend on what it learned."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                        exclude_modules=["lm_head"])
+    backbone = get_peft_model(copy.deepcopy(engine.lm.model), config, adapter_name=ADAPTER_NAME)
+    persrm = PersonalizedRewardModel.identity(engine.lm.name, engine.lm.model.config.hidden_size)
+    persrm.config.lora = True
+    persrm.backbone = backbone.eval()
+    return persrm
+
+
+def reference_pad(engine: Personalizer, prompt_ids: list[int], new_tokens: int,
+                  top_k: int = 10, weight: float = 1.0) -> None:
+    """The released PAD code's computation pattern: batch 1, no KV cache, the base model and
+    the PersRM each recompute the whole sequence (all positions' logits) at every step."""
+    model = engine.lm.model
+    head, lm_head = engine.persrm.head, model.get_output_embeddings().weight
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            base_logits = model(input_ids=ids).logits[:, -1]
+            hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+            reward_logits = (head(hidden) @ lm_head.T)[:, -1]
+            top = base_logits.topk(top_k, dim=-1).indices
+            score = base_logits.gather(1, top) + weight * (
+                reward_logits.gather(1, top).log_softmax(-1)
+                - base_logits.gather(1, top).log_softmax(-1))
+            ids = torch.cat([ids, top.gather(1, score.argmax(-1, keepdim=True))], dim=1)
+
+
+class ForwardCounter:
+    """Counts transformer-body forward calls of the given models while active."""
+
+    def __init__(self, models: list[torch.nn.Module]) -> None:
+        self.decoders = {id(m): m for m in (_decoder(m) for m in models)}.values()
+        self.calls = 0
+
+    def __enter__(self) -> ForwardCounter:
+        self.handles = [d.register_forward_pre_hook(self._count) for d in self.decoders]
+        return self
+
+    def _count(self, *args) -> None:
+        self.calls += 1
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder()
+
+
+def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens: int
+               ) -> tuple[Callable[[], None], list[torch.nn.Module]]:
+    """A zero-argument function that decodes one batch, and the models it runs."""
+    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    prompts = [BENCH_PROMPT] * batch_size
+    if strategy == "reference-pad":
+        ids = render(engine.lm.tokenizer, BENCH_PROMPT, engine.request(
+            BENCH_PROMPT, BENCH_PREFERENCE).preference, engine.placement)
+        return (lambda: [reference_pad(engine, ids, new_tokens) for _ in prompts],
+                [engine.lm.model])
+    if strategy == "pad-lora":
+        persrm = lora_persrm(engine)
+        strategy_object = PadStrategy(engine.lm, persrm, engine.placement)
+        engine._strategies["pad-lora"] = strategy_object
+        return (lambda: engine._decode("pad-lora", [
+            engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), [persrm.backbone])
+    engine.strategy(strategy)  # fail early on a bad name
+    return (lambda: engine.generate(prompts, BENCH_PREFERENCE, strategy, config,
+                                    batch_size=batch_size), [engine.lm.model])
+
+
+def bench(engine: Personalizer, strategies: list[str], batch_sizes: list[int],
+          new_tokens: int, repeats: int, progress: Callable[[str], None] = lambda s: None,
+          ) -> dict:
+    unknown = [s for s in strategies if s not in BENCH_STRATEGIES]
+    if unknown:
+        raise PadlmError(f"unknown bench strategy {', '.join(unknown)}; choose from "
+                         f"{', '.join(BENCH_STRATEGIES)}")
+    rows = []
+    for batch_size in batch_sizes:
+        base_ms = None
+        for strategy in (["base"] if "base" not in strategies else []) + strategies:
+            run, models = runner_for(engine, strategy, batch_size, new_tokens)
+            run()  # warm-up
+            times = []
+            with ForwardCounter(models) as counter:
+                for _ in range(repeats):
+                    began = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - began)
+            seconds = statistics.median(times)
+            total = batch_size * new_tokens
+            ms = 1000 * seconds / total
+            base_ms = ms if strategy == "base" else base_ms
+            row = {"strategy": strategy, "batch_size": batch_size, "new_tokens": new_tokens,
+                   "ms_per_token": round(ms, 2), "tokens_per_second": round(total / seconds, 2),
+                   "overhead_vs_base": round(ms / base_ms, 3),
+                   "forward_passes_per_token": round(counter.calls / (repeats * new_tokens
+                                                     * (batch_size if strategy ==
+                                                        "reference-pad" else 1)), 2)}
+            progress(json.dumps(row))
+            if strategy in strategies:
+                rows.append(row)
+    return {"device": platform.processor() or platform.machine(), "model": engine.lm.name,
+            "threads": torch.get_num_threads(), "prompt_tokens": len(render(
+                engine.lm.tokenizer, BENCH_PROMPT)), "rows": rows}
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| strategy | batch | ms/token | tokens/s | vs base | forwards/token |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['strategy']} | {r['batch_size']} | {r['ms_per_token']} | "
+                     f"{r['tokens_per_second']} | {r['overhead_vs_base']}x | "
+                     f"{r['forward_passes_per_token']} |")
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    def bench_command(
+        strategies: Annotated[str, typer.Option(help="Comma-separated: " +
+                                                ",".join(BENCH_STRATEGIES))
+                              ] = ",".join(BENCH_STRATEGIES),
+        batch_size: Annotated[str, typer.Option(help="One or more, e.g. 1,8.")] = "1",
+        max_new_tokens: Annotated[int, typer.Option()] = 64,
+        repeats: Annotated[int, typer.Option()] = 3,
+        model: Annotated[str, typer.Option()] = "default",
+        dtype: Annotated[str, typer.Option()] = "float32",
+        as_json: Annotated[bool, typer.Option("--json")] = False,
+    ) -> None:
+        """Time each strategy on the same prompt, in one run, as ratios to base."""
+        from rich.console import Console
+
+        try:
+            sizes = [int(s) for s in batch_size.split(",")]
+        except ValueError:
+            raise PadlmError(f"--batch-size must be integers, got {batch_size!r}") from None
+        if min(sizes) < 1 or repeats < 1 or max_new_tokens < 1:
+            raise PadlmError("--batch-size, --repeats and --max-new-tokens must be >= 1")
+        console = Console(stderr=True)
+        engine = Personalizer(model, dtype=dtype)
+        result = bench(engine, [s.strip() for s in strategies.split(",") if s.strip()], sizes,
+                       max_new_tokens, repeats, progress=lambda line: console.print(line))
+        print(json.dumps(result, indent=2) if as_json else markdown_table(result))

@@ -1,0 +1,173 @@
+"""``padlm`` command line: a thin layer over the library.
+
+Every user mistake becomes a one-line ``error: ...`` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from padlm.errors import PadlmError
+
+app = typer.Typer(
+    help="Personalize a frozen LLM at decoding time (PAD, Linear Alignment, ARGS, ...).",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+err = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def load_prompts(path: Path) -> list[dict[str, str]]:
+    """Read a prompts file: a JSON list (strings or objects with ``prompt``), JSONL with a
+    ``prompt`` field, or plain text with one prompt per line. Returns ``{id, prompt}``."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise PadlmError(f"cannot read prompts file {path}: {error}") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise PadlmError(f"prompts file {path} is not valid JSON: {error}") from None
+    elif stripped.startswith("{"):
+        items = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise PadlmError(f"{path}:{number}: invalid JSON line: {error}") from None
+    else:
+        items = [line for line in text.splitlines() if line.strip()]
+    prompts = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict) or not str(item.get("prompt", "")).strip():
+            raise PadlmError(f"{path}: entry {index + 1} has no non-empty 'prompt'")
+        prompts.append({"id": str(item.get("id", index)), "prompt": str(item["prompt"])})
+    if not prompts:
+        raise PadlmError(f"prompts file {path} contains no prompts")
+    return prompts
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="The instruction to answer.")] = None,
+    preference: Annotated[str | None, typer.Option(
+        help="Preference text, or preset ids such as P1A+P2A.")] = None,
+    strategy: Annotated[str, typer.Option(
+        help="base | prompt | pad | linear-alignment | args | best-of-n")] = "pad",
+    weight: Annotated[float | None, typer.Option(
+        help="Guidance weight (PAD w, Linear Alignment alpha, ARGS w).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Candidates per step (default 10).")] = None,
+    n: Annotated[int, typer.Option(help="Samples for best-of-n.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option()] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    no_repeat_ngram_size: Annotated[int, typer.Option()] = 0,
+    repetition_penalty: Annotated[float, typer.Option()] = 1.0,
+    model: Annotated[str, typer.Option(help="'default', a HF model id or a directory.")
+                     ] = "default",
+    persrm: Annotated[str, typer.Option(help="PersRM directory, 'default' or 'identity'.")
+                      ] = "default",
+    placement: Annotated[str, typer.Option(help="system | user-prefix | bracket")
+                         ] = "user-prefix",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    prompts_file: Annotated[Path | None, typer.Option(help="JSON, JSONL or text file.")
+                            ] = None,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they are chosen.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt.")
+                       ] = False,
+) -> None:
+    """Generate a personalized response (or one per line of --prompts-file)."""
+    from padlm.decoding import GenerationConfig
+    from padlm.engine import STRATEGIES, Personalizer
+
+    if strategy not in STRATEGIES:
+        fail(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if (prompt is None) == (prompts_file is None):
+        fail("give exactly one of PROMPT or --prompts-file")
+    if prompt is not None and not prompt.strip():
+        fail("the prompt is empty")
+    if batch_size < 1:
+        fail("--batch-size must be >= 1")
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        stop=tuple(stop or ()), no_repeat_ngram_size=no_repeat_ngram_size,
+        repetition_penalty=repetition_penalty, weight=weight, top_k=top_k,
+    ).validate()
+    items = load_prompts(prompts_file) if prompts_file else [{"id": "0", "prompt": prompt}]
+    engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement)
+    meta = {"strategy": strategy, "preference": preference, "model": engine.lm.name,
+            "persrm": engine.persrm_name}
+    if stream and strategy != "best-of-n" and prompts_file is None:
+        began, count = time.perf_counter(), 0
+        for event in engine.stream(prompt, preference, strategy, config):
+            count += 1
+            sys.stdout.write(event.delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        err.print(f"[dim]{count} tokens, {count / (time.perf_counter() - began):.1f} tok/s")
+        return
+    results = engine.generate([i["prompt"] for i in items], preference, strategy, config,
+                              batch_size=batch_size, n=n)
+    for item, result in zip(items, results, strict=True):
+        if as_json or prompts_file:
+            record = {"text": result.text, **meta, "new_tokens": result.new_tokens,
+                      "finish_reason": result.finish_reason,
+                      "seconds": round(result.seconds, 4),
+                      "tokens_per_second": round(result.new_tokens / max(result.seconds, 1e-9),
+                                                 2)}
+            if prompts_file:
+                record = {"id": item["id"], **record}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(result.text)
+
+
+@app.command()
+def models() -> None:
+    """List cached models, fetching and converting the default one if needed."""
+    from padlm.models import cached_models, ensure_default_model
+
+    path = ensure_default_model()
+    err.print(f"default model ready at {path}")
+    for entry in cached_models():
+        print(json.dumps(entry))
+
+
+def _register_subcommands() -> None:
+    """Commands that live next to the feature they drive."""
+    from padlm.bench import register as register_bench
+
+    register_bench(app)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "transformers", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _register_subcommands()
+    try:
+        app()
+    except PadlmError as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,149 @@
+"""Pure tensor math of decoding-time guidance: no models, no state, per-row parameters.
+
+Every function takes batch-first tensors and per-row parameter tensors (``weight[B]``,
+``k[B]``) so that one batch can serve users with different settings. Scores outside the
+candidate set are ``-inf``; the decode loop samples from what is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def top_k_candidates(logits: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of each row's ``k[b]`` best tokens, padded to ``max(k)``, and a validity mask.
+
+    >>> idx, valid = top_k_candidates(torch.tensor([[0.1, 3.0, 2.0]]), torch.tensor([2]))
+    >>> idx.tolist(), valid.tolist()
+    ([[1, 2]], [[True, True]])
+    """
+    k_max = int(k.max())
+    indices = logits.topk(k_max, dim=-1).indices
+    valid = torch.arange(k_max, device=logits.device)[None, :] < k[:, None]
+    return indices, valid
+
+
+def masked_log_softmax(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the valid entries of each row; invalid entries become ``-inf``."""
+    return values.masked_fill(~valid, NEG_INF).log_softmax(dim=-1)
+
+
+def pad_token_reward(
+    base_logits_k: torch.Tensor, reward_logits_k: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """PAD's token reward over the candidates: ``log softmax_K(z_R) - log softmax_K(z_b)``."""
+    reward = masked_log_softmax(reward_logits_k, valid) - masked_log_softmax(base_logits_k, valid)
+    return reward.masked_fill(~valid, 0.0)
+
+
+def pad_scores(
+    base_logits_k: torch.Tensor,
+    reward_logits_k: torch.Tensor,
+    weight: torch.Tensor,
+    valid: torch.Tensor,
+    proposal_logits_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """PAD's rule ``score = z_b + w * r`` over the candidates (``-inf`` elsewhere).
+
+    ``proposal_logits_k`` is the base logits after repetition control; the reward always
+    compares the raw models. Over the candidates it equals ``(1-w) z_b + w z_R + const``.
+    """
+    proposal = base_logits_k if proposal_logits_k is None else proposal_logits_k
+    reward = pad_token_reward(base_logits_k, reward_logits_k, valid)
+    return (proposal + weight[:, None] * reward).masked_fill(~valid, NEG_INF)
+
+
+def linear_alignment_scores(
+    preferred_logits_k: torch.Tensor,
+    neutral_logits_k: torch.Tensor,
+    alpha: torch.Tensor,
+    valid: torch.Tensor,
+    proposal_logits_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Linear Alignment: ``z_p + alpha (z_p - z_0)`` over the top candidates of ``z_p``."""
+    proposal = preferred_logits_k if proposal_logits_k is None else proposal_logits_k
+    shift = alpha[:, None] * (preferred_logits_k - neutral_logits_k)
+    return (proposal + shift).masked_fill(~valid, NEG_INF)
+
+
+def scatter_to_vocab(
+    candidates: torch.Tensor, scores: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """Full-vocabulary score rows: candidate scores in place, ``-inf`` everywhere else."""
+    full = torch.full(
+        (scores.shape[0], vocab_size), NEG_INF, dtype=scores.dtype, device=scores.device
+    )
+    return full.scatter(1, candidates, scores)
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, previous: Sequence[Sequence[int]], penalty: torch.Tensor
+) -> torch.Tensor:
+    """CTRL-style penalty as in transformers: divide positive, multiply negative logits."""
+    out = logits.clone()
+    for row, tokens in enumerate(previous):
+        if not tokens or float(penalty[row]) == 1.0:
+            continue
+        ids = torch.tensor(sorted(set(tokens)), device=logits.device)
+        seen = out[row, ids]
+        out[row, ids] = torch.where(seen > 0, seen / penalty[row], seen * penalty[row])
+    return out
+
+
+def banned_ngram_tokens(tokens: Sequence[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already present in ``tokens`` (n < 1: none)."""
+    if n < 1 or len(tokens) < n - 1:
+        return set()
+    if n == 1:
+        return set(tokens)
+    prefix = tuple(tokens[len(tokens) - (n - 1):])
+    return {
+        tokens[i + n - 1]
+        for i in range(len(tokens) - n + 1)
+        if tuple(tokens[i:i + n - 1]) == prefix
+    }
+
+
+def apply_no_repeat_ngram(
+    logits: torch.Tensor, previous: Sequence[Sequence[int]], sizes: Sequence[int]
+) -> torch.Tensor:
+    out = logits.clone()
+    for row, (tokens, n) in enumerate(zip(previous, sizes, strict=True)):
+        banned = banned_ngram_tokens(tokens, n)
+        if banned:
+            out[row, sorted(banned)] = NEG_INF
+    return out
+
+
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filtering per row; the most likely token always survives."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= top_p[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def choose_tokens(
+    scores: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Greedy where ``temperature == 0``, else temperature + top-p sampling with each row's
+    own generator (so a row's output does not depend on who else is in the batch)."""
+    chosen = scores.argmax(dim=-1)
+    sampled_rows = (temperature > 0).nonzero().flatten().tolist()
+    if not sampled_rows:
+        return chosen
+    rows = torch.tensor(sampled_rows, device=scores.device)
+    filtered = top_p_filter(scores[rows].float() / temperature[rows, None], top_p[rows])
+    probs = filtered.softmax(dim=-1)
+    for i, row in enumerate(sampled_rows):
+        chosen[row] = torch.multinomial(probs[i], 1, generator=generators[row])[0]
+    return chosen

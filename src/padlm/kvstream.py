@@ -1,0 +1,165 @@
+"""One model's batch of sequences and its KV cache, with rows that can join and leave.
+
+A stream holds ``L`` lanes per request (interleaved: request ``b`` owns rows
+``b*L .. b*L+L-1``) so that, for example, Linear Alignment's two contexts or a LoRA PersRM's
+``__base__`` / ``persrm`` rows run in ONE batched forward. Rows are left-padded; positions
+come from each row's own count of real tokens, so padding never changes a row's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass
+class StreamOutput:
+    """Last-position results of a forward: ``[requests, lanes, ...]``."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+def _decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer body whose output is the final (normed) hidden state."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder()
+
+
+class KVStream:
+    """Runs one causal LM over a growing batch, one token per row per step."""
+
+    def __init__(
+        self, model: PreTrainedModel, lanes: int = 1, adapters: Sequence[str] | None = None
+    ) -> None:
+        if adapters is not None and len(adapters) != lanes:
+            raise ValueError("one adapter name per lane")
+        self.model = model
+        self.lanes = lanes
+        self.adapters = list(adapters) if adapters is not None else None
+        self.device = next(model.parameters()).device
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self.next_position = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._decoder = _decoder_of(model)
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+        cache: DynamicCache,
+    ) -> StreamOutput:
+        kwargs = {}
+        if self.adapters is not None:
+            kwargs["adapter_names"] = self.adapters * (input_ids.shape[0] // self.lanes)
+        captured: list[torch.Tensor] = []
+        # The hook lives for one call only: models are shared between many streams.
+        handle = self._decoder.register_forward_hook(
+            lambda module, args, output: captured.append(output.last_hidden_state[:, -1])
+        )
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs,
+                )
+        finally:
+            handle.remove()
+        logits = out.logits[:, -1].float()
+        hidden = captured[0]
+        return StreamOutput(
+            logits=logits.view(-1, self.lanes, logits.shape[-1]),
+            hidden=hidden.view(-1, self.lanes, hidden.shape[-1]),
+        )
+
+    def join(self, contexts: Sequence[Sequence[int]]) -> StreamOutput:
+        """Prefill new rows (``len(contexts)`` must be a multiple of ``lanes``) and append
+        them to the batch; returns the new rows' outputs."""
+        if len(contexts) % self.lanes:
+            raise ValueError("contexts must come in whole requests")
+        width = max(len(c) for c in contexts)
+        pad_id = 0
+        ids = torch.tensor([[pad_id] * (width - len(c)) + list(c) for c in contexts],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self._forward(ids, mask, positions, cache)
+        self._merge(cache, mask, positions[:, -1] + 1)
+        return out
+
+    def step(self, tokens: torch.Tensor) -> StreamOutput:
+        """Append one token per request (the same token to all its lanes) and run it."""
+        tokens = tokens.to(self.device).repeat_interleave(self.lanes)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+        out = self._forward(tokens[:, None], self.mask, self.next_position[:, None], self.cache)
+        self.next_position = self.next_position + 1
+        return out
+
+    def keep(self, requests: Sequence[int]) -> None:
+        """Drop every request not listed, keeping the order of those that are."""
+        rows = torch.tensor(
+            [r * self.lanes + lane for r in requests for lane in range(self.lanes)],
+            dtype=torch.long, device=self.device,
+        )
+        self.mask = self.mask[rows]
+        self.next_position = self.next_position[rows]
+        if self.cache is not None:
+            self.cache.batch_select_indices(rows)
+        self._trim_left_padding()
+
+    def _trim_left_padding(self) -> None:
+        """After rows leave, columns that are padding for everyone are dead weight."""
+        if self.rows == 0:
+            self.cache = None
+            self.mask = self.mask[:, :0]
+            return
+        live = self.mask.any(dim=0).nonzero()
+        first = int(live[0]) if len(live) else self.mask.shape[1]
+        if first == 0:
+            return
+        self.mask = self.mask[:, first:]
+        self.cache = _rebuild_cache(
+            [(k[:, :, first:], v[:, :, first:]) for k, v in _cache_tensors(self.cache)]
+        )
+
+    def _merge(self, cache: DynamicCache, mask: torch.Tensor, next_position: torch.Tensor) -> None:
+        if self.cache is None or self.rows == 0:
+            self.cache, self.mask, self.next_position = cache, mask, next_position
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        merged = [
+            (torch.cat([_left_pad(k_old, width), _left_pad(k_new, width)]),
+             torch.cat([_left_pad(v_old, width), _left_pad(v_new, width)]))
+            for (k_old, v_old), (k_new, v_new)
+            in zip(_cache_tensors(self.cache), _cache_tensors(cache), strict=True)
+        ]
+        self.cache = _rebuild_cache(merged)
+        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
+        self.next_position = torch.cat([self.next_position, next_position])
+
+
+def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    for layer in cache.layers:
+        if layer.is_sliding:
+            raise NotImplementedError("joining rows into a sliding-window cache")
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _rebuild_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=tensors)
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -1,0 +1,142 @@
+"""The personalized reward model (PersRM) of PAD: a backbone plus a ``d x d`` value head.
+
+``z_R(a | s, p) = E_a . (W h(s, p) + b)``. When the backbone is the frozen base model itself
+(no LoRA), PAD needs no second forward: the head is applied to the base model's own final
+hidden state, and only at the k candidate rows of the lm_head.
+
+On disk a PersRM is a directory: ``config.json`` (what it was trained on and how), ``head.
+safetensors`` (``weight``, ``bias``) and, for a LoRA stage, a PEFT ``adapter/`` directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from padlm.atomic import atomic_directory, write_json_atomic
+from padlm.errors import PadlmError
+from padlm.prompting import DEFAULT_PLACEMENT
+
+CONFIG_NAME = "config.json"
+HEAD_NAME = "head.safetensors"
+ADAPTER_DIR = "adapter"
+ADAPTER_NAME = "persrm"
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+@dataclass
+class PersRMConfig:
+    """Everything needed to use a PersRM correctly, and to know where it came from."""
+
+    base_model: str
+    hidden_size: int
+    recommended_weight: float = 1.0
+    top_k: int = 10
+    placement: str = DEFAULT_PLACEMENT
+    lora: bool = False
+    base_model_sha256: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PersRMConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+class ValueHead(nn.Module):
+    """``h -> W h + b``, identity-initialised so an untrained PersRM equals the base model."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, self.weight.to(hidden.dtype), self.bias.to(hidden.dtype))
+
+    def is_identity(self) -> bool:
+        eye = torch.eye(self.weight.shape[0], dtype=self.weight.dtype)
+        return bool(torch.equal(self.weight.data, eye) and not self.bias.data.any())
+
+
+class PersonalizedRewardModel:
+    """A value head, optionally on top of a LoRA-adapted copy of the base backbone."""
+
+    def __init__(
+        self, config: PersRMConfig, head: ValueHead, backbone: nn.Module | None = None,
+        path: str | None = None,
+    ) -> None:
+        self.config = config
+        self.head = head
+        self.backbone = backbone  # None: shares the base model's backbone (fast path)
+        self.path = path
+
+    @classmethod
+    def identity(cls, base_model_name: str, hidden_size: int) -> PersonalizedRewardModel:
+        config = PersRMConfig(base_model=base_model_name, hidden_size=hidden_size,
+                              training={"stage": "none"})
+        return cls(config, ValueHead(hidden_size))
+
+    @property
+    def shares_backbone(self) -> bool:
+        return self.backbone is None
+
+    def reward_logits(
+        self, hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``E (W h + b)``: over the whole vocabulary, or only at ``candidates [N, k]`` (the
+        only rows PAD's candidate-restricted softmax needs)."""
+        transformed = self.head(hidden).to(lm_head_weight.dtype)
+        if candidates is None:
+            return (transformed @ lm_head_weight.T).float()
+        rows = lm_head_weight[candidates]  # [N, k, d]
+        return torch.einsum("nkd,nd->nk", rows, transformed).float()
+
+    def save(self, directory: str | Path) -> None:
+        """Write the PersRM atomically: a crash leaves the old directory or the new one."""
+        with atomic_directory(Path(directory)) as staging:
+            save_file(
+                {"weight": self.head.weight.detach().contiguous().float(),
+                 "bias": self.head.bias.detach().contiguous().float()},
+                str(staging / HEAD_NAME),
+            )
+            if self.backbone is not None:
+                self.backbone.save_pretrained(str(staging / ADAPTER_DIR),
+                                              selected_adapters=[ADAPTER_NAME])
+            write_json_atomic(staging / CONFIG_NAME, asdict(self.config))
+
+    @classmethod
+    def load(cls, directory: str | Path, base_model: nn.Module | None = None,
+             ) -> PersonalizedRewardModel:
+        """Load a PersRM; a LoRA PersRM needs its own copy of the base model to wrap."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.exists() or not (directory / HEAD_NAME).exists():
+            raise PadlmError(f"{directory} is not a PersRM directory (no {CONFIG_NAME} or "
+                             f"{HEAD_NAME})")
+        try:
+            config = PersRMConfig.from_dict(json.loads(config_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise PadlmError(f"{config_path} is not a valid PersRM config: {error}") from None
+        tensors = load_file(str(directory / HEAD_NAME))
+        head = ValueHead(config.hidden_size)
+        with torch.no_grad():
+            head.weight.copy_(tensors["weight"])
+            head.bias.copy_(tensors["bias"])
+        backbone = None
+        if config.lora:
+            if base_model is None:
+                raise PadlmError("a LoRA PersRM needs a base model copy to load onto")
+            from peft import PeftModel
+
+            backbone = PeftModel.from_pretrained(
+                base_model, str(directory / ADAPTER_DIR), adapter_name=ADAPTER_NAME
+            ).eval()
+        return cls(config, head, backbone, path=str(directory))

@@ -1,0 +1,225 @@
+"""The token-level methods, each a small adapter between its models and the decode loop.
+
+``base`` and ``prompt`` read one stream. ``pad`` reads the base logits and the PersRM's value
+head (on the shared backbone: one forward; with a LoRA PersRM: two lanes of one batched
+forward). ``linear-alignment`` reads two lanes (with / without the preference). ``args``
+scores each top-k candidate with a sequence-level scorer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from padlm import guidance
+from padlm.decoding import Request, Row
+from padlm.kvstream import KVStream, StreamOutput
+from padlm.models import LoadedModel
+from padlm.persrm import ADAPTER_NAME, BASE_ADAPTER, PersonalizedRewardModel
+from padlm.prompting import DEFAULT_PLACEMENT, render
+
+DEFAULT_TOP_K = 10
+Process = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _top_k(rows: Sequence[Row], default: int) -> torch.Tensor:
+    return torch.tensor([row.config.top_k or default for row in rows])
+
+
+def _weights(rows: Sequence[Row], default: float) -> torch.Tensor:
+    return torch.tensor(
+        [default if row.config.weight is None else row.config.weight for row in rows]
+    )
+
+
+class PlainStrategy:
+    """``base`` (preference ignored) and ``prompt`` (preference placed in the context)."""
+
+    def __init__(self, lm: LoadedModel, use_preference: bool,
+                 placement: str = DEFAULT_PLACEMENT) -> None:
+        self.name = "prompt" if use_preference else "base"
+        self.lm = lm
+        self.use_preference = use_preference
+        self.placement = placement
+        self.streams = [KVStream(lm.model)]
+
+    def contexts(self, request: Request) -> list[list[list[int]]]:
+        preference = request.preference if self.use_preference else ""
+        return [[render(self.lm.tokenizer, request.prompt, preference, self.placement)]]
+
+    def scores(self, outputs: list[StreamOutput], rows: Sequence[Row],
+               process: Process) -> torch.Tensor:
+        return process(outputs[0].logits[:, 0])
+
+
+class PadStrategy:
+    """PAD: ``score(a) = z_b(a) + w * r(a)`` over the base model's top-k candidates."""
+
+    name = "pad"
+
+    def __init__(self, lm: LoadedModel, persrm: PersonalizedRewardModel,
+                 placement: str | None = None) -> None:
+        self.lm = lm
+        self.persrm = persrm
+        self.placement = placement or persrm.config.placement
+        self.lm_head = lm.model.get_output_embeddings().weight
+        if persrm.shares_backbone:
+            self.streams = [KVStream(lm.model)]
+        else:  # base and PersRM rows of one request run in one batched forward
+            self.streams = [KVStream(persrm.backbone, lanes=2,
+                                     adapters=[BASE_ADAPTER, ADAPTER_NAME])]
+
+    def contexts(self, request: Request) -> list[list[list[int]]]:
+        ids = render(self.lm.tokenizer, request.prompt, request.preference, self.placement)
+        return [[ids] * self.streams[0].lanes]
+
+    def scores(self, outputs: list[StreamOutput], rows: Sequence[Row],
+               process: Process) -> torch.Tensor:
+        out = outputs[0]
+        base_logits = out.logits[:, 0]
+        persrm_hidden = out.hidden[:, -1]  # lane 0 on the shared path, the PersRM lane else
+        proposal = process(base_logits)
+        k = _top_k(rows, self.persrm.config.top_k or DEFAULT_TOP_K)
+        candidates, valid = guidance.top_k_candidates(proposal, k)
+        reward_logits = self.persrm.reward_logits(persrm_hidden, self.lm_head, candidates)
+        scores = guidance.pad_scores(
+            base_logits.gather(1, candidates), reward_logits,
+            _weights(rows, self.persrm.config.recommended_weight), valid,
+            proposal.gather(1, candidates),
+        )
+        return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
+
+
+class LinearAlignmentStrategy:
+    """Linear Alignment: ``z_p + alpha (z_p - z_0)``, both contexts in one batched forward."""
+
+    name = "linear-alignment"
+
+    def __init__(self, lm: LoadedModel, placement: str = DEFAULT_PLACEMENT) -> None:
+        self.lm = lm
+        self.placement = placement
+        self.streams = [KVStream(lm.model, lanes=2)]
+
+    def contexts(self, request: Request) -> list[list[list[int]]]:
+        tokenizer = self.lm.tokenizer
+        return [[render(tokenizer, request.prompt, request.preference, self.placement),
+                 render(tokenizer, request.prompt, "", self.placement)]]
+
+    def scores(self, outputs: list[StreamOutput], rows: Sequence[Row],
+               process: Process) -> torch.Tensor:
+        preferred, neutral = outputs[0].logits[:, 0], outputs[0].logits[:, 1]
+        proposal = process(preferred)
+        candidates, valid = guidance.top_k_candidates(proposal, _top_k(rows, DEFAULT_TOP_K))
+        scores = guidance.linear_alignment_scores(
+            preferred.gather(1, candidates), neutral.gather(1, candidates),
+            _weights(rows, 1.0), valid, proposal.gather(1, candidates),
+        )
+        return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
+
+
+class SequenceScorer(Protocol):
+    """Scores whole responses; higher is better. ARGS and best-of-n accept any of these."""
+
+    def __call__(self, contexts: Sequence[Sequence[int]],
+                 responses: Sequence[Sequence[int]]) -> torch.Tensor: ...
+
+
+class ImplicitRewardScorer:
+    """The PersRM's summed implicit reward ``sum_t log pi_R(y_t) - log pi_b(y_t)`` of a
+    response, computed by a full forward over context + response (no cache)."""
+
+    def __init__(self, lm: LoadedModel, persrm: PersonalizedRewardModel, batch_size: int = 32):
+        self.lm = lm
+        self.persrm = persrm
+        self.batch_size = batch_size
+
+    def __call__(self, contexts: Sequence[Sequence[int]],
+                 responses: Sequence[Sequence[int]]) -> torch.Tensor:
+        return torch.cat([
+            self._score(contexts[i:i + self.batch_size], responses[i:i + self.batch_size])
+            for i in range(0, len(contexts), self.batch_size)
+        ])
+
+    def _score(self, contexts, responses) -> torch.Tensor:
+        sequences = [list(c) + list(r) for c, r in zip(contexts, responses, strict=True)]
+        width = max(len(s) for s in sequences)
+        ids = torch.tensor([[0] * (width - len(s)) + s for s in sequences])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            base = self.lm.model.get_decoder()(
+                input_ids=ids, attention_mask=mask, position_ids=positions
+            ).last_hidden_state
+            persrm_hidden = base if self.persrm.shares_backbone else _persrm_hidden(
+                self.persrm, ids, mask, positions)
+            lm_head = self.lm.model.get_output_embeddings().weight
+            base_logp = (base @ lm_head.T).float().log_softmax(-1)
+            persrm_logp = self.persrm.reward_logits(persrm_hidden, lm_head).log_softmax(-1)
+        scores = []
+        for row, response in enumerate(responses):
+            if not response:
+                scores.append(torch.tensor(0.0))
+                continue
+            # logits at position t predict token t+1: the response's tokens sit at the end
+            positions_r = torch.arange(width - len(response) - 1, width - 1)
+            targets = torch.tensor(list(response))
+            gain = persrm_logp[row, positions_r, targets] - base_logp[row, positions_r, targets]
+            scores.append(gain.sum())
+        return torch.stack(scores)
+
+
+def _persrm_hidden(persrm: PersonalizedRewardModel, ids, mask, positions) -> torch.Tensor:
+    decoder = persrm.backbone.get_base_model().get_decoder()
+    with persrm.backbone._enable_peft_forward_hooks(adapter_names=[ADAPTER_NAME] * len(ids)):
+        return decoder(input_ids=ids, attention_mask=mask, position_ids=positions
+                       ).last_hidden_state
+
+
+class ArgsStrategy:
+    """ARGS: ``score(a) = z(a) + w * R(prefix + a)`` for each of the top-k candidates.
+
+    With the default scorer on a shared-backbone PersRM the k sequence rewards are exact and
+    incremental: ``R(prefix + a) = R(prefix) + log pi_R(a|s) - log pi_b(a|s)``, so the k
+    scorer calls cost one head product; ``R(prefix)`` is the same for every candidate of a
+    row, so it changes neither the argmax nor the softmax and is left out. Any other scorer is called on all k continuations
+    of every row, batched (the method's real cost).
+    """
+
+    name = "args"
+
+    def __init__(self, lm: LoadedModel, scorer: SequenceScorer,
+                 placement: str = DEFAULT_PLACEMENT, default_weight: float = 1.0) -> None:
+        self.lm = lm
+        self.scorer = scorer
+        self.placement = placement
+        self.default_weight = default_weight
+        self.streams = [KVStream(lm.model)]
+        self.incremental = (isinstance(scorer, ImplicitRewardScorer)
+                            and scorer.persrm.shares_backbone)
+
+    def contexts(self, request: Request) -> list[list[list[int]]]:
+        return [[render(self.lm.tokenizer, request.prompt, request.preference, self.placement)]]
+
+    def scores(self, outputs: list[StreamOutput], rows: Sequence[Row],
+               process: Process) -> torch.Tensor:
+        logits = outputs[0].logits[:, 0]
+        proposal = process(logits)
+        candidates, valid = guidance.top_k_candidates(proposal, _top_k(rows, DEFAULT_TOP_K))
+        if self.incremental:
+            rewards = self._token_gain(outputs[0], logits).gather(1, candidates)
+        else:
+            contexts = [row.contexts[0][0] for row in rows for _ in range(candidates.shape[1])]
+            continuations = [row.tokens + [int(c)] for row, cands in zip(rows, candidates,
+                                                                         strict=True)
+                             for c in cands]
+            rewards = self.scorer(contexts, continuations).view(candidates.shape).float()
+        scores = (proposal.gather(1, candidates) + _weights(rows, self.default_weight)[:, None]
+                  * rewards).masked_fill(~valid, guidance.NEG_INF)
+        return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
+
+    def _token_gain(self, out: StreamOutput, logits: torch.Tensor) -> torch.Tensor:
+        lm_head = self.lm.model.get_output_embeddings().weight
+        persrm_logits = self.scorer.persrm.reward_logits(out.hidden[:, 0], lm_head)
+        return persrm_logits.log_softmax(-1) - logits.log_softmax(-1)
