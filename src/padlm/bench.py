@@ -163,30 +163,40 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("bench")
-    def bench_command(
-        strategies: Annotated[str, typer.Option(help="Comma-separated: " +
-                                                ",".join(BENCH_STRATEGIES))
-                              ] = ",".join(BENCH_STRATEGIES),
-        batch_size: Annotated[str, typer.Option(help="One or more, e.g. 1,8.")] = "1",
-        max_new_tokens: Annotated[int, typer.Option()] = 64,
-        repeats: Annotated[int, typer.Option()] = 3,
-        model: Annotated[str, typer.Option()] = "default",
-        dtype: Annotated[str, typer.Option()] = "float32",
-        as_json: Annotated[bool, typer.Option("--json")] = False,
-    ) -> None:
-        """Time each strategy on the same prompt, in one run, as ratios to base."""
-        from rich.console import Console
+bench_app = typer.Typer(help="Benchmarks: decoding strategies (default) and the server.",
+                        invoke_without_command=True, no_args_is_help=False)
 
-        try:
-            sizes = [int(s) for s in batch_size.split(",")]
-        except ValueError:
-            raise PadlmError(f"--batch-size must be integers, got {batch_size!r}") from None
-        if min(sizes) < 1 or repeats < 1 or max_new_tokens < 1:
-            raise PadlmError("--batch-size, --repeats and --max-new-tokens must be >= 1")
-        console = Console(stderr=True)
-        engine = Personalizer(model, dtype=dtype)
-        result = bench(engine, [s.strip() for s in strategies.split(",") if s.strip()], sizes,
-                       max_new_tokens, repeats, progress=lambda line: console.print(line))
-        print(json.dumps(result, indent=2) if as_json else markdown_table(result))
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
+def bench_command(
+    ctx: typer.Context,
+    strategies: Annotated[str, typer.Option(help="Comma-separated: " +
+                                            ",".join(BENCH_STRATEGIES))
+                          ] = ",".join(BENCH_STRATEGIES),
+    batch_size: Annotated[str, typer.Option(help="One or more, e.g. 1,8.")] = "1",
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    repeats: Annotated[int, typer.Option()] = 3,
+    model: Annotated[str, typer.Option()] = "default",
+    dtype: Annotated[str, typer.Option()] = "float32",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Time each decoding strategy on the same prompt, in one run, as ratios to base."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+
+    try:
+        sizes = [int(s) for s in batch_size.split(",")]
+    except ValueError:
+        raise PadlmError(f"--batch-size must be integers, got {batch_size!r}") from None
+    if min(sizes) < 1 or repeats < 1 or max_new_tokens < 1:
+        raise PadlmError("--batch-size, --repeats and --max-new-tokens must be >= 1")
+    console = Console(stderr=True)
+    engine = Personalizer(model, dtype=dtype)
+    result = bench(engine, [s.strip() for s in strategies.split(",") if s.strip()], sizes,
+                   max_new_tokens, repeats, progress=lambda line: console.print(line))
+    print(json.dumps(result, indent=2) if as_json else markdown_table(result))

@@ -142,14 +142,15 @@ def ensure_default_model() -> Path:
 
 def resolve_model_path(name: str) -> str:
     """Map a user's ``--model`` to something ``from_pretrained`` accepts."""
-    if name == DEFAULT_MODEL or name == DEFAULT_MODEL_NAME:
+    if name in (DEFAULT_MODEL, DEFAULT_MODEL_NAME):
         return str(ensure_default_model())
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
             raise PadlmError(f"model directory {path} has no config.json")
         return str(path)
-    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_like_path:
         raise PadlmError(f"model path {name} does not exist")
     return name  # a hub id; works where the hub or its local cache is reachable
 

@@ -58,7 +58,8 @@ class ValueHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden, self.weight.to(hidden.dtype), self.bias.to(hidden.dtype))
+        weight, bias = self.weight.to(hidden.dtype), self.bias.to(hidden.dtype)
+        return nn.functional.linear(hidden, weight, bias)
 
     def is_identity(self) -> bool:
         eye = torch.eye(self.weight.shape[0], dtype=self.weight.dtype)

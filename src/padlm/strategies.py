@@ -183,8 +183,8 @@ class ArgsStrategy:
     With the default scorer on a shared-backbone PersRM the k sequence rewards are exact and
     incremental: ``R(prefix + a) = R(prefix) + log pi_R(a|s) - log pi_b(a|s)``, so the k
     scorer calls cost one head product; ``R(prefix)`` is the same for every candidate of a
-    row, so it changes neither the argmax nor the softmax and is left out. Any other scorer is called on all k continuations
-    of every row, batched (the method's real cost).
+    row, so it changes neither the argmax nor the softmax and is left out. Any other scorer
+    is called on all k continuations of every row, batched (the method's real cost).
     """
 
     name = "args"

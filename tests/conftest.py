@@ -1,0 +1,48 @@
+"""Shared fixtures: the real default model (session-wide) and a tiny random model.
+
+The tiny model uses the default model's real tokenizer and chat template with a 2-layer,
+32-wide random Llama, so unit tests exercise the real code paths in milliseconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from padlm.engine import Personalizer
+from padlm.models import LoadedModel, ensure_default_model, load_model
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def default_lm() -> LoadedModel:
+    """SmolLM2-135M-Instruct, converted once into $PADLM_HOME."""
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def default_engine(default_lm: LoadedModel) -> Personalizer:
+    return Personalizer(default_lm, persrm="identity")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm() -> LoadedModel:
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_default_model()))
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name="tiny-random-llama")
+
+
+@pytest.fixture
+def tiny_engine(tiny_lm: LoadedModel) -> Personalizer:
+    return Personalizer(tiny_lm, persrm="identity")
