@@ -1,0 +1,254 @@
+"""``padlm bench serve``: throughput and latency of the server under concurrent clients.
+
+It starts ``padlm serve`` in a subprocess on loopback (or uses ``--url``), then for each
+concurrency level fires ``--requests`` streaming chat requests from that many concurrent
+clients (mixed P-Soups preferences, a fixed number of new tokens each: ``ignore_eos``), and
+reports total generated tokens/s, p50/p95 latency and time to first token. The server runs in
+its own process so the clients' event loop does not compete with the decode thread for the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated
+
+import httpx
+import typer
+
+from padlm.errors import PadlmError
+
+BENCH_PROMPTS = (
+    "Explain why the sky is blue.",
+    "How do vaccines train the immune system?",
+    "Give me three tips for learning a new language.",
+    "What causes the seasons on Earth?",
+    "Describe how a bicycle stays upright.",
+    "Why do we dream?",
+)
+BENCH_PREFERENCES = ("P1A", "P2A", "P3A", "P1B", "P2B+P3A", "P3B")
+START_TIMEOUT_S = 300
+
+
+@dataclass
+class Sample:
+    """One request as a client saw it."""
+
+    ok: bool
+    latency: float
+    ttft: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile with linear interpolation between order statistics (numpy's
+    default), ``nan`` for no values.
+
+    >>> percentile([1, 2, 3, 4], 50)
+    2.5
+    """
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(clients: int, samples: Sequence[Sample], wall: float) -> dict:
+    """Aggregate one concurrency level; tokens/s counts generated tokens of successful
+    requests over the level's wall-clock time."""
+    ok = [s for s in samples if s.ok]
+    tokens = sum(s.tokens for s in ok)
+    ttfts = [s.ttft for s in ok if s.ttft is not None]
+    return {
+        "clients": clients, "requests": len(samples), "errors": len(samples) - len(ok),
+        "seconds": round(wall, 3), "tokens": tokens,
+        "tokens_per_second": round(tokens / wall, 2) if wall > 0 else 0.0,
+        "p50_latency_s": round(percentile([s.latency for s in ok], 50), 3),
+        "p95_latency_s": round(percentile([s.latency for s in ok], 95), 3),
+        "p50_ttft_s": round(percentile(ttfts, 50), 3),
+        "p95_ttft_s": round(percentile(ttfts, 95), 3),
+        "first_error": next((s.error for s in samples if not s.ok), None),
+    }
+
+
+async def one_request(client: httpx.AsyncClient, url: str, index: int, max_tokens: int,
+                      strategy: str) -> Sample:
+    """A streaming chat request; time to first token = first chunk carrying content."""
+    body = {"model": "padlm", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": BENCH_PROMPTS[index % len(BENCH_PROMPTS)]}],
+            "preference": BENCH_PREFERENCES[index % len(BENCH_PREFERENCES)],
+            "strategy": strategy, "max_tokens": max_tokens, "ignore_eos": True}
+    began = time.perf_counter()
+    ttft, tokens = None, 0
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                return Sample(False, time.perf_counter() - began,
+                              error=f"{response.status_code}: {text[:200]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    break
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return Sample(False, time.perf_counter() - began,
+                                  error=chunk["error"].get("message"))
+                if ttft is None and any(c.get("delta", {}).get("content")
+                                        for c in chunk.get("choices", [])):
+                    ttft = time.perf_counter() - began
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as error:
+        return Sample(False, time.perf_counter() - began, error=repr(error))
+    return Sample(True, time.perf_counter() - began, ttft, tokens)
+
+
+async def run_level(url: str, clients: int, requests: int, max_tokens: int, strategy: str,
+                    time_limit: float) -> dict:
+    """``clients`` loops share ``requests`` requests; no new request starts after
+    ``time_limit`` seconds (the level then reports fewer requests)."""
+    counter = itertools.count()
+    samples: list[Sample] = []
+    began = time.perf_counter()
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while time.perf_counter() - began < time_limit:
+            index = next(counter)
+            if index >= requests:
+                return
+            samples.append(await one_request(client, url, index, max_tokens, strategy))
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit + 60), limits=limits) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+    return summarize(clients, samples, time.perf_counter() - began)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(model: str, persrm: str, dtype: str, max_batch_size: int) -> Iterator[str]:
+    """``python -m padlm.server`` on a free loopback port; yields its URL once healthy."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "padlm.server", "--host", "127.0.0.1", "--port", str(port),
+               "--model", model, "--persrm", persrm, "--dtype", dtype, "--max-batch-size",
+               str(max_batch_size), "--max-queue", "4096", "--log-level", "warning"]
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
+                if process.poll() is not None:
+                    log.seek(0)
+                    tail = log.read()[-2000:]
+                    raise PadlmError(f"the server exited with code {process.returncode}: "
+                                     f"{tail.strip().splitlines()[-1] if tail.strip() else ''}")
+                if time.monotonic() > deadline:
+                    raise PadlmError(f"the server did not start within {START_TIMEOUT_S} s")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.5)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| clients | requests | errors | tokens/s | vs 1 client | p50 latency s | "
+             "p95 latency s | p50 TTFT s | p95 TTFT s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["levels"]:
+        ratio = r.get("speedup_vs_1_client")
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['errors']} | "
+                     f"{r['tokens_per_second']} | {'' if ratio is None else f'{ratio}x'} | "
+                     f"{r['p50_latency_s']} | {r['p95_latency_s']} | {r['p50_ttft_s']} | "
+                     f"{r['p95_ttft_s']} |")
+    return "\n".join(lines)
+
+
+def run_bench(url: str, levels: Sequence[int], requests: int, max_tokens: int, strategy: str,
+              time_limit: float, progress=lambda line: None) -> dict:
+    """Warm up, then measure every level against a running server."""
+    asyncio.run(run_level(url, min(2, max(levels)), 2, max_tokens, strategy, time_limit))
+    rows = []
+    for clients in levels:
+        row = asyncio.run(run_level(url, clients, requests, max_tokens, strategy, time_limit))
+        if rows and rows[0]["clients"] == 1 and rows[0]["tokens_per_second"] > 0:
+            row["speedup_vs_1_client"] = round(
+                row["tokens_per_second"] / rows[0]["tokens_per_second"], 2)
+        elif clients == 1:
+            row["speedup_vs_1_client"] = 1.0
+        rows.append(row)
+        progress(json.dumps(row))
+    return {"url": url, "strategy": strategy, "max_tokens": max_tokens,
+            "requests_per_level": requests, "levels": rows}
+
+
+def bench_serve(
+    clients: Annotated[str, typer.Option(help="Concurrency levels, e.g. 1,4,8,16.")
+                       ] = "1,4,8,16",
+    requests: Annotated[int, typer.Option(help="Requests per level.")] = 16,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per request (EOS ignored).")
+                          ] = 32,
+    strategy: Annotated[str, typer.Option()] = "pad",
+    url: Annotated[str | None, typer.Option(help="Bench a running server instead.")] = None,
+    model: Annotated[str, typer.Option()] = "default",
+    persrm: Annotated[str, typer.Option()] = "default",
+    dtype: Annotated[str, typer.Option()] = "float32",
+    max_batch_size: Annotated[int | None, typer.Option(
+        help="Of the server started here (default: the largest level).")] = None,
+    time_limit: Annotated[float, typer.Option(help="Seconds per level at most.")] = 300.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Throughput, latency and time to first token of `padlm serve` per concurrency level."""
+    from rich.console import Console
+
+    try:
+        levels = [int(c) for c in clients.split(",") if c.strip()]
+    except ValueError:
+        raise PadlmError(f"--clients must be integers, got {clients!r}") from None
+    if not levels or min(levels) < 1 or requests < 1 or max_tokens < 1 or time_limit <= 0:
+        raise PadlmError("--clients, --requests and --max-tokens must be >= 1, --time-limit > 0")
+    if strategy == "best-of-n":
+        raise PadlmError("bench serve streams; best-of-n cannot stream")
+    console = Console(stderr=True)
+
+    def progress(line: str) -> None:
+        console.print(line, highlight=False, soft_wrap=True)
+
+    with contextlib.ExitStack() as stack:
+        if url is None:
+            progress("starting padlm serve on loopback ...")
+            url = stack.enter_context(local_server(model, persrm, dtype,
+                                                   max_batch_size or max(levels)))
+        result = run_bench(url.rstrip("/"), levels, requests, max_tokens, strategy,
+                           time_limit, progress)
+    print(json.dumps(result, indent=2) if as_json else markdown_table(result))

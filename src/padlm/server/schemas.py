@@ -1,0 +1,159 @@
+"""Request bodies of the OpenAI-compatible API, and the OpenAI error shape.
+
+Bodies are validated strictly from the raw JSON (``"5"`` is not an integer), so a client gets
+a 422 naming the field instead of a silently coerced value. Fields the OpenAI API defines but
+padlm cannot honour are rejected with a 400 when set to a non-default value; fields nobody
+defines are ignored (and logged), as other OpenAI-compatible servers do, because SDKs send
+extra keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ApiError(Exception):
+    """An error the client caused (or a full queue), rendered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.kind = kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: str
+    text: str = ""
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        """OpenAI allows content as a list of parts; only text parts make sense here."""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text":
+                raise ApiError(400, f"message content parts of type {part.type!r} are not "
+                               "supported; send text", "messages")
+        return "".join(part.text for part in self.content)
+
+
+class PadOptions(_Strict):
+    """``pad: {weight, top_k}``: the strategy's guidance weight and candidate count."""
+
+    weight: float | None = None
+    top_k: int | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    """Fields shared by chat and text completions, OpenAI's and padlm's own."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # padlm's extensions
+    preference: str | None = None
+    strategy: str = "pad"
+    pad: PadOptions | None = None
+    best_of: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    ignore_eos: bool = False
+    token_rewards: bool = Field(default=False, description=(
+        "add a non-standard `padlm: {index, token, text, reward}` object to every stream "
+        "chunk: the personalized reward of the token just generated"))
+
+    def unsupported(self) -> None:
+        """Reject standard fields padlm cannot honour rather than ignore them silently."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise ApiError(400, f"{name} is not supported; use repetition_penalty or "
+                               "no_repeat_ngram_size", name)
+        if self.logit_bias:
+            raise ApiError(400, "logit_bias is not supported", "logit_bias")
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.logprobs or self.top_logprobs:
+            raise ApiError(400, "logprobs are not supported", "logprobs")
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.echo:
+            raise ApiError(400, "echo is not supported", "echo")
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported", "suffix")
+        if self.logprobs:
+            raise ApiError(400, "logprobs are not supported", "logprobs")
+
+
+def parse_body(model: type[_Common], raw: bytes) -> _Common:
+    """Validate a raw JSON body; malformed JSON is a 400, a wrong shape or type a 422."""
+    try:
+        body = model.model_validate_json(raw or b"")
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"request body is not valid JSON: {first['msg']}",
+                           code="invalid_json") from None
+        if first["type"] == "model_type" and not first["loc"]:
+            raise ApiError(400, "request body must be a JSON object", code="invalid_json"
+                           ) from None
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise ApiError(422, f"{param}: {first['msg']}" if param else first["msg"], param,
+                       code=first["type"]) from None
+    body.unsupported()
+    return body
+
+
+def extra_fields(model: type[_Common], body: Any) -> list[str]:
+    """Top-level keys of a JSON object that no field declares (logged, then ignored)."""
+    if not isinstance(body, dict):
+        return []
+    return sorted(set(body) - set(model.model_fields))
