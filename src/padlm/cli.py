@@ -159,6 +159,9 @@ def _register_subcommands() -> None:
     from padlm.bench import register as register_bench
 
     register_bench(app)
+    from padlm.server.cli import register as register_server
+
+    register_server(app)
 
 
 def main() -> None:
