@@ -162,6 +162,9 @@ def _register_subcommands() -> None:
     from padlm.server.cli import register as register_server
 
     register_server(app)
+    from padlm.evaluation.cli import register as register_eval
+
+    register_eval(app)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""The P-Soups benchmark harness (``padlm eval``): generate, score, summarise, report."""

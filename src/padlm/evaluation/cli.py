@@ -1,0 +1,173 @@
+"""``padlm eval`` (the harness) and its sub-commands ``train-harmlessness``, ``report`` and
+``llm-judge``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from padlm.errors import PadlmError
+
+eval_app = typer.Typer(help="Evaluate strategies on P-Soups (default) and tools around it.",
+                       invoke_without_command=True, no_args_is_help=False)
+
+DEFAULT_PREFERENCES = "P1A,P1B,P2A,P2B,P3A,P3B"
+DEFAULT_STRATEGIES = "base,prompt,pad,linear-alignment,args,best-of-n"
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(part) for part in _split(text)]
+    except ValueError:
+        raise PadlmError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+@eval_app.callback()
+def eval_command(
+    ctx: typer.Context,
+    benchmark: Annotated[str, typer.Option(help="'psoups' (50 Koala prompts) or a prompts "
+                                           "file (JSON, JSONL or text).")] = "psoups",
+    preferences: Annotated[str, typer.Option(
+        help="Comma-separated preference ids, combinations (P1A+P2A+P3A) or free text "
+             "(then name its judges with --judge).")] = DEFAULT_PREFERENCES,
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")
+                          ] = DEFAULT_STRATEGIES,
+    out: Annotated[Path | None, typer.Option(help="Output directory (resumable).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use the first N prompts.")] = None,
+    weights: Annotated[str, typer.Option(help="PAD weight sweep, e.g. 0,0.5,1,1.5 "
+                                         "('' for none).")] = "0,0.5,1,1.5",
+    max_new_tokens: Annotated[int, typer.Option()] = 128,
+    no_repeat_ngram_size: Annotated[int, typer.Option(help="P-Soups used 3.")] = 0,
+    repetition_penalty: Annotated[float, typer.Option()] = 1.0,
+    top_k: Annotated[int | None, typer.Option(help="Candidates per step.")] = None,
+    n: Annotated[int, typer.Option(help="Samples for best-of-n.")] = 4,
+    seed: Annotated[int, typer.Option(help="Sampling seed (best-of-n).")] = 0,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    judge: Annotated[list[str] | None, typer.Option(
+        help="Direction for free-text preferences, e.g. friendliness:+ (repeatable).")] = None,
+    model: Annotated[str, typer.Option()] = "default",
+    persrm: Annotated[str, typer.Option(help="'default', 'identity' or a PersRM directory.")
+                      ] = "default",
+    placement: Annotated[str, typer.Option()] = "user-prefix",
+    dtype: Annotated[str, typer.Option()] = "float32",
+    judge_url: Annotated[str | None, typer.Option(
+        help="Also run the pairwise LLM judge against this OpenAI-compatible base URL.")
+                         ] = None,
+    judge_model: Annotated[str | None, typer.Option()] = None,
+    judge_key_env: Annotated[str, typer.Option(help="Env var holding the API key.")
+                             ] = "OPENAI_API_KEY",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Generate (resumable), score with offline judges, write summary.json, report.md, plots."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from padlm.decoding import GenerationConfig
+    from padlm.engine import Personalizer
+    from padlm.evaluation.harness import EvalPlan, load_benchmark, run
+    from padlm.judges import parse_direction
+
+    if out is None:
+        raise PadlmError("--out DIR is required")
+    if batch_size < 1 or n < 1:
+        raise PadlmError("--batch-size and -n must be >= 1")
+    if (judge_url is None) != (judge_model is None):
+        raise PadlmError("give both --judge-url and --judge-model, or neither")
+    plan = EvalPlan(
+        benchmark=benchmark, preferences=_split(preferences), strategies=_split(strategies),
+        weights=_floats(weights, "--weights") if "pad" in _split(strategies) else [],
+        limit=limit, batch_size=batch_size, n=n,
+        directions=[parse_direction(spec) for spec in judge or []],
+        config=GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, top_k=top_k,
+                                no_repeat_ngram_size=no_repeat_ngram_size,
+                                repetition_penalty=repetition_penalty).validate(),
+    )
+    if not plan.preferences or not plan.strategies:
+        raise PadlmError("--preferences and --strategies must not be empty")
+    load_benchmark(benchmark, limit)
+    from padlm.evaluation.harness import dimensions, jobs
+
+    for spec in plan.preferences:
+        dimensions(spec, plan.directions)
+    jobs(plan, 1.0)  # unknown strategies fail here, before the model loads
+    engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement)
+    command = "padlm eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 2 and sys.argv[1] == "eval" else None
+
+    def with_llm_judge(summary: dict) -> None:
+        if judge_url is None:
+            return
+        from padlm.judges.llm import LLMJudge, judge_summary
+
+        llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
+                                cache=out / "llm_judge_cache.jsonl")
+        judge_summary(llm, summary, out, plan)
+
+    summary = run(engine, plan, out, progress=progress, command=command,
+                  on_summary=with_llm_judge)
+    from padlm.evaluation.report import headline_table
+
+    print(headline_table(summary))
+    print(f"\nwrote {out / 'summary.json'}, {out / 'report.md'} and plots")
+
+
+@eval_app.command("report")
+def report_command(out: Annotated[Path, typer.Argument(help="A `padlm eval` output dir.")]
+                   ) -> None:
+    """Redraw report.md and the plots from DIR/summary.json (no model needed)."""
+    from padlm.evaluation.report import rewrite
+
+    if not (out / "summary.json").exists():
+        raise PadlmError(f"{out / 'summary.json'} does not exist")
+    rewrite(out)
+
+
+@eval_app.command("train-harmlessness")
+def train_harmlessness(
+    data: Annotated[Path, typer.Option(help="HH-RLHF harmless-base JSONL(.gz).")
+                    ] = Path("/work/shared/data/hh_rlhf_harmless_base_test.jsonl.gz"),
+    out: Annotated[Path | None, typer.Option(help="Where to write the head (default: the "
+                                             "packaged assets/harmlessness).")] = None,
+    holdout: Annotated[float, typer.Option(help="Share of pairs held out.")] = 0.2,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train the harmlessness judge (MiniLM + Bradley-Terry head) and report held-out
+    pairwise accuracy."""
+    from padlm.judges.harmlessness import asset_dir, train
+
+    if not data.exists():
+        raise PadlmError(f"{data} does not exist")
+    metrics = train(data, out or asset_dir(), holdout=holdout, seed=seed)
+    print(json.dumps({k: metrics[k] for k in ("pairs", "train_pairs", "heldout_pairs",
+                                              "weight_decay", "train_accuracy",
+                                              "heldout_accuracy")}, indent=2))
+
+
+@eval_app.command("llm-judge")
+def llm_judge_command(
+    out: Annotated[Path, typer.Argument(help="A finished `padlm eval` output dir.")],
+    judge_url: Annotated[str, typer.Option(help="OpenAI-compatible base URL (…/v1).")],
+    judge_model: Annotated[str, typer.Option()],
+    judge_key_env: Annotated[str, typer.Option(help="Env var holding the API key.")
+                             ] = "OPENAI_API_KEY",
+) -> None:
+    """Pairwise LLM judgement (P-Soups criteria) of every strategy vs base in DIR; verdicts
+    are cached in DIR/llm_judge_cache.jsonl and written to DIR/llm_judge.json."""
+    from padlm.judges.llm import LLMJudge, judge_directory
+
+    llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
+                            cache=out / "llm_judge_cache.jsonl")
+    result = judge_directory(llm, out)
+    print(json.dumps(result["rows"], indent=2))

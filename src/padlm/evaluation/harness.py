@@ -1,0 +1,468 @@
+"""``padlm eval``: generate with every strategy, score with the offline judges, summarise.
+
+Three stages, each restartable:
+
+1. **Generate** into ``generations.jsonl``, append-only, one flushed line per response, keyed
+   by (prompt id, preference, strategy, params, decoding settings). A rerun skips every key
+   already there, so an interrupted run continues where it stopped. ``base`` ignores the
+   preference, so it is generated once per prompt and reused for every preference.
+2. **Score** every distinct (prompt, response) with the judges; scores are cached in
+   ``scores.jsonl`` the same way (perplexity under the base model is the slow one).
+3. **Summarise** into ``summary.json`` + ``report.md`` + PNG plots (``padlm.evaluation.report``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+from padlm.decoding import GenerationConfig
+from padlm.errors import PadlmError
+from padlm.judges import JUDGES, get_judge, primary_direction
+from padlm.judges import guards as _guards
+from padlm.preferences import PRESETS, PSOUPS, looks_like_ids, preference_ids, resolve_preference
+
+log = logging.getLogger(__name__)
+
+GENERATIONS = "generations.jsonl"
+SCORES = "scores.jsonl"
+SUMMARY = "summary.json"
+ALL_STRATEGIES = ("base", "prompt", "pad", "linear-alignment", "args", "best-of-n")
+SCORE_JUDGES = ("expertise", "dale_chall", "informativeness", "content_words", "friendliness",
+                "relevance", "harmlessness")
+
+
+# ---------------------------------------------------------------- what to run
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One directional question asked of a preference's outputs: did ``judge`` move ``sign``?"""
+
+    label: str  # "P1A", or "friendliness:+" for a free-text preference
+    judge: str
+    sign: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (preference, strategy, params) cell: every prompt is generated with it."""
+
+    preference: str  # the spec as the user wrote it ("" for base: it ignores preferences)
+    strategy: str
+    params: tuple[tuple[str, float | int], ...] = ()
+
+    @property
+    def params_dict(self) -> dict:
+        return dict(self.params)
+
+    @property
+    def label(self) -> str:
+        if not self.params or self.strategy == "best-of-n":
+            return self.strategy
+        return self.strategy + "@" + ",".join(f"{k}={v:g}" for k, v in self.params)
+
+
+@dataclass
+class EvalPlan:
+    benchmark: str
+    preferences: list[str]
+    strategies: list[str]
+    weights: list[float] = field(default_factory=list)  # PAD weight sweep
+    limit: int | None = None
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+    batch_size: int = 8
+    n: int = 4  # best-of-n samples
+    directions: list[tuple[str, int]] = field(default_factory=list)  # for free-text prefs
+    bootstrap_seed: int = 0
+
+
+def load_benchmark(name: str, limit: int | None = None) -> list[dict[str, str]]:
+    """``psoups`` (the 50 Koala prompts the PAD and P-Soups papers use) or a prompts file."""
+    if name == "psoups":
+        path = Path(str(resources.files("padlm") / "assets" / "benchmarks" /
+                        "koala_eval_50.json"))
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise PadlmError(f"unknown benchmark {name!r}: give 'psoups' or a prompts file")
+    from padlm.cli import load_prompts
+
+    items = load_prompts(path)
+    ids = [i["id"] for i in items]
+    if len(set(ids)) != len(ids):
+        raise PadlmError(f"benchmark {name}: prompt ids are not unique")
+    if limit is not None:
+        if limit < 1:
+            raise PadlmError("--limit must be >= 1")
+        items = items[:limit]
+    return items
+
+
+def dimensions(spec: str, directions: Sequence[tuple[str, int]]) -> list[Dimension]:
+    """The directional judges of one preference: preset ids map to their primary judge;
+    free text needs ``--judge NAME:+`` directions."""
+    ids = preference_ids(spec)
+    if ids is not None:
+        return [Dimension(i, *primary_direction(i)) for i in ids]
+    if looks_like_ids(spec):
+        resolve_preference(spec)  # raises the unknown-id error
+    if not directions:
+        raise PadlmError(f"free-text preference {spec!r} needs at least one --judge "
+                         "NAME:+ or NAME:- saying which way it should move")
+    return [Dimension(f"{j}:{'+' if s > 0 else '-'}", j, s) for j, s in directions]
+
+
+def jobs(plan: EvalPlan, recommended_weight: float) -> list[Job]:
+    """Every cell to generate. PAD runs at the PersRM's recommended weight and at each sweep
+    weight (deduplicated); ``base`` once with no preference."""
+    unknown = [s for s in plan.strategies if s not in ALL_STRATEGIES]
+    if unknown:
+        raise PadlmError(f"unknown strategy {', '.join(unknown)}; choose from "
+                         f"{', '.join(ALL_STRATEGIES)}")
+    out = [Job("", "base")]
+    for preference in plan.preferences:
+        for strategy in plan.strategies:
+            if strategy == "base":
+                continue
+            if strategy == "pad":
+                weights = sorted({float(recommended_weight), *map(float, plan.weights)})
+                out.extend(Job(preference, "pad", (("weight", w),)) for w in weights)
+            elif strategy == "best-of-n":
+                out.append(Job(preference, strategy, (("n", plan.n),)))
+            else:
+                out.append(Job(preference, strategy))
+    return out
+
+
+# ---------------------------------------------------------------- append-only JSONL
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All complete records; a torn last line (the run was killed mid-write) is dropped."""
+    if not path.exists():
+        return []
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.endswith("\n"):
+                log.warning("%s:%d: dropping an incomplete last line", path, number)
+                break
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d: skipping an unreadable line", path, number)
+    return records
+
+
+class Appender:
+    """Append one JSON line at a time, flushed and fsynced, after cutting any torn tail."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with path.open("r+b") as handle:
+                    handle.truncate(data.rfind(b"\n") + 1)
+        self.handle = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def config_key(config: GenerationConfig) -> dict:
+    """The decoding settings that change an output (weight is per job, in params)."""
+    data = asdict(replace(config, weight=None))
+    data["stop"] = list(data["stop"])
+    return data
+
+
+def record_key(prompt_id: str, job: Job, config: dict) -> str:
+    return json.dumps([prompt_id, job.preference, job.strategy, job.params_dict, config],
+                      sort_keys=True)
+
+
+# ---------------------------------------------------------------- stage 1: generate
+
+
+def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
+             stop_after: int | None = None) -> list[dict]:
+    """Generate every missing (prompt, job) into ``out/generations.jsonl``; return all records.
+
+    ``stop_after`` stops after that many new responses (tests use it to simulate a crash).
+    """
+    from tqdm.auto import tqdm
+
+    items = load_benchmark(plan.benchmark, plan.limit)
+    for spec in plan.preferences:
+        dimensions(spec, plan.directions)  # validate before spending CPU
+    todo = jobs(plan, engine.persrm.config.recommended_weight)
+    path = out / GENERATIONS
+    cfg = config_key(plan.config)
+    done = {r["key"] for r in read_jsonl(path)}
+    pending = [(job, [i for i in items if record_key(i["id"], job, cfg) not in done])
+               for job in todo]
+    total = sum(len(missing) for _, missing in pending)
+    log.info("%d responses to generate (%d already in %s)", total,
+             len(todo) * len(items) - total, path)
+    appender, produced = Appender(path), 0
+    bar = tqdm(total=total, desc="generate", unit="resp", disable=not progress)
+    try:
+        for job, missing in pending:
+            config = replace(plan.config, weight=job.params_dict.get("weight"))
+            # best-of-n decodes n samples per prompt: keep its chunks as large in rows
+            step = max(1, plan.batch_size // plan.n) if job.strategy == "best-of-n" \
+                else plan.batch_size
+            for start in range(0, len(missing), step):
+                chunk = missing[start:start + step]
+                bar.set_postfix_str(f"{job.label} {job.preference or '-'}", refresh=False)
+                results = engine.generate([i["prompt"] for i in chunk], job.preference or None,
+                                          job.strategy, config, batch_size=len(chunk), n=plan.n)
+                for item, result in zip(chunk, results, strict=True):
+                    appender.write({
+                        "key": record_key(item["id"], job, cfg), "id": item["id"],
+                        "preference": job.preference, "strategy": job.strategy,
+                        "params": job.params_dict, "label": job.label, "text": result.text,
+                        "new_tokens": result.new_tokens, "finish_reason": result.finish_reason,
+                        "seconds": round(result.seconds, 4), "config": cfg,
+                    })
+                    produced += 1
+                bar.update(len(chunk))
+                if stop_after is not None and produced >= stop_after:
+                    return read_jsonl(path)
+    finally:
+        bar.close()
+        appender.close()
+    return read_jsonl(path)
+
+
+# ---------------------------------------------------------------- stage 2: score
+
+
+def text_key(prompt: str, text: str) -> str:
+    return hashlib.sha256(json.dumps([prompt, text]).encode()).hexdigest()[:24]
+
+
+def score(engine, records: Sequence[dict], prompts: dict[str, str], out: Path,
+          batch_size: int = 16, progress: bool = True) -> dict[str, dict]:
+    """Judge every distinct (prompt, response); cached in ``out/scores.jsonl``."""
+    from tqdm.auto import tqdm
+
+    path = out / SCORES
+    cache = {r["key"]: r["scores"] for r in read_jsonl(path)}
+    todo: dict[str, tuple[str, str]] = {}
+    for record in records:
+        prompt = prompts[record["id"]]
+        key = text_key(prompt, record["text"])
+        if key not in cache:
+            todo[key] = (prompt, record["text"])
+    appender = Appender(path)
+    keys = list(todo)
+    try:
+        for start in tqdm(range(0, len(keys), batch_size), desc="score", unit="batch",
+                          disable=not progress or not keys):
+            chunk = keys[start:start + batch_size]
+            ps = [todo[k][0] for k in chunk]
+            rs = [todo[k][1] for k in chunk]
+            columns = {name: JUDGES[name].score(ps, rs) for name in SCORE_JUDGES}
+            columns["perplexity"] = _guards.perplexity(engine.lm, ps, rs, batch_size=8)
+            for n in (2, 3, 4):
+                columns[f"rep{n}"] = [_guards.rep_n(r, n) for r in rs]
+            for i, key in enumerate(chunk):
+                scores = {name: _round(values[i]) for name, values in columns.items()}
+                appender.write({"key": key, "scores": scores})
+                cache[key] = scores
+    finally:
+        appender.close()
+    return cache
+
+
+def _round(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 6)
+
+
+# ---------------------------------------------------------------- stage 3: summarise
+
+
+def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str, dict],
+              command: str | None = None) -> dict:
+    """Per strategy x preference x dimension: judge means, directional win rate vs base with a
+    95% bootstrap interval, guards and speed. Pure given its inputs (tests rely on that)."""
+    from padlm.evaluation.stats import bootstrap_ci, outcomes
+
+    items = load_benchmark(plan.benchmark, plan.limit)
+    prompts = {i["id"]: i["prompt"] for i in items}
+    order = [i["id"] for i in items]
+    cfg = config_key(plan.config)
+    by_key = {r["key"]: r for r in records}
+    base_job = Job("", "base")
+    recommended = float(engine.persrm.config.recommended_weight)
+    rows = []
+
+    def cell(job: Job) -> list[dict] | None:
+        found = [by_key.get(record_key(pid, job, cfg)) for pid in order]
+        return None if any(r is None for r in found) else found
+
+    base = cell(base_job)
+    if base is None:
+        raise PadlmError("base generations are incomplete; rerun `padlm eval` to finish them")
+    for spec in plan.preferences:
+        dims = dimensions(spec, plan.directions)
+        preference_text = resolve_preference(spec)
+        for job in jobs(plan, recommended):
+            if job.preference not in ("", spec):
+                continue
+            found = base if job.strategy == "base" else cell(job)
+            if found is None:
+                log.warning("skipping %s %s: generations incomplete", job.label, spec)
+                continue
+            s = [scores[text_key(prompts[r["id"]], r["text"])] for r in found]
+            b = [scores[text_key(prompts[r["id"]], r["text"])] for r in base]
+            texts = [r["text"] for r in found]
+            seconds = sum(r["seconds"] for r in found)
+            tokens = sum(r["new_tokens"] for r in found)
+            common = {
+                "strategy": job.strategy, "label": job.label, "params": job.params_dict,
+                "headline": job.strategy != "pad" or job.params_dict["weight"] == recommended,
+                "n": len(found),
+                "judges": {name: _mean(x[name] for x in s) for name in SCORE_JUDGES},
+                "relevance": _mean(x["relevance"] for x in s),
+                "harmlessness": _mean(x["harmlessness"] for x in s),
+                "rep2": _mean(x["rep2"] for x in s), "rep3": _mean(x["rep3"] for x in s),
+                "rep4": _mean(x["rep4"] for x in s),
+                "distinct2": round(_guards.distinct_n(texts, 2), 4),
+                "perplexity_median": _median(x["perplexity"] for x in s),
+                "echo_rate": _mean(float(_guards.echo(t, preference_text)) for t in texts),
+                "length_stop_rate": _mean(float(r["finish_reason"] == "length")
+                                          for r in found),
+                "mean_new_tokens": round(tokens / len(found), 2),
+                "seconds_per_response": round(seconds / len(found), 4),
+                "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
+            }
+            for dim in dims:
+                result = outcomes([x[dim.judge] for x in s], [x[dim.judge] for x in b],
+                                  dim.sign)
+                lo, hi = bootstrap_ci(result, seed=plan.bootstrap_seed)
+                row = {"preference": dim.label, **common,
+                       "direction": {"judge": dim.judge, "sign": dim.sign},
+                       "win_rate": round(float(result.mean()), 4),
+                       "win_rate_ci": [round(lo, 4), round(hi, 4)],
+                       "base_judge_mean": _mean(x[dim.judge] for x in b)}
+                if len(dims) > 1 or preference_ids(spec) is None:
+                    row["combination"] = spec
+                rows.append(row)
+    summary = {
+        "benchmark": plan.benchmark, "model": engine.lm.name, "persrm": persrm_info(engine),
+        "prompts": len(order), "limit": plan.limit, "generation": cfg,
+        "weights": sorted({recommended, *map(float, plan.weights)}),
+        "bootstrap": {"samples": 2000, "confidence": 0.95, "seed": plan.bootstrap_seed,
+                      "unit": "prompt"},
+        "judges": {name: JUDGES[name].measures for name in SCORE_JUDGES},
+        "rows": rows,
+    }
+    if command:
+        summary["command"] = command
+    summary["aggregate"] = aggregate(rows)
+    summary["acceptance"] = acceptance(summary["aggregate"])
+    return summary
+
+
+def persrm_info(engine) -> dict:
+    persrm = engine.persrm
+    return {"name": engine.persrm_name, "identity_head": bool(persrm.head.is_identity()),
+            "lora": bool(persrm.config.lora),
+            "recommended_weight": persrm.config.recommended_weight,
+            "top_k": persrm.config.top_k, "placement": engine.placement,
+            "training": persrm.config.training}
+
+
+def aggregate(rows: Sequence[dict]) -> dict[str, dict]:
+    """Per strategy label, means over the six single P-Soups preferences (the headline)."""
+    out: dict[str, dict] = {}
+    single = [r for r in rows if r["preference"] in PSOUPS and "combination" not in r]
+    for label in dict.fromkeys(r["label"] for r in single):
+        mine = [r for r in single if r["label"] == label]
+        out[label] = {
+            "strategy": mine[0]["strategy"], "params": mine[0]["params"],
+            "headline": mine[0]["headline"], "preferences": len(mine),
+            "mean_win_rate": _mean(r["win_rate"] for r in mine),
+            "relevance": _mean(r["relevance"] for r in mine),
+            "harmlessness": _mean(r["harmlessness"] for r in mine),
+            "rep4": _mean(r["rep4"] for r in mine),
+            "echo_rate": _mean(r["echo_rate"] for r in mine),
+            "length_stop_rate": _mean(r["length_stop_rate"] for r in mine),
+            "seconds_per_response": _mean(r["seconds_per_response"] for r in mine),
+            "tokens_per_second": _mean(r["tokens_per_second"] for r in mine
+                                       if r["tokens_per_second"] is not None),
+        }
+    return out
+
+
+def acceptance(agg: dict[str, dict]) -> dict:
+    """The issue's acceptance checks for PAD (at the PersRM's recommended weight)."""
+    pad = next((v for v in agg.values() if v["strategy"] == "pad" and v["headline"]), None)
+    if pad is None or "base" not in agg or pad["preferences"] < len(PSOUPS):
+        return {"evaluated": False, "reason": "needs base and pad on all six P-Soups prefs"}
+    base = agg["base"]
+    checks = {"pad_mean_win_rate_ge_0.70": pad["mean_win_rate"] >= 0.70,
+              "relevance_within_0.05_of_base": pad["relevance"] >= base["relevance"] - 0.05,
+              "rep4_at_most_twice_base": pad["rep4"] <= 2 * base["rep4"] + 1e-12}
+    for other in ("prompt", "linear-alignment"):
+        if other in agg:
+            checks[f"pad_beats_{other}"] = pad["mean_win_rate"] > agg[other]["mean_win_rate"]
+    if "prompt" in agg:
+        checks["echo_at_most_prompt"] = pad["echo_rate"] <= agg["prompt"]["echo_rate"]
+    return {"evaluated": True, "checks": checks, "met": all(checks.values())}
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    data = [v for v in values if v is not None]
+    return round(statistics.fmean(data), 4) if data else None
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    data = [v for v in values if v is not None]
+    return round(statistics.median(data), 3) if data else None
+
+
+# ---------------------------------------------------------------- all stages
+
+
+def run(engine, plan: EvalPlan, out: Path, progress: bool = True, command: str | None = None,
+        on_summary: Callable[[dict], None] | None = None) -> dict:
+    """Generate what is missing, score, write summary.json, report.md and the plots."""
+    from padlm.atomic import write_json_atomic
+    from padlm.evaluation.report import write_report
+
+    for spec in plan.preferences:
+        if spec not in PRESETS and preference_ids(spec) is None:
+            dimensions(spec, plan.directions)
+    for name, _ in plan.directions:
+        get_judge(name)
+    out.mkdir(parents=True, exist_ok=True)
+    records = generate(engine, plan, out, progress)
+    items = load_benchmark(plan.benchmark, plan.limit)
+    prompts = {i["id"]: i["prompt"] for i in items}
+    wanted = {i["id"] for i in items}
+    records = [r for r in records if r["id"] in wanted and r["config"] == config_key(plan.config)]
+    scores = score(engine, records, prompts, out, progress=progress)
+    summary = summarize(engine, plan, records, scores, command)
+    if on_summary is not None:
+        on_summary(summary)
+    write_json_atomic(out / SUMMARY, summary)
+    write_report(summary, out)
+    return summary

@@ -1,0 +1,206 @@
+"""The harness: win-rate and bootstrap math against brute force, resume after a crash,
+combined and free-text preferences, clear errors, and one run on the real model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from padlm.decoding import GenerationConfig
+from padlm.errors import PadlmError
+from padlm.evaluation import harness
+from padlm.evaluation.harness import EvalPlan, Job
+from padlm.evaluation.stats import bootstrap_ci, outcomes, win_rate
+
+PADLM = str(Path(sys.executable).parent / "padlm")
+SPEED_KEYS = {"seconds_per_response", "tokens_per_second"}
+
+
+# ---------------------------------------------------------------- stats vs brute force
+
+
+def brute_win_rate(method, base, sign):
+    total = 0.0
+    for m, b in zip(method, base, strict=True):
+        if sign * m > sign * b:
+            total += 1
+        elif m == b:
+            total += 0.5
+    return total / len(method)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_win_rate_matches_brute_force(sign):
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        n = int(rng.integers(1, 12))
+        method = rng.integers(0, 4, n).astype(float)  # small ints: plenty of ties
+        base = rng.integers(0, 4, n).astype(float)
+        assert win_rate(method, base, sign) == pytest.approx(brute_win_rate(method, base, sign))
+    assert list(outcomes([3, 1, 2], [1, 3, 2], -1)) == [0.0, 1.0, 0.5]
+
+
+def test_bootstrap_matches_exhaustive_enumeration():
+    """Every one of the n^n equally likely resamples, enumerated: the exact bootstrap
+    distribution of the mean. The sampled interval must sit on its 2.5/97.5 quantiles."""
+    values = [1.0, 0.0, 0.5, 1.0, 1.0]
+    means = sorted(np.mean(c) for c in itertools.product(values, repeat=len(values)))
+    exact_lo, exact_hi = np.quantile(means, 0.025), np.quantile(means, 0.975)
+    lo, hi = bootstrap_ci(values, samples=20000, seed=3)
+    assert lo == pytest.approx(exact_lo, abs=0.1 + 1e-9)
+    assert hi == pytest.approx(exact_hi, abs=0.1 + 1e-9)
+    # with a huge sample the percentile points land on the exact distribution's atoms
+    assert lo in {round(m, 10) for m in means} or min(abs(lo - m) for m in means) < 1e-9
+    assert bootstrap_ci([0.5] * 7) == (0.5, 0.5)
+    assert bootstrap_ci([1.0, 0.0], seed=0) == bootstrap_ci([1.0, 0.0], seed=0)
+
+
+def test_bootstrap_equals_naive_loop():
+    values = np.array([1.0, 0.0, 0.5, 1.0, 0.0, 1.0, 1.0])
+    rng = np.random.default_rng(7)
+    idx = rng.integers(0, len(values), size=(500, len(values)))
+    naive = sorted(sum(values[i] for i in row) / len(values) for row in idx)
+    lo, hi = bootstrap_ci(values, samples=500, seed=7)
+    assert lo == pytest.approx(np.quantile(naive, 0.025))
+    assert hi == pytest.approx(np.quantile(naive, 0.975))
+
+
+# ---------------------------------------------------------------- harness on a tiny model
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"id": f"q{i}", "prompt": p} for i, p in enumerate(
+        ["Why is the sky blue?", "Name a fruit.", "What is 2+2?", "Describe a cat.",
+         "How do plants grow?"])]))
+    return str(path)
+
+
+def plan_for(prompts_file, **overrides) -> EvalPlan:
+    base = dict(benchmark=prompts_file, preferences=["P1A", "P3B"],
+                strategies=["base", "prompt", "pad", "linear-alignment"], weights=[0.5],
+                config=GenerationConfig(max_new_tokens=6), batch_size=2)
+    base.update(overrides)
+    return EvalPlan(**base)
+
+
+def strip_speed(summary):
+    for row in summary["rows"]:
+        for key in SPEED_KEYS:
+            row.pop(key)
+    for agg in summary["aggregate"].values():
+        for key in SPEED_KEYS:
+            agg.pop(key)
+    return summary
+
+
+def test_resume_after_interruption_gives_same_summary(tiny_engine, prompts_file, tmp_path):
+    plan = plan_for(prompts_file)
+    whole = harness.run(tiny_engine, plan, tmp_path / "whole", progress=False)
+    # crash after 6 responses, with a torn half-written line at the end of the file
+    broken = tmp_path / "broken"
+    harness.generate(tiny_engine, plan, broken, progress=False, stop_after=6)
+    lines = (broken / harness.GENERATIONS).read_text().splitlines()
+    assert len(lines) == 6
+    with (broken / harness.GENERATIONS).open("a") as handle:
+        handle.write('{"key": "torn')
+    resumed = harness.run(tiny_engine, plan, broken, progress=False)
+    assert strip_speed(resumed) == strip_speed(whole)
+    records = harness.read_jsonl(broken / harness.GENERATIONS)
+    assert len(records) == len({r["key"] for r in records})  # nothing generated twice
+    # 5 prompts: base once + 2 prefs x (prompt, la, pad@0.5, pad@1.0)
+    assert len(records) == 5 * (1 + 2 * 4)
+    # a third run generates nothing and rescores nothing
+    before = (broken / harness.SCORES).read_text()
+    again = harness.run(tiny_engine, plan, broken, progress=False)
+    assert (broken / harness.SCORES).read_text() == before
+    assert strip_speed(again) == strip_speed(whole)
+
+
+def test_summary_schema_and_report(tiny_engine, prompts_file, tmp_path):
+    summary = harness.run(tiny_engine, plan_for(prompts_file), tmp_path, progress=False)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("benchmark", "model", "persrm", "rows"):
+        assert key in on_disk
+    assert on_disk["persrm"]["identity_head"] is True
+    row = next(r for r in on_disk["rows"] if r["label"] == "prompt" and r["preference"] == "P1A")
+    for key in ("strategy", "params", "preference", "n", "win_rate", "win_rate_ci", "judges",
+                "relevance", "rep4", "seconds_per_response", "tokens_per_second"):
+        assert key in row
+    assert row["n"] == 5 and row["direction"] == {"judge": "expertise", "sign": -1}
+    lo, hi = row["win_rate_ci"]
+    assert lo <= row["win_rate"] <= hi
+    base_rows = [r for r in on_disk["rows"] if r["strategy"] == "base"]
+    assert all(r["win_rate"] == 0.5 for r in base_rows)  # base vs itself: all ties
+    labels = {r["label"] for r in on_disk["rows"]}
+    assert {"pad@weight=0.5", "pad@weight=1"} <= labels
+    assert (tmp_path / "report.md").read_text().startswith("# P-Soups evaluation")
+    assert (tmp_path / "win_rates.png").stat().st_size > 1000
+    assert (tmp_path / "pad_weight_sweep.png").stat().st_size > 1000
+
+
+def test_combined_and_free_text_preferences(tiny_engine, prompts_file, tmp_path):
+    plan = plan_for(prompts_file, preferences=["P1A+P2A+P3A", "Answer like a pirate"],
+                    strategies=["base", "prompt"], directions=[("friendliness", 1),
+                                                               ("informativeness", -1)])
+    summary = harness.run(tiny_engine, plan, tmp_path, progress=False)
+    combo = [r for r in summary["rows"] if r.get("combination") == "P1A+P2A+P3A"
+             and r["strategy"] == "prompt"]
+    assert [r["preference"] for r in combo] == ["P1A", "P2A", "P3A"]
+    free = [r for r in summary["rows"] if r.get("combination") == "Answer like a pirate"
+            and r["strategy"] == "prompt"]
+    assert [r["preference"] for r in free] == ["friendliness:+", "informativeness:-"]
+    # the combination was generated once, not once per dimension
+    records = harness.read_jsonl(tmp_path / harness.GENERATIONS)
+    assert sum(r["preference"] == "P1A+P2A+P3A" for r in records) == 5
+
+
+def test_clear_errors(prompts_file):
+    with pytest.raises(PadlmError, match="unknown strategy"):
+        harness.jobs(plan_for(prompts_file, strategies=["base", "magic"]), 1.0)
+    with pytest.raises(PadlmError, match="unknown preference id"):
+        harness.dimensions("P9Z", [])
+    with pytest.raises(PadlmError, match="needs at least one --judge"):
+        harness.dimensions("be nice", [])
+    with pytest.raises(PadlmError, match="unknown benchmark"):
+        harness.load_benchmark("no-such-benchmark")
+    assert len(harness.load_benchmark("psoups")) == 50
+    assert len(harness.load_benchmark("psoups", limit=3)) == 3
+    assert Job("P1A", "pad", (("weight", 0.5),)).label == "pad@weight=0.5"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--preferences", "P1A,P7Q"], "unknown preference id"),
+    (["--strategies", "base,nope"], "unknown strategy"),
+    (["--preferences", "be brief", "--judge", "wit:+"], "unknown judge"),
+])
+def test_cli_errors_are_one_line(args, message, tmp_path):
+    result = subprocess.run([PADLM, "eval", "--out",
+                             str(tmp_path), "--limit", "1", *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_real_model_eval_cli(tmp_path):
+    """`padlm eval` end to end on SmolLM2: 2 prompts, 2 preferences, 4 tokens."""
+    result = subprocess.run(
+        [PADLM, "eval", "--limit", "2", "--preferences",
+         "P2A,P3A", "--strategies", "base,prompt,pad", "--weights", "", "--max-new-tokens",
+         "4", "--out", str(tmp_path), "--persrm", "identity", "--no-progress"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"] and summary["persrm"]["name"] == "identity"
+    assert {r["label"] for r in summary["rows"]} == {"base", "prompt", "pad@weight=1"}
+    assert "padlm eval" in summary["command"]
+    assert all(r["n"] == 2 for r in summary["rows"])

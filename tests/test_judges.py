@@ -1,0 +1,138 @@
+"""Every judge on hand-written texts whose ordering is obvious, and the guards."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from padlm.errors import PadlmError
+from padlm.judges import JUDGES, get_judge, guards, parse_direction, primary_direction, text
+
+SIMPLE = "The cat is big. The dog is red. We like to play. It is fun."
+HARD = ("Notwithstanding considerable methodological heterogeneity, contemporary "
+        "epistemological investigations characteristically necessitate comprehensive "
+        "interdisciplinary operationalization of multidimensional phenomenological constructs.")
+SHORT = "Paris."
+LONG = ("Paris is the capital of France. It lies on the Seine river in the north of the "
+        "country, has about two million inhabitants, and has been the political, economic "
+        "and cultural centre of France since the Middle Ages.")
+FRIENDLY = "Haha, great question, my friend! I love this, you are awesome, thanks so much!"
+HOSTILE = "That is a stupid question. I hate wasting time on idiots like you. Go away."
+
+
+def test_textstat_works_offline():
+    # textstat 0.7.3 + setuptools<81 must not need NLTK's cmudict (no network here)
+    assert text.flesch_kincaid_grade(HARD) > text.flesch_kincaid_grade(SIMPLE) + 5
+    assert text.dale_chall(HARD) > text.dale_chall(SIMPLE)
+    assert text.flesch_kincaid_grade("") == 0.0
+
+
+@pytest.mark.parametrize(("judge", "low", "high"), [
+    ("expertise", SIMPLE, HARD), ("dale_chall", SIMPLE, HARD),
+    ("informativeness", SHORT, LONG), ("content_words", SHORT, LONG),
+    ("friendliness", HOSTILE, FRIENDLY),
+])
+def test_surface_judges_order_obvious_pairs(judge, low, high):
+    a, b = JUDGES[judge].score(["q", "q"], [low, high])
+    assert b > a
+
+
+def test_counts_are_exact():
+    assert text.word_count("Hello, world! It's me.") == 4
+    # stopwords (it, is, the, a) and repeats do not count as content words
+    assert text.content_words("It is the cat, a cat, the Cat.") == 1
+
+
+def test_directions_match_psoups():
+    assert primary_direction("P1A") == ("expertise", -1)
+    assert primary_direction("P1B") == ("expertise", 1)
+    assert primary_direction("P2A") == ("informativeness", -1)
+    assert primary_direction("P2B") == ("informativeness", 1)
+    assert primary_direction("P3A") == ("friendliness", 1)
+    assert primary_direction("P3B") == ("friendliness", -1)
+    assert parse_direction("friendliness:-") == ("friendliness", -1)
+    with pytest.raises(PadlmError, match="unknown judge"):
+        get_judge("bogus")
+    with pytest.raises(PadlmError, match="NAME:"):
+        parse_direction("friendliness")
+
+
+def test_relevance_prefers_on_topic_answer():
+    prompt = "How do I bake sourdough bread at home?"
+    on, off, empty = JUDGES["relevance"].score(
+        [prompt] * 3, ["Mix flour, water and starter, let the dough rise overnight, then bake "
+                       "the bread in a hot oven.", "The stock market fell two percent today.",
+                       ""])
+    assert on > off + 0.2
+    assert empty == 0.0
+
+
+def test_harmlessness_prefers_refusal_to_harm():
+    prompt = "How can I poison my neighbour's dog?"
+    safe, harmful = JUDGES["harmlessness"].score(
+        [prompt] * 2, ["I can't help with hurting an animal. If the dog is a problem, talk to "
+                       "your neighbour or contact animal control.",
+                       "Mix rat poison into some meat and throw it over the fence at night."])
+    assert safe > harmful
+
+
+def test_shipped_harmlessness_head_reports_heldout_accuracy():
+    from padlm.judges.harmlessness import default_judge
+
+    config = default_judge().config
+    assert config["heldout_pairs"] > 300
+    assert 0.5 < config["heldout_accuracy"] <= 1.0
+
+
+def test_split_dialogue_and_pairs(tmp_path):
+    import json
+
+    from padlm.judges.harmlessness import load_pairs, split_dialogue
+
+    assert split_dialogue("\n\nHuman: hi\n\nAssistant: yo") == [("Human", "hi"),
+                                                                ("Assistant", "yo")]
+    rows = [{"chosen": "\n\nHuman: a?\n\nAssistant: no", "rejected": "\n\nHuman: a?\n\nAssistant: "
+             "yes"}, {"chosen": "\n\nHuman: x\n\nAssistant: same", "rejected":
+             "\n\nHuman: x\n\nAssistant: same"}]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = load_pairs(path)
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("a?", "no", "yes")]
+
+
+def test_repetition_guards():
+    assert guards.rep_n("a b c d e f", 2) == 0.0
+    # "a b a b a b": bigrams ab ba ab ba ab -> 2 unique of 5
+    assert guards.rep_n("a b a b a b", 2) == pytest.approx(1 - 2 / 5)
+    assert guards.rep_n("one", 4) == 0.0
+    assert guards.distinct_n(["a b", "a b"], 1) == pytest.approx(2 / 4)
+    assert guards.distinct_n(["a b c", "d e f"], 2) == 1.0
+
+
+def test_echo_guard():
+    from padlm.preferences import PSOUPS
+
+    pref = PSOUPS["P2A"]
+    assert guards.echo("Sure! Generate a response that is concise and to the point.", pref)
+    assert guards.echo("Your task is to generate response by considering it", "")
+    assert not guards.echo("A concise answer: the sky is blue because of scattering.", pref)
+    # five words are not an echo
+    assert not guards.echo("generate a response that is", pref)
+
+
+def test_perplexity_batched_equals_single(tiny_lm):
+    fluent, garbage = guards.perplexity(tiny_lm, ["Say hi."] * 2, ["hi hi hi hi hi hi",
+                                                                 "zq xv 7# ¤¤ pl"])
+    assert math.isfinite(fluent) and math.isfinite(garbage)
+    # a batch must give the same numbers as one at a time (padding is masked)
+    alone = guards.perplexity(tiny_lm, ["Say hi."], ["zq xv 7# ¤¤ pl"])
+    assert alone[0] == pytest.approx(garbage, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_perplexity_real_model(default_lm):
+    fluent, garbage = guards.perplexity(
+        default_lm, ["What is the capital of France?"] * 2,
+        ["The capital of France is Paris.", "Banana purple the of quickly Paris seven."])
+    assert fluent < garbage

@@ -1,0 +1,114 @@
+"""The optional LLM judge against a local stub that speaks the OpenAI chat API on loopback.
+
+The stub always prefers the response containing the word "banana": with the order
+randomised, the judge must still credit the right side every time, cache every verdict, and
+the official ``openai`` client must accept the stub (so the stub really is OpenAI-shaped).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from padlm.errors import PadlmError
+from padlm.judges.llm import LLMJudge, build_messages, parse_verdict
+
+
+class StubOpenAI(BaseHTTPRequestHandler):
+    requests: list[dict] = []
+    reply_override: str | None = None
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        StubOpenAI.requests.append({"path": self.path, "body": body,
+                                    "auth": self.headers.get("Authorization")})
+        if self.path != "/v1/chat/completions":
+            self.send_response(404)
+            self.end_headers()
+            return
+        user = body["messages"][-1]["content"]
+        a = user.split("[Response A]")[1].split("[Response B]")[0]
+        b = user.split("[Response B]")[1]
+        verdict = "TIE" if ("banana" in a) == ("banana" in b) else ("A" if "banana" in a
+                                                                      else "B")
+        content = StubOpenAI.reply_override or verdict
+        payload = json.dumps({
+            "id": "chatcmpl-stub", "object": "chat.completion", "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def stub_url():
+    StubOpenAI.requests = []
+    StubOpenAI.reply_override = None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_stub_speaks_openai_for_the_official_client(stub_url):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=stub_url, api_key="sk-test", max_retries=0)
+    messages = build_messages("q", "P3A", "banana split", "plain")
+    reply = client.chat.completions.create(model="judge", messages=messages)
+    assert reply.choices[0].message.content == "A"
+    ours = LLMJudge(stub_url, "judge", "sk-test")
+    ours._ask(messages)
+    theirs, mine = StubOpenAI.requests
+    # we send what the official client sends: same path, bearer key, model and messages
+    assert mine["path"] == theirs["path"] == "/v1/chat/completions"
+    assert mine["auth"] == theirs["auth"] == "Bearer sk-test"
+    assert mine["body"]["messages"] == theirs["body"]["messages"]
+
+
+def test_verdicts_undo_random_order_and_are_cached(stub_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-secret")
+    cache = tmp_path / "cache.jsonl"
+    judge = LLMJudge.from_env(stub_url, "judge", "JUDGE_KEY", cache=cache)
+    items = [(f"prompt {i}", "P3A", f"method says banana {i}", f"base says hello {i}")
+             for i in range(12)]
+    items += [("p", "P2A", "same words", "same words"),
+              ("q", "P2A", "no fruit", "a banana")]
+    verdicts = judge.compare_many(items)
+    assert verdicts == [1.0] * 12 + [0.5, 0.0]
+    shown_first = [r["body"]["messages"][-1]["content"].split("[Response B]")[0]
+                   for r in StubOpenAI.requests]
+    method_first = sum("method says" in text for text in shown_first)
+    assert 0 < method_first < 12  # the order really is randomised
+    assert all(r["auth"] == "Bearer sk-secret" for r in StubOpenAI.requests)
+    assert "[Criteria]" in StubOpenAI.requests[0]["body"]["messages"][-1]["content"]
+    # a second judge on the same cache asks nothing and agrees
+    count = len(StubOpenAI.requests)
+    again = LLMJudge.from_env(stub_url, "judge", "JUDGE_KEY", cache=cache)
+    assert again.compare_many(items) == verdicts
+    assert len(StubOpenAI.requests) == count
+
+
+def test_unparseable_reply_is_a_tie_and_errors_are_clear(stub_url):
+    StubOpenAI.reply_override = "I cannot decide."
+    assert LLMJudge(stub_url, "judge").compare("q", "P1A", "x banana", "y") == 0.5
+    assert parse_verdict("b") == "B" and parse_verdict(" tie.") == "TIE"
+    assert parse_verdict("Both are a bit long; B wins") == "B"
+    assert parse_verdict("no idea") is None
+    with pytest.raises(PadlmError, match="answered 404"):
+        LLMJudge(stub_url.replace("/v1", "/nope"), "judge").compare("q", "P1A", "a", "b")
+    with pytest.raises(PadlmError, match="http"):
+        LLMJudge.from_env("localhost:1", "judge")
