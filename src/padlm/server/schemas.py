@@ -145,11 +145,22 @@ def parse_body(model: type[_Common], raw: bytes) -> _Common:
         if first["type"] == "model_type" and not first["loc"]:
             raise ApiError(400, "request body must be a JSON object", code="invalid_json"
                            ) from None
-        param = ".".join(str(part) for part in first["loc"]) or None
+        param = _param(first["loc"])
         raise ApiError(422, f"{param}: {first['msg']}" if param else first["msg"], param,
                        code=first["type"]) from None
     body.unsupported()
     return body
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param(loc: tuple) -> str | None:
+    """``messages.0.content`` from pydantic's location, without its union-member tags
+    (``str``, ``list[TextPart]``)."""
+    parts = [str(p) for p in loc
+             if isinstance(p, int) or (p not in _TYPE_TAGS and "[" not in str(p))]
+    return ".".join(parts) or None
 
 
 def extra_fields(model: type[_Common], body: Any) -> list[str]:

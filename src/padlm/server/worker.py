@@ -106,7 +106,7 @@ class BatchWorker:
         self._rewards = TokenRewards(engine.persrm,
                                      engine.lm.model.get_output_embeddings().weight)
         self.stats = {"steps": 0, "rows_finished": 0, "rows_cancelled": 0, "jobs_failed": 0,
-                      "jobs_done": 0}
+                      "jobs_done": 0, "max_live_rows": 0}
         self._thread = threading.Thread(target=self._run, name="padlm-decode", daemon=True)
 
     # ---- called from other threads -------------------------------------------------------
@@ -214,6 +214,7 @@ class BatchWorker:
                 self._owners[id(row)] = (job, index)
             for job in group:
                 job.remaining = len(job.requests)
+        self.stats["max_live_rows"] = max(self.stats["max_live_rows"], self.live_rows)
 
     def _best_of_n(self, job: Job) -> None:
         """Blocking, between steps: best-of-n decodes its own batch of samples."""

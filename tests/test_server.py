@@ -1,0 +1,357 @@
+"""The OpenAI-compatible server, driven with the official ``openai`` client over loopback.
+
+Servers run in a background thread of this process (``ServerThread``, random free port), so
+tests can also look at the decode worker's state. The real default model answers the
+functional tests with a few tokens each; the tiny random model serves the error cases, the
+queue limit and client disconnects, where only the plumbing matters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+
+from padlm import GenerationConfig, PersonalizedRewardModel, Personalizer
+from padlm.server.app import ServerThread, create_app
+from padlm.server.bench import Sample, percentile, summarize
+from padlm.server.rewards import chosen_token_reward
+from padlm.server.schemas import ApiError, ChatCompletionRequest, parse_body
+
+PROMPT = "Why is the sky blue?"
+
+
+def client_for(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                         timeout=120)
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def real(default_lm):
+    """The default model behind a live server; its own engine so its KV streams are private."""
+    engine = Personalizer(default_lm, persrm="identity")
+    app = create_app(engine, max_batch_size=8, max_queue=32)
+    with ServerThread(app) as server:
+        yield server, engine, app.state.service.worker
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_lm):
+    """The tiny random model with a random (non-identity) PersRM head: rewards are nonzero."""
+    persrm = PersonalizedRewardModel.identity(tiny_lm.name, tiny_lm.model.config.hidden_size)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        persrm.head.weight.add_(0.5 * torch.randn_like(persrm.head.weight))
+    engine = Personalizer(tiny_lm, persrm=persrm)
+    app = create_app(engine, max_batch_size=4, max_queue=8)
+    with ServerThread(app) as server:
+        yield server, engine, app.state.service.worker
+
+
+# ---- pure pieces ---------------------------------------------------------------------------
+
+def brute_force_reward(base: list[float], persrm: list[float], k: int, chosen: int) -> float:
+    """PAD's reward by hand: log-softmax over K = top-k of base (plus the chosen token)."""
+    order = sorted(range(len(base)), key=lambda i: -base[i])[:k]
+    support = order if chosen in order else [*order, chosen]
+
+    def log_softmax(values: list[float], at: int) -> float:
+        return values[at] - math.log(sum(math.exp(values[i]) for i in support))
+
+    return log_softmax(persrm, chosen) - log_softmax(base, chosen)
+
+
+def test_chosen_token_reward_matches_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 12, generator=generator)
+    persrm = torch.randn(5, 12, generator=generator)
+    k = torch.tensor([1, 3, 4, 12, 2])
+    chosen = torch.tensor([int(base[0].argmax()), 7, int(base[2].argsort()[-2]), 3, 11])
+    got = chosen_token_reward(base, lambda c: persrm.gather(1, c), chosen, k)
+    want = [brute_force_reward(base[b].tolist(), persrm[b].tolist(), int(k[b]), int(chosen[b]))
+            for b in range(5)]
+    assert got.tolist() == pytest.approx(want, abs=1e-5)
+    assert got[0] == 0  # one candidate: the softmax over it is 1 for both models
+
+
+def test_percentile_matches_numpy():
+    values = np.random.default_rng(0).exponential(size=37).tolist()
+    for q in (0, 5, 50, 95, 100):
+        assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+    assert math.isnan(percentile([], 50))
+    assert percentile([3.0], 95) == 3.0
+
+
+def test_summarize_counts_only_successes():
+    samples = [Sample(True, 1.0, 0.1, 10), Sample(True, 3.0, 0.3, 10),
+               Sample(False, 0.5, error="429: busy")]
+    row = summarize(4, samples, wall=2.0)
+    assert row["tokens_per_second"] == 10.0 and row["errors"] == 1
+    assert row["p50_latency_s"] == 2.0 and row["first_error"] == "429: busy"
+
+
+@pytest.mark.parametrize(("raw", "status", "param"), [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'{"messages": "hi"}', 422, "messages"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', 422, "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "pad": {"weight": "high"}}', 422,
+     "pad.weight"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}', 400,
+     "presence_penalty"),
+])
+def test_parse_body_errors(raw, status, param):
+    with pytest.raises(ApiError) as caught:
+        parse_body(ChatCompletionRequest, raw)
+    assert caught.value.status == status and caught.value.param == param
+    assert set(caught.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+# ---- the real model ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_chat_with_preference_matches_the_library(real):
+    server, engine, _ = real
+    response = client_for(server).chat.completions.create(
+        model="padlm", messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
+        extra_body={"preference": "P1A", "strategy": "pad", "pad": {"weight": 1.0}})
+    choice = response.choices[0]
+    expected = engine.generate([PROMPT], "P1A", "pad",
+                               GenerationConfig(max_new_tokens=8, weight=1.0))[0]
+    assert choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert response.model == engine.lm.name and response.object == "chat.completion"
+    usage = response.usage
+    assert usage.completion_tokens == expected.new_tokens
+    assert usage.prompt_tokens > 10
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.slow
+def test_streaming_equals_non_streaming(real):
+    server, _, _ = real
+    client = client_for(server)
+    kwargs = {"model": "padlm", "messages": [{"role": "user", "content": PROMPT}],
+              "max_tokens": 8, "extra_body": {"preference": "P3A"}}
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == full.choices[0].finish_reason
+    assert all(f is None for f in finishes[:-1])
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+@pytest.mark.slow
+def test_raw_sse_ends_with_done_and_carries_token_rewards(real):
+    server, _, _ = real
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 5, "stream": True,
+            "preference": "P2A", "token_rewards": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                      timeout=120) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    extras = [json.loads(e)["padlm"] for e in events[:-1] if "padlm" in json.loads(e)]
+    assert len(extras) == 5
+    # the identity PersRM equals the base model: its token reward is zero up to rounding
+    assert all(abs(x["reward"]) < 1e-3 and isinstance(x["token"], int) for x in extras)
+
+
+@pytest.mark.slow
+def test_n_choices_are_seeded_samples(real):
+    server, _, _ = real
+    client = client_for(server)
+    kwargs = {"model": "padlm", "messages": [{"role": "user", "content": "Name a colour."}],
+              "max_tokens": 6, "n": 3, "temperature": 1.0, "seed": 7,
+              "extra_body": {"preference": "P3A+P2A"}}
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]  # seed, seed+1, seed+2
+    assert len(set(texts)) > 1
+    assert first.usage.completion_tokens <= 18
+
+
+@pytest.mark.slow
+def test_text_completions_models_and_best_of_n(real):
+    server, engine, _ = real
+    client = client_for(server)
+    assert [m.id for m in client.models.list().data] == [engine.lm.name]
+    response = client.completions.create(model="padlm", prompt=["Say hi.", "Say bye."],
+                                         max_tokens=4, extra_body={"strategy": "base"})
+    assert [c.index for c in response.choices] == [0, 1]
+    assert all(c.text for c in response.choices)
+    best = client.completions.create(model="padlm", prompt="Say hi.", max_tokens=4,
+                                     best_of=2, extra_body={"strategy": "best-of-n"})
+    assert best.choices[0].text and best.usage.completion_tokens <= 4
+
+
+@pytest.mark.slow
+def test_concurrent_users_share_a_batch_and_get_their_own_answers(real):
+    """Different preferences and strategies at once: each answer equals what the library
+    gives that request alone, and the worker really decoded several rows per step."""
+    server, engine, worker = real
+    client = client_for(server)
+    cases = [("P1A", "pad"), ("P3B", "pad"), ("P2A", "linear-alignment"), (None, "base"),
+             ("Answer like a pirate.", "pad"), ("P1B+P2A", "prompt")]
+
+    def ask(case):
+        preference, strategy = case
+        return client.chat.completions.create(
+            model="padlm", messages=[{"role": "user", "content": PROMPT}], max_tokens=6,
+            extra_body={"preference": preference, "strategy": strategy}
+        ).choices[0].message.content
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(ask, cases))
+    assert worker.stats["max_live_rows"] > 1
+    config = GenerationConfig(max_new_tokens=6)
+    for (preference, strategy), answer in zip(cases, answers, strict=True):
+        assert answer == engine.generate([PROMPT], preference, strategy, config)[0].text
+
+
+@pytest.mark.slow
+def test_real_model_context_limit(real):
+    server, engine, _ = real
+    limit = engine.lm.model.config.max_position_embeddings
+    with pytest.raises(openai.BadRequestError) as caught:
+        client_for(server).chat.completions.create(
+            model="padlm", messages=[{"role": "user", "content": "hi"}], max_tokens=limit)
+    assert caught.value.code == "context_length_exceeded"
+
+
+# ---- errors, queue limit and disconnects (tiny model) --------------------------------------
+
+ERROR_CASES = [
+    ({"messages": []}, openai.BadRequestError, "messages"),
+    ({"messages": [{"role": "user", "content": "   "}]}, openai.BadRequestError, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, openai.BadRequestError, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+     openai.BadRequestError, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3},
+     openai.BadRequestError, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"},
+     openai.UnprocessableEntityError, "max_tokens"),
+    ({"messages": [{"role": "user", "content": 5}]}, openai.UnprocessableEntityError,
+     "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "word " * 1100}], "max_tokens": 4},
+     openai.BadRequestError, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "telepathy"},
+     openai.BadRequestError, "strategy"),
+    ({"messages": [{"role": "user", "content": "hi"}], "preference": "P7C"},
+     openai.BadRequestError, "preference"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+     openai.BadRequestError, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "pad": {"top_k": 0}},
+     openai.BadRequestError, "pad.top_k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 99}, openai.BadRequestError, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+     openai.BadRequestError, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "best-of-n",
+      "stream": True}, openai.BadRequestError, "stream"),
+]
+
+
+@pytest.mark.parametrize(("body", "error", "param"), ERROR_CASES)
+def test_bad_requests_get_openai_errors(tiny, body, error, param):
+    server, _, _ = tiny
+    client = client_for(server)
+    extra = {key: value for key, value in body.items() if key != "messages"}
+    with pytest.raises(error) as caught:
+        client.chat.completions.create(model="padlm", messages=body["messages"],
+                                       extra_body=extra)
+    assert caught.value.param == param
+    assert caught.value.type == "invalid_request_error"
+    assert caught.value.message
+
+
+def test_malformed_json_and_unknown_routes(tiny):
+    server, _, _ = tiny
+    for raw in (b"{oops", b"", b'"just a string"'):
+        response = httpx.post(f"{server.url}/v1/chat/completions", content=raw,
+                              headers={"content-type": "application/json"})
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_json"
+    missing = httpx.get(f"{server.url}/v1/engines")
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_server_keeps_serving_after_errors_and_streams_rewards(tiny):
+    server, _, worker = tiny
+    client = client_for(server)
+    for body, error, _ in ERROR_CASES[:4]:
+        with pytest.raises(error):
+            client.chat.completions.create(model="padlm", messages=body["messages"],
+                                           max_tokens=body.get("max_tokens", 3))
+    response = client.completions.create(model="padlm", prompt="hello", max_tokens=5,
+                                         extra_body={"ignore_eos": True})
+    assert response.usage.completion_tokens == 5
+    events = []
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True,
+            "ignore_eos": True, "token_rewards": True, "preference": "P1A"}) as stream:
+        events = [json.loads(line[6:]) for line in stream.iter_lines()
+                  if line.startswith("data: {")]
+    rewards = [e["padlm"]["reward"] for e in events if "padlm" in e]
+    assert len(rewards) == 6 and all(math.isfinite(r) for r in rewards)
+    assert any(abs(r) > 1e-4 for r in rewards)  # the random head disagrees with the base
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["live_rows"] == 0
+    assert worker.stats["jobs_failed"] == 0  # validation errors never reached the worker
+
+
+@pytest.mark.slow
+def test_full_queue_gets_429_and_a_disconnect_frees_its_row(default_lm):
+    """max_batch_size 1, max_queue 1: one request decodes, one waits, the third is refused.
+    Closing the first stream frees its row, and the waiting request then completes. (The
+    real model: its 2000-token request surely outlives the few milliseconds this takes.)"""
+    engine = Personalizer(default_lm, persrm="identity")
+    app = create_app(engine, max_batch_size=1, max_queue=1)
+    worker = app.state.service.worker
+    with ServerThread(app) as server:
+        client = client_for(server)
+        long_body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
+                     "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream(
+                "POST", f"{server.url}/v1/chat/completions", json=long_body) as first:
+            lines = first.iter_lines()
+            next(line for line in lines if '"content"' in line and '"content": ""' not in line)
+            assert worker.live_rows == 1
+            result: dict = {}
+            waiting = threading.Thread(target=lambda: result.update(
+                answer=client.chat.completions.create(
+                    model="padlm", messages=[{"role": "user", "content": "yo"}], max_tokens=3)))
+            waiting.start()
+            wait_until(lambda: worker.snapshot()["waiting"] == 1)
+            with pytest.raises(openai.RateLimitError) as caught:
+                client.chat.completions.create(
+                    model="padlm", messages=[{"role": "user", "content": "hey"}], max_tokens=3)
+            assert caught.value.code == "rate_limit_exceeded"
+            assert caught.value.status_code == 429
+        # the first client has gone away mid-stream
+        waiting.join(60)
+        assert result["answer"].choices[0].message.content is not None
+        wait_until(lambda: worker.live_rows == 0)
+        assert worker.stats["rows_cancelled"] == 1
+        assert worker.stats["rows_finished"] == 1  # only the waiting request ran to the end
