@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PADLM := $(VENV)/bin/padlm
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench system-deps
 
 setup: $(VENV)/.installed
 
@@ -26,7 +26,11 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests
 
-test: setup lint
+# Debian's chromium for the playground's browser test (skips itself when present)
+system-deps:
+	bash scripts/install-system-deps.sh
+
+test: setup lint system-deps
 	$(PY) -m pytest -q
 
 bench: setup
