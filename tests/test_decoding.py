@@ -1,0 +1,280 @@
+"""The decode loop: caching, batching, seeds, continuous batching and every strategy."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from padlm import GenerationConfig, Personalizer
+from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
+from padlm.prompting import render
+from padlm.strategies import ArgsStrategy, ImplicitRewardScorer
+
+PREFERENCE = "P1A"
+
+
+def perturbed_persrm(lm, scale=0.05, seed=0) -> PersonalizedRewardModel:
+    """A PersRM whose head is far enough from the identity to change PAD's choices."""
+    persrm = PersonalizedRewardModel.identity(lm.name, lm.model.config.hidden_size)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        d = persrm.head.weight.shape[0]
+        persrm.head.weight.add_(scale * torch.randn(d, d, generator=generator))
+        persrm.head.bias.add_(scale * torch.randn(d, generator=generator))
+    return persrm
+
+
+def greedy_without_cache(lm, persrm, ids, steps, weight=1.0, k=10, use_pad=True):
+    """Reference: recompute the whole sequence every step, the released PAD code's way."""
+    ids = list(ids)
+    out = []
+    lm_head = lm.model.get_output_embeddings().weight
+    eos = lm.tokenizer.eos_token_id
+    with torch.inference_mode():
+        for _ in range(steps):
+            hidden = lm.model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+            base = (hidden @ lm_head.T).float()
+            if use_pad:
+                top = base.topk(k).indices
+                reward = persrm.reward_logits(hidden[None], lm_head)[0].float()
+                gain = reward[top].log_softmax(-1) - base[top].log_softmax(-1)
+                score = base[top] + weight * gain
+                token = int(top[score.argmax()])
+            else:
+                token = int(base.argmax())
+            if token == eos:
+                break
+            out.append(token)
+            ids.append(token)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["base", "pad"])
+def test_cached_decode_equals_full_recompute(default_lm, strategy):
+    persrm = perturbed_persrm(default_lm)
+    engine = Personalizer(default_lm, persrm=persrm)
+    prompt = "Give me three tips for staying focused while studying."
+    config = GenerationConfig(max_new_tokens=32, weight=1.0)
+    cached = engine.generate([prompt], PREFERENCE, strategy, config)[0].tokens
+    preference = engine.request(prompt, PREFERENCE).preference if strategy == "pad" else ""
+    ids = render(default_lm.tokenizer, prompt, preference, engine.placement)
+    reference = greedy_without_cache(default_lm, persrm, ids, 32, use_pad=strategy == "pad")
+    assert cached == reference
+    assert len(cached) == 32
+
+
+@pytest.mark.slow
+def test_pad_with_identity_head_equals_prompting(default_engine):
+    prompts = ["How do vaccines work?", "Write a short poem about autumn."]
+    config = GenerationConfig(max_new_tokens=24)
+    pad = default_engine.generate(prompts, PREFERENCE, "pad", config)
+    prompt = default_engine.generate(prompts, PREFERENCE, "prompt", config)
+    assert [g.tokens for g in pad] == [g.tokens for g in prompt]
+
+
+@pytest.mark.slow
+def test_batch_equals_each_prompt_alone_with_early_eos(default_lm):
+    # a head perturbed enough to change PAD's tokens, little enough to keep EOS reachable
+    engine = Personalizer(default_lm, persrm=perturbed_persrm(default_lm, scale=0.02))
+    prompts = ["What is 2+2? Answer with one number.",
+               "Write a long story about a dragon who learns to bake bread.",
+               "Name one color.",
+               "Explain photosynthesis to a curious adult in detail."]
+    config = GenerationConfig(max_new_tokens=32)
+    for strategy in ["base", "pad"]:
+        together = engine.generate(prompts, PREFERENCE, strategy, config, batch_size=4)
+        alone = [engine.generate([p], PREFERENCE, strategy, config)[0] for p in prompts]
+        assert [g.tokens for g in together] == [g.tokens for g in alone]
+        reasons = [g.finish_reason for g in together]
+        assert "stop" in reasons and "length" in reasons  # one row stopped early on EOS
+        assert min(g.new_tokens for g in together) < 32
+
+
+@pytest.mark.slow
+def test_same_seed_same_sample_different_seed_differs(default_engine):
+    def sample(seed):
+        config = GenerationConfig(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=seed)
+        return default_engine.generate(["Tell me about the sea."], PREFERENCE, "pad",
+                                       config)[0].tokens
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_linear_alignment_with_zero_alpha_equals_prompting(tiny_engine):
+    config = GenerationConfig(max_new_tokens=12, weight=0.0)
+    prompts = ["Hello there", "What is the capital of France?"]
+    la = tiny_engine.generate(prompts, PREFERENCE, "linear-alignment", config)
+    prompt = tiny_engine.generate(prompts, PREFERENCE, "prompt", config)
+    assert [g.tokens for g in la] == [g.tokens for g in prompt]
+
+
+def test_linear_alignment_matches_two_separate_contexts(tiny_engine, tiny_lm):
+    """The batched two-lane forward equals running the two contexts separately."""
+    prompt, alpha = "Describe a cat.", 2.0
+    config = GenerationConfig(max_new_tokens=10, weight=alpha)
+    tokens = tiny_engine.generate([prompt], PREFERENCE, "linear-alignment", config)[0].tokens
+    preference = tiny_engine.request(prompt, PREFERENCE).preference
+    with_pref = render(tiny_lm.tokenizer, prompt, preference, tiny_engine.placement)
+    without = render(tiny_lm.tokenizer, prompt, "", tiny_engine.placement)
+    reference = []
+    with torch.inference_mode():
+        for _ in range(10):
+            zp = tiny_lm.model(torch.tensor([with_pref + reference])).logits[0, -1]
+            z0 = tiny_lm.model(torch.tensor([without + reference])).logits[0, -1]
+            top = zp.topk(10).indices
+            reference.append(int(top[(zp[top] + alpha * (zp[top] - z0[top])).argmax()]))
+    assert tokens == reference
+
+
+def test_rows_joining_mid_decode_match_decoding_alone(tiny_engine):
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    first, second = "Hello there", "A much longer prompt that should need more padding here."
+    batch = tiny_engine.batch("pad")
+    batch.join([tiny_engine.request(first, PREFERENCE, config)])
+    for _ in range(3):
+        batch.step()
+    batch.join([tiny_engine.request(second, PREFERENCE, config)])
+    while batch.rows:
+        batch.step()
+    joined = {row.request.prompt: row.tokens for row in batch.finished}
+    for prompt in (first, second):
+        alone = tiny_engine.generate([prompt], PREFERENCE, "pad", config)[0].tokens
+        assert joined[prompt] == alone
+
+
+def test_leaving_rows_does_not_disturb_the_rest(tiny_engine):
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    prompts = ["one", "two is longer than one", "three"]
+    batch = tiny_engine.batch("linear-alignment")
+    rows = batch.join([tiny_engine.request(p, PREFERENCE, config) for p in prompts])
+    batch.step()
+    batch.leave([rows[1]])
+    while batch.rows:
+        batch.step()
+    for row in (rows[0], rows[2]):
+        alone = tiny_engine.generate([row.request.prompt], PREFERENCE, "linear-alignment",
+                                     config)[0].tokens
+        assert row.tokens == alone
+
+
+def test_stop_strings_cut_text_and_stream_never_leaks_them(tiny_engine):
+    config = GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    full = tiny_engine.generate(["Hi"], None, "base", config)[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    events = list(tiny_engine.stream("Hi", None, "base",
+                                     GenerationConfig(max_new_tokens=30, ignore_eos=True,
+                                                      stop=(stop,))))
+    streamed = "".join(e.delta for e in events)
+    assert stop not in streamed
+    assert full.startswith(streamed) and events[-1].row.finish_reason == "stop"
+    assert streamed == events[-1].row.text
+
+
+def test_no_repeat_ngram_size_holds_in_output(tiny_engine):
+    config = GenerationConfig(max_new_tokens=40, no_repeat_ngram_size=2, ignore_eos=True)
+    for strategy in ["base", "pad", "linear-alignment", "args"]:
+        tokens = tiny_engine.generate(["Repeat after me"], PREFERENCE, strategy, config)[0].tokens
+        bigrams = list(zip(tokens, tokens[1:], strict=False))
+        assert len(bigrams) == len(set(bigrams)), strategy
+
+
+class PreferTokenScorer:
+    """Toy sequence scorer: +1 for every occurrence of one token."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, contexts, responses):
+        return torch.tensor([float(list(r).count(self.token)) for r in responses])
+
+
+def test_args_picks_what_the_scorer_prefers(tiny_lm):
+    engine = Personalizer(tiny_lm, persrm="identity")
+    config = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    plain = engine.generate(["Hello"], None, "base", config)[0].tokens
+    request = engine.request("Hello", None, config)
+    ids = render(tiny_lm.tokenizer, "Hello", "", engine.placement)
+    with torch.inference_mode():
+        logits = tiny_lm.model(torch.tensor([ids])).logits[0, -1]
+    favourite = int(logits.topk(10).indices[7])  # a candidate greedy would not pick
+    assert favourite != plain[0]
+    engine._strategies["args"] = ArgsStrategy(tiny_lm, PreferTokenScorer(favourite),
+                                             engine.placement, default_weight=100.0)
+    args = engine._decode("args", [request])[0].tokens
+    assert args[0] == favourite
+
+
+def test_args_incremental_scorer_equals_full_recompute(tiny_lm):
+    persrm = perturbed_persrm(tiny_lm, scale=0.5)
+    engine = Personalizer(tiny_lm, persrm=persrm)
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True, weight=3.0)
+    fast = engine.generate(["Hello", "Tell me a joke"], PREFERENCE, "args", config)
+    assert engine.strategy("args").incremental
+
+    class Opaque:  # same scores, but the strategy cannot see it is the implicit reward
+        def __init__(self):
+            self.inner = ImplicitRewardScorer(tiny_lm, persrm)
+
+        def __call__(self, contexts, responses):
+            return self.inner(contexts, responses)
+
+    engine._strategies["args"] = ArgsStrategy(tiny_lm, Opaque(), engine.placement, 1.0)
+    slow = engine.generate(["Hello", "Tell me a joke"], PREFERENCE, "args", config)
+    assert [g.tokens for g in fast] == [g.tokens for g in slow]
+
+
+def test_best_of_n_picks_the_scorers_favourite(tiny_lm):
+    shortest_first = Personalizer(tiny_lm, persrm="identity",
+                                  scorer=lambda contexts, responses: torch.tensor(
+                                      [-float(len(r)) for r in responses]))
+    config = GenerationConfig(max_new_tokens=20, temperature=1.0, seed=5)
+    best = shortest_first.best_of_n("Hello", None, config, n=4)
+    candidates = [shortest_first.generate(["Hello"], None, "prompt",
+                                          GenerationConfig(max_new_tokens=20, temperature=1.0,
+                                                           seed=5 + i))[0] for i in range(4)]
+    assert best.new_tokens == min(c.new_tokens for c in candidates)
+    assert best.tokens in [c.tokens for c in candidates]
+
+
+def lora_persrm(lm, init_lora_weights=True) -> PersonalizedRewardModel:
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=init_lora_weights)
+    torch.manual_seed(3)
+    backbone = get_peft_model(copy.deepcopy(lm.model), config, adapter_name=ADAPTER_NAME)
+    persrm = PersonalizedRewardModel.identity(lm.name, lm.model.config.hidden_size)
+    persrm.config.lora = True
+    persrm.backbone = backbone.eval()
+    return persrm
+
+
+def test_lora_path_with_zero_adapter_equals_prompting(tiny_lm):
+    engine = Personalizer(tiny_lm, persrm=lora_persrm(tiny_lm))
+    config = GenerationConfig(max_new_tokens=10)
+    pad = engine.generate(["Hello", "Name a fruit"], PREFERENCE, "pad", config)
+    prompt = engine.generate(["Hello", "Name a fruit"], PREFERENCE, "prompt", config)
+    assert [g.tokens for g in pad] == [g.tokens for g in prompt]
+
+
+def test_lora_path_matches_two_model_reference(tiny_lm):
+    persrm = lora_persrm(tiny_lm, init_lora_weights=False)  # random, non-zero adapter
+    engine = Personalizer(tiny_lm, persrm=persrm)
+    config = GenerationConfig(max_new_tokens=10, ignore_eos=True, weight=2.0)
+    tokens = engine.generate(["Hello"], PREFERENCE, "pad", config)[0].tokens
+    ids = render(tiny_lm.tokenizer, "Hello", engine.request("Hello", PREFERENCE).preference,
+                 engine.placement)
+    lm_head = tiny_lm.model.get_output_embeddings().weight
+    merged = copy.deepcopy(persrm.backbone).merge_and_unload()
+    reference = []
+    with torch.inference_mode():
+        for _ in range(10):
+            seq = torch.tensor([ids + reference])
+            base = tiny_lm.model(seq).logits[0, -1]
+            hidden = merged.get_decoder()(input_ids=seq).last_hidden_state[0, -1]
+            reward = hidden @ lm_head.T
+            top = base.topk(10).indices
+            score = base[top] + 2.0 * (reward[top].log_softmax(-1) - base[top].log_softmax(-1))
+            reference.append(int(top[score.argmax()]))
+    assert tokens == reference

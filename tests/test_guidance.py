@@ -1,0 +1,126 @@
+"""The pure guidance math against hand-computed and brute-force references."""
+
+import itertools
+
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor
+
+from padlm import guidance
+
+
+def test_pad_scores_equal_linear_mix_of_logits_plus_constant():
+    torch.manual_seed(0)
+    base, reward = torch.randn(3, 50), torch.randn(3, 50)
+    k = torch.tensor([10, 10, 10])
+    weight = torch.tensor([0.0, 0.8, 1.5])
+    candidates, valid = guidance.top_k_candidates(base, k)
+    zb, zr = base.gather(1, candidates), reward.gather(1, candidates)
+    scores = guidance.pad_scores(zb, zr, weight, valid)
+    mix = (1 - weight[:, None]) * zb + weight[:, None] * zr
+    difference = scores - mix  # must be one constant per row
+    assert torch.allclose(difference, difference[:, :1].expand_as(difference), atol=1e-5)
+    expected_constant = weight * (zb.logsumexp(-1) - zr.logsumexp(-1))
+    assert torch.allclose(difference[:, 0], expected_constant, atol=1e-5)
+
+
+def test_pad_weight_zero_picks_base_greedy_token():
+    torch.manual_seed(1)
+    base, reward = torch.randn(5, 100), torch.randn(5, 100) * 10
+    candidates, valid = guidance.top_k_candidates(base, torch.full((5,), 10))
+    scores = guidance.pad_scores(base.gather(1, candidates), reward.gather(1, candidates),
+                                 torch.zeros(5), valid)
+    full = guidance.scatter_to_vocab(candidates, scores, 100)
+    assert torch.equal(full.argmax(-1), base.argmax(-1))
+
+
+def test_pad_token_reward_by_hand():
+    base = torch.tensor([[2.0, 1.0, 0.0]])
+    reward = torch.tensor([[0.0, 1.0, 2.0]])
+    valid = torch.tensor([[True, True, False]])  # k = 2: the third is not a candidate
+    r = guidance.pad_token_reward(base, reward, valid)
+    lse_b = torch.log(torch.exp(torch.tensor(2.0)) + torch.exp(torch.tensor(1.0)))
+    lse_r = torch.log(torch.exp(torch.tensor(0.0)) + torch.exp(torch.tensor(1.0)))
+    expected = torch.tensor([[0.0 - lse_r - (2.0 - lse_b), 1.0 - lse_r - (1.0 - lse_b), 0.0]])
+    assert torch.allclose(r, expected, atol=1e-6)
+
+
+def test_per_row_top_k_masks_extra_candidates():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    candidates, valid = guidance.top_k_candidates(logits, torch.tensor([1, 3]))
+    assert candidates.tolist() == [[0, 1, 2], [3, 2, 1]]
+    assert valid.tolist() == [[True, False, False], [True, True, True]]
+    scores = guidance.pad_scores(logits.gather(1, candidates), logits.gather(1, candidates),
+                                 torch.ones(2), valid)
+    assert torch.isinf(scores[0, 1:]).all() and torch.isfinite(scores[1]).all()
+
+
+def test_linear_alignment_by_hand():
+    preferred = torch.tensor([[1.0, 3.0]])
+    neutral = torch.tensor([[2.0, 1.0]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    scores = guidance.linear_alignment_scores(preferred, neutral, torch.tensor([0.5]), valid)
+    assert scores.tolist() == [[1.0 + 0.5 * (1 - 2), 3.0 + 0.5 * (3 - 1)]]
+
+
+def test_repetition_penalty_matches_transformers():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 30)
+    previous = [[1, 4, 4, 7], [2, 29]]
+    ours = guidance.apply_repetition_penalty(logits, previous, torch.tensor([1.3, 1.3]))
+    for row in range(2):
+        theirs = RepetitionPenaltyLogitsProcessor(1.3)(
+            torch.tensor([previous[row]]), logits[row:row + 1].clone())
+        assert torch.allclose(ours[row], theirs[0])
+
+
+def brute_force_banned(tokens, n):
+    banned = set()
+    for i in range(len(tokens) - n + 1):
+        if tokens[i:i + n - 1] == tokens[len(tokens) - n + 1:]:
+            banned.add(tokens[i + n - 1])
+    return banned
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_banned_ngrams_match_brute_force(n):
+    for tokens in itertools.product(range(3), repeat=7):
+        tokens = list(tokens)
+        assert guidance.banned_ngram_tokens(tokens, n) == brute_force_banned(tokens, n)
+
+
+def test_no_repeat_ngram_masks_only_banned_tokens():
+    logits = torch.zeros(1, 5)
+    out = guidance.apply_no_repeat_ngram(logits, [[1, 2, 3, 1, 2]], [3])
+    assert torch.isinf(out[0, 3]) and torch.isfinite(out[0, [0, 1, 2, 4]]).all()
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(guidance.top_p_filter(logits, torch.tensor([0.8])))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(guidance.top_p_filter(logits, torch.tensor([0.1])))
+    assert kept.tolist() == [[True, False, False, False]]
+
+
+def test_choose_tokens_greedy_and_seeded_sampling():
+    scores = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.4, 0.3, 0.3]]))
+    greedy = guidance.choose_tokens(scores, torch.zeros(2), torch.ones(2), [None, None])
+    assert greedy.tolist() == [1, 0]
+
+    def draw(seed):
+        generators = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)]
+        return [guidance.choose_tokens(scores, torch.ones(2), torch.ones(2), generators).tolist()
+                for _ in range(20)]
+
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+
+
+def test_sampling_never_picks_non_candidates():
+    scores = torch.full((1, 10), guidance.NEG_INF)
+    scores[0, [2, 7]] = torch.tensor([0.0, 0.1])
+    generator = [torch.Generator().manual_seed(0)]
+    picks = {int(guidance.choose_tokens(scores, torch.tensor([2.0]), torch.ones(1), generator))
+             for _ in range(50)}
+    assert picks <= {2, 7}
