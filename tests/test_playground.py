@@ -1,0 +1,82 @@
+"""The playground page end to end: Playwright drives Debian's headless Chromium against a live
+server on loopback. Type a prompt and a preference, press Generate, and wait for the base and
+personalized outputs and the reward-colored token view. The screenshot is saved to
+``out/playground.png`` (``$PADLM_SCREENSHOT`` overrides the path).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from padlm import Personalizer
+from padlm.server.app import ServerThread, create_app
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(os.environ.get("PADLM_SCREENSHOT",
+                                 Path(__file__).resolve().parents[1] / "out" / "playground.png"))
+
+
+@pytest.mark.slow
+def test_playground_streams_both_outputs_and_the_token_view(default_lm):
+    from playwright.sync_api import expect, sync_playwright
+
+    assert Path(CHROMIUM).exists(), "run scripts/install-system-deps.sh to install chromium"
+    engine = Personalizer(default_lm, persrm="default")  # the shipped PersRM when there is one
+    app = create_app(engine, max_batch_size=4, max_queue=8)
+    with ServerThread(app) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            outside: list[str] = []
+
+            def loopback_only(route):
+                host = urlparse(route.request.url).hostname
+                if host in ("127.0.0.1", "localhost"):
+                    route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", loopback_only)
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(server.url + "/")
+            expect(page.locator("#presets .chip")).to_have_count(9)  # P-Soups + PAD presets
+            page.fill("#prompt", "Explain how a rainbow forms.")
+            page.locator("#presets .chip", has_text="P1A").click()
+            page.locator("#preference").press("End")
+            page.locator("#preference").type("+P2A")
+            expect(page.locator("#presets .chip[aria-pressed=true]")).to_have_count(2)
+            page.select_option("#strategy", "pad")
+            page.fill("#weight", "1.0")
+            page.fill("#max-tokens", "12")
+            page.click("#generate")
+
+            for pane in ("base", "personalized"):
+                expect(page.locator(f"#{pane}-status")).to_have_attribute(
+                    "data-state", "done", timeout=180_000)
+                assert page.locator(f"#{pane}-output").inner_text().strip()
+            tokens = page.locator("#token-view span")
+            assert 1 <= tokens.count() <= 12
+            rewards = tokens.evaluate_all("spans => spans.map(s => s.dataset.reward)")
+            assert all(r != "" and abs(float(r)) < 1e3 for r in rewards)
+            joined = "".join(tokens.all_inner_texts())
+            assert joined.strip() and joined.strip()[:5] in page.locator(
+                "#personalized-output").inner_text()
+            assert all(tokens.evaluate_all("spans => spans.map(s => !!s.style.background)"))
+            assert "tokens/s" in page.locator("#personalized-status").inner_text()
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
+    assert not errors, errors
+    assert not outside, f"the page reached beyond loopback: {outside}"
+    assert app.state.service.worker.live_rows == 0
