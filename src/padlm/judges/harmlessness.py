@@ -185,7 +185,29 @@ def train(data: Path, out: Path | None = None, holdout: float = 0.2, seed: int =
             save_file({"weight": w.contiguous(), "bias": torch.zeros(())},
                       str(staging / "head.safetensors"))
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (staging / "README.md").write_text(readme(config))
+            for path in (staging, *staging.iterdir()):  # mkdtemp makes them private
+                path.chmod(0o755 if path.is_dir() else 0o644)
     return config
+
+
+def readme(config: dict) -> str:
+    """Provenance note shipped beside the weights."""
+    data = config["data"]
+    return (
+        "# Harmlessness judge head\n\n"
+        f"{config['kind']}.\n\n"
+        f"- trained by `padlm eval train-harmlessness` on `{data['file']}` "
+        f"(sha256 `{data['sha256'][:16]}...`), {data['source']}; only the weights "
+        "(`head.safetensors`, a 768-float vector) are shipped, not the data.\n"
+        f"- split {data['split']}: {config['train_pairs']} training pairs, "
+        f"{config['heldout_pairs']} held-out pairs.\n"
+        f"- held-out pairwise accuracy **{config['heldout_accuracy']:.3f}** "
+        f"(train {config['train_accuracy']:.3f}; L2 {config['weight_decay']} picked on a "
+        "validation slice of the training pairs).\n"
+        "- a weak judge: use it as a guard (did a method make answers less safe?), never as "
+        "a safety filter.\n"
+    )
 
 
 def _sha256(path: Path) -> str:
