@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -241,6 +245,18 @@ def test_real_model_context_limit(real):
     assert caught.value.code == "context_length_exceeded"
 
 
+@pytest.mark.slow
+def test_non_streaming_client_that_gives_up_frees_its_row(real):
+    server, _, worker = real
+    cancelled = worker.stats["rows_cancelled"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", timeout=1.5, json={
+            "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2000,
+            "ignore_eos": True})
+    wait_until(lambda: worker.stats["rows_cancelled"] == cancelled + 1, timeout=30)
+    wait_until(lambda: worker.live_rows == 0)
+
+
 # ---- errors, queue limit and disconnects (tiny model) --------------------------------------
 
 ERROR_CASES = [
@@ -355,3 +371,36 @@ def test_full_queue_gets_429_and_a_disconnect_frees_its_row(default_lm):
         wait_until(lambda: worker.live_rows == 0)
         assert worker.stats["rows_cancelled"] == 1
         assert worker.stats["rows_finished"] == 1  # only the waiting request ran to the end
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+PADLM = str(Path(sys.executable).parent / "padlm")
+
+
+def test_serve_rejects_a_busy_port_in_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([PADLM, "serve", "--port", str(port)], capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: cannot listen on 127.0.0.1:")
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bench_serve_end_to_end():
+    """The real command: it starts its own server process, measures two levels, exits."""
+    done = subprocess.run([PADLM, "bench", "serve", "--clients", "1,2", "--requests", "2",
+                           "--max-tokens", "3", "--persrm", "identity", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert [level["clients"] for level in result["levels"]] == [1, 2]
+    for level in result["levels"]:
+        assert level["errors"] == 0 and level["requests"] == 2 and level["tokens"] == 6
+        assert level["tokens_per_second"] > 0
+        assert 0 < level["p50_ttft_s"] <= level["p50_latency_s"] <= level["p95_latency_s"]
+    assert result["levels"][0]["speedup_vs_1_client"] == 1.0

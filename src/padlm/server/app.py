@@ -50,6 +50,7 @@ DEFAULT_MAX_TOKENS = 128  # when a request names none (capped by the room left i
 DEFAULT_BEST_OF = 4
 MAX_STOP = 4  # as in OpenAI's API
 DISCONNECT_POLL_S = 0.5
+GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to finish when the server stops
 
 # GenerationConfig.validate() messages start with the setting's name; map it to the field.
 _PARAM_OF = {"max_new_tokens": "max_tokens", "top-k": "pad.top_k", "temperature": "temperature",
@@ -264,7 +265,7 @@ def create_app(engine: Personalizer, max_batch_size: int = 16, max_queue: int = 
 
     async def _respond(request: Request, body, plan: Plan, kind: str, rid: str) -> Response:
         job = Job(plan.requests, plan.strategy, asyncio.get_running_loop(), asyncio.Queue(),
-                  token_rewards=body.token_rewards, best_of=plan.best_of)
+                  token_rewards=body.token_rewards, stream=body.stream, best_of=plan.best_of)
         service.worker.submit(job)
         created = int(time.time())
         meta = {"strategy": plan.strategy, "preference": plan.preference or None,
@@ -286,9 +287,9 @@ def create_app(engine: Personalizer, max_batch_size: int = 16, max_queue: int = 
                 try:
                     items = await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
                 except TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
-                    continue
+                    items = []
+                if not items and await request.is_disconnected():
+                    return Response(status_code=499)  # the finally frees the rows
                 for item in items:
                     if isinstance(item, JobFailed):
                         return _error_response(item.error)
@@ -366,8 +367,9 @@ class ServerThread:
                  log_level: str = "warning") -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port,
-                                                    log_level=log_level, lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host=host, port=port, log_level=log_level, lifespan="on",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
         self.thread = threading.Thread(target=self.server.run, name="padlm-uvicorn",
                                        daemon=True)
         self.host = host

@@ -40,7 +40,7 @@ def serve(
     import uvicorn
 
     from padlm.engine import Personalizer
-    from padlm.server.app import create_app
+    from padlm.server.app import GRACEFUL_SHUTDOWN_S, create_app
 
     if not 0 <= port <= 65535:
         raise PadlmError(f"--port must be in 0..65535, got {port}")
@@ -49,7 +49,8 @@ def serve(
     check_port(host, port)
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement)
     app = create_app(engine, max_batch_size=max_batch_size, max_queue=max_queue)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 def register(app: typer.Typer) -> None:

@@ -64,6 +64,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     token_rewards: bool = False
+    stream: bool = True  # False: only the finishing event of each choice is sent
     best_of: int = 4  # samples per choice for the best-of-n strategy
     cancelled: bool = False
     remaining: int = 0
@@ -147,6 +148,7 @@ class BatchWorker:
                 while not self._stopped and not self._waiting and not self.live_rows:
                     self._wake.wait()
                 if self._stopped:
+                    self._shutdown()
                     break
                 admitted = self._take_admissible()
             try:
@@ -160,6 +162,17 @@ class BatchWorker:
                 for name in list(self.batches):
                     self._fail_batch(name, ApiError(500, "internal error while decoding",
                                                     kind="server_error"))
+
+    def _shutdown(self) -> None:
+        """Tell every client still waiting that the server is going away."""
+        error = ApiError(503, "the server is shutting down", kind="server_error")
+        jobs = {id(job): job for job, _ in self._owners.values()}
+        jobs.update({id(job): job for job in self._waiting})
+        for job in jobs.values():
+            job.send([JobFailed(error)])
+            job.cancel()
+        self._owners.clear()
+        self._waiting.clear()
 
     def _take_admissible(self) -> list[Job]:
         """FIFO: take waiting jobs while their rows fit next to the live ones."""
@@ -251,6 +264,8 @@ class BatchWorker:
         outgoing: dict[int, tuple[Job, list]] = {}
         for i, event in enumerate(events):
             job, index = self._owners[id(event.row)]
+            if not (job.stream or event.finished):
+                continue
             appended = event.token not in batch.eos_ids or event.row.config.ignore_eos
             item = TokenEvent(index, event.delta, event.token if appended else None)
             if job.token_rewards and appended:
