@@ -159,6 +159,7 @@ def _register_subcommands() -> None:
     from padlm.bench import register as register_bench
 
     register_bench(app)
+    from padlm.training.cli import register as register_training; register_training(app)  # noqa: E702,I001
     from padlm.server.cli import register as register_server
 
     register_server(app)

@@ -1,0 +1,171 @@
+"""Does greedy PAD separate the opposed P-Soups preferences further than prompting and
+Linear Alignment, without more echo or repetition loops? (Issue 3's acceptance check.)
+
+30 held-out prompts (Self-Instruct prompts in the validation split: never trained on; not
+koala), the six P-Soups preferences, greedy decoding, the same settings for every strategy.
+Simple measures, used ONLY here (never as training labels): word count (P2A shorter than
+P2B), mean syllables per word (P1A simpler than P1B), VADER compound (P3A friendlier than
+P3B). Echo = the output repeats the preference text or the bracket template; loop = a word
+4-gram occurring 3+ times. Generations are appended to a JSONL keyed by (strategy, weight,
+preference, prompt) so strategies can run at different times and the script resumes.
+
+    .venv/bin/python scripts/persrm_separation.py --strategies prompt,linear-alignment
+    .venv/bin/python scripts/persrm_separation.py --strategies pad --persrm DIR --weight 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+PAIRS = (("P1A", "P1B"), ("P2A", "P2B"), ("P3A", "P3B"))
+
+
+def held_out_prompts(count: int) -> list[dict]:
+    from padlm.data.pools import default_pool_dir, self_instruct_prompts
+    from padlm.data.splits import is_validation
+
+    pool = sorted(self_instruct_prompts(default_pool_dir()), key=lambda p: p.id)
+    chosen = [p for p in pool if is_validation(p.prompt) and len(p.prompt) < 400]
+    return [{"id": p.id, "prompt": p.prompt} for p in chosen[:count]]
+
+
+def syllables_per_word(text: str) -> float:
+    import textstat
+
+    words = re.findall(r"[A-Za-z']+", text)
+    return textstat.syllable_count(text) / len(words) if words else 0.0
+
+
+_vader = None
+
+
+def friendliness(text: str) -> float:
+    global _vader
+    if _vader is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _vader = SentimentIntensityAnalyzer()
+    return _vader.polarity_scores(text)["compound"]
+
+
+MEASURES = {"P1": ("syllables_per_word", syllables_per_word, -1),  # A should be LOWER
+            "P2": ("words", lambda t: len(t.split()), -1),
+            "P3": ("vader_compound", friendliness, +1)}  # A should be HIGHER
+
+
+def echoes(text: str, preference: str) -> bool:
+    lowered = text.lower()
+    if "[guidelines]" in lowered or "[principles]" in lowered or "[instruction]" in lowered:
+        return True
+    words = preference.lower().split()
+    return any(" ".join(words[i:i + 5]) in lowered for i in range(len(words) - 4))
+
+
+def loops(text: str) -> bool:
+    words = text.lower().split()
+    grams = Counter(tuple(words[i:i + 4]) for i in range(len(words) - 3))
+    return bool(grams) and grams.most_common(1)[0][1] >= 3
+
+
+def summarize(records: list[dict]) -> dict:
+    from padlm.preferences import PSOUPS
+
+    by = {}
+    for r in records:
+        by.setdefault(r["run"], {}).setdefault(r["preference"], {})[r["prompt_id"]] = r
+    summary = {}
+    for run, prefs in by.items():
+        entry = {}
+        texts = [r for p in prefs.values() for r in p.values()]
+        entry["outputs"] = len(texts)
+        entry["echo"] = sum(echoes(r["text"], PSOUPS[r["preference"]]) for r in texts)
+        entry["loops"] = sum(loops(r["text"]) for r in texts)
+        entry["hit_token_limit"] = sum(r["finish_reason"] == "length" for r in texts)
+        entry["mean_words"] = round(statistics.mean(len(r["text"].split()) for r in texts), 1)
+        for a, b in PAIRS:
+            if a not in prefs or b not in prefs:
+                continue
+            name, measure, sign = MEASURES[a[:2]]
+            ids = sorted(set(prefs[a]) & set(prefs[b]))
+            gaps = [sign * (measure(prefs[a][i]["text"]) - measure(prefs[b][i]["text"]))
+                    for i in ids]
+            entry[a[:2]] = {"measure": name,
+                            f"mean_{a}": round(statistics.mean(measure(prefs[a][i]["text"])
+                                                               for i in ids), 3),
+                            f"mean_{b}": round(statistics.mean(measure(prefs[b][i]["text"])
+                                                               for i in ids), 3),
+                            "separation": round(statistics.mean(gaps), 4),
+                            "right_direction": sum(g > 0 for g in gaps), "prompts": len(ids)}
+        summary[run] = entry
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--strategies", default="prompt,linear-alignment,pad")
+    parser.add_argument("--persrm", default="default")
+    parser.add_argument("--weight", type=float, default=None)
+    parser.add_argument("--prompts", type=int, default=30)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=3)
+    parser.add_argument("--outputs", type=Path,
+                        default=Path("reports/persrm_separation_outputs.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("reports/persrm_separation.json"))
+    parser.add_argument("--summarize-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    from padlm import GenerationConfig, Personalizer
+    from padlm.atomic import write_json_atomic
+    from padlm.preferences import PSOUPS
+
+    args.outputs.parent.mkdir(parents=True, exist_ok=True)
+    records = ([json.loads(line) for line in args.outputs.read_text().splitlines() if line]
+               if args.outputs.exists() else [])
+    done = {(r["run"], r["preference"], r["prompt_id"]) for r in records}
+    prompts = held_out_prompts(args.prompts)
+    if not args.summarize_only:
+        engine = Personalizer("default", persrm=args.persrm)
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens,
+                                  no_repeat_ngram_size=args.no_repeat_ngram_size,
+                                  weight=args.weight).validate()
+        with args.outputs.open("a") as handle:
+            for strategy in args.strategies.split(","):
+                weight = (args.weight if args.weight is not None
+                          else engine.persrm.config.recommended_weight)
+                run = strategy if strategy != "pad" else (
+                    f"pad[{Path(engine.persrm_name).name},w={weight}]")
+                if strategy == "linear-alignment":
+                    run = f"linear-alignment[alpha={args.weight or 1.0}]"
+                for pid in PSOUPS:
+                    todo = [p for p in prompts if (run, pid, p["id"]) not in done]
+                    if not todo:
+                        continue
+                    began = time.perf_counter()
+                    outs = engine.generate([p["prompt"] for p in todo], pid, strategy, config,
+                                           batch_size=len(todo))
+                    print(f"{run} {pid}: {len(todo)} in {time.perf_counter() - began:.0f} s",
+                          flush=True)
+                    for p, g in zip(todo, outs, strict=True):
+                        record = {"run": run, "strategy": strategy, "preference": pid,
+                                  "prompt_id": p["id"], "text": g.text,
+                                  "finish_reason": g.finish_reason, "tokens": g.new_tokens}
+                        handle.write(json.dumps(record) + "\n")
+                        records.append(record)
+                    handle.flush()
+    summary = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+               "decoding": f"greedy, no_repeat_ngram_size={args.no_repeat_ngram_size}",
+               "runs": summarize(records)}
+    write_json_atomic(args.out, summary)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""Training PersRMs: PAD's two stages, made runnable on a CPU.
+
+``cache`` computes the frozen backbone's final hidden states of every chosen / rejected
+response once (fp16 on disk, resumable); ``head`` trains the value head with DPO against the
+base model on those states; ``lora`` runs PAD's first stage (DPO with a LoRA on the backbone,
+through TRL) for GPUs and tiny CPU runs; ``ablation`` searches the head recipe; ``cli``
+registers ``padlm train persrm`` and ``padlm data build``.
+"""

@@ -1,0 +1,179 @@
+"""Final hidden states of chosen / rejected responses, computed once and cached on disk.
+
+For each sequence ``(x, p, y)`` the cache keeps, at every response position ``t`` (the state
+that predicts ``y_t``; the end-of-turn token is the last target, so a head learns when to
+stop): the final normed hidden state ``h_t`` (fp16), the target ``y_t``, the base model's
+top-k candidates at ``t`` (what decoding re-ranks) and the base log-prob of ``y_t`` over the
+full vocabulary (for the untrained baseline and the self-consistency filter).
+
+Shards of ``SHARD_ROWS`` rows are written atomically as they finish, so an interrupted run
+picks up at the first missing shard. The cache directory is keyed by the backbone's weights,
+the placement, k and the exact rows, so a stale cache is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from padlm.atomic import write_json_atomic
+from padlm.data.schema import PreferenceRow
+from padlm.models import LoadedModel, padlm_home
+from padlm.prompting import render
+
+log = logging.getLogger(__name__)
+
+SHARD_ROWS = 64
+MAX_RESPONSE_TOKENS = 96
+MAX_CONTEXT_TOKENS = 448
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name and bytes (stable for the same weights)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def encode_sequence(tokenizer, prompt, preference: str, response: str, placement: str,
+                    ) -> tuple[list[int], list[int]]:
+    """Context ids (chat template, preference placed) and response ids ending in end-of-turn."""
+    context = render(tokenizer, prompt, preference, placement)[-MAX_CONTEXT_TOKENS:]
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"][:MAX_RESPONSE_TOKENS]
+    return context, [*ids, tokenizer.eos_token_id]
+
+
+@dataclass
+class SequenceStates:
+    """One response's cached per-position data (see the module docstring)."""
+
+    hidden: torch.Tensor  # [T, d] float16
+    targets: torch.Tensor  # [T] int64
+    candidates: torch.Tensor  # [T, k] int64, the base model's top-k at each position
+    base_logp: torch.Tensor  # [T] float32, full-vocabulary log p_base(y_t)
+
+
+@torch.no_grad()
+def response_states(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
+                    responses: Sequence[Sequence[int]], top_k: int) -> list[SequenceStates]:
+    """One right-padded batched forward; returns the states at the response positions."""
+    lengths = [len(c) + len(r) for c, r in zip(contexts, responses, strict=True)]
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, (context, response) in enumerate(zip(contexts, responses, strict=True)):
+        ids[i, :lengths[i]] = torch.tensor([*context, *response])
+        mask[i, :lengths[i]] = 1
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = inner.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    lm_head = inner.get_output_embeddings().weight
+    results = []
+    for i, (context, response) in enumerate(zip(contexts, responses, strict=True)):
+        positions = slice(len(context) - 1, len(context) - 1 + len(response))
+        states = hidden[i, positions]
+        logits = (states @ lm_head.T).float()
+        targets = torch.tensor(response, dtype=torch.long)
+        log_probs = logits.log_softmax(-1)
+        results.append(SequenceStates(
+            hidden=states.to(torch.float16), targets=targets,
+            candidates=logits.topk(top_k, dim=-1).indices,
+            base_logp=log_probs.gather(1, targets[:, None])[:, 0],
+        ))
+    return results
+
+
+def rows_fingerprint(rows: Sequence[PreferenceRow]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(row.to_json().encode())
+    return digest.hexdigest()
+
+
+class HiddenStateCache:
+    """Sharded, resumable on-disk cache for one (backbone, placement, k, rows) combination."""
+
+    def __init__(self, root: Path | None, lm: LoadedModel, rows: Sequence[PreferenceRow],
+                 placement: str, top_k: int, model_sha256: str, backbone=None) -> None:
+        self.lm = lm
+        self.backbone = backbone if backbone is not None else lm.model
+        self.rows = list(rows)
+        self.placement = placement
+        self.top_k = top_k
+        key = {"model_sha256": model_sha256, "placement": placement, "top_k": top_k,
+               "rows": rows_fingerprint(self.rows), "max_response": MAX_RESPONSE_TOKENS,
+               "max_context": MAX_CONTEXT_TOKENS, "version": 1}
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.directory = (root or padlm_home() / "persrm-cache") / name
+        self.key = key
+
+    @property
+    def shards(self) -> int:
+        return (len(self.rows) + SHARD_ROWS - 1) // SHARD_ROWS
+
+    def _path(self, shard: int) -> Path:
+        return self.directory / f"shard-{shard:05d}.safetensors"
+
+    def missing(self) -> list[int]:
+        return [s for s in range(self.shards) if not self._path(s).exists()]
+
+    def build(self, batch_size: int = 8,
+              progress: Callable[[int], None] | None = None) -> int:
+        """Compute every missing shard; returns how many were computed (0 = fully cached)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.directory / "key.json", self.key)
+        todo = self.missing()
+        for shard in todo:
+            rows = self.rows[shard * SHARD_ROWS:(shard + 1) * SHARD_ROWS]
+            encoded = []
+            for row in rows:
+                for response in (row.chosen, row.rejected):
+                    encoded.append(encode_sequence(self.lm.tokenizer, row.prompt,
+                                                   row.preference, response, self.placement))
+            order = sorted(range(len(encoded)), key=lambda i: sum(map(len, encoded[i])))
+            states: list[SequenceStates | None] = [None] * len(encoded)
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                outs = response_states(self.backbone, [encoded[i][0] for i in chunk],
+                                       [encoded[i][1] for i in chunk], self.top_k)
+                for i, out in zip(chunk, outs, strict=True):
+                    states[i] = out
+            self._write(shard, states)
+            if progress is not None:
+                progress(len(rows))
+        return len(todo)
+
+    def _write(self, shard: int, states: list[SequenceStates]) -> None:
+        lengths = torch.tensor([len(s.targets) for s in states], dtype=torch.long)
+        tensors = {
+            "hidden": torch.cat([s.hidden for s in states]).contiguous(),
+            "targets": torch.cat([s.targets for s in states]),
+            "candidates": torch.cat([s.candidates for s in states]).contiguous(),
+            "base_logp": torch.cat([s.base_logp for s in states]),
+            "lengths": lengths,
+        }
+        path = self._path(shard)
+        staging = path.with_suffix(".tmp")
+        save_file(tensors, str(staging))
+        os.replace(staging, path)
+
+    def load(self) -> list[tuple[SequenceStates, SequenceStates]]:
+        """``(chosen, rejected)`` states for every row, in row order."""
+        pairs = []
+        for shard in range(self.shards):
+            data = load_file(str(self._path(shard)))
+            bounds = [0, *data["lengths"].cumsum(0).tolist()]
+            seqs = [SequenceStates(data["hidden"][a:b], data["targets"][a:b],
+                                   data["candidates"][a:b], data["base_logp"][a:b])
+                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            pairs.extend(zip(seqs[0::2], seqs[1::2], strict=True))
+        return pairs

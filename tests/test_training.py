@@ -1,0 +1,216 @@
+"""PersRM training: restricted log-probs, the cache (resume), DPO head training, save/load,
+and the LoRA stage through TRL, on a tiny random model; one check on the real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from padlm.data.schema import PreferenceRow
+from padlm.persrm import PersonalizedRewardModel
+from padlm.training import cache as cache_module
+from padlm.training.cache import HiddenStateCache, encode_sequence, response_states
+from padlm.training.head import (
+    HeadParam,
+    HeadTrainingConfig,
+    collate,
+    restricted_log_probs,
+    token_log_probs,
+    train_head,
+)
+from padlm.training.pipeline import TrainConfig, consistency_scores, run_training
+
+PROMPTS = ["Name a fruit.", "What is rain?", "Say something about cats.", "Describe the sea.",
+           "Why do birds sing?", "What is a star?", "Tell me about bread.", "What is snow?"]
+
+
+def tiny_rows() -> list[PreferenceRow]:
+    """Mirrored pairs: short answers preferred under P2A, long ones under P2B."""
+    rows = []
+    for i, prompt in enumerate(PROMPTS):
+        short, long = f"Short answer {i}.", f"A much longer and more detailed answer number {i}."
+        for pid, chosen, rejected, other in (("P2A", short, long, "P2B"),
+                                             ("P2B", long, short, "P2A")):
+            rows.append(PreferenceRow(prompt, f"pref {pid}", chosen, rejected, pid, "test",
+                                      meta={"key": [str(i), pid], "mirror": [str(i), other]}))
+    return rows
+
+
+def test_restricted_log_probs_matches_brute_force():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4)  # 3 candidates + the target column
+    candidates = torch.tensor([[5, 7, 9], [5, 7, 9], [1, 2, 3]])
+    targets = torch.tensor([7, 4, 3])
+    got = restricted_log_probs(logits, candidates, targets)
+    expected = [
+        logits[0, :3].log_softmax(-1)[1],  # target among the candidates: counted once
+        logits[1].log_softmax(-1)[3],  # target outside: k + 1 entries
+        logits[2, :3].log_softmax(-1)[2],
+    ]
+    assert torch.allclose(got, torch.stack(expected))
+
+
+def test_head_forms_start_at_identity_and_export_w():
+    h = torch.randn(5, 8)
+    for form in ("full", "lowrank", "diagonal"):
+        head = HeadParam(8, form, rank=2)
+        assert torch.allclose(head(h), h)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        assert torch.allclose(head(h), h @ head.weight().T + head.bias, atol=1e-5)
+        assert torch.allclose(head.distance_from_identity(),
+                              (head.weight() - torch.eye(8)).pow(2).sum() + head.bias.pow(2).sum(),
+                              atol=1e-5)
+
+
+def test_cache_resumes_after_interruption(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "SHARD_ROWS", 4)
+    rows = tiny_rows()
+    cache = HiddenStateCache(tmp_path, tiny_lm, rows, "user-prefix", 5, "sha")
+    calls = []
+
+    def crash(n):
+        calls.append(n)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.build(progress=crash)
+    assert len(cache.missing()) == cache.shards - 1 == 3
+    assert cache.build() == 3 and cache.build() == 0
+    fresh = HiddenStateCache(tmp_path / "fresh", tiny_lm, rows, "user-prefix", 5, "sha")
+    fresh.build()
+    for (a, b), (c, d) in zip(cache.load(), fresh.load(), strict=True):
+        assert torch.equal(a.hidden, c.hidden) and torch.equal(b.targets, d.targets)
+    # a different key (other rows) never reuses the directory
+    other = HiddenStateCache(tmp_path, tiny_lm, rows[:4], "user-prefix", 5, "sha")
+    assert other.directory != cache.directory
+
+
+def test_cached_states_match_a_plain_forward(tiny_lm):
+    rows = tiny_rows()
+    context, response = encode_sequence(tiny_lm.tokenizer, rows[0].prompt, rows[0].preference,
+                                        rows[0].chosen, "user-prefix")
+    assert response[-1] == tiny_lm.tokenizer.eos_token_id
+    [states] = response_states(tiny_lm.model, [context], [response], top_k=5)
+    with torch.no_grad():
+        logits = tiny_lm.model(torch.tensor([context + response])).logits[0].float()
+    expected = logits[len(context) - 1:-1].log_softmax(-1).gather(
+        1, torch.tensor(response)[:, None])[:, 0]
+    assert torch.allclose(states.base_logp, expected, atol=1e-4)
+    # padding in a batch changes nothing
+    [again, _] = response_states(tiny_lm.model, [context, context + [1] * 7],
+                                 [response, response], top_k=5)
+    assert torch.allclose(again.base_logp, states.base_logp, atol=1e-4)
+
+
+def test_dpo_loss_decreases_and_consistency_is_mirrored(tiny_lm, tmp_path):
+    rows = tiny_rows()
+    cache = HiddenStateCache(tmp_path, tiny_lm, rows, "user-prefix", 5, "sha")
+    cache.build()
+    pairs = cache.load()
+    scores = consistency_scores(rows, pairs)
+    assert scores[0] == pytest.approx(scores[1])  # a pair and its mirror share one score
+    lm_head = tiny_lm.model.get_output_embeddings().weight.detach().float()
+    for vocab in ("topk", "full"):
+        config = HeadTrainingConfig(form="lowrank", rank=4, lr=5e-2, epochs=10, batch_pairs=8,
+                                    beta=0.5, vocab=vocab)
+        _, history = train_head(pairs, lm_head, config, pairs, [r.dimension for r in rows])
+        assert history[-1]["loss"] < history[0]["loss"] - 0.01, vocab
+        assert history[-1]["validation"]["margin"] > history[0]["validation"]["margin"]
+
+
+def test_train_save_load_round_trip_gives_identical_logits(tiny_lm, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(r.to_json() + "\n" for r in tiny_rows()))
+    out = tmp_path / "persrm"
+    config = TrainConfig(data=data, out=out, head=HeadTrainingConfig(epochs=2, lr=1e-2, rank=4),
+                         cache_dir=tmp_path / "cache", validation_fraction=0.3,
+                         command="test")
+    trained = run_training(tiny_lm, config)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["training"]["data_sha256"] and saved["training"]["base_model_sha256"]
+    assert saved["training"]["command"] == "test" and len(saved["training"]["history"]) == 2
+    assert not trained.head.is_identity()
+    loaded = PersonalizedRewardModel.load(out)
+    hidden = torch.randn(3, 32)
+    lm_head = tiny_lm.model.get_output_embeddings().weight
+    assert torch.equal(trained.reward_logits(hidden, lm_head),
+                       loaded.reward_logits(hidden, lm_head))
+    assert not list(tmp_path.glob("*.checkpoint.pt"))
+
+
+def test_training_resumes_from_checkpoint(tiny_lm, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(r.to_json() + "\n" for r in tiny_rows()))
+    head = HeadTrainingConfig(epochs=3, lr=1e-2, rank=4)
+    config = TrainConfig(data=data, out=tmp_path / "a", head=head, cache_dir=tmp_path / "c",
+                         validation_fraction=0.3)
+    full = run_training(tiny_lm, config)
+    import padlm.training.pipeline as pipeline
+
+    calls = []
+    original = pipeline.train_head
+
+    def interrupted(*args, **kwargs):
+        user = kwargs["on_epoch"]
+
+        def on_epoch(record, h, opt):
+            user(record, h, opt)
+            calls.append(record)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+
+        kwargs["on_epoch"] = on_epoch
+        return original(*args, **kwargs)
+
+    config_b = TrainConfig(data=data, out=tmp_path / "b", head=head, cache_dir=tmp_path / "c",
+                           validation_fraction=0.3)
+    pipeline.train_head = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_training(tiny_lm, config_b)
+    finally:
+        pipeline.train_head = original
+    assert pipeline.checkpoint_path(config_b.out).exists()
+    resumed = run_training(tiny_lm, config_b)
+    assert torch.allclose(resumed.head.weight, full.head.weight, atol=1e-6)
+
+
+def test_lora_stage_runs_on_cpu_and_loads(tiny_lm, tmp_path):
+    import copy
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(r.to_json() + "\n" for r in tiny_rows()))
+    out = tmp_path / "persrm"
+    config = TrainConfig(data=data, out=out, stage="both", lora_steps=2, lora_rank=2,
+                         head=HeadTrainingConfig(epochs=1, rank=2), cache_dir=tmp_path / "c",
+                         validation_fraction=0.3)
+    trained = run_training(tiny_lm, config)
+    assert trained.config.lora and (out / "adapter").is_dir()
+    assert len(trained.config.training["lora"]["losses"]) == 2
+    loaded = PersonalizedRewardModel.load(out, copy.deepcopy(tiny_lm.model))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        a = trained.backbone(input_ids=ids).logits
+        b = loaded.backbone(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_model_cache_baseline_prefers_the_sampled_answer(default_lm, tmp_path):
+    """On SmolLM2, the preference-conditioned model's own reply is likelier than a reply
+    to another question (the untrained baseline works on an obvious pair)."""
+    row = PreferenceRow("What is the capital of France?", "Be concise.",
+                        "The capital of France is Paris.",
+                        "Bananas are rich in potassium and grow in bunches.", "P2A", "test")
+    cache = HiddenStateCache(tmp_path, default_lm, [row], "user-prefix", 10, "sha")
+    cache.build()
+    [(chosen, rejected)] = cache.load()
+    assert chosen.base_logp.mean() > rejected.base_logp.mean()
+    lm_head = default_lm.model.get_output_embeddings().weight.detach().float()
+    batch = collate([chosen])
+    identity = token_log_probs(HeadParam(576, "lowrank"), batch, lm_head, "topk")
+    assert torch.allclose(identity, token_log_probs(None, batch, lm_head, "topk"))
