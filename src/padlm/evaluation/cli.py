@@ -70,6 +70,8 @@ def eval_command(
     judge_key_env: Annotated[str, typer.Option(help="Env var holding the API key.")
                              ] = "OPENAI_API_KEY",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    generate: Annotated[bool, typer.Option(
+        help="--no-generate: only score and summarise the cells already generated.")] = True,
 ) -> None:
     """Generate (resumable), score with offline judges, write summary.json, report.md, plots."""
     if ctx.invoked_subcommand is not None:
@@ -116,7 +118,7 @@ def eval_command(
         judge_summary(llm, summary, out, plan)
 
     summary = run(engine, plan, out, progress=progress, command=command,
-                  on_summary=with_llm_judge)
+                  on_summary=with_llm_judge, generate_missing=generate)
     from padlm.evaluation.report import headline_table
 
     print(headline_table(summary))

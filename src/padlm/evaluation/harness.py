@@ -128,19 +128,22 @@ def jobs(plan: EvalPlan, recommended_weight: float) -> list[Job]:
     if unknown:
         raise PadlmError(f"unknown strategy {', '.join(unknown)}; choose from "
                          f"{', '.join(ALL_STRATEGIES)}")
-    out = [Job("", "base")]
-    for preference in plan.preferences:
-        for strategy in plan.strategies:
+    # Strategy-major, the PAD sweep and best-of-n (the costly ones) last: a run stopped
+    # early still has complete cells for every preference of the cheap strategies.
+    out, sweep, sampled = [Job("", "base")], [], []
+    sweep_weights = sorted({*map(float, plan.weights)} - {float(recommended_weight)})
+    for strategy in plan.strategies:
+        for preference in plan.preferences:
             if strategy == "base":
                 continue
             if strategy == "pad":
-                weights = sorted({float(recommended_weight), *map(float, plan.weights)})
-                out.extend(Job(preference, "pad", (("weight", w),)) for w in weights)
+                out.append(Job(preference, "pad", (("weight", float(recommended_weight)),)))
+                sweep.extend(Job(preference, "pad", (("weight", w),)) for w in sweep_weights)
             elif strategy == "best-of-n":
-                out.append(Job(preference, strategy, (("n", plan.n),)))
+                sampled.append(Job(preference, strategy, (("n", plan.n),)))
             else:
                 out.append(Job(preference, strategy))
-    return out
+    return out + sweep + sampled
 
 
 # ---------------------------------------------------------------- append-only JSONL
@@ -368,6 +371,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     summary = {
         "benchmark": plan.benchmark, "model": engine.lm.name, "persrm": persrm_info(engine),
         "prompts": len(order), "limit": plan.limit, "generation": cfg,
+        "dtype": str(next(engine.lm.model.parameters()).dtype).removeprefix("torch."),
         "weights": sorted({recommended, *map(float, plan.weights)}),
         "bootstrap": {"samples": 2000, "confidence": 0.95, "seed": plan.bootstrap_seed,
                       "unit": "prompt"},
@@ -443,8 +447,10 @@ def _median(values: Iterable[float | None]) -> float | None:
 
 
 def run(engine, plan: EvalPlan, out: Path, progress: bool = True, command: str | None = None,
-        on_summary: Callable[[dict], None] | None = None) -> dict:
-    """Generate what is missing, score, write summary.json, report.md and the plots."""
+        on_summary: Callable[[dict], None] | None = None,
+        generate_missing: bool = True) -> dict:
+    """Generate what is missing, score, write summary.json, report.md and the plots.
+    ``generate_missing=False`` summarises only the cells already complete."""
     from padlm.atomic import write_json_atomic
     from padlm.evaluation.report import write_report
 
@@ -454,7 +460,8 @@ def run(engine, plan: EvalPlan, out: Path, progress: bool = True, command: str |
     for name, _ in plan.directions:
         get_judge(name)
     out.mkdir(parents=True, exist_ok=True)
-    records = generate(engine, plan, out, progress)
+    records = generate(engine, plan, out, progress) if generate_missing \
+        else read_jsonl(out / GENERATIONS)
     items = load_benchmark(plan.benchmark, plan.limit)
     prompts = {i["id"]: i["prompt"] for i in items}
     wanted = {i["id"] for i in items}
