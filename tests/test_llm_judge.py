@@ -112,3 +112,26 @@ def test_unparseable_reply_is_a_tie_and_errors_are_clear(stub_url):
         LLMJudge(stub_url.replace("/v1", "/nope"), "judge").compare("q", "P1A", "a", "b")
     with pytest.raises(PadlmError, match="http"):
         LLMJudge.from_env("localhost:1", "judge")
+
+
+def test_judge_a_finished_eval_directory(stub_url, tiny_engine, tmp_path):
+    """`padlm eval llm-judge DIR`: every strategy row vs base gets an LLM win rate + CI."""
+    from padlm.decoding import GenerationConfig
+    from padlm.evaluation import harness
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Why is the sky blue?\nName a fruit.\nWhat is 2+2?\n")
+    plan = harness.EvalPlan(benchmark=str(prompts), preferences=["P2A"],
+                            strategies=["base", "prompt"], config=GenerationConfig(
+                                max_new_tokens=4), batch_size=3)
+    harness.run(tiny_engine, plan, tmp_path / "run", progress=False)
+    from padlm.judges.llm import judge_directory
+
+    result = judge_directory(LLMJudge(stub_url, "judge", cache=tmp_path / "run" / "c.jsonl"),
+                             tmp_path / "run")
+    rows = {r["label"]: r for r in result["rows"]}
+    assert set(rows) == {"prompt"}
+    # neither side says "banana": the stub answers TIE for every prompt
+    assert rows["prompt"]["llm_win_rate"] == 0.5
+    assert len(StubOpenAI.requests) == 3
+    assert (tmp_path / "run" / "llm_judge.json").exists()
