@@ -314,7 +314,8 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     by_key = {r["key"]: r for r in records}
     base_job = Job("", "base")
     recommended = float(engine.persrm.config.recommended_weight)
-    rows = []
+    rows: list[dict] = []
+    incomplete: list[dict] = []
 
     def cell(job: Job) -> list[dict] | None:
         found = [by_key.get(record_key(pid, job, cfg)) for pid in order]
@@ -332,6 +333,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
             found = base if job.strategy == "base" else cell(job)
             if found is None:
                 log.warning("skipping %s %s: generations incomplete", job.label, spec)
+                incomplete.append({"label": job.label, "preference": spec})
                 continue
             s = [scores[text_key(prompts[r["id"]], r["text"])] for r in found]
             b = [scores[text_key(prompts[r["id"]], r["text"])] for r in base]
@@ -377,6 +379,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
                       "unit": "prompt"},
         "judges": {name: JUDGES[name].measures for name in SCORE_JUDGES},
         "rows": rows,
+        "incomplete": incomplete,
     }
     if command:
         summary["command"] = command

@@ -59,15 +59,21 @@ def render_markdown(summary: dict) -> str:
         f"- prompts: {summary['prompts']} (limit {summary['limit']}); decoding: "
         f"max_new_tokens {gen['max_new_tokens']}, temperature {gen['temperature']}, "
         f"no_repeat_ngram_size {gen['no_repeat_ngram_size']}, repetition_penalty "
-        f"{gen['repetition_penalty']}",
+        f"{gen['repetition_penalty']}; dtype {summary.get('dtype', 'float32')}",
         "- win rate: share of prompts where the output moved the preference's way relative "
         "to `base` on the same prompt (ties count half; 0.5 = no effect), judged by "
         "expertise = Flesch-Kincaid grade (P1), informativeness = word count (P2), "
         "friendliness = VADER compound (P3); 95% percentile bootstrap over prompts.",
     ]
+    missing = summary.get("incomplete") or []
+    if missing:
+        labels = sorted({m["label"] for m in missing})
+        parts += ["", f"**Incomplete:** {len(missing)} cells were not (fully) generated and "
+                  f"are left out ({', '.join(labels)}); rerun the command below to finish "
+                  "them (it resumes)."]
     if summary.get("command"):
-        parts += ["", "Regenerate with:", "", "```", summary["command"], "```"]
-    parts += ["", "## Headline (mean over the six P-Soups preferences)", "",
+        parts += ["", "Regenerate (or resume) with:", "", "```", summary["command"], "```"]
+    parts += ["", "## Headline (mean over the P-Soups preferences evaluated)", "",
               headline_table(summary), ""]
     acc = summary["acceptance"]
     if acc.get("evaluated"):
