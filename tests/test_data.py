@@ -126,3 +126,13 @@ def test_build_resumes_and_is_deterministic(tiny_engine, tmp_path):
     for row in rows:
         if row.dimension != "harmless":
             assert row.meta["mirror"][1] == {"P1A": "P1B", "P1B": "P1A"}[row.dimension]
+
+
+def test_prompt_folds_cover_every_prompt_once():
+    rows = [PreferenceRow(f"prompt {i}", "p", "a", "b", "P1A", "t") for i in range(60)]
+    seen = []
+    for index in range(5):
+        train, val = split_rows(rows, fold=(index, 5))
+        assert len(train) + len(val) == 60
+        seen += [r.prompt for r in val]
+    assert sorted(seen) == sorted(r.prompt for r in rows)

@@ -84,9 +84,13 @@ def test_cache_resumes_after_interruption(tiny_lm, tmp_path, monkeypatch):
     fresh.build()
     for (a, b), (c, d) in zip(cache.load(), fresh.load(), strict=True):
         assert torch.equal(a.hidden, c.hidden) and torch.equal(b.targets, d.targets)
-    # a different key (other rows) never reuses the directory
-    other = HiddenStateCache(tmp_path, tiny_lm, rows[:4], "user-prefix", 5, "sha")
-    assert other.directory != cache.directory
+    # other rows never reuse a shard; a grown dataset keeps its complete shards
+    other = HiddenStateCache(tmp_path, tiny_lm, rows[::-1], "user-prefix", 5, "sha")
+    assert len(other.missing()) == other.shards
+    grown = HiddenStateCache(tmp_path, tiny_lm, rows + rows[:2], "user-prefix", 5, "sha")
+    assert grown.missing() == [4]
+    assert HiddenStateCache(tmp_path, tiny_lm, rows, "system", 5, "sha").directory != \
+        cache.directory
 
 
 def test_cached_states_match_a_plain_forward(tiny_lm):

@@ -25,10 +25,20 @@ def is_validation(prompt_key: str, fraction: float = VALIDATION_FRACTION) -> boo
     return prompt_bucket(prompt_key) < fraction
 
 
+def in_fold(prompt_key: str, fold: tuple[int, int]) -> bool:
+    """Prompt-level k-fold: fold ``(i, k)`` holds the prompts whose bucket is in
+    ``[i/k, (i+1)/k)``; across the k folds every prompt is validated exactly once."""
+    index, folds = fold
+    return index / folds <= prompt_bucket(prompt_key) < (index + 1) / folds
+
+
 def split_rows(rows: Sequence[PreferenceRow], fraction: float = VALIDATION_FRACTION,
+               fold: tuple[int, int] | None = None,
                ) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
-    """``(train, validation)``, disjoint by prompt."""
+    """``(train, validation)``, disjoint by prompt (a k-fold split when ``fold`` is given)."""
     train, validation = [], []
     for row in rows:
-        (validation if is_validation(row.prompt_key, fraction) else train).append(row)
+        held = (in_fold(row.prompt_key, fold) if fold is not None
+                else is_validation(row.prompt_key, fraction))
+        (validation if held else train).append(row)
     return train, validation

@@ -8,7 +8,8 @@ full vocabulary (for the untrained baseline and the self-consistency filter).
 
 Shards of ``SHARD_ROWS`` rows are written atomically as they finish, so an interrupted run
 picks up at the first missing shard. The cache directory is keyed by the backbone's weights,
-the placement, k and the exact rows, so a stale cache is never reused.
+the placement and k, and each shard's file name by its rows' content, so a stale shard is
+never reused while a dataset that grew keeps its finished shards.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class HiddenStateCache:
         self.placement = placement
         self.top_k = top_k
         key = {"model_sha256": model_sha256, "placement": placement, "top_k": top_k,
-               "rows": rows_fingerprint(self.rows), "max_response": MAX_RESPONSE_TOKENS,
+               "max_response": MAX_RESPONSE_TOKENS,
                "max_context": MAX_CONTEXT_TOKENS, "version": 1}
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.directory = (root or padlm_home() / "persrm-cache") / name
@@ -121,7 +122,9 @@ class HiddenStateCache:
         return (len(self.rows) + SHARD_ROWS - 1) // SHARD_ROWS
 
     def _path(self, shard: int) -> Path:
-        return self.directory / f"shard-{shard:05d}.safetensors"
+        """Shards are named by their rows' content: a grown dataset reuses its old shards."""
+        rows = self.rows[shard * SHARD_ROWS:(shard + 1) * SHARD_ROWS]
+        return self.directory / f"shard-{shard:05d}-{rows_fingerprint(rows)[:16]}.safetensors"
 
     def missing(self) -> list[int]:
         return [s for s in range(self.shards) if not self._path(s).exists()]

@@ -60,6 +60,7 @@ class TrainConfig:
     cache_dir: Path | None = None
     strict: bool = False
     validation_fraction: float = VALIDATION_FRACTION
+    fold: tuple[int, int] | None = None  # prompt-level k-fold instead of the fixed split
     lora_steps: int = 100
     lora_rank: int = 16
     command: str = ""
@@ -145,7 +146,7 @@ def prepare(lm: LoadedModel, config: TrainConfig, backbone=None, model_sha: str 
     scores = consistency_scores(rows, states)
     clean = [s is None or s > 0 for s in scores]
     train_idx, val_idx = [], []
-    train_rows, val_rows = split_rows(rows, config.validation_fraction)
+    train_rows, val_rows = split_rows(rows, config.validation_fraction, config.fold)
     val_ids = {id(r) for r in val_rows}
     for i, row in enumerate(rows):
         (val_idx if id(row) in val_ids else train_idx).append(i)
