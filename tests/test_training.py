@@ -218,3 +218,33 @@ def test_real_model_cache_baseline_prefers_the_sampled_answer(default_lm, tmp_pa
     batch = collate([chosen])
     identity = token_log_probs(HeadParam(576, "lowrank"), batch, lm_head, "topk")
     assert torch.allclose(identity, token_log_probs(None, batch, lm_head, "topk"))
+
+
+def test_cli_train_rejects_bad_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from padlm.cli import _register_subcommands, app
+    from padlm.errors import PadlmError
+
+    _register_subcommands()
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "persrm", "--data", str(tmp_path / "nope.jsonl"),
+                                 "--out", str(tmp_path / "o")])
+    assert isinstance(result.exception, PadlmError) and "does not exist" in str(result.exception)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(r.to_json() + "\n" for r in tiny_rows()))
+    result = runner.invoke(app, ["train", "persrm", "--data", str(data), "--out",
+                                 str(tmp_path / "o"), "--form", "cubic"])
+    assert isinstance(result.exception, PadlmError) and "head form" in str(result.exception)
+
+
+def test_shipped_default_persrm_is_trained_for_the_default_model():
+    from padlm.engine import default_persrm_dir
+
+    directory = default_persrm_dir()
+    assert directory is not None
+    persrm = PersonalizedRewardModel.load(directory)
+    assert persrm.config.base_model == "SmolLM2-135M-Instruct"
+    assert persrm.config.hidden_size == 576 and not persrm.head.is_identity()
+    training = persrm.config.training
+    assert training["stage"] == "head" and training["data_sha256"] and training["command"]
