@@ -30,6 +30,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def _ordered(aggregate: dict[str, dict]) -> list[tuple[str, dict]]:
+    """Strategies in the harness's order (base first), PAD weights ascending (summary.json
+    stores keys sorted alphabetically)."""
+    order = ("base", "prompt", "pad", "linear-alignment", "args", "best-of-n")
+    return sorted(aggregate.items(), key=lambda item: (
+        order.index(item[1]["strategy"]) if item[1]["strategy"] in order else len(order),
+        item[1]["params"].get("weight") or 0.0))
+
+
 def headline_table(summary: dict) -> str:
     """Strategy x P-Soups preference directional win rates vs base, plus the guards."""
     prefs = [p for p in PSOUPS if any(r["preference"] == p and "combination" not in r
@@ -37,7 +46,7 @@ def headline_table(summary: dict) -> str:
     cells = {(r["label"], r["preference"]): r["win_rate"] for r in summary["rows"]
              if "combination" not in r}
     body = []
-    for label, agg in summary["aggregate"].items():
+    for label, agg in _ordered(summary["aggregate"]):
         if not agg["headline"]:
             continue
         body.append([label, *[cells.get((label, p)) for p in prefs], agg["mean_win_rate"],
@@ -65,6 +74,12 @@ def render_markdown(summary: dict) -> str:
         "expertise = Flesch-Kincaid grade (P1), informativeness = word count (P2), "
         "friendliness = VADER compound (P3); 95% percentile bootstrap over prompts.",
     ]
+    if persrm["identity_head"] and not persrm.get("lora"):
+        parts += ["- **The PersRM is the untrained identity head**: its token reward is 0, so PAD "
+                  "(at every weight) and ARGS reduce to preference prompting and must match "
+                  "`prompt` exactly; only a trained PersRM can move them."]
+    parts += ["- seconds and tokens/s are wall-clock on the machine that ran it (batched, "
+              "possibly shared): compare them within one report only."]
     missing = summary.get("incomplete") or []
     if missing:
         labels = sorted({m["label"] for m in missing})
@@ -100,7 +115,7 @@ def render_markdown(summary: dict) -> str:
         parts += ["## PAD weight sweep", "", f"![PAD weight sweep]({SWEEP_PLOT})", ""]
         body = [[label, agg["mean_win_rate"], agg["relevance"], agg["rep4"],
                  agg["echo_rate"], agg["length_stop_rate"]]
-                for label, agg in summary["aggregate"].items() if agg["strategy"] == "pad"]
+                for label, agg in _ordered(summary["aggregate"]) if agg["strategy"] == "pad"]
         parts += [_table(["PAD", "mean win", "relevance", "rep-4", "echo", "hit limit"],
                          body), ""]
     parts += ["## Win rate by preference and strategy", "", f"![win rates]({WIN_PLOT})", "",
