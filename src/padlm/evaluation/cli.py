@@ -105,7 +105,9 @@ def eval_command(
         dimensions(spec, plan.directions)
     jobs(plan, 1.0)  # unknown strategies fail here, before the model loads
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement)
-    command = "padlm eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+    # the command that regenerates this report (flags that do not change results dropped)
+    quiet = {"--no-generate", "--no-progress", "--progress", "--generate"}
+    command = "padlm eval " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a not in quiet) \
         if len(sys.argv) > 2 and sys.argv[1] == "eval" else None
 
     def with_llm_judge(summary: dict) -> None:

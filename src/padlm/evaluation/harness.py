@@ -187,10 +187,16 @@ class Appender:
         self.handle.close()
 
 
-def config_key(config: GenerationConfig) -> dict:
-    """The decoding settings that change an output (weight is per job, in params)."""
+def config_key(config: GenerationConfig, engine=None) -> dict:
+    """What changes an output besides the job: decoding settings (weight is per job, in
+    params) and, given the engine, the model, dtype, placement and PersRM, so a rerun with
+    another PersRM (e.g. a newly trained default) never reuses stale generations."""
     data = asdict(replace(config, weight=None))
     data["stop"] = list(data["stop"])
+    if engine is not None:
+        data.update(model=engine.lm.name, persrm=engine.persrm_name,
+                    placement=engine.placement,
+                    dtype=str(next(engine.lm.model.parameters()).dtype).removeprefix("torch."))
     return data
 
 
@@ -215,7 +221,7 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
         dimensions(spec, plan.directions)  # validate before spending CPU
     todo = jobs(plan, engine.persrm.config.recommended_weight)
     path = out / GENERATIONS
-    cfg = config_key(plan.config)
+    cfg = config_key(plan.config, engine)
     done = {r["key"] for r in read_jsonl(path)}
     pending = [(job, [i for i in items if record_key(i["id"], job, cfg) not in done])
                for job in todo]
@@ -310,7 +316,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     items = load_benchmark(plan.benchmark, plan.limit)
     prompts = {i["id"]: i["prompt"] for i in items}
     order = [i["id"] for i in items]
-    cfg = config_key(plan.config)
+    cfg = config_key(plan.config, engine)
     by_key = {r["key"]: r for r in records}
     base_job = Job("", "base")
     recommended = float(engine.persrm.config.recommended_weight)
@@ -468,7 +474,8 @@ def run(engine, plan: EvalPlan, out: Path, progress: bool = True, command: str |
     items = load_benchmark(plan.benchmark, plan.limit)
     prompts = {i["id"]: i["prompt"] for i in items}
     wanted = {i["id"] for i in items}
-    records = [r for r in records if r["id"] in wanted and r["config"] == config_key(plan.config)]
+    cfg = config_key(plan.config, engine)
+    records = [r for r in records if r["id"] in wanted and r["config"] == cfg]
     scores = score(engine, records, prompts, out, progress=progress)
     summary = summarize(engine, plan, records, scores, command)
     if on_summary is not None:

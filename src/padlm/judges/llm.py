@@ -148,14 +148,13 @@ def judge_summary(llm: LLMJudge, summary: dict, out: Path, plan) -> dict:
     """Add ``llm_win_rate`` (+ CI) to every single-preference row of ``summary``."""
     from padlm.evaluation.harness import (
         GENERATIONS,
-        config_key,
         load_benchmark,
         read_jsonl,
     )
 
     items = load_benchmark(plan.benchmark, plan.limit)
     prompts = {i["id"]: i["prompt"] for i in items}
-    cfg = config_key(plan.config)
+    cfg = summary["generation"]
     records = [r for r in read_jsonl(out / GENERATIONS) if r["config"] == cfg
                and r["id"] in prompts]
     return _judge_rows(llm, summary["rows"], records, prompts)
