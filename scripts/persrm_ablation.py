@@ -38,6 +38,8 @@ VARIANTS = [
     ("lowrank, half the training pairs", {}, {"fraction": 0.5}),
     ("lowrank, full-vocabulary log-probs", {"vocab": "full"}, {}),
     ("lowrank, without P3A/P3B (unseen axis)", {}, {"holdout_dimensions": ("P3A", "P3B")}),
+    ("lowrank, DPO + NLL 0.1 + identity L2 1e-2 (shipped recipe)",
+     {"nll_weight": 0.1, "identity_l2": 1e-2}, {}),
 ]
 
 
