@@ -18,9 +18,11 @@ from typing import Annotated
 import torch
 import typer
 
-from padlm.decoding import GenerationConfig
+from padlm.cli_options import DtypeOption, ModelOption
+from padlm.decoding import DecodeBatch, GenerationConfig
 from padlm.engine import Personalizer
 from padlm.errors import PadlmError
+from padlm.kvstream import decoder_of
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.prompting import render
 from padlm.strategies import PadStrategy
@@ -75,7 +77,7 @@ class ForwardCounter:
     """Counts transformer-body forward calls of the given models while active."""
 
     def __init__(self, models: list[torch.nn.Module]) -> None:
-        self.decoders = {id(m): m for m in (_decoder(m) for m in models)}.values()
+        self.decoders = {id(m): m for m in (decoder_of(m) for m in models)}.values()
         self.calls = 0
 
     def __enter__(self) -> ForwardCounter:
@@ -90,11 +92,6 @@ class ForwardCounter:
             handle.remove()
 
 
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.get_decoder()
-
-
 def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens: int
                ) -> tuple[Callable[[], None], list[torch.nn.Module]]:
     """A zero-argument function that decodes one batch, and the models it runs."""
@@ -107,10 +104,9 @@ def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens:
                 [engine.lm.model])
     if strategy == "pad-lora":
         persrm = lora_persrm(engine)
-        strategy_object = PadStrategy(engine.lm, persrm, engine.placement)
-        engine._strategies["pad-lora"] = strategy_object
-        return (lambda: engine._decode("pad-lora", [
-            engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), [persrm.backbone])
+        pad_lora = PadStrategy(engine.lm, persrm, engine.placement)
+        return (lambda: DecodeBatch(pad_lora, engine.lm.tokenizer, engine.eos_ids).run(
+            [engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), [persrm.backbone])
     engine.strategy(strategy)  # fail early on a bad name
     return (lambda: engine.generate(prompts, BENCH_PREFERENCE, strategy, config,
                                     batch_size=batch_size), [engine.lm.model])
@@ -180,8 +176,8 @@ def bench_command(
     batch_size: Annotated[str, typer.Option(help="One or more, e.g. 1,8.")] = "1",
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     repeats: Annotated[int, typer.Option()] = 3,
-    model: Annotated[str, typer.Option()] = "default",
-    dtype: Annotated[str, typer.Option()] = "float32",
+    model: ModelOption = "default",
+    dtype: DtypeOption = "float32",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Time each decoding strategy on the same prompt, in one run, as ratios to base."""

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from padlm.cli_options import DtypeOption, ModelOption, PersRMOption, PlacementOption
 from padlm.errors import PadlmError
 
 app = typer.Typer(
@@ -83,13 +84,10 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     no_repeat_ngram_size: Annotated[int, typer.Option()] = 0,
     repetition_penalty: Annotated[float, typer.Option()] = 1.0,
-    model: Annotated[str, typer.Option(help="'default', a HF model id or a directory.")
-                     ] = "default",
-    persrm: Annotated[str, typer.Option(help="PersRM directory, 'default' or 'identity'.")
-                      ] = "default",
-    placement: Annotated[str, typer.Option(help="system | user-prefix | bracket")
-                         ] = "user-prefix",
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    model: ModelOption = "default",
+    persrm: PersRMOption = "default",
+    placement: PlacementOption = "user-prefix",
+    dtype: DtypeOption = "float32",
     prompts_file: Annotated[Path | None, typer.Option(help="JSON, JSONL or text file.")
                             ] = None,
     batch_size: Annotated[int, typer.Option()] = 8,

@@ -138,6 +138,14 @@ class DecodeBatch:
         self.rows.extend(new_rows)
         return new_rows
 
+    def run(self, requests: Sequence[Request]) -> list[Row]:
+        """Join ``requests`` and step until every row has finished; rows in request order."""
+        self.join(requests)
+        while self.rows:
+            self.step()
+        finished = {id(row.request): row for row in self.finished}
+        return [finished[id(request)] for request in requests]
+
     def leave(self, rows: Sequence[Row]) -> None:
         """Remove rows (finished, or their client went away) before the next step."""
         gone = {id(row) for row in rows}

@@ -157,11 +157,7 @@ class Personalizer:
         return results
 
     def _decode(self, strategy: str, requests: Sequence[Request]) -> list[Row]:
-        batch = self.batch(strategy)
-        batch.join(requests)
-        while batch.rows:
-            batch.step()
-        return _joined_rows(batch, requests)
+        return self.batch(strategy).run(requests)
 
     def best_of_n(self, prompt, preference: str | None = None,
                   config: GenerationConfig | None = None, n: int = 4) -> Generation:
@@ -183,11 +179,6 @@ class Personalizer:
         result = _as_generation(rows[best], time.perf_counter() - began)
         result.score = float(scores[best])
         return result
-
-
-def _joined_rows(batch: DecodeBatch, requests: Sequence[Request]) -> list[Row]:
-    finished = {id(row.request): row for row in batch.finished}
-    return [finished[id(request)] for request in requests]
 
 
 def _as_generation(row: Row, seconds: float) -> Generation:

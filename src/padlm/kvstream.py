@@ -23,7 +23,7 @@ class StreamOutput:
     hidden: torch.Tensor
 
 
-def _decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
     """The transformer body whose output is the final (normed) hidden state."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.get_decoder()
@@ -44,7 +44,7 @@ class KVStream:
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.next_position = torch.zeros(0, dtype=torch.long, device=self.device)
-        self._decoder = _decoder_of(model)
+        self._decoder = decoder_of(model)
 
     @property
     def rows(self) -> int:

@@ -225,7 +225,7 @@ def build_dataset(engine, config: BuildConfig,
                     )
                     requests.append(engine.request(prompt.prompt, generation_text(pid),
                                                    generation))
-            outputs = _decode(engine, requests)
+            outputs = engine.batch("prompt").run(requests)  # rows keep their own seeds
             rows, done = [], []
             for index, (prompt, contrast) in enumerate(chunk):
                 out_a, out_b = outputs[2 * index], outputs[2 * index + 1]
@@ -262,13 +262,3 @@ def build_dataset(engine, config: BuildConfig,
 
 def _other(contrast: Contrast, pid: str) -> str:
     return contrast.b if pid == contrast.a else contrast.a
-
-
-def _decode(engine, requests):
-    """One continuous batch through the core decode loop (rows keep their own seeds)."""
-    batch = engine.batch("prompt")
-    batch.join(requests)
-    while batch.rows:
-        batch.step()
-    by_request = {id(row.request): row for row in batch.finished}
-    return [by_request[id(request)] for request in requests]

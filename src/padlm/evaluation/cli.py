@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from padlm.cli_options import DtypeOption, ModelOption, PersRMOption, PlacementOption
 from padlm.errors import PadlmError
 
 eval_app = typer.Typer(help="Evaluate strategies on P-Soups (default) and tools around it.",
@@ -58,11 +59,10 @@ def eval_command(
     batch_size: Annotated[int, typer.Option()] = 8,
     judge: Annotated[list[str] | None, typer.Option(
         help="Direction for free-text preferences, e.g. friendliness:+ (repeatable).")] = None,
-    model: Annotated[str, typer.Option()] = "default",
-    persrm: Annotated[str, typer.Option(help="'default', 'identity' or a PersRM directory.")
-                      ] = "default",
-    placement: Annotated[str, typer.Option()] = "user-prefix",
-    dtype: Annotated[str, typer.Option()] = "float32",
+    model: ModelOption = "default",
+    persrm: PersRMOption = "default",
+    placement: PlacementOption = "user-prefix",
+    dtype: DtypeOption = "float32",
     judge_url: Annotated[str | None, typer.Option(
         help="Also run the pairwise LLM judge against this OpenAI-compatible base URL.")
                          ] = None,

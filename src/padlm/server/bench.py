@@ -27,6 +27,7 @@ from typing import Annotated
 import httpx
 import typer
 
+from padlm.cli_options import DtypeOption, ModelOption, PersRMOption
 from padlm.errors import PadlmError
 
 BENCH_PROMPTS = (
@@ -220,9 +221,9 @@ def bench_serve(
                           ] = 32,
     strategy: Annotated[str, typer.Option()] = "pad",
     url: Annotated[str | None, typer.Option(help="Bench a running server instead.")] = None,
-    model: Annotated[str, typer.Option()] = "default",
-    persrm: Annotated[str, typer.Option()] = "default",
-    dtype: Annotated[str, typer.Option()] = "float32",
+    model: ModelOption = "default",
+    persrm: PersRMOption = "default",
+    dtype: DtypeOption = "float32",
     max_batch_size: Annotated[int | None, typer.Option(
         help="Of the server started here (default: the largest level).")] = None,
     time_limit: Annotated[float, typer.Option(help="Seconds per level at most.")] = 300.0,

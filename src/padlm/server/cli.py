@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from padlm.cli_options import DtypeOption, ModelOption, PersRMOption, PlacementOption
 from padlm.errors import PadlmError
 
 
@@ -23,13 +24,10 @@ def check_port(host: str, port: int) -> None:
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
-    model: Annotated[str, typer.Option(help="'default', a HF model id or a directory.")
-                     ] = "default",
-    persrm: Annotated[str, typer.Option(help="PersRM directory, 'default' or 'identity'.")
-                      ] = "default",
-    placement: Annotated[str, typer.Option(help="system | user-prefix | bracket")
-                         ] = "user-prefix",
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    model: ModelOption = "default",
+    persrm: PersRMOption = "default",
+    placement: PlacementOption = "user-prefix",
+    dtype: DtypeOption = "float32",
     max_batch_size: Annotated[int, typer.Option(help="Rows decoding together, at most.")
                               ] = 16,
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that; more get 429.")

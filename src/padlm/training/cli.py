@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from padlm.cli_options import ModelOption, PlacementOption
 from padlm.errors import PadlmError
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def data_build(
     harmless_limit: Annotated[int, typer.Option(help="HH-RLHF pairs to include.")] = 400,
     pool_dir: Annotated[Path | None, typer.Option(help="Directory with the prompt pools.")
                         ] = None,
-    model: Annotated[str, typer.Option()] = "default",
+    model: ModelOption = "default",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (faster sampling).")
                      ] = "bfloat16",
 ) -> None:
@@ -97,11 +98,11 @@ def train_persrm(
     weight: Annotated[float, typer.Option(help="recommended_weight saved in the config.")
                       ] = 1.0,
     top_k: Annotated[int, typer.Option()] = 10,
-    placement: Annotated[str, typer.Option()] = "user-prefix",
+    placement: PlacementOption = "user-prefix",
     lora_steps: Annotated[int, typer.Option()] = 100,
     lora_rank: Annotated[int, typer.Option()] = 16,
     cache_dir: Annotated[Path | None, typer.Option(help="Hidden-state cache root.")] = None,
-    model: Annotated[str, typer.Option()] = "default",
+    model: ModelOption = "default",
     strict: Annotated[bool, typer.Option(help="Any bad data row is fatal.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
