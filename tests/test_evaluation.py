@@ -127,6 +127,29 @@ def test_resume_after_interruption_gives_same_summary(tiny_engine, prompts_file,
     assert strip_speed(again) == strip_speed(whole)
 
 
+def test_a_new_persrm_at_the_same_path_regenerates_only_its_strategies(
+        tiny_lm, prompts_file, tmp_path):
+    from padlm.engine import Personalizer
+    from padlm.persrm import PersonalizedRewardModel
+
+    persrm_dir = tmp_path / "persrm"
+    hidden = tiny_lm.model.config.hidden_size
+    PersonalizedRewardModel.identity(tiny_lm.name, hidden).save(persrm_dir)
+    plan = plan_for(prompts_file, strategies=["base", "prompt", "pad"], weights=[])
+    first = harness.run(Personalizer(tiny_lm, persrm=str(persrm_dir)), plan, tmp_path / "run",
+                        progress=False)
+    retrained = PersonalizedRewardModel.identity(tiny_lm.name, hidden)
+    retrained.head.weight.data.mul_(3.0)  # a "newly trained" head, saved over the old one
+    retrained.save(persrm_dir)
+    second = harness.run(Personalizer(tiny_lm, persrm=str(persrm_dir)), plan, tmp_path / "run",
+                         progress=False)
+    records = harness.read_jsonl(tmp_path / "run" / harness.GENERATIONS)
+    per_strategy = {s: sum(r["strategy"] == s for r in records) for s in ("base", "prompt", "pad")}
+    assert per_strategy == {"base": 5, "prompt": 10, "pad": 20}  # only pad ran twice
+    assert first["persrm"]["fingerprint"] != second["persrm"]["fingerprint"]
+    assert all(r["n"] == 5 for r in second["rows"])
+
+
 def test_summary_schema_and_report(tiny_engine, prompts_file, tmp_path):
     summary = harness.run(tiny_engine, plan_for(prompts_file), tmp_path, progress=False)
     on_disk = json.loads((tmp_path / "summary.json").read_text())

@@ -103,6 +103,24 @@ def test_top_p_keeps_smallest_set_reaching_mass():
     assert kept.tolist() == [[True, False, False, False]]
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_top_p_probe_agrees_with_a_full_sort(top_p):
+    """Rows whose nucleus fits in the probe and rows that need the full sort both keep
+    exactly the tokens a full-vocabulary sort keeps (up to float ties at the boundary)."""
+    generator = torch.Generator().manual_seed(0)
+    peaked = torch.randn(3, 5000, generator=generator)
+    peaked[:, :5] += 10  # nucleus inside the probe
+    flat = torch.randn(3, 5000, generator=generator) * 0.1  # nucleus far wider than the probe
+    logits = torch.cat([peaked, flat])
+    probs = logits.softmax(-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    reference = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, before < top_p)
+    kept = guidance.top_p_filter(logits, torch.full((6,), top_p), probe=64).isfinite()
+    assert (kept != reference).sum() <= 1
+    assert torch.equal(guidance.top_p_filter(logits, torch.ones(6)), logits)  # top-p 1: all
+
+
 def test_choose_tokens_greedy_and_seeded_sampling():
     scores = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.4, 0.3, 0.3]]))
     greedy = guidance.choose_tokens(scores, torch.zeros(2), torch.ones(2), [None, None])
@@ -124,3 +142,16 @@ def test_sampling_never_picks_non_candidates():
     picks = {int(guidance.choose_tokens(scores, torch.tensor([2.0]), torch.ones(1), generator))
              for _ in range(50)}
     assert picks <= {2, 7}
+
+
+def test_sampled_frequencies_follow_the_tempered_nucleus():
+    """4000 seeded draws: frequencies match softmax(z / T) renormalised over the nucleus."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([guidance.choose_tokens(logits, torch.tensor([2.0]),
+                                                torch.tensor([0.8]), [generator])[0]
+                         for _ in range(4000)])
+    tempered = (logits[0] / 2.0).softmax(-1)  # [.38, .29, .21, .12]: mass before the last .88
+    expected = torch.cat([tempered[:3] / tempered[:3].sum(), torch.zeros(1)])
+    observed = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(observed, expected, atol=0.03)

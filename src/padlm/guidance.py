@@ -119,14 +119,26 @@ def apply_no_repeat_ngram(
     return out
 
 
-def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Nucleus filtering per row; the most likely token always survives."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop_sorted = mass_before >= top_p[:, None]
-    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-    return logits.masked_fill(drop, NEG_INF)
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor, probe: int = 256) -> torch.Tensor:
+    """Nucleus filtering per row; the most likely token always survives.
+
+    Exact and cheap: a nucleus almost always lies within the ``probe`` most likely tokens, so
+    those rows need a top-``probe`` instead of a sort of the whole vocabulary (which cost
+    ~6 ms per row per step at 49k tokens); the rare wider rows take the full sort.
+    """
+    probs = logits.softmax(dim=-1)
+    top_probs, top_index = probs.topk(min(probe, logits.shape[-1]), dim=-1)  # descending
+    mass_before = top_probs.cumsum(dim=-1) - top_probs
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(
+        1, top_index, mass_before < top_p[:, None])
+    keep |= (top_p >= 1)[:, None]  # no nucleus: the float cumsum must not cut the tail
+    wide = ((top_probs.sum(dim=-1) < top_p) & (top_p < 1)).nonzero().flatten()
+    if len(wide):  # the nucleus reaches past the probe: rank the whole vocabulary
+        sorted_probs, order = probs[wide].sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        keep[wide] = torch.zeros_like(before, dtype=torch.bool).scatter(
+            1, order, before < top_p[wide, None])
+    return logits.masked_fill(~keep, NEG_INF)
 
 
 def choose_tokens(
@@ -143,7 +155,10 @@ def choose_tokens(
         return chosen
     rows = torch.tensor(sampled_rows, device=scores.device)
     filtered = top_p_filter(scores[rows].float() / temperature[rows, None], top_p[rows])
-    probs = filtered.softmax(dim=-1)
     for i, row in enumerate(sampled_rows):
-        chosen[row] = torch.multinomial(probs[i], 1, generator=generators[row])[0]
+        # draw among the surviving tokens only: the same distribution as over the whole
+        # vocabulary, without a 49k-wide multinomial per row
+        survivors = filtered[i].isfinite().nonzero().flatten()
+        probs = filtered[i, survivors].softmax(dim=-1)
+        chosen[row] = survivors[torch.multinomial(probs, 1, generator=generators[row])[0]]
     return chosen

@@ -10,6 +10,7 @@ safetensors`` (``weight``, ``bias``) and, for a LoRA stage, a PEFT ``adapter/`` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,6 +88,20 @@ class PersonalizedRewardModel:
     @property
     def shares_backbone(self) -> bool:
         return self.backbone is None
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that shapes this PersRM's outputs (head, LoRA weights,
+        default top-k): caches keyed by it never mix two PersRMs saved at the same path."""
+        digest = hashlib.sha256(f"top_k={self.config.top_k}".encode())
+        tensors = [self.head.weight, self.head.bias]
+        if self.backbone is not None:
+            from peft import get_peft_model_state_dict
+
+            state = get_peft_model_state_dict(self.backbone, adapter_name=ADAPTER_NAME)
+            tensors += [state[name] for name in sorted(state)]
+        for tensor in tensors:
+            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def reward_logits(
         self, hidden: torch.Tensor, lm_head_weight: torch.Tensor,

@@ -36,6 +36,7 @@ GENERATIONS = "generations.jsonl"
 SCORES = "scores.jsonl"
 SUMMARY = "summary.json"
 ALL_STRATEGIES = ("base", "prompt", "pad", "linear-alignment", "args", "best-of-n")
+PERSRM_STRATEGIES = ("pad", "args", "best-of-n")  # best-of-n: the PersRM is its scorer
 SCORE_JUDGES = ("expertise", "dale_chall", "informativeness", "content_words", "friendliness",
                 "relevance", "harmlessness")
 
@@ -189,20 +190,21 @@ class Appender:
 
 def config_key(config: GenerationConfig, engine=None) -> dict:
     """What changes an output besides the job: decoding settings (weight is per job, in
-    params) and, given the engine, the model, dtype, placement and PersRM, so a rerun with
-    another PersRM (e.g. a newly trained default) never reuses stale generations."""
+    params) and, given the engine, the model, dtype and placement."""
     data = asdict(replace(config, weight=None))
     data["stop"] = list(data["stop"])
     if engine is not None:
-        data.update(model=engine.lm.name, persrm=engine.persrm_name,
-                    placement=engine.placement,
+        data.update(model=engine.lm.name, placement=engine.placement,
                     dtype=str(next(engine.lm.model.parameters()).dtype).removeprefix("torch."))
     return data
 
 
-def record_key(prompt_id: str, job: Job, config: dict) -> str:
-    return json.dumps([prompt_id, job.preference, job.strategy, job.params_dict, config],
-                      sort_keys=True)
+def record_key(prompt_id: str, job: Job, config: dict, persrm: str) -> str:
+    """``persrm`` (a PersRM fingerprint) counts only for the strategies that use the PersRM:
+    a newly trained PersRM regenerates those and reuses every other cell."""
+    uses_persrm = job.strategy in PERSRM_STRATEGIES
+    return json.dumps([prompt_id, job.preference, job.strategy, job.params_dict, config,
+                       persrm if uses_persrm else None], sort_keys=True)
 
 
 # ---------------------------------------------------------------- stage 1: generate
@@ -221,9 +223,9 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
         dimensions(spec, plan.directions)  # validate before spending CPU
     todo = jobs(plan, engine.persrm.config.recommended_weight)
     path = out / GENERATIONS
-    cfg = config_key(plan.config, engine)
+    cfg, persrm = config_key(plan.config, engine), engine.persrm.fingerprint()
     done = {r["key"] for r in read_jsonl(path)}
-    pending = [(job, [i for i in items if record_key(i["id"], job, cfg) not in done])
+    pending = [(job, [i for i in items if record_key(i["id"], job, cfg, persrm) not in done])
                for job in todo]
     total = sum(len(missing) for _, missing in pending)
     log.info("%d responses to generate (%d already in %s)", total,
@@ -243,7 +245,7 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
                                           job.strategy, config, batch_size=len(chunk), n=plan.n)
                 for item, result in zip(chunk, results, strict=True):
                     appender.write({
-                        "key": record_key(item["id"], job, cfg), "id": item["id"],
+                        "key": record_key(item["id"], job, cfg, persrm), "id": item["id"],
                         "preference": job.preference, "strategy": job.strategy,
                         "params": job.params_dict, "label": job.label, "text": result.text,
                         "new_tokens": result.new_tokens, "finish_reason": result.finish_reason,
@@ -316,7 +318,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     items = load_benchmark(plan.benchmark, plan.limit)
     prompts = {i["id"]: i["prompt"] for i in items}
     order = [i["id"] for i in items]
-    cfg = config_key(plan.config, engine)
+    cfg, persrm = config_key(plan.config, engine), engine.persrm.fingerprint()
     by_key = {r["key"]: r for r in records}
     base_job = Job("", "base")
     recommended = float(engine.persrm.config.recommended_weight)
@@ -324,7 +326,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     incomplete: list[dict] = []
 
     def cell(job: Job) -> list[dict] | None:
-        found = [by_key.get(record_key(pid, job, cfg)) for pid in order]
+        found = [by_key.get(record_key(pid, job, cfg, persrm)) for pid in order]
         return None if any(r is None for r in found) else found
 
     base = cell(base_job)
@@ -396,7 +398,8 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
 
 def persrm_info(engine) -> dict:
     persrm = engine.persrm
-    return {"name": engine.persrm_name, "identity_head": bool(persrm.head.is_identity()),
+    return {"name": engine.persrm_name, "fingerprint": persrm.fingerprint(),
+            "identity_head": bool(persrm.head.is_identity()),
             "lora": bool(persrm.config.lora),
             "recommended_weight": persrm.config.recommended_weight,
             "top_k": persrm.config.top_k, "placement": engine.placement,
@@ -473,9 +476,10 @@ def run(engine, plan: EvalPlan, out: Path, progress: bool = True, command: str |
         else read_jsonl(out / GENERATIONS)
     items = load_benchmark(plan.benchmark, plan.limit)
     prompts = {i["id"]: i["prompt"] for i in items}
-    wanted = {i["id"] for i in items}
-    cfg = config_key(plan.config, engine)
-    records = [r for r in records if r["id"] in wanted and r["config"] == cfg]
+    cfg, persrm = config_key(plan.config, engine), engine.persrm.fingerprint()
+    wanted = {record_key(i["id"], job, cfg, persrm)
+              for job in jobs(plan, engine.persrm.config.recommended_weight) for i in items}
+    records = [r for r in records if r["key"] in wanted]
     scores = score(engine, records, prompts, out, progress=progress)
     summary = summarize(engine, plan, records, scores, command)
     if on_summary is not None:
