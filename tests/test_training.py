@@ -3,7 +3,9 @@ and the LoRA stage through TRL, on a tiny random model; one check on the real mo
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +250,6 @@ def test_shipped_default_persrm_is_trained_for_the_default_model():
     assert persrm.config.hidden_size == 576 and not persrm.head.is_identity()
     training = persrm.config.training
     assert training["stage"] == "head" and training["data_sha256"] and training["command"]
+    # the committed dataset is the one it was trained on
+    data = Path(__file__).resolve().parents[1] / training["data"]
+    assert hashlib.sha256(data.read_bytes()).hexdigest() == training["data_sha256"]
