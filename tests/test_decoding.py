@@ -239,6 +239,18 @@ def test_best_of_n_picks_the_scorers_favourite(tiny_lm):
     assert best.tokens in [c.tokens for c in candidates]
 
 
+def test_best_of_n_over_many_prompts_is_one_batch_with_the_same_answers(tiny_lm):
+    engine = Personalizer(tiny_lm, persrm="identity",
+                          scorer=lambda contexts, responses: torch.tensor(
+                              [float(sum(r) % 7) for r in responses]))
+    config = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=9)
+    prompts = ["Hello", "Tell me a joke", "Why is the sky blue?"]
+    batched = engine.generate(prompts, "P2A", "best-of-n", config, batch_size=3, n=3)
+    alone = [engine.best_of_n(p, "P2A", config, n=3) for p in prompts]
+    assert [g.tokens for g in batched] == [g.tokens for g in alone]
+    assert [g.score for g in batched] == [g.score for g in alone]
+
+
 def lora_persrm(lm, init_lora_weights=True) -> PersonalizedRewardModel:
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                         init_lora_weights=init_lora_weights)

@@ -143,7 +143,9 @@ class Personalizer:
     ) -> list[Generation]:
         """Decode every prompt (in batches) with one strategy; results in prompt order."""
         if strategy == "best-of-n":
-            return [self.best_of_n(p, preference, config, n) for p in prompts]
+            return [result for start in range(0, len(prompts), batch_size)
+                    for result in self._best_of_n_many(prompts[start:start + batch_size],
+                                                       preference, config, n)]
         requests = [self.request(p, preference, config) for p in prompts]
         results: list[Generation] = []
         for start in range(0, len(requests), batch_size):
@@ -162,6 +164,14 @@ class Personalizer:
     def best_of_n(self, prompt, preference: str | None = None,
                   config: GenerationConfig | None = None, n: int = 4) -> Generation:
         """Sample ``n`` responses to the preference-prompted model; the scorer picks one."""
+        return self._best_of_n_many([prompt], preference, config, n)[0]
+
+    def _best_of_n_many(self, prompts: Sequence, preference: str | None,
+                        config: GenerationConfig | None, n: int) -> list[Generation]:
+        """Best-of-n for several prompts in ONE decode batch (``len(prompts) * n`` rows).
+
+        Every row has its own seeded generator, so a prompt's samples are the same whatever
+        else shares the batch: batching changes the speed, not the outputs."""
         if n < 1:
             raise PadlmError(f"n must be >= 1, got {n}")
         config = config or GenerationConfig()
@@ -169,16 +179,20 @@ class Personalizer:
             config = replace(config, temperature=BEST_OF_N_TEMPERATURE)
         seed = config.seed if config.seed is not None else int(torch.seed() % 2**31)
         requests = [self.request(prompt, preference, replace(config, seed=seed + i))
-                    for i in range(n)]
+                    for prompt in prompts for i in range(n)]
         began = time.perf_counter()
         rows = self._decode("prompt", requests)
-        context = render(self.lm.tokenizer, requests[0].prompt, requests[0].preference,
-                         self.placement)
-        scores = self.scorer([context] * n, [row.tokens for row in rows])
-        best = int(scores.argmax())
-        result = _as_generation(rows[best], time.perf_counter() - began)
-        result.score = float(scores[best])
-        return result
+        contexts = [render(self.lm.tokenizer, r.prompt, r.preference, self.placement)
+                    for r in requests]
+        scores = self.scorer(contexts, [row.tokens for row in rows]).view(len(prompts), n)
+        seconds = (time.perf_counter() - began) / len(prompts)
+        results = []
+        for index, prompt_scores in enumerate(scores):
+            best = int(prompt_scores.argmax())
+            result = _as_generation(rows[index * n + best], seconds)
+            result.score = float(prompt_scores[best])
+            results.append(result)
+        return results
 
 
 def _as_generation(row: Row, seconds: float) -> Generation:
