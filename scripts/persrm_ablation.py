@@ -131,7 +131,8 @@ def render(results: dict, args) -> str:
         "Baseline = frozen preference-conditioned model's mean token log-prob.",
         "",
         "Regenerate: `.venv/bin/python scripts/persrm_ablation.py --data "
-        f"{args.data} --epochs {args.epochs} --folds {args.folds}`",
+        f"{args.data} --epochs {args.epochs} --folds {args.folds} --only "
+        + ",".join(str(i) for i, v in enumerate(VARIANTS) if v[0] in results) + "`",
         "",
     ]
     first = results[names[0]]["validation"]
