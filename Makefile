@@ -21,7 +21,7 @@ demo: setup
 	$(PADLM) models
 	$(PADLM) generate "Explain how a rainbow forms." \
 		--preference "Generate a response that can be easily understood by an elementary school student." \
-		--strategy pad --max-new-tokens 96
+		--strategy pad --max-new-tokens 96 --no-repeat-ngram-size 3
 
 lint: setup
 	$(VENV)/bin/ruff check src tests
