@@ -19,7 +19,7 @@ import torch
 import typer
 
 from padlm.cli_options import DtypeOption, ModelOption
-from padlm.decoding import DecodeBatch, GenerationConfig
+from padlm.decoding import GenerationConfig
 from padlm.engine import Personalizer
 from padlm.errors import PadlmError
 from padlm.kvstream import decoder_of
@@ -105,7 +105,7 @@ def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens:
     if strategy == "pad-lora":
         persrm = lora_persrm(engine)
         pad_lora = PadStrategy(engine.lm, persrm, engine.placement)
-        return (lambda: DecodeBatch(pad_lora, engine.lm.tokenizer, engine.eos_ids).run(
+        return (lambda: engine.batch(pad_lora).run(
             [engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), [persrm.backbone])
     engine.strategy(strategy)  # fail early on a bad name
     return (lambda: engine.generate(prompts, BENCH_PREFERENCE, strategy, config,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from padlm.decoding import DecodeBatch, GenerationConfig, Request, Row, StepEvent
+from padlm.decoding import DecodeBatch, GenerationConfig, Request, Row, StepEvent, Strategy
 from padlm.errors import PadlmError
 from padlm.models import DEFAULT_MODEL, LoadedModel, load_model
 from padlm.persrm import PersonalizedRewardModel
@@ -119,9 +119,12 @@ class Personalizer:
             }[name]()
         return self._strategies[name]
 
-    def batch(self, strategy: str) -> DecodeBatch:
-        """An empty decode batch that requests can join (the server's entry point)."""
-        return DecodeBatch(self.strategy(strategy), self.lm.tokenizer, self.eos_ids)
+    def batch(self, strategy: str | Strategy) -> DecodeBatch:
+        """An empty decode batch that requests can join (the server's entry point).
+        ``strategy`` is a name, or a strategy object built outside (e.g. PAD over another
+        PersRM), so callers never assemble a batch from the engine's parts."""
+        chosen = self.strategy(strategy) if isinstance(strategy, str) else strategy
+        return DecodeBatch(chosen, self.lm.tokenizer, self.eos_ids)
 
     def request(self, prompt, preference: str | None = None,
                 config: GenerationConfig | None = None) -> Request:
