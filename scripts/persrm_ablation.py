@@ -23,7 +23,7 @@ import torch
 
 VARIANTS = [
     # name, head overrides, pipeline overrides
-    ("lowrank r16, beta 0.1, lr 1e-3 (reference)", {}, {}),
+    ("lowrank r16, beta 0.1, lr 1e-3 (base recipe)", {}, {}),
     ("full d x d, lr 1e-4", {"form": "full", "lr": 1e-4}, {}),
     ("full d x d, lr 1e-3", {"form": "full", "lr": 1e-3}, {}),
     ("diagonal, lr 1e-2", {"form": "diagonal", "lr": 1e-2}, {}),
@@ -38,17 +38,32 @@ VARIANTS = [
     ("lowrank, half the training pairs", {}, {"fraction": 0.5}),
     ("lowrank, full-vocabulary log-probs", {"vocab": "full"}, {}),
     ("lowrank, without P3A/P3B (unseen axis)", {}, {"holdout_dimensions": ("P3A", "P3B")}),
-    ("lowrank, DPO + NLL 0.1 + identity L2 1e-2 (shipped recipe)",
+    ("lowrank, DPO + NLL 0.1 + identity L2 1e-2",
      {"nll_weight": 0.1, "identity_l2": 1e-2}, {}),
+    # the reward's reference is the base model WITHOUT the preference (an untrained head is
+    # then Linear Alignment's implicit reward: the preference's PMI with each token)
+    ("unconditioned reference, untrained head (W = I: Linear Alignment)",
+     {"reference": "unconditioned"}, {"untrained": True}),
+    ("unconditioned reference, lowrank r16", {"reference": "unconditioned"}, {}),
+    ("unconditioned, DPO + NLL 0.1 + identity L2 1e-2",
+     {"reference": "unconditioned", "nll_weight": 0.1, "identity_l2": 1e-2}, {}),
+    ("unconditioned, full d x d, lr 1e-4", {"reference": "unconditioned", "form": "full",
+                                            "lr": 1e-4}, {}),
+    ("unconditioned, beta 0.02", {"reference": "unconditioned", "beta": 0.02}, {}),
+    ("unconditioned, full-vocabulary log-probs", {"reference": "unconditioned",
+                                                  "vocab": "full"}, {}),
+    ("unconditioned, no label filter", {"reference": "unconditioned"}, {"label_filter": "none"}),
+    ("unconditioned, without P3A/P3B (unseen axis)", {"reference": "unconditioned"},
+     {"holdout_dimensions": ("P3A", "P3B")}),
 ]
 
 
-def margins(head, pairs, lm_head, vocab) -> torch.Tensor:
+def margins(head, pairs, lm_head, config) -> torch.Tensor:
     from padlm.training.head import pair_rewards
 
     with torch.no_grad():
-        out = [pair_rewards(head, pairs[i:i + 64], lm_head, vocab) for i in
-               range(0, len(pairs), 64)]
+        out = [pair_rewards(head, pairs[i:i + 64], lm_head, config.vocab, config.reference)
+               for i in range(0, len(pairs), 64)]
     return torch.cat([c - r for c, r, _ in out])
 
 
@@ -78,6 +93,7 @@ def main() -> None:
         name, head_over, pipe_over = VARIANTS[index]
         pipe_over = dict(pipe_over)
         fraction = pipe_over.pop("fraction", 1.0)
+        untrained = pipe_over.pop("untrained", False)
         head = replace(HeadTrainingConfig(epochs=args.epochs), **head_over)
         pooled = {"head": [], "baseline": [], "dims": [], "clean": []}
         seconds, train_pairs, losses = 0.0, 0, []
@@ -87,11 +103,12 @@ def main() -> None:
             data = prepare(lm, config, model_sha=sha)
             pairs = data.train_states[:int(len(data.train_states) * fraction)]
             began = time.perf_counter()
-            trained, history = train_head(pairs, lm_head, head)
+            trained, history = (None, [{"loss": float("nan")}]) if untrained else train_head(
+                pairs, lm_head, head)
             seconds += time.perf_counter() - began
-            train_pairs += len(pairs)
+            train_pairs += 0 if untrained else len(pairs)
             losses.append(history[-1]["loss"])
-            pooled["head"].append(margins(trained, data.val_states, lm_head, head.vocab))
+            pooled["head"].append(margins(trained, data.val_states, lm_head, head))
             pooled["baseline"].append(torch.tensor(
                 [float(c.base_logp.mean() - r.base_logp.mean()) for c, r in data.val_states]))
             pooled["dims"] += [r.dimension for r in data.val_rows]
@@ -122,7 +139,8 @@ def render(results: dict, args) -> str:
     lines = [
         "# PersRM head ablation",
         "",
-        "Frozen SmolLM2-135M-Instruct backbone, value head trained with DPO (reference = base)"
+        "Frozen SmolLM2-135M-Instruct backbone, value head trained with DPO (reference = the "
+        "base model, seeing the preference unless the recipe says `unconditioned`)"
         f" on cached hidden states, {args.epochs} epochs, data `{args.data}`; {args.folds}-fold "
         "cross-validation by prompt (each prompt validated once by a head that never saw it; "
         "train pairs / seconds are per fold). Accuracy = implicit reward of chosen > rejected "

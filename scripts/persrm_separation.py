@@ -140,8 +140,10 @@ def main() -> None:
             for strategy in args.strategies.split(","):
                 weight = (args.weight if args.weight is not None
                           else engine.persrm.config.recommended_weight)
+                # keyed by the head's fingerprint: a retrained PersRM never reuses old outputs
                 run = strategy if strategy != "pad" else (
-                    f"pad[{Path(engine.persrm_name).name},w={weight}]")
+                    f"pad[{Path(engine.persrm_name).name}@{engine.persrm.fingerprint()},"
+                    f"w={weight}]")
                 if strategy == "linear-alignment":
                     run = f"linear-alignment[alpha={args.weight or 1.0}]"
                 for pid in PSOUPS:

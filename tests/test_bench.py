@@ -14,7 +14,9 @@ def test_every_bench_strategy_runs_and_counts_its_forwards(tiny_engine):
         # one backbone forward per step for every cached strategy, the LoRA PersRM included
         # (base and PersRM lanes share one batched forward); the released pattern runs two
         # full recomputations per token
-        assert passes == {"base": 1.0, "prompt": 1.0, "pad": 1.0, "pad-lora": 1.0,
-                          "linear-alignment": 1.0, "args": 1.0}
+        # (a PersRM with an unconditioned reference adds a preference-free lane, not a pass)
+        assert passes == {"base": 1.0, "prompt": 1.0, "pad": 1.0, "pad-conditioned": 1.0,
+                          "pad-unconditioned": 1.0, "pad-lora": 1.0, "linear-alignment": 1.0,
+                          "args": 1.0}
         assert rows["base", batch_size]["overhead_vs_base"] == 1.0
     assert "| reference-pad | 1 |" in markdown_table(result)

@@ -207,23 +207,87 @@ def test_args_picks_what_the_scorer_prefers(tiny_lm):
     assert args[0] == favourite
 
 
-def test_args_incremental_scorer_equals_full_recompute(tiny_lm):
+def unconditioned(persrm: PersonalizedRewardModel) -> PersonalizedRewardModel:
+    persrm.config.reference = "unconditioned"
+    return persrm
+
+
+def test_pad_with_identity_unconditioned_head_equals_linear_alignment(tiny_lm):
+    """With the preference-free base as reference, W = I gives
+    ``z_p + w (log softmax_K z_p - log softmax_K z_0)``: Linear Alignment up to a constant."""
+    identity = PersonalizedRewardModel.identity(tiny_lm.name, tiny_lm.model.config.hidden_size)
+    engine = Personalizer(tiny_lm, persrm=unconditioned(identity))
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True, weight=2.0)
+    prompts = ["Describe a cat.", "What is the capital of France?"]
+    pad = engine.generate(prompts, PREFERENCE, "pad", config)
+    la = engine.generate(prompts, PREFERENCE, "linear-alignment", config)
+    assert [g.tokens for g in pad] == [g.tokens for g in la]
+    assert engine.strategy("pad").streams[0].lanes == 2
+
+
+def test_pad_unconditioned_matches_a_two_context_reference(tiny_lm):
+    persrm = unconditioned(perturbed_persrm(tiny_lm, scale=0.5))
+    engine = Personalizer(tiny_lm, persrm=persrm)
+    config = GenerationConfig(max_new_tokens=10, ignore_eos=True, weight=2.0)
+    tokens = engine.generate(["Hello"], PREFERENCE, "pad", config)[0].tokens
+    preference = engine.request("Hello", PREFERENCE).preference
+    with_pref = render(tiny_lm.tokenizer, "Hello", preference, engine.placement)
+    without = render(tiny_lm.tokenizer, "Hello", "", engine.placement)
+    lm_head = tiny_lm.model.get_output_embeddings().weight
+    reference = []
+    with torch.inference_mode():
+        for _ in range(10):
+            base = tiny_lm.model(torch.tensor([with_pref + reference])).logits[0, -1]
+            hidden = tiny_lm.model.get_decoder()(
+                input_ids=torch.tensor([with_pref + reference])).last_hidden_state[0, -1]
+            neutral = tiny_lm.model(torch.tensor([without + reference])).logits[0, -1]
+            top = base.topk(10).indices
+            reward = persrm.reward_logits(hidden[None], lm_head, top[None])[0]
+            score = base[top] + 2.0 * (reward.log_softmax(-1) - neutral[top].log_softmax(-1))
+            reference.append(int(top[score.argmax()]))
+    assert tokens == reference
+
+
+@pytest.mark.parametrize("reference", ["conditioned", "unconditioned"])
+def test_args_incremental_scorer_equals_full_recompute(tiny_lm, reference):
     persrm = perturbed_persrm(tiny_lm, scale=0.5)
+    persrm.config.reference = reference
     engine = Personalizer(tiny_lm, persrm=persrm)
     config = GenerationConfig(max_new_tokens=8, ignore_eos=True, weight=3.0)
     fast = engine.generate(["Hello", "Tell me a joke"], PREFERENCE, "args", config)
     assert engine.strategy("args").incremental
 
-    class Opaque:  # same scores, but the strategy cannot see it is the implicit reward
-        def __init__(self):
-            self.inner = ImplicitRewardScorer(tiny_lm, persrm)
-
-        def __call__(self, contexts, responses):
-            return self.inner(contexts, responses)
-
-    engine._strategies["args"] = ArgsStrategy(tiny_lm, Opaque(), engine.placement, 1.0)
+    slow_strategy = ArgsStrategy(tiny_lm, ImplicitRewardScorer(tiny_lm, persrm),
+                                 engine.placement, 1.0)
+    slow_strategy.incremental = False  # score all k continuations by full forwards
+    engine._strategies["args"] = slow_strategy
     slow = engine.generate(["Hello", "Tell me a joke"], PREFERENCE, "args", config)
     assert [g.tokens for g in fast] == [g.tokens for g in slow]
+
+
+def test_unconditioned_scorer_needs_and_uses_the_preference_free_context(tiny_lm):
+    from padlm.errors import PadlmError
+
+    persrm = unconditioned(PersonalizedRewardModel.identity(
+        tiny_lm.name, tiny_lm.model.config.hidden_size))
+    scorer = ImplicitRewardScorer(tiny_lm, persrm)
+    context = render(tiny_lm.tokenizer, "Hello", "Be brief.", "user-prefix")
+    neutral = render(tiny_lm.tokenizer, "Hello", "", "user-prefix")
+    response = [5, 6, 7]
+    with pytest.raises(PadlmError, match="neutral_contexts"):
+        scorer([context], [response])
+    [score] = scorer([context], [response], neutral_contexts=[neutral])
+    with torch.inference_mode():
+        def logp(ctx):
+            logits = tiny_lm.model(torch.tensor([ctx + response])).logits[0].float()
+            return logits[len(ctx) - 1:-1].log_softmax(-1).gather(
+                1, torch.tensor(response)[:, None]).sum()
+        expected = logp(context) - logp(neutral)  # the preference's PMI with the response
+    assert float(score) == pytest.approx(float(expected), abs=1e-4)
+    engine = Personalizer(tiny_lm, persrm=persrm)
+    best = engine.best_of_n("Hello", "Be brief.", GenerationConfig(max_new_tokens=6, seed=1),
+                            n=2)
+    assert best.score is not None
 
 
 def test_best_of_n_picks_the_scorers_favourite(tiny_lm):

@@ -13,11 +13,17 @@ import torch
 from padlm.data.schema import PreferenceRow
 from padlm.persrm import PersonalizedRewardModel
 from padlm.training import cache as cache_module
-from padlm.training.cache import HiddenStateCache, encode_sequence, response_states
+from padlm.training.cache import (
+    HiddenStateCache,
+    ReferenceCache,
+    encode_sequence,
+    response_states,
+)
 from padlm.training.head import (
     HeadParam,
     HeadTrainingConfig,
     collate,
+    evaluate,
     restricted_log_probs,
     token_log_probs,
     train_head,
@@ -112,6 +118,50 @@ def test_cached_states_match_a_plain_forward(tiny_lm):
     assert torch.allclose(again.base_logp, states.base_logp, atol=1e-4)
 
 
+def test_reference_cache_matches_a_preference_free_forward_and_resumes(tiny_lm, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(cache_module, "SHARD_ROWS", 4)
+    rows = tiny_rows()
+    primary = HiddenStateCache(tmp_path, tiny_lm, rows, "user-prefix", 5, "sha")
+    primary.build()
+    reference = ReferenceCache(primary)
+    assert reference.directory != primary.directory
+    with pytest.raises(KeyboardInterrupt):
+        reference.build(progress=lambda n: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert reference.missing() == [1, 2, 3]
+    assert reference.build() == 3 and reference.build() == 0
+    pairs = primary.load()
+    reference.attach(pairs)
+    row, (chosen, _) = rows[5], pairs[5]
+    context, response = encode_sequence(tiny_lm.tokenizer, row.prompt, "", row.chosen,
+                                        "user-prefix")
+    with torch.no_grad():
+        logits = tiny_lm.model(torch.tensor([context + response])).logits[0, len(context) - 1:-1]
+    ids = torch.cat([chosen.candidates, chosen.targets[:, None]], dim=1)
+    assert torch.allclose(chosen.reference_k, logits.float().gather(1, ids), atol=1e-4)
+    assert torch.allclose(chosen.reference_logp, logits.float().log_softmax(-1).gather(
+        1, chosen.targets[:, None])[:, 0], atol=1e-4)
+
+
+def test_untrained_head_reward_is_zero_conditioned_and_pmi_unconditioned(tiny_lm, tmp_path):
+    rows = tiny_rows()
+    primary = HiddenStateCache(tmp_path, tiny_lm, rows, "user-prefix", 5, "sha")
+    primary.build()
+    pairs = primary.load()
+    ReferenceCache(primary).build()
+    ReferenceCache(primary).attach(pairs)
+    dims = [r.dimension for r in rows]
+    lm_head = tiny_lm.model.get_output_embeddings().weight.detach().float()
+    conditioned = evaluate(None, pairs, dims, lm_head, "full", "conditioned")
+    assert conditioned["margin"] == 0 and conditioned["accuracy"] == 0.5
+    pmi = [float((c.base_logp - c.reference_logp).sum() - (r.base_logp - r.reference_logp).sum())
+           for c, r in pairs]
+    unconditioned = evaluate(None, pairs, dims, lm_head, "full", "unconditioned")
+    assert unconditioned["margin"] == pytest.approx(sum(pmi) / len(pmi), abs=1e-3)
+    assert unconditioned["accuracy"] == pytest.approx(
+        sum((m > 0) + 0.5 * (m == 0) for m in pmi) / len(pmi))
+
+
 def test_dpo_loss_decreases_and_consistency_is_mirrored(tiny_lm, tmp_path):
     rows = tiny_rows()
     cache = HiddenStateCache(tmp_path, tiny_lm, rows, "user-prefix", 5, "sha")
@@ -146,6 +196,24 @@ def test_train_save_load_round_trip_gives_identical_logits(tiny_lm, tmp_path):
     assert torch.equal(trained.reward_logits(hidden, lm_head),
                        loaded.reward_logits(hidden, lm_head))
     assert not list(tmp_path.glob("*.checkpoint.pt"))
+
+
+def test_unconditioned_training_saves_its_reference_and_reports_the_untrained_head(
+        tiny_lm, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(r.to_json() + "\n" for r in tiny_rows()))
+    config = TrainConfig(data=data, out=tmp_path / "persrm", cache_dir=tmp_path / "cache",
+                         head=HeadTrainingConfig(epochs=4, lr=5e-2, rank=4, beta=0.5,
+                                                 reference="unconditioned"),
+                         validation_fraction=0.3, label_filter="none")
+    trained = run_training(tiny_lm, config)
+    loaded = PersonalizedRewardModel.load(tmp_path / "persrm")
+    assert loaded.config.reference == "unconditioned" and loaded.config.unconditioned
+    history = trained.config.training["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    report = trained.config.training["validation"]["all"]
+    assert {"head", "untrained_head", "baseline_mean_logprob"} <= set(report)
+    assert report["untrained_head"]["margin"] != 0  # PMI, not the zero of W = I
 
 
 def test_training_resumes_from_checkpoint(tiny_lm, tmp_path):

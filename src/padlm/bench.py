@@ -8,6 +8,7 @@ ignored), after a warm-up, and reports the median of the repeats.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import platform
 import statistics
@@ -36,8 +37,8 @@ BENCH_PROMPT = (
     "water, a torch and a little milk to see the same effect."
 )
 BENCH_PREFERENCE = "P1A"
-BENCH_STRATEGIES = ("base", "prompt", "pad", "pad-lora", "linear-alignment", "args",
-                    "reference-pad")
+BENCH_STRATEGIES = ("base", "prompt", "pad", "pad-conditioned", "pad-unconditioned",
+                    "pad-lora", "linear-alignment", "args", "reference-pad")
 
 
 def lora_persrm(engine: Personalizer) -> PersonalizedRewardModel:
@@ -102,11 +103,17 @@ def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens:
             BENCH_PROMPT, BENCH_PREFERENCE).preference, engine.placement)
         return (lambda: [reference_pad(engine, ids, new_tokens) for _ in prompts],
                 [engine.lm.model])
-    if strategy == "pad-lora":
-        persrm = lora_persrm(engine)
-        pad_lora = PadStrategy(engine.lm, persrm, engine.placement)
-        return (lambda: engine.batch(pad_lora).run(
-            [engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), [persrm.backbone])
+    if strategy.startswith("pad-"):
+        if strategy == "pad-lora":
+            persrm = lora_persrm(engine)
+        else:  # the default head with its reward measured against the named reference
+            persrm = copy.copy(engine.persrm)
+            persrm.config = dataclasses.replace(engine.persrm.config,
+                                                reference=strategy.removeprefix("pad-"))
+        pad = PadStrategy(engine.lm, persrm, engine.placement)
+        models = [persrm.backbone or engine.lm.model]
+        return (lambda: engine.batch(pad).run(
+            [engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), models)
     engine.strategy(strategy)  # fail early on a bad name
     return (lambda: engine.generate(prompts, BENCH_PREFERENCE, strategy, config,
                                     batch_size=batch_size), [engine.lm.model])

@@ -187,7 +187,13 @@ class Personalizer:
         rows = self._decode("prompt", requests)
         contexts = [render(self.lm.tokenizer, r.prompt, r.preference, self.placement)
                     for r in requests]
-        scores = self.scorer(contexts, [row.tokens for row in rows]).view(len(prompts), n)
+        extra = {}
+        scorer = self.scorer
+        if isinstance(scorer, ImplicitRewardScorer) and scorer.persrm.config.unconditioned:
+            extra["neutral_contexts"] = [render(self.lm.tokenizer, r.prompt, "", self.placement)
+                                         for r in requests]
+        scores = self.scorer(contexts, [row.tokens for row in rows], **extra).view(
+            len(prompts), n)
         seconds = (time.perf_counter() - began) / len(prompts)
         results = []
         for index, prompt_scores in enumerate(scores):

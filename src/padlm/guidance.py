@@ -33,15 +33,17 @@ def masked_log_softmax(values: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
 
 
 def pad_token_reward(
-    base_logits_k: torch.Tensor, reward_logits_k: torch.Tensor, valid: torch.Tensor
+    reference_logits_k: torch.Tensor, reward_logits_k: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
-    """PAD's token reward over the candidates: ``log softmax_K(z_R) - log softmax_K(z_b)``."""
-    reward = masked_log_softmax(reward_logits_k, valid) - masked_log_softmax(base_logits_k, valid)
+    """PAD's token reward over the candidates: ``log softmax_K(z_R) - log softmax_K(z_ref)``,
+    the reference being the base model (with the preference in context, or without it)."""
+    reward = (masked_log_softmax(reward_logits_k, valid)
+              - masked_log_softmax(reference_logits_k, valid))
     return reward.masked_fill(~valid, 0.0)
 
 
 def pad_scores(
-    base_logits_k: torch.Tensor,
+    reference_logits_k: torch.Tensor,
     reward_logits_k: torch.Tensor,
     weight: torch.Tensor,
     valid: torch.Tensor,
@@ -49,11 +51,13 @@ def pad_scores(
 ) -> torch.Tensor:
     """PAD's rule ``score = z_b + w * r`` over the candidates (``-inf`` elsewhere).
 
-    ``proposal_logits_k`` is the base logits after repetition control; the reward always
-    compares the raw models. Over the candidates it equals ``(1-w) z_b + w z_R + const``.
+    ``proposal_logits_k`` is the base logits after repetition control (default: the
+    reference's, i.e. the base model the PersRM was trained against); the reward always
+    compares the raw models. With the base as its own reference, over the candidates this
+    equals ``(1-w) z_b + w z_R + const``.
     """
-    proposal = base_logits_k if proposal_logits_k is None else proposal_logits_k
-    reward = pad_token_reward(base_logits_k, reward_logits_k, valid)
+    proposal = reference_logits_k if proposal_logits_k is None else proposal_logits_k
+    reward = pad_token_reward(reference_logits_k, reward_logits_k, valid)
     return (proposal + weight[:, None] * reward).masked_fill(~valid, NEG_INF)
 
 

@@ -29,6 +29,7 @@ HEAD_NAME = "head.safetensors"
 ADAPTER_DIR = "adapter"
 ADAPTER_NAME = "persrm"
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+REFERENCES = ("conditioned", "unconditioned")
 
 
 @dataclass
@@ -42,12 +43,24 @@ class PersRMConfig:
     placement: str = DEFAULT_PLACEMENT
     lora: bool = False
     base_model_sha256: str | None = None
+    # "conditioned": the reward's reference is the base model seeing the preference (PAD's
+    # released code; one stream). "unconditioned": the base model without it (a second,
+    # preference-free stream at decoding; with W = I this is Linear Alignment).
+    reference: str = "conditioned"
     training: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PersRMConfig:
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        config = cls(**{key: value for key, value in data.items() if key in known})
+        if config.reference not in REFERENCES:
+            raise PadlmError(f"PersRM reference must be one of {', '.join(REFERENCES)}, "
+                             f"not {config.reference!r}")
+        return config
+
+    @property
+    def unconditioned(self) -> bool:
+        return self.reference == "unconditioned"
 
 
 class ValueHead(nn.Module):
@@ -92,7 +105,9 @@ class PersonalizedRewardModel:
     def fingerprint(self) -> str:
         """A short hash of everything that shapes this PersRM's outputs (head, LoRA weights,
         default top-k): caches keyed by it never mix two PersRMs saved at the same path."""
-        digest = hashlib.sha256(f"top_k={self.config.top_k}".encode())
+        # a conditioned PersRM hashes as before this field existed: old caches stay valid
+        reference = ",reference=unconditioned" if self.config.unconditioned else ""
+        digest = hashlib.sha256(f"top_k={self.config.top_k}{reference}".encode())
         tensors = [self.head.weight, self.head.bias]
         if self.backbone is not None:
             from peft import get_peft_model_state_dict

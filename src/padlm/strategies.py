@@ -2,7 +2,8 @@
 
 ``base`` and ``prompt`` read one stream. ``pad`` reads the base logits and the PersRM's value
 head (on the shared backbone: one forward; with a LoRA PersRM: two lanes of one batched
-forward). ``linear-alignment`` reads two lanes (with / without the preference). ``args``
+forward; a PersRM with an unconditioned reference adds a preference-free lane).
+``linear-alignment`` reads two lanes (with / without the preference). ``args``
 scores each top-k candidate with a sequence-level scorer.
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from padlm import guidance
 from padlm.decoding import Request, Row
+from padlm.errors import PadlmError
 from padlm.kvstream import KVStream, StreamOutput
 from padlm.models import LoadedModel
 from padlm.persrm import ADAPTER_NAME, BASE_ADAPTER, PersonalizedRewardModel
@@ -55,7 +57,12 @@ class PlainStrategy:
 
 
 class PadStrategy:
-    """PAD: ``score(a) = z_b(a) + w * r(a)`` over the base model's top-k candidates."""
+    """PAD: ``score(a) = z_b(a) + w * r(a)`` over the base model's top-k candidates.
+
+    Lanes of the one stream: the preference-conditioned base (lane 0; on the shared backbone
+    the head reads its hidden state too), the PersRM (a LoRA PersRM only) and, for a PersRM
+    with an unconditioned reference, the preference-free base that ``r`` is measured against.
+    """
 
     name = "pad"
 
@@ -65,27 +72,33 @@ class PadStrategy:
         self.persrm = persrm
         self.placement = placement or persrm.config.placement
         self.lm_head = lm.model.get_output_embeddings().weight
-        if persrm.shares_backbone:
-            self.streams = [KVStream(lm.model)]
-        else:  # base and PersRM rows of one request run in one batched forward
-            self.streams = [KVStream(persrm.backbone, lanes=2,
-                                     adapters=[BASE_ADAPTER, ADAPTER_NAME])]
+        adapters = [BASE_ADAPTER] if persrm.shares_backbone else [BASE_ADAPTER, ADAPTER_NAME]
+        self.persrm_lane = len(adapters) - 1
+        if persrm.config.unconditioned:
+            adapters.append(BASE_ADAPTER)
+        self.reference_lane = len(adapters) - 1 if persrm.config.unconditioned else 0
+        backbone = lm.model if persrm.shares_backbone else persrm.backbone
+        self.streams = [KVStream(backbone, lanes=len(adapters),
+                                 adapters=None if persrm.shares_backbone else adapters)]
 
     def contexts(self, request: Request) -> list[list[list[int]]]:
         ids = render(self.lm.tokenizer, request.prompt, request.preference, self.placement)
-        return [[ids] * self.streams[0].lanes]
+        lanes = [ids] * (self.persrm_lane + 1)
+        if self.reference_lane:
+            lanes.append(render(self.lm.tokenizer, request.prompt, "", self.placement))
+        return [lanes]
 
     def scores(self, outputs: list[StreamOutput], rows: Sequence[Row],
                process: Process) -> torch.Tensor:
         out = outputs[0]
         base_logits = out.logits[:, 0]
-        persrm_hidden = out.hidden[:, -1]  # lane 0 on the shared path, the PersRM lane else
         proposal = process(base_logits)
         k = _top_k(rows, self.persrm.config.top_k or DEFAULT_TOP_K)
         candidates, valid = guidance.top_k_candidates(proposal, k)
-        reward_logits = self.persrm.reward_logits(persrm_hidden, self.lm_head, candidates)
+        reward_logits = self.persrm.reward_logits(out.hidden[:, self.persrm_lane],
+                                                  self.lm_head, candidates)
         scores = guidance.pad_scores(
-            base_logits.gather(1, candidates), reward_logits,
+            out.logits[:, self.reference_lane].gather(1, candidates), reward_logits,
             _weights(rows, self.persrm.config.recommended_weight), valid,
             proposal.gather(1, candidates),
         )
@@ -127,8 +140,12 @@ class SequenceScorer(Protocol):
 
 
 class ImplicitRewardScorer:
-    """The PersRM's summed implicit reward ``sum_t log pi_R(y_t) - log pi_b(y_t)`` of a
-    response, computed by a full forward over context + response (no cache)."""
+    """The PersRM's summed implicit reward ``sum_t log pi_R(y_t) - log pi_ref(y_t)`` of a
+    response, computed by a full forward over context + response (no cache).
+
+    A PersRM with an unconditioned reference needs ``neutral_contexts``: the same contexts
+    rendered without the preference, which its reference reads.
+    """
 
     def __init__(self, lm: LoadedModel, persrm: PersonalizedRewardModel, batch_size: int = 32):
         self.lm = lm
@@ -136,55 +153,74 @@ class ImplicitRewardScorer:
         self.batch_size = batch_size
 
     def __call__(self, contexts: Sequence[Sequence[int]],
-                 responses: Sequence[Sequence[int]]) -> torch.Tensor:
+                 responses: Sequence[Sequence[int]],
+                 neutral_contexts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        if self.persrm.config.unconditioned and neutral_contexts is None:
+            raise PadlmError("this PersRM's reward is measured against the preference-free "
+                             "base model: pass neutral_contexts")
+        step = self.batch_size
         return torch.cat([
-            self._score(contexts[i:i + self.batch_size], responses[i:i + self.batch_size])
-            for i in range(0, len(contexts), self.batch_size)
+            self._score(contexts[i:i + step], responses[i:i + step],
+                        None if neutral_contexts is None else neutral_contexts[i:i + step])
+            for i in range(0, len(contexts), step)
         ])
 
-    def _score(self, contexts, responses) -> torch.Tensor:
-        sequences = [list(c) + list(r) for c, r in zip(contexts, responses, strict=True)]
-        width = max(len(s) for s in sequences)
-        ids = torch.tensor([[0] * (width - len(s)) + s for s in sequences])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.inference_mode():
-            base = self.lm.model.get_decoder()(
-                input_ids=ids, attention_mask=mask, position_ids=positions
-            ).last_hidden_state
-            persrm_hidden = base if self.persrm.shares_backbone else _persrm_hidden(
-                self.persrm, ids, mask, positions)
-            lm_head = self.lm.model.get_output_embeddings().weight
-            base_logp = (base @ lm_head.T).float().log_softmax(-1)
-            persrm_logp = self.persrm.reward_logits(persrm_hidden, lm_head).log_softmax(-1)
+    def _score(self, contexts, responses, neutral_contexts) -> torch.Tensor:
+        lm_head = self.lm.model.get_output_embeddings().weight
+        base, batch = _left_padded_hidden(self.lm.model.get_decoder(), contexts, responses)
+        if self.persrm.shares_backbone:
+            persrm_hidden = base
+        else:
+            with self.persrm.backbone._enable_peft_forward_hooks(
+                    adapter_names=[ADAPTER_NAME] * len(contexts)):
+                persrm_hidden, _ = _left_padded_hidden(
+                    self.persrm.backbone.get_base_model().get_decoder(), contexts, responses)
+        reference = base
+        if self.persrm.config.unconditioned:
+            reference, _ = _left_padded_hidden(self.lm.model.get_decoder(), neutral_contexts,
+                                               responses)
         scores = []
         for row, response in enumerate(responses):
             if not response:
                 scores.append(torch.tensor(0.0))
                 continue
-            # logits at position t predict token t+1: the response's tokens sit at the end
-            positions_r = torch.arange(width - len(response) - 1, width - 1)
-            targets = torch.tensor(list(response))
-            gain = persrm_logp[row, positions_r, targets] - base_logp[row, positions_r, targets]
-            scores.append(gain.sum())
+            # responses sit at the end of every left-padded row; the state before a token
+            # predicts it
+            width = len(response)
+            targets = torch.tensor(list(response))[:, None]
+            with torch.inference_mode():
+                persrm_logp = self.persrm.reward_logits(
+                    persrm_hidden[row, -width - 1:-1], lm_head).log_softmax(-1)
+                reference_logp = (reference[row, -width - 1:-1] @ lm_head.T).float(
+                ).log_softmax(-1)
+            scores.append((persrm_logp.gather(1, targets)
+                           - reference_logp.gather(1, targets)).sum())
         return torch.stack(scores)
 
 
-def _persrm_hidden(persrm: PersonalizedRewardModel, ids, mask, positions) -> torch.Tensor:
-    decoder = persrm.backbone.get_base_model().get_decoder()
-    with persrm.backbone._enable_peft_forward_hooks(adapter_names=[ADAPTER_NAME] * len(ids)):
-        return decoder(input_ids=ids, attention_mask=mask, position_ids=positions
-                       ).last_hidden_state
+def _left_padded_hidden(decoder: torch.nn.Module, contexts, responses,
+                        ) -> tuple[torch.Tensor, int]:
+    """Final hidden states of context + response rows, left-padded to one width."""
+    sequences = [list(c) + list(r) for c, r in zip(contexts, responses, strict=True)]
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[0] * (width - len(s)) + s for s in sequences])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions
+                         ).last_hidden_state
+    return hidden, width
 
 
 class ArgsStrategy:
     """ARGS: ``score(a) = z(a) + w * R(prefix + a)`` for each of the top-k candidates.
 
     With the default scorer on a shared-backbone PersRM the k sequence rewards are exact and
-    incremental: ``R(prefix + a) = R(prefix) + log pi_R(a|s) - log pi_b(a|s)``, so the k
+    incremental: ``R(prefix + a) = R(prefix) + log pi_R(a|s) - log pi_ref(a|s)``, so the k
     scorer calls cost one head product; ``R(prefix)`` is the same for every candidate of a
     row, so it changes neither the argmax nor the softmax and is left out. Any other scorer
-    is called on all k continuations of every row, batched (the method's real cost).
+    is called on all k continuations of every row, batched (the method's real cost). A
+    PersRM with an unconditioned reference adds a preference-free lane for that reference.
     """
 
     name = "args"
@@ -195,12 +231,17 @@ class ArgsStrategy:
         self.scorer = scorer
         self.placement = placement
         self.default_weight = default_weight
-        self.streams = [KVStream(lm.model)]
-        self.incremental = (isinstance(scorer, ImplicitRewardScorer)
-                            and scorer.persrm.shares_backbone)
+        implicit = isinstance(scorer, ImplicitRewardScorer)
+        self.neutral = implicit and scorer.persrm.config.unconditioned
+        self.streams = [KVStream(lm.model, lanes=2 if self.neutral else 1)]
+        self.incremental = implicit and scorer.persrm.shares_backbone
 
     def contexts(self, request: Request) -> list[list[list[int]]]:
-        return [[render(self.lm.tokenizer, request.prompt, request.preference, self.placement)]]
+        tokenizer = self.lm.tokenizer
+        lanes = [render(tokenizer, request.prompt, request.preference, self.placement)]
+        if self.neutral:
+            lanes.append(render(tokenizer, request.prompt, "", self.placement))
+        return [lanes]
 
     def scores(self, outputs: list[StreamOutput], rows: Sequence[Row],
                process: Process) -> torch.Tensor:
@@ -208,18 +249,23 @@ class ArgsStrategy:
         proposal = process(logits)
         candidates, valid = guidance.top_k_candidates(proposal, _top_k(rows, DEFAULT_TOP_K))
         if self.incremental:
-            rewards = self._token_gain(outputs[0], logits).gather(1, candidates)
+            rewards = self._token_gain(outputs[0]).gather(1, candidates)
         else:
-            contexts = [row.contexts[0][0] for row in rows for _ in range(candidates.shape[1])]
+            per_row = candidates.shape[1]
+            contexts = [row.contexts[0][0] for row in rows for _ in range(per_row)]
             continuations = [row.tokens + [int(c)] for row, cands in zip(rows, candidates,
                                                                          strict=True)
                              for c in cands]
-            rewards = self.scorer(contexts, continuations).view(candidates.shape).float()
+            extra = ({"neutral_contexts": [row.contexts[0][1] for row in rows
+                                           for _ in range(per_row)]} if self.neutral else {})
+            rewards = self.scorer(contexts, continuations, **extra).view(
+                candidates.shape).float()
         scores = (proposal.gather(1, candidates) + _weights(rows, self.default_weight)[:, None]
                   * rewards).masked_fill(~valid, guidance.NEG_INF)
         return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
 
-    def _token_gain(self, out: StreamOutput, logits: torch.Tensor) -> torch.Tensor:
+    def _token_gain(self, out: StreamOutput) -> torch.Tensor:
         lm_head = self.lm.model.get_output_embeddings().weight
         persrm_logits = self.scorer.persrm.reward_logits(out.hidden[:, 0], lm_head)
-        return persrm_logits.log_softmax(-1) - logits.log_softmax(-1)
+        reference = out.logits[:, 1 if self.neutral else 0]
+        return persrm_logits.log_softmax(-1) - reference.log_softmax(-1)

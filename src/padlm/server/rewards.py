@@ -25,11 +25,13 @@ def chosen_token_reward(
     reward_logits: Callable[[torch.Tensor], torch.Tensor],
     chosen: torch.Tensor,
     k: torch.Tensor,
+    reference_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PAD's token reward of each row's chosen token, over the base top-``k[b]`` candidates
     plus the chosen token itself (a sampled token may lie outside the top-k).
 
-    ``reward_logits(candidates [N, C]) -> [N, C]`` gives the PersRM logits at those tokens.
+    ``reward_logits(candidates [N, C]) -> [N, C]`` gives the PersRM logits at those tokens;
+    ``reference_logits`` is the reward's reference (default: the base logits themselves).
 
     >>> base = torch.tensor([[2.0, 1.0, 0.0]])
     >>> same = lambda c: base.gather(1, c)      # identity PersRM: zero reward
@@ -41,7 +43,8 @@ def chosen_token_reward(
     in_top = ((candidates == chosen[:, None]) & valid).any(dim=-1)
     candidates = torch.cat([candidates, chosen[:, None]], dim=1)
     valid = torch.cat([valid, ~in_top[:, None]], dim=1)
-    reward = guidance.pad_token_reward(base_logits.gather(1, candidates),
+    reference = base_logits if reference_logits is None else reference_logits
+    reward = guidance.pad_token_reward(reference.gather(1, candidates),
                                        reward_logits(candidates), valid)
     at_chosen = (candidates == chosen[:, None]) & valid
     return (reward * at_chosen).sum(dim=-1)
@@ -78,15 +81,17 @@ class TokenRewards:
             return None
         out = strategy.last[0]
         if isinstance(strategy.inner, PadStrategy):
-            hidden = out.hidden[:, -1]  # the PersRM lane (lane 0 on the shared backbone)
-        elif self.persrm.shares_backbone:
+            hidden = out.hidden[:, strategy.inner.persrm_lane]
+            reference = out.logits[:, strategy.inner.reference_lane]
+        elif self.persrm.shares_backbone and not self.persrm.config.unconditioned:
             hidden = out.hidden[:, 0]  # the head reads the hidden state this stream saw
+            reference = out.logits[:, 0]
         else:
-            return None  # a LoRA PersRM would need its own forward on this context
+            return None  # this stream has no PersRM lane or no preference-free lane
         k = torch.tensor([row.config.top_k or self.persrm.config.top_k or DEFAULT_TOP_K
                           for row in rows])
         rewards = chosen_token_reward(
             out.logits[:, 0], lambda c: self.persrm.reward_logits(hidden, self.lm_head, c),
-            torch.tensor(list(tokens)), k,
+            torch.tensor(list(tokens)), k, reference,
         )
         return [float(r) for r in rewards]

@@ -62,12 +62,16 @@ class SequenceStates:
     targets: torch.Tensor  # [T] int64
     candidates: torch.Tensor  # [T, k] int64, the base model's top-k at each position
     base_logp: torch.Tensor  # [T] float32, full-vocabulary log p_base(y_t)
+    # set by :meth:`ReferenceCache.attach` for a PersRM whose reference is the preference-free base
+    reference_k: torch.Tensor | None = None  # [T, k + 1] its logits at candidates + target
+    reference_logp: torch.Tensor | None = None  # [T] its full-vocabulary log p(y_t)
 
 
-@torch.no_grad()
-def response_states(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
-                    responses: Sequence[Sequence[int]], top_k: int) -> list[SequenceStates]:
-    """One right-padded batched forward; returns the states at the response positions."""
+def _response_hidden(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
+                     responses: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor],
+                                                                  torch.Tensor]:
+    """One right-padded batched forward: each response's final hidden states (the state at
+    ``t`` predicts ``y_t``) and the lm_head weight."""
     lengths = [len(c) + len(r) for c, r in zip(contexts, responses, strict=True)]
     width = max(lengths)
     ids = torch.zeros(len(lengths), width, dtype=torch.long)
@@ -77,11 +81,26 @@ def response_states(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
         mask[i, :lengths[i]] = 1
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = inner.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    lm_head = inner.get_output_embeddings().weight
+    states = [hidden[i, len(context) - 1:len(context) - 1 + len(response)]
+              for i, (context, response) in enumerate(zip(contexts, responses, strict=True))]
+    return states, inner.get_output_embeddings().weight
+
+
+@torch.no_grad()
+def response_logits(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
+                    responses: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Full-vocabulary float32 logits ``[T, V]`` at each response's positions."""
+    hidden, lm_head = _response_hidden(model, contexts, responses)
+    return [(states @ lm_head.T).float() for states in hidden]
+
+
+@torch.no_grad()
+def response_states(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
+                    responses: Sequence[Sequence[int]], top_k: int) -> list[SequenceStates]:
+    """One batched forward; returns the states at the response positions."""
+    hidden, lm_head = _response_hidden(model, contexts, responses)
     results = []
-    for i, (context, response) in enumerate(zip(contexts, responses, strict=True)):
-        positions = slice(len(context) - 1, len(context) - 1 + len(response))
-        states = hidden[i, positions]
+    for states, response in zip(hidden, responses, strict=True):
         logits = (states @ lm_head.T).float()
         targets = torch.tensor(response, dtype=torch.long)
         log_probs = logits.log_softmax(-1)
@@ -129,6 +148,9 @@ class HiddenStateCache:
     def missing(self) -> list[int]:
         return [s for s in range(self.shards) if not self._path(s).exists()]
 
+    def _shard_rows(self, shard: int) -> list[PreferenceRow]:
+        return self.rows[shard * SHARD_ROWS:(shard + 1) * SHARD_ROWS]
+
     def build(self, batch_size: int = 8,
               progress: Callable[[int], None] | None = None) -> int:
         """Compute every missing shard; returns how many were computed (0 = fully cached)."""
@@ -136,34 +158,40 @@ class HiddenStateCache:
         write_json_atomic(self.directory / "key.json", self.key)
         todo = self.missing()
         for shard in todo:
-            rows = self.rows[shard * SHARD_ROWS:(shard + 1) * SHARD_ROWS]
-            encoded = []
-            for row in rows:
-                for response in (row.chosen, row.rejected):
-                    encoded.append(encode_sequence(self.lm.tokenizer, row.prompt,
-                                                   row.preference, response, self.placement))
+            rows = self._shard_rows(shard)
+            encoded = [encode_sequence(self.lm.tokenizer, row.prompt, self._preference(row),
+                                       response, self.placement)
+                       for row in rows for response in (row.chosen, row.rejected)]
             order = sorted(range(len(encoded)), key=lambda i: sum(map(len, encoded[i])))
-            states: list[SequenceStates | None] = [None] * len(encoded)
+            outputs: list = [None] * len(encoded)
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                outs = response_states(self.backbone, [encoded[i][0] for i in chunk],
-                                       [encoded[i][1] for i in chunk], self.top_k)
+                outs = self._compute(shard, chunk, [encoded[i][0] for i in chunk],
+                                     [encoded[i][1] for i in chunk])
                 for i, out in zip(chunk, outs, strict=True):
-                    states[i] = out
-            self._write(shard, states)
+                    outputs[i] = out
+            self._write(shard, self._tensors(outputs))
             if progress is not None:
                 progress(len(rows))
         return len(todo)
 
-    def _write(self, shard: int, states: list[SequenceStates]) -> None:
-        lengths = torch.tensor([len(s.targets) for s in states], dtype=torch.long)
-        tensors = {
+    def _preference(self, row: PreferenceRow) -> str:
+        return row.preference
+
+    def _compute(self, shard: int, sequences: list[int], contexts, responses) -> list:
+        return response_states(self.backbone, contexts, responses, self.top_k)
+
+    @staticmethod
+    def _tensors(states: list[SequenceStates]) -> dict[str, torch.Tensor]:
+        return {
             "hidden": torch.cat([s.hidden for s in states]).contiguous(),
             "targets": torch.cat([s.targets for s in states]),
             "candidates": torch.cat([s.candidates for s in states]).contiguous(),
             "base_logp": torch.cat([s.base_logp for s in states]),
-            "lengths": lengths,
+            "lengths": torch.tensor([len(s.targets) for s in states], dtype=torch.long),
         }
+
+    def _write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
         path = self._path(shard)
         staging = path.with_suffix(".tmp")
         save_file(tensors, str(staging))
@@ -173,10 +201,65 @@ class HiddenStateCache:
         """``(chosen, rejected)`` states for every row, in row order."""
         pairs = []
         for shard in range(self.shards):
-            data = load_file(str(self._path(shard)))
-            bounds = [0, *data["lengths"].cumsum(0).tolist()]
-            seqs = [SequenceStates(data["hidden"][a:b], data["targets"][a:b],
-                                   data["candidates"][a:b], data["base_logp"][a:b])
-                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            seqs = self.load_shard(shard)
             pairs.extend(zip(seqs[0::2], seqs[1::2], strict=True))
         return pairs
+
+    def load_shard(self, shard: int) -> list[SequenceStates]:
+        data = load_file(str(self._path(shard)))
+        bounds = [0, *data["lengths"].cumsum(0).tolist()]
+        return [SequenceStates(data["hidden"][a:b], data["targets"][a:b],
+                               data["candidates"][a:b], data["base_logp"][a:b])
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+class ReferenceCache(HiddenStateCache):
+    """The preference-free base model's view of the same responses, for a PersRM whose DPO
+    reference is the base model WITHOUT the preference (``reference="unconditioned"``).
+
+    Per position it keeps that model's logits at the primary cache's candidates plus the
+    target (what the candidate-restricted log-softmax needs) and its full-vocabulary log-prob
+    of the target; no hidden states, so it is a small fraction of the primary cache.
+    """
+
+    def __init__(self, primary: HiddenStateCache) -> None:
+        super().__init__(primary.directory.parent, primary.lm, primary.rows, primary.placement,
+                         primary.top_k, primary.key["model_sha256"], primary.backbone)
+        self.key = {**primary.key, "reference": "no-preference"}
+        name = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.directory = primary.directory.parent / name
+        self.primary = primary
+        self._primary_shard: tuple[int, list[SequenceStates]] | None = None
+
+    def _preference(self, row: PreferenceRow) -> str:
+        return ""
+
+    def _compute(self, shard: int, sequences: list[int], contexts, responses) -> list:
+        if self._primary_shard is None or self._primary_shard[0] != shard:
+            self._primary_shard = (shard, self.primary.load_shard(shard))
+        primary = self._primary_shard[1]
+        out = []
+        for i, state in zip(sequences, response_logits(self.backbone, contexts, responses),
+                            strict=True):
+            ids = torch.cat([primary[i].candidates, primary[i].targets[:, None]], dim=1)
+            out.append((state.gather(1, ids),
+                        state.log_softmax(-1).gather(1, primary[i].targets[:, None])[:, 0]))
+        return out
+
+    @staticmethod
+    def _tensors(outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {"reference_k": torch.cat([k for k, _ in outputs]).contiguous(),
+                "reference_logp": torch.cat([lp for _, lp in outputs]),
+                "lengths": torch.tensor([len(lp) for _, lp in outputs], dtype=torch.long)}
+
+    def attach(self, pairs: Sequence[tuple[SequenceStates, SequenceStates]]) -> None:
+        """Fill ``reference_k`` / ``reference_logp`` of the primary cache's loaded states."""
+        flat = [state for pair in pairs for state in pair]
+        position = 0
+        for shard in range(self.shards):
+            data = load_file(str(self._path(shard)))
+            bounds = [0, *data["lengths"].cumsum(0).tolist()]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                flat[position].reference_k = data["reference_k"][a:b]
+                flat[position].reference_logp = data["reference_logp"][a:b]
+                position += 1

@@ -91,6 +91,10 @@ def train_persrm(
     identity_l2: Annotated[float, typer.Option(help="L2 pull of W, b toward I, 0.")] = 0.0,
     nll_weight: Annotated[float, typer.Option(help="Weight of an NLL term (chosen).")] = 0.0,
     vocab: Annotated[str, typer.Option(help="topk | full (log-prob normalisation)")] = "topk",
+    reference: Annotated[str, typer.Option(
+        help="conditioned (the reward's reference base model sees the preference, as in "
+             "PAD's code; one stream at decoding) | unconditioned (it does not: an untrained "
+             "head is Linear Alignment; a second stream at decoding)")] = "conditioned",
     holdout_dimensions: Annotated[str | None, typer.Option(
         help="Comma list of dimensions left out of training (e.g. P3A,P3B).")] = None,
     dimensions: Annotated[str | None, typer.Option(help="Only these dimensions.")] = None,
@@ -117,7 +121,7 @@ def train_persrm(
         raise PadlmError(f"data file {data} does not exist")
     head = HeadTrainingConfig(form=form, rank=rank, beta=beta, lr=lr, epochs=epochs,
                               identity_l2=identity_l2, nll_weight=nll_weight, vocab=vocab,
-                              seed=seed).validate()
+                              reference=reference, seed=seed).validate()
     config = TrainConfig(
         data=data, out=out, stage=stage, head=head,
         holdout_dimensions=_csv(holdout_dimensions), dimensions=_csv(dimensions),

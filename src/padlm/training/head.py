@@ -1,8 +1,12 @@
 """PAD's second stage: DPO on the value head over cached hidden states (backbone frozen).
 
 The PersRM policy is ``pi_R(a | s, p) ~ exp(E_a . (W h + b))`` and the reference is the base
-model (``W = I, b = 0``); both see the same preference-conditioned context, so the implicit
-reward of a response is ``sum_t log pi_R(y_t) - log pi_base(y_t)``.
+model. With ``reference="conditioned"`` (PAD's released code) the reference sees the same
+preference-conditioned context (``W = I, b = 0``), so an untrained head has zero reward; with
+``reference="unconditioned"`` it is the base model WITHOUT the preference, so an untrained
+head's reward is the preference's pointwise mutual information with the response (decoding
+with it is Linear Alignment) and training refines that. Either way the implicit reward of a
+response is ``sum_t log pi_R(y_t) - log pi_ref(y_t)``.
 
 By default the log-probs are taken over the base model's top-k candidates at each position
 plus the actual token (the set PAD's decoding re-ranks, so training matches use); ``vocab=
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from padlm.errors import PadlmError
+from padlm.persrm import REFERENCES
 from padlm.training.cache import SequenceStates
 
 HEAD_FORMS = ("full", "lowrank", "diagonal")
@@ -40,6 +45,7 @@ class HeadTrainingConfig:
     identity_l2: float = 0.0
     nll_weight: float = 0.0
     vocab: str = "topk"  # "topk" (candidates + target) or "full"
+    reference: str = "conditioned"  # the base model with or without the preference
     seed: int = 0
 
     def validate(self) -> HeadTrainingConfig:
@@ -47,6 +53,8 @@ class HeadTrainingConfig:
             raise PadlmError(f"unknown head form {self.form!r}; choose {', '.join(HEAD_FORMS)}")
         if self.vocab not in ("topk", "full"):
             raise PadlmError("vocab must be 'topk' or 'full'")
+        if self.reference not in REFERENCES:
+            raise PadlmError(f"reference must be one of {', '.join(REFERENCES)}")
         if not (self.beta > 0 and self.lr > 0 and self.epochs >= 1 and self.batch_pairs >= 1):
             raise PadlmError("beta and lr must be > 0, epochs and batch size >= 1")
         return self
@@ -110,9 +118,12 @@ class Batch:
     candidates: torch.Tensor  # [N, k]
     segment: torch.Tensor  # [N] sequence index
     count: int  # number of sequences
+    reference_k: torch.Tensor | None = None  # [N, k + 1] preference-free base logits
+    reference_logp: torch.Tensor | None = None  # [N]
 
 
 def collate(sequences: Sequence[SequenceStates]) -> Batch:
+    has_reference = all(s.reference_k is not None for s in sequences)
     return Batch(
         hidden=torch.cat([s.hidden for s in sequences]).float(),
         targets=torch.cat([s.targets for s in sequences]),
@@ -120,6 +131,9 @@ def collate(sequences: Sequence[SequenceStates]) -> Batch:
         segment=torch.cat([torch.full((len(s.targets),), i, dtype=torch.long)
                            for i, s in enumerate(sequences)]),
         count=len(sequences),
+        reference_k=torch.cat([s.reference_k for s in sequences]) if has_reference else None,
+        reference_logp=(torch.cat([s.reference_logp for s in sequences]) if has_reference
+                        else None),
     )
 
 
@@ -152,6 +166,20 @@ def token_log_probs(head: Callable[[torch.Tensor], torch.Tensor] | None, batch: 
     return restricted_log_probs(logits, batch.candidates, batch.targets)
 
 
+def reference_log_probs(batch: Batch, lm_head: torch.Tensor, vocab: str,
+                        reference: str) -> torch.Tensor:
+    """``log pi_ref(y_t)`` per token: the conditioned base from the cached hidden states, or
+    the preference-free base from its cached logits."""
+    if reference == "conditioned":
+        return token_log_probs(None, batch, lm_head, vocab)
+    if batch.reference_k is None or batch.reference_logp is None:
+        raise PadlmError("an unconditioned reference needs the preference-free cache "
+                         "(ReferenceCache.attach)")
+    if vocab == "full":
+        return batch.reference_logp
+    return restricted_log_probs(batch.reference_k, batch.candidates, batch.targets)
+
+
 def sequence_sums(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     return torch.zeros(batch.count, dtype=values.dtype).index_add(0, batch.segment, values)
 
@@ -164,14 +192,15 @@ def dpo_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
 
 
 def pair_rewards(head, pairs: Sequence[tuple[SequenceStates, SequenceStates]],
-                 lm_head: torch.Tensor, vocab: str,
+                 lm_head: torch.Tensor, vocab: str, reference: str = "conditioned",
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Implicit rewards of chosen and rejected, and the chosen's mean token log-prob."""
+    """Implicit rewards of chosen and rejected, and the chosen's mean token log-prob
+    (``head=None``: the untrained head, ``W = I``)."""
     batch = collate([seq for pair in pairs for seq in pair])
     policy = token_log_probs(head, batch, lm_head, vocab)
     with torch.no_grad():
-        reference = token_log_probs(None, batch, lm_head, vocab)
-    rewards = sequence_sums(policy - reference, batch)
+        reference_logp = reference_log_probs(batch, lm_head, vocab, reference)
+    rewards = sequence_sums(policy - reference_logp, batch)
     policy_sums = sequence_sums(policy, batch)
     lengths = sequence_sums(torch.ones_like(policy), batch)
     return rewards[0::2], rewards[1::2], (policy_sums[0::2] / lengths[0::2])
@@ -179,14 +208,15 @@ def pair_rewards(head, pairs: Sequence[tuple[SequenceStates, SequenceStates]],
 
 @torch.no_grad()
 def evaluate(head, pairs, dimensions: Sequence[str], lm_head: torch.Tensor, vocab: str,
-             chunk: int = 64) -> dict:
+             reference: str = "conditioned", chunk: int = 64) -> dict:
     """Pairwise accuracy (implicit reward of chosen > rejected; ties count half) per
     dimension, overall and averaged over dimensions, plus the mean reward margin."""
     if not pairs:
         return {}
     margins = []
     for start in range(0, len(pairs), chunk):
-        chosen, rejected, _ = pair_rewards(head, pairs[start:start + chunk], lm_head, vocab)
+        chosen, rejected, _ = pair_rewards(head, pairs[start:start + chunk], lm_head, vocab,
+                                           reference)
         margins.append(chosen - rejected)
     return accuracy_report(torch.cat(margins), dimensions)
 
@@ -244,7 +274,8 @@ def train_head(
         losses = []
         for start in range(0, len(order), config.batch_pairs):
             chunk = [pairs[i] for i in order[start:start + config.batch_pairs]]
-            chosen, rejected, chosen_logp = pair_rewards(head, chunk, lm_head, config.vocab)
+            chosen, rejected, chosen_logp = pair_rewards(head, chunk, lm_head, config.vocab,
+                                                         config.reference)
             loss = dpo_loss(chosen, rejected, config.beta)
             if config.nll_weight:
                 loss = loss - config.nll_weight * chosen_logp.mean()
@@ -258,7 +289,7 @@ def train_head(
                   "seconds": round(time.perf_counter() - began, 2)}
         if validation:
             record["validation"] = evaluate(head, validation, validation_dimensions, lm_head,
-                                            config.vocab)
+                                            config.vocab, config.reference)
         history.append(record)
         if on_epoch is not None:
             on_epoch(record, head, optimizer)

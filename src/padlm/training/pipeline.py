@@ -32,7 +32,13 @@ from padlm.persrm import (
     ValueHead,
 )
 from padlm.prompting import DEFAULT_PLACEMENT
-from padlm.training.cache import HiddenStateCache, SequenceStates, weights_sha256
+from padlm.training.cache import (
+    SHARD_ROWS,
+    HiddenStateCache,
+    ReferenceCache,
+    SequenceStates,
+    weights_sha256,
+)
 from padlm.training.head import (
     HeadTrainingConfig,
     baseline_report,
@@ -132,17 +138,12 @@ def prepare(lm: LoadedModel, config: TrainConfig, backbone=None, model_sha: str 
             raise PadlmError(f"no rows for dimensions {', '.join(config.dimensions)}")
     cache = HiddenStateCache(config.cache_dir, lm, rows, config.placement, config.top_k,
                              model_sha, backbone=backbone)
-    missing = len(cache.missing())
-    if missing:
-        from tqdm import tqdm
-
-        began = time.perf_counter()
-        with tqdm(total=len(rows), desc="caching hidden states", mininterval=10) as bar:
-            bar.update(len(rows) - min(len(rows), missing * 64))
-            cache.build(progress=bar.update)
-        log.info("cached %d rows in %.0f s at %s", len(rows), time.perf_counter() - began,
-                 cache.directory)
+    _fill(cache, "caching hidden states")
     states = cache.load()
+    if config.head.reference == "unconditioned":
+        reference = ReferenceCache(cache)
+        _fill(reference, "caching the preference-free reference")
+        reference.attach(states)
     scores = consistency_scores(rows, states)
     clean = [s is None or s > 0 for s in scores]
     train_idx, val_idx = [], []
@@ -173,6 +174,22 @@ def prepare(lm: LoadedModel, config: TrainConfig, backbone=None, model_sha: str 
                         [clean[i] for i in val_idx], counts)
 
 
+def _fill(cache: HiddenStateCache, description: str) -> None:
+    """Compute a cache's missing shards with a progress bar (a no-op when complete)."""
+    missing = len(cache.missing())
+    if not missing:
+        return
+    from tqdm import tqdm
+
+    began = time.perf_counter()
+    rows = len(cache.rows)
+    with tqdm(total=rows, desc=description, mininterval=10) as bar:
+        bar.update(rows - min(rows, missing * SHARD_ROWS))
+        cache.build(progress=bar.update)
+    log.info("%s: %d rows in %.0f s at %s", description, rows, time.perf_counter() - began,
+             cache.directory)
+
+
 def _count(items) -> dict:
     counts: dict[str, int] = {}
     for item in items:
@@ -180,15 +197,21 @@ def _count(items) -> dict:
     return dict(sorted(counts.items()))
 
 
-def validation_reports(head, data: PreparedData, lm_head: torch.Tensor, vocab: str) -> dict:
-    """Head and untrained-baseline accuracy on all validation pairs and on the clean ones."""
+def validation_reports(head, data: PreparedData, lm_head: torch.Tensor,
+                       config: HeadTrainingConfig) -> dict:
+    """Accuracy on all validation pairs and on the clean ones: the trained head, the same
+    head untrained (``W = I``: 0.5 with a conditioned reference, the preference's PMI with an
+    unconditioned one) and the mean-log-prob baseline."""
     reports = {}
     for name, keep in (("all", [True] * len(data.val_rows)), ("clean", data.val_clean)):
         pairs = [s for s, k in zip(data.val_states, keep, strict=True) if k]
         dims = [r.dimension for r, k in zip(data.val_rows, keep, strict=True) if k]
         if pairs:
-            reports[name] = {"head": evaluate(head, pairs, dims, lm_head, vocab),
-                             "baseline_mean_logprob": baseline_report(pairs, dims)}
+            reports[name] = {
+                "head": evaluate(head, pairs, dims, lm_head, config.vocab, config.reference),
+                "untrained_head": evaluate(None, pairs, dims, lm_head, config.vocab,
+                                           config.reference),
+                "baseline_mean_logprob": baseline_report(pairs, dims)}
     return reports
 
 
@@ -256,7 +279,7 @@ def run_training(lm: LoadedModel, config: TrainConfig) -> PersonalizedRewardMode
     head, history = train_head(data.train_states, lm_head, config.head, val_pairs, val_dims,
                                state=state, on_epoch=on_epoch)
     train_seconds = time.perf_counter() - train_began
-    reports = validation_reports(head, data, lm_head, config.head.vocab)
+    reports = validation_reports(head, data, lm_head, config.head)
     value_head = ValueHead(lm_head.shape[1])
     with torch.no_grad():
         value_head.weight.copy_(head.weight())
@@ -277,6 +300,7 @@ def run_training(lm: LoadedModel, config: TrainConfig) -> PersonalizedRewardMode
         base_model=lm.name, hidden_size=lm_head.shape[1],
         recommended_weight=config.recommended_weight, top_k=config.top_k,
         placement=config.placement, lora=backbone is not None, base_model_sha256=model_sha,
+        reference=config.head.reference,
         training=training,
     )
     persrm = PersonalizedRewardModel(persrm_config, value_head, backbone)
