@@ -45,15 +45,14 @@ VARIANTS = [
     ("unconditioned reference, untrained head (W = I: Linear Alignment)",
      {"reference": "unconditioned"}, {"untrained": True}),
     ("unconditioned reference, lowrank r16", {"reference": "unconditioned"}, {}),
-    ("unconditioned, DPO + NLL 0.1 + identity L2 1e-2",
+    ("unconditioned, DPO + NLL 0.1 + identity L2 1e-2 (shipped recipe)",
      {"reference": "unconditioned", "nll_weight": 0.1, "identity_l2": 1e-2}, {}),
     ("unconditioned, full d x d, lr 1e-4", {"reference": "unconditioned", "form": "full",
                                             "lr": 1e-4}, {}),
     ("unconditioned, beta 0.02", {"reference": "unconditioned", "beta": 0.02}, {}),
-    ("unconditioned, full-vocabulary log-probs", {"reference": "unconditioned",
-                                                  "vocab": "full"}, {}),
     ("unconditioned, no label filter", {"reference": "unconditioned"}, {"label_filter": "none"}),
-    ("unconditioned, without P3A/P3B (unseen axis)", {"reference": "unconditioned"},
+    ("unconditioned, NLL + L2 (shipped recipe), without P3A/P3B (unseen axis)",
+     {"reference": "unconditioned", "nll_weight": 0.1, "identity_l2": 1e-2},
      {"holdout_dimensions": ("P3A", "P3B")}),
 ]
 
