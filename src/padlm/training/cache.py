@@ -142,7 +142,7 @@ class HiddenStateCache:
 
     def _path(self, shard: int) -> Path:
         """Shards are named by their rows' content: a grown dataset reuses its old shards."""
-        rows = self.rows[shard * SHARD_ROWS:(shard + 1) * SHARD_ROWS]
+        rows = self._shard_rows(shard)
         return self.directory / f"shard-{shard:05d}-{rows_fingerprint(rows)[:16]}.safetensors"
 
     def missing(self) -> list[int]:
@@ -179,6 +179,8 @@ class HiddenStateCache:
         return row.preference
 
     def _compute(self, shard: int, sequences: list[int], contexts, responses) -> list:
+        """Per-sequence results of one batch (``sequences``: their indexes in the shard); the
+        seam :class:`ReferenceCache` overrides, so both caches share one resumable loop."""
         return response_states(self.backbone, contexts, responses, self.top_k)
 
     @staticmethod
