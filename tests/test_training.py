@@ -124,14 +124,14 @@ def test_reference_cache_matches_a_preference_free_forward_and_resumes(tiny_lm, 
     rows = tiny_rows()
     primary = HiddenStateCache(tmp_path, tiny_lm, rows, "user-prefix", 5, "sha")
     primary.build()
-    reference = ReferenceCache(primary)
+    pairs = primary.load()
+    reference = ReferenceCache(primary, pairs)
     assert reference.directory != primary.directory
     with pytest.raises(KeyboardInterrupt):
         reference.build(progress=lambda n: (_ for _ in ()).throw(KeyboardInterrupt))
     assert reference.missing() == [1, 2, 3]
     assert reference.build() == 3 and reference.build() == 0
-    pairs = primary.load()
-    reference.attach(pairs)
+    reference.attach()
     row, (chosen, _) = rows[5], pairs[5]
     context, response = encode_sequence(tiny_lm.tokenizer, row.prompt, "", row.chosen,
                                         "user-prefix")
@@ -148,8 +148,9 @@ def test_untrained_head_reward_is_zero_conditioned_and_pmi_unconditioned(tiny_lm
     primary = HiddenStateCache(tmp_path, tiny_lm, rows, "user-prefix", 5, "sha")
     primary.build()
     pairs = primary.load()
-    ReferenceCache(primary).build()
-    ReferenceCache(primary).attach(pairs)
+    reference = ReferenceCache(primary, pairs)
+    reference.build()
+    reference.attach()
     dims = [r.dimension for r in rows]
     lm_head = tiny_lm.model.get_output_embeddings().weight.detach().float()
     conditioned = evaluate(None, pairs, dims, lm_head, "full", "conditioned")

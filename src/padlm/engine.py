@@ -192,7 +192,7 @@ class Personalizer:
         if isinstance(scorer, ImplicitRewardScorer) and scorer.persrm.config.unconditioned:
             extra["neutral_contexts"] = [render(self.lm.tokenizer, r.prompt, "", self.placement)
                                          for r in requests]
-        scores = self.scorer(contexts, [row.tokens for row in rows], **extra).view(
+        scores = scorer(contexts, [row.tokens for row in rows], **extra).view(
             len(prompts), n)
         seconds = (time.perf_counter() - began) / len(prompts)
         results = []

@@ -29,6 +29,24 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
     return inner.get_decoder()
 
 
+def response_hidden(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
+                    responses: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Whole-sequence counterpart of a stream (scoring finished responses, caching training
+    states): ONE right-padded batched forward over ``context + response`` rows; returns each
+    response's final hidden states ``[len(response), d]`` (the state at ``t`` predicts
+    ``response[t]``). Right padding leaves every real position's output unchanged."""
+    lengths = [len(c) + len(r) for c, r in zip(contexts, responses, strict=True)]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (context, response) in enumerate(zip(contexts, responses, strict=True)):
+        ids[i, :lengths[i]] = torch.tensor([*context, *response])
+        mask[i, :lengths[i]] = 1
+    with torch.inference_mode():
+        hidden = decoder_of(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    return [hidden[i, len(context) - 1:len(context) - 1 + len(response)]
+            for i, (context, response) in enumerate(zip(contexts, responses, strict=True))]
+
+
 class KVStream:
     """Runs one causal LM over a growing batch, one token per row per step."""
 

@@ -17,7 +17,7 @@ import torch
 from padlm import guidance
 from padlm.decoding import Request, Row
 from padlm.errors import PadlmError
-from padlm.kvstream import KVStream, StreamOutput
+from padlm.kvstream import KVStream, StreamOutput, response_hidden
 from padlm.models import LoadedModel
 from padlm.persrm import ADAPTER_NAME, BASE_ADAPTER, PersonalizedRewardModel
 from padlm.prompting import DEFAULT_PLACEMENT, render
@@ -167,49 +167,25 @@ class ImplicitRewardScorer:
 
     def _score(self, contexts, responses, neutral_contexts) -> torch.Tensor:
         lm_head = self.lm.model.get_output_embeddings().weight
-        base, batch = _left_padded_hidden(self.lm.model.get_decoder(), contexts, responses)
+        base = response_hidden(self.lm.model, contexts, responses)
         if self.persrm.shares_backbone:
             persrm_hidden = base
         else:
             with self.persrm.backbone._enable_peft_forward_hooks(
                     adapter_names=[ADAPTER_NAME] * len(contexts)):
-                persrm_hidden, _ = _left_padded_hidden(
-                    self.persrm.backbone.get_base_model().get_decoder(), contexts, responses)
-        reference = base
-        if self.persrm.config.unconditioned:
-            reference, _ = _left_padded_hidden(self.lm.model.get_decoder(), neutral_contexts,
-                                               responses)
+                persrm_hidden = response_hidden(self.persrm.backbone, contexts, responses)
+        reference = (response_hidden(self.lm.model, neutral_contexts, responses)
+                     if self.persrm.config.unconditioned else base)
         scores = []
-        for row, response in enumerate(responses):
-            if not response:
-                scores.append(torch.tensor(0.0))
-                continue
-            # responses sit at the end of every left-padded row; the state before a token
-            # predicts it
-            width = len(response)
-            targets = torch.tensor(list(response))[:, None]
-            with torch.inference_mode():
-                persrm_logp = self.persrm.reward_logits(
-                    persrm_hidden[row, -width - 1:-1], lm_head).log_softmax(-1)
-                reference_logp = (reference[row, -width - 1:-1] @ lm_head.T).float(
-                ).log_softmax(-1)
-            scores.append((persrm_logp.gather(1, targets)
-                           - reference_logp.gather(1, targets)).sum())
+        with torch.inference_mode():
+            for persrm_states, reference_states, response in zip(
+                    persrm_hidden, reference, responses, strict=True):
+                targets = torch.tensor(list(response), dtype=torch.long)[:, None]
+                persrm_logp = self.persrm.reward_logits(persrm_states, lm_head).log_softmax(-1)
+                reference_logp = (reference_states @ lm_head.T).float().log_softmax(-1)
+                scores.append((persrm_logp.gather(1, targets)
+                               - reference_logp.gather(1, targets)).sum())
         return torch.stack(scores)
-
-
-def _left_padded_hidden(decoder: torch.nn.Module, contexts, responses,
-                        ) -> tuple[torch.Tensor, int]:
-    """Final hidden states of context + response rows, left-padded to one width."""
-    sequences = [list(c) + list(r) for c, r in zip(contexts, responses, strict=True)]
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([[0] * (width - len(s)) + s for s in sequences])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions
-                         ).last_hidden_state
-    return hidden, width
 
 
 class ArgsStrategy:

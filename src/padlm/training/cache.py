@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from padlm.atomic import write_json_atomic
 from padlm.data.schema import PreferenceRow
+from padlm.kvstream import response_hidden
 from padlm.models import LoadedModel, padlm_home
 from padlm.prompting import render
 
@@ -67,40 +68,23 @@ class SequenceStates:
     reference_logp: torch.Tensor | None = None  # [T] its full-vocabulary log p(y_t)
 
 
-def _response_hidden(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
-                     responses: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor],
-                                                                  torch.Tensor]:
-    """One right-padded batched forward: each response's final hidden states (the state at
-    ``t`` predicts ``y_t``) and the lm_head weight."""
-    lengths = [len(c) + len(r) for c, r in zip(contexts, responses, strict=True)]
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, (context, response) in enumerate(zip(contexts, responses, strict=True)):
-        ids[i, :lengths[i]] = torch.tensor([*context, *response])
-        mask[i, :lengths[i]] = 1
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = inner.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    states = [hidden[i, len(context) - 1:len(context) - 1 + len(response)]
-              for i, (context, response) in enumerate(zip(contexts, responses, strict=True))]
-    return states, inner.get_output_embeddings().weight
-
-
 @torch.no_grad()
 def response_logits(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
                     responses: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """Full-vocabulary float32 logits ``[T, V]`` at each response's positions."""
-    hidden, lm_head = _response_hidden(model, contexts, responses)
-    return [(states @ lm_head.T).float() for states in hidden]
+    lm_head = model.get_output_embeddings().weight
+    return [(states @ lm_head.T).float()
+            for states in response_hidden(model, contexts, responses)]
 
 
 @torch.no_grad()
 def response_states(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
                     responses: Sequence[Sequence[int]], top_k: int) -> list[SequenceStates]:
     """One batched forward; returns the states at the response positions."""
-    hidden, lm_head = _response_hidden(model, contexts, responses)
+    lm_head = model.get_output_embeddings().weight
     results = []
-    for states, response in zip(hidden, responses, strict=True):
+    for states, response in zip(response_hidden(model, contexts, responses), responses,
+                                strict=True):
         logits = (states @ lm_head.T).float()
         targets = torch.tensor(response, dtype=torch.long)
         log_probs = logits.log_softmax(-1)
@@ -129,11 +113,15 @@ class HiddenStateCache:
         self.rows = list(rows)
         self.placement = placement
         self.top_k = top_k
-        key = {"model_sha256": model_sha256, "placement": placement, "top_k": top_k,
-               "max_response": MAX_RESPONSE_TOKENS,
-               "max_context": MAX_CONTEXT_TOKENS, "version": 1}
+        self._set_key(root or padlm_home() / "persrm-cache", {
+            "model_sha256": model_sha256, "placement": placement, "top_k": top_k,
+            "max_response": MAX_RESPONSE_TOKENS, "max_context": MAX_CONTEXT_TOKENS,
+            "version": 1})
+
+    def _set_key(self, root: Path, key: dict) -> None:
+        """A cache lives in a directory named by everything that shapes its contents."""
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        self.directory = (root or padlm_home() / "persrm-cache") / name
+        self.directory = root / name
         self.key = key
 
     @property
@@ -201,18 +189,17 @@ class HiddenStateCache:
 
     def load(self) -> list[tuple[SequenceStates, SequenceStates]]:
         """``(chosen, rejected)`` states for every row, in row order."""
-        pairs = []
-        for shard in range(self.shards):
-            seqs = self.load_shard(shard)
-            pairs.extend(zip(seqs[0::2], seqs[1::2], strict=True))
-        return pairs
+        seqs = [SequenceStates(*fields) for fields in self._sequences(
+            ("hidden", "targets", "candidates", "base_logp"))]
+        return list(zip(seqs[0::2], seqs[1::2], strict=True))
 
-    def load_shard(self, shard: int) -> list[SequenceStates]:
-        data = load_file(str(self._path(shard)))
-        bounds = [0, *data["lengths"].cumsum(0).tolist()]
-        return [SequenceStates(data["hidden"][a:b], data["targets"][a:b],
-                               data["candidates"][a:b], data["base_logp"][a:b])
-                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    def _sequences(self, names: Sequence[str]) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Each cached sequence's slices of the named tensors, shard by shard, in row order."""
+        for shard in range(self.shards):
+            data = load_file(str(self._path(shard)))
+            bounds = [0, *data["lengths"].cumsum(0).tolist()]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                yield tuple(data[name][a:b] for name in names)
 
 
 class ReferenceCache(HiddenStateCache):
@@ -221,31 +208,28 @@ class ReferenceCache(HiddenStateCache):
 
     Per position it keeps that model's logits at the primary cache's candidates plus the
     target (what the candidate-restricted log-softmax needs) and its full-vocabulary log-prob
-    of the target; no hidden states, so it is a small fraction of the primary cache.
+    of the target; no hidden states, so it is a small fraction of the primary cache. It is
+    built from, and attaches to, the primary cache's loaded ``(chosen, rejected)`` states.
     """
 
-    def __init__(self, primary: HiddenStateCache) -> None:
+    def __init__(self, primary: HiddenStateCache,
+                 states: Sequence[tuple[SequenceStates, SequenceStates]]) -> None:
         super().__init__(primary.directory.parent, primary.lm, primary.rows, primary.placement,
                          primary.top_k, primary.key["model_sha256"], primary.backbone)
-        self.key = {**primary.key, "reference": "no-preference"}
-        name = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
-        self.directory = primary.directory.parent / name
-        self.primary = primary
-        self._primary_shard: tuple[int, list[SequenceStates]] | None = None
+        self._set_key(primary.directory.parent, {**primary.key, "reference": "no-preference"})
+        self.states = [state for pair in states for state in pair]  # sequence order
 
     def _preference(self, row: PreferenceRow) -> str:
         return ""
 
     def _compute(self, shard: int, sequences: list[int], contexts, responses) -> list:
-        if self._primary_shard is None or self._primary_shard[0] != shard:
-            self._primary_shard = (shard, self.primary.load_shard(shard))
-        primary = self._primary_shard[1]
         out = []
-        for i, state in zip(sequences, response_logits(self.backbone, contexts, responses),
-                            strict=True):
-            ids = torch.cat([primary[i].candidates, primary[i].targets[:, None]], dim=1)
-            out.append((state.gather(1, ids),
-                        state.log_softmax(-1).gather(1, primary[i].targets[:, None])[:, 0]))
+        for i, logits in zip(sequences, response_logits(self.backbone, contexts, responses),
+                             strict=True):
+            primary = self.states[2 * SHARD_ROWS * shard + i]
+            ids = torch.cat([primary.candidates, primary.targets[:, None]], dim=1)
+            out.append((logits.gather(1, ids),
+                        logits.log_softmax(-1).gather(1, primary.targets[:, None])[:, 0]))
         return out
 
     @staticmethod
@@ -254,14 +238,8 @@ class ReferenceCache(HiddenStateCache):
                 "reference_logp": torch.cat([lp for _, lp in outputs]),
                 "lengths": torch.tensor([len(lp) for _, lp in outputs], dtype=torch.long)}
 
-    def attach(self, pairs: Sequence[tuple[SequenceStates, SequenceStates]]) -> None:
-        """Fill ``reference_k`` / ``reference_logp`` of the primary cache's loaded states."""
-        flat = [state for pair in pairs for state in pair]
-        position = 0
-        for shard in range(self.shards):
-            data = load_file(str(self._path(shard)))
-            bounds = [0, *data["lengths"].cumsum(0).tolist()]
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                flat[position].reference_k = data["reference_k"][a:b]
-                flat[position].reference_logp = data["reference_logp"][a:b]
-                position += 1
+    def attach(self) -> None:
+        """Fill ``reference_k`` / ``reference_logp`` of the primary states it was given."""
+        for state, (logits_k, logp) in zip(
+                self.states, self._sequences(("reference_k", "reference_logp")), strict=True):
+            state.reference_k, state.reference_logp = logits_k, logp

@@ -141,9 +141,9 @@ def prepare(lm: LoadedModel, config: TrainConfig, backbone=None, model_sha: str 
     _fill(cache, "caching hidden states")
     states = cache.load()
     if config.head.reference == "unconditioned":
-        reference = ReferenceCache(cache)
+        reference = ReferenceCache(cache, states)
         _fill(reference, "caching the preference-free reference")
-        reference.attach(states)
+        reference.attach()
     scores = consistency_scores(rows, states)
     clean = [s is None or s > 0 for s in scores]
     train_idx, val_idx = [], []
