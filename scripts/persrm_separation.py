@@ -5,12 +5,14 @@ Linear Alignment, without more echo or repetition loops? (Issue 3's acceptance c
 koala), the six P-Soups preferences, greedy decoding, the same settings for every strategy.
 Simple measures, used ONLY here (never as training labels): word count (P2A shorter than
 P2B), mean syllables per word (P1A simpler than P1B), VADER compound (P3A friendlier than
-P3B). Echo = the output repeats the preference text or the bracket template; loop = a word
-4-gram occurring 3+ times. Generations are appended to a JSONL keyed by (strategy, weight,
-preference, prompt) so strategies can run at different times and the script resumes.
+P3B). Echo = the output repeats 5 words of the preference text or the bracket template;
+paraphrased echo = 3 of its content words; loop = a word 4-gram occurring 3+ times.
+Generations are appended to a JSONL keyed by (strategy, weight, echo guard, preference,
+prompt) so strategies can run at different times and the script resumes.
 
     .venv/bin/python scripts/persrm_separation.py --strategies prompt,linear-alignment
     .venv/bin/python scripts/persrm_separation.py --strategies pad --persrm DIR --weight 1.0
+    .venv/bin/python scripts/persrm_separation.py --strategies pad,linear-alignment --echo-guard
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 import statistics
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -69,6 +72,20 @@ def echoes(text: str, preference: str) -> bool:
     return any(" ".join(words[i:i + 5]) in lowered for i in range(len(words) - 4))
 
 
+FRAME = {"generate", "response", "that", "only", "could", "without", "being", "very", "like",
+         "manner", "missing", "which", "with", "point", "easily"}
+
+
+def paraphrased_echo(text: str, preference: str) -> bool:
+    """A looser echo: 3 of the preference's content words (all, if it has fewer; compared by
+    their first 6 letters, so "understood" meets "understand") in the output, e.g. "a PhD
+    student studying this particular field"."""
+    stems = {w[:6] for w in re.findall(r"[a-z]+", preference.lower())
+             if len(w) >= 3 and w not in FRAME and w not in {"the", "and", "any", "for", "can"}}
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    return sum(any(w.startswith(stem) for w in words) for stem in stems) >= min(3, len(stems))
+
+
 def loops(text: str) -> bool:
     words = text.lower().split()
     grams = Counter(tuple(words[i:i + 4]) for i in range(len(words) - 3))
@@ -87,6 +104,8 @@ def summarize(records: list[dict]) -> dict:
         texts = [r for p in prefs.values() for r in p.values()]
         entry["outputs"] = len(texts)
         entry["echo"] = sum(echoes(r["text"], PSOUPS[r["preference"]]) for r in texts)
+        entry["paraphrased_echo"] = sum(paraphrased_echo(r["text"], PSOUPS[r["preference"]])
+                                        for r in texts)
         entry["loops"] = sum(loops(r["text"]) for r in texts)
         entry["hit_token_limit"] = sum(r["finish_reason"] == "length" for r in texts)
         entry["mean_words"] = round(statistics.mean(len(r["text"].split()) for r in texts), 1)
@@ -116,6 +135,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--no-repeat-ngram-size", type=int, default=3)
+    parser.add_argument("--echo-guard", action="store_true",
+                        help="pad / linear-alignment: no bonus for the preference's words")
     parser.add_argument("--outputs", type=Path,
                         default=Path("reports/persrm_separation_outputs.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("reports/persrm_separation.json"))
@@ -136,6 +157,7 @@ def main() -> None:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens,
                                   no_repeat_ngram_size=args.no_repeat_ngram_size,
                                   weight=args.weight).validate()
+        guarded = replace(config, echo_guard=args.echo_guard)
         with args.outputs.open("a") as handle:
             for strategy in args.strategies.split(","):
                 weight = (args.weight if args.weight is not None
@@ -146,12 +168,15 @@ def main() -> None:
                     f"w={weight}]")
                 if strategy == "linear-alignment":
                     run = f"linear-alignment[alpha={args.weight or 1.0}]"
+                if args.echo_guard and strategy in ("pad", "linear-alignment"):
+                    run += "+echo-guard"
                 for pid in PSOUPS:
                     todo = [p for p in prompts if (run, pid, p["id"]) not in done]
                     if not todo:
                         continue
                     began = time.perf_counter()
-                    outs = engine.generate([p["prompt"] for p in todo], pid, strategy, config,
+                    outs = engine.generate([p["prompt"] for p in todo], pid, strategy,
+                                           guarded if run.endswith("+echo-guard") else config,
                                            batch_size=len(todo))
                     print(f"{run} {pid}: {len(todo)} in {time.perf_counter() - began:.0f} s",
                           flush=True)

@@ -29,6 +29,7 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path):
         "is not valid JSON": ["generate", "--prompts-file", str(unreadable)],
         "unknown preference id": ["generate", "hi", "--preference", "P9Z"],
         "unknown bench strategy": ["bench", "--strategies", "base,warp"],
+        "prompt does not": ["generate", "hi", "--strategy", "prompt", "--echo-guard"],
     }
     results = run_all(list(cases.values()))
     for (expected, args), (code, _stdout, stderr) in zip(cases.items(), results, strict=True):

@@ -1,14 +1,16 @@
 """The decode loop: caching, batching, seeds, continuous batching and every strategy."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from padlm import GenerationConfig, Personalizer
+from padlm import GenerationConfig, Personalizer, guidance
+from padlm.errors import PadlmError
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
-from padlm.prompting import render
+from padlm.prompting import preference_token_ids, render
 from padlm.strategies import ArgsStrategy, ImplicitRewardScorer
 
 PREFERENCE = "P1A"
@@ -354,3 +356,56 @@ def test_lora_path_matches_two_model_reference(tiny_lm):
             score = base[top] + 2.0 * (reward[top].log_softmax(-1) - base[top].log_softmax(-1))
             reference.append(int(top[score.argmax()]))
     assert tokens == reference
+
+
+def test_echo_guard_with_an_identity_unconditioned_head_equals_guarded_linear_alignment(tiny_lm):
+    identity = PersonalizedRewardModel.identity(tiny_lm.name, tiny_lm.model.config.hidden_size)
+    engine = Personalizer(tiny_lm, persrm=unconditioned(identity))
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True, weight=2.0, echo_guard=True)
+    prompts = ["Describe a cat.", "What is the capital of France?"]
+    pad = engine.generate(prompts, PREFERENCE, "pad", config)
+    la = engine.generate(prompts, PREFERENCE, "linear-alignment", config)
+    assert [g.tokens for g in pad] == [g.tokens for g in la]
+
+
+@pytest.mark.parametrize("strategy", ["prompt", "base", "args", "best-of-n"])
+def test_echo_guard_is_refused_where_there_is_no_bonus_to_cap(tiny_engine, strategy):
+    with pytest.raises(PadlmError, match="echo guard"):
+        tiny_engine.generate(["Hi"], PREFERENCE, strategy,
+                             GenerationConfig(max_new_tokens=2, echo_guard=True), n=2)
+
+
+@pytest.mark.slow
+def test_echo_guard_stops_linear_alignment_quoting_the_preference(default_engine, default_lm):
+    """On the real model, Linear Alignment copies P1B's words ("a PhD Student in that specific
+    field could understand") into the answer; with the guard it does not, and every guarded
+    step equals a brute-force two-context decode with the capped shift."""
+    prompt, steps = "Give me three tips for learning to cook.", 24
+    preference = default_engine.request(prompt, "P1B").preference
+    config = GenerationConfig(max_new_tokens=steps, no_repeat_ngram_size=3)
+    plain = default_engine.generate([prompt], "P1B", "linear-alignment", config)[0]
+    guarded = default_engine.generate([prompt], "P1B", "linear-alignment",
+                                      replace(config, echo_guard=True))[0]
+    assert "PhD Student in that specific field" in plain.text
+    assert "in that specific field" not in guarded.text
+    tokenizer = default_lm.tokenizer
+    guarded_ids = torch.tensor(preference_token_ids(tokenizer, preference))
+    with_pref = render(tokenizer, prompt, preference, default_engine.placement)
+    without = render(tokenizer, prompt, "", default_engine.placement)
+    reference, capped = [], 0
+    with torch.inference_mode():
+        while len(reference) < steps:
+            zp = default_lm.model(torch.tensor([with_pref + reference])).logits[0, -1]
+            z0 = default_lm.model(torch.tensor([without + reference])).logits[0, -1]
+            for token in guidance.banned_ngram_tokens(reference, 3):
+                zp[token] = float("-inf")
+            top = zp.topk(10).indices
+            shift = zp[top] - z0[top]
+            echo = torch.isin(top, guarded_ids)
+            capped += int((echo & (shift > 0)).sum())
+            token = int(top[(zp[top] + torch.where(echo, shift.clamp(max=0), shift)).argmax()])
+            if token in default_engine.eos_ids:
+                break
+            reference.append(token)
+    assert guarded.tokens == reference
+    assert capped > 0  # the guard really acted on this decode

@@ -63,6 +63,33 @@ def test_linear_alignment_by_hand():
     assert scores.tolist() == [[1.0 + 0.5 * (1 - 2), 3.0 + 0.5 * (3 - 1)]]
 
 
+def test_echo_guard_caps_only_the_bonus_of_marked_candidates():
+    candidates = torch.tensor([[4, 7, 9], [4, 7, 9]])
+    echo = guidance.echo_candidates(candidates, [torch.tensor([7, 9, 100]), None])
+    assert echo.tolist() == [[False, True, True], [False, False, False]]
+    reward = torch.tensor([[1.5, 2.0, -3.0], [1.5, 2.0, -3.0]])
+    # a marked bonus becomes 0, a marked penalty stays, unmarked rows are untouched
+    assert guidance.cap_echo(reward, echo).tolist() == [[1.5, 0.0, -3.0], [1.5, 2.0, -3.0]]
+    assert guidance.cap_echo(reward, None) is reward
+
+
+def test_pad_and_linear_alignment_with_echo_guard_by_hand():
+    preferred = torch.tensor([[1.0, 3.0, 0.0]])
+    neutral = torch.tensor([[2.0, 1.0, 0.5]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    echo = torch.tensor([[False, True, True]])
+    la = guidance.linear_alignment_scores(preferred, neutral, torch.tensor([0.5]), valid,
+                                          echo=echo)
+    assert la.tolist() == [[1.0 + 0.5 * (1 - 2), 3.0 + 0.0, 0.0 + 0.5 * (0 - 0.5)]]
+    reward_logits = torch.tensor([[0.0, 4.0, -1.0]])
+    plain = guidance.pad_token_reward(neutral, reward_logits, valid)
+    guarded = guidance.pad_scores(neutral, reward_logits, torch.tensor([2.0]), valid,
+                                  proposal_logits_k=preferred, echo=echo)
+    expected = preferred + 2.0 * torch.where(echo, plain.clamp(max=0), plain)
+    assert torch.allclose(guarded, expected)
+    assert plain[0, 1] > 0 and guarded[0, 1] == preferred[0, 1]  # the bonus really was cut
+
+
 def test_repetition_penalty_matches_transformers():
     torch.manual_seed(2)
     logits = torch.randn(2, 30)

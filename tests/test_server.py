@@ -281,6 +281,8 @@ ERROR_CASES = [
      openai.BadRequestError, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "pad": {"top_k": 0}},
      openai.BadRequestError, "pad.top_k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "prompt",
+      "pad": {"echo_guard": True}}, openai.BadRequestError, "pad.echo_guard"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 99}, openai.BadRequestError, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
      openai.BadRequestError, "stop"),

@@ -84,6 +84,9 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     no_repeat_ngram_size: Annotated[int, typer.Option()] = 0,
     repetition_penalty: Annotated[float, typer.Option()] = 1.0,
+    echo_guard: Annotated[bool, typer.Option(
+        help="pad / linear-alignment: no guidance bonus for the preference's own words.")
+                          ] = False,
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
     placement: PlacementOption = "user-prefix",
@@ -98,6 +101,7 @@ def generate(
     """Generate a personalized response (or one per line of --prompts-file)."""
     from padlm.decoding import GenerationConfig
     from padlm.engine import STRATEGIES, Personalizer
+    from padlm.strategies import ECHO_GUARDED
 
     if strategy not in STRATEGIES:
         fail(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -107,10 +111,14 @@ def generate(
         fail("the prompt is empty")
     if batch_size < 1:
         fail("--batch-size must be >= 1")
+    if echo_guard and strategy not in ECHO_GUARDED:
+        fail(f"--echo-guard caps a per-token guidance bonus: {' and '.join(ECHO_GUARDED)} "
+             f"have one, {strategy} does not")
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         stop=tuple(stop or ()), no_repeat_ngram_size=no_repeat_ngram_size,
         repetition_penalty=repetition_penalty, weight=weight, top_k=top_k,
+        echo_guard=echo_guard,
     ).validate()
     items = load_prompts(prompts_file) if prompts_file else [{"id": "0", "prompt": prompt}]
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement)

@@ -36,6 +36,8 @@ class GenerationConfig:
     weight: float | None = None
     top_k: int | None = None  # None: the strategy's default (PersRM config, else 10)
     ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
+    # pad / linear-alignment: no guidance bonus for the preference's own words (they echo it)
+    echo_guard: bool = False
 
     def validate(self) -> GenerationConfig:
         if self.max_new_tokens < 1:
@@ -86,6 +88,7 @@ class Strategy(Protocol):
 
     name: str
     streams: list[KVStream]
+    supports_echo_guard: bool  # its guidance has a per-token bonus that can be capped
 
     def contexts(self, request: Request) -> list[list[list[int]]]: ...
 
@@ -122,6 +125,9 @@ class DecodeBatch:
         new_rows = []
         for request in requests:
             request.config.validate()
+            if request.config.echo_guard and not self.strategy.supports_echo_guard:
+                raise PadlmError(f"the echo guard caps a per-token guidance bonus: pad and "
+                                 f"linear-alignment have one, {self.strategy.name} does not")
             generator = None
             if request.config.temperature > 0:
                 generator = torch.Generator()

@@ -42,22 +42,50 @@ def pad_token_reward(
     return reward.masked_fill(~valid, 0.0)
 
 
+def echo_candidates(
+    candidates: torch.Tensor, guarded: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
+    """True where a candidate is one of its row's ``guarded`` token ids (None: no guard).
+
+    >>> echo_candidates(torch.tensor([[5, 7], [5, 7]]), [torch.tensor([7]), None]).tolist()
+    [[False, True], [False, False]]
+    """
+    mask = torch.zeros_like(candidates, dtype=torch.bool)
+    for row, ids in enumerate(guarded):
+        if ids is not None and len(ids):
+            mask[row] = torch.isin(candidates[row], ids)
+    return mask
+
+
+def cap_echo(reward: torch.Tensor, echo: torch.Tensor | None) -> torch.Tensor:
+    """No bonus for echoing: where ``echo`` is set the reward is capped at 0 (a penalty stays).
+
+    Why: a reward measured against the preference-free model (Linear Alignment's shift, an
+    unconditioned PersRM) is largest for the preference's own words, because conditioning on
+    a text makes copying it likelier; that bonus rewards quoting the preference, not
+    following it.
+    """
+    return reward if echo is None else torch.where(echo, reward.clamp(max=0.0), reward)
+
+
 def pad_scores(
     reference_logits_k: torch.Tensor,
     reward_logits_k: torch.Tensor,
     weight: torch.Tensor,
     valid: torch.Tensor,
     proposal_logits_k: torch.Tensor | None = None,
+    echo: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PAD's rule ``score = z_b + w * r`` over the candidates (``-inf`` elsewhere).
 
     ``proposal_logits_k`` is the base logits after repetition control (default: the
     reference's, i.e. the base model the PersRM was trained against); the reward always
     compares the raw models. With the base as its own reference, over the candidates this
-    equals ``(1-w) z_b + w z_R + const``.
+    equals ``(1-w) z_b + w z_R + const``. ``echo`` marks candidates whose bonus is capped
+    (see ``cap_echo``).
     """
     proposal = reference_logits_k if proposal_logits_k is None else proposal_logits_k
-    reward = pad_token_reward(reference_logits_k, reward_logits_k, valid)
+    reward = cap_echo(pad_token_reward(reference_logits_k, reward_logits_k, valid), echo)
     return (proposal + weight[:, None] * reward).masked_fill(~valid, NEG_INF)
 
 
@@ -67,10 +95,12 @@ def linear_alignment_scores(
     alpha: torch.Tensor,
     valid: torch.Tensor,
     proposal_logits_k: torch.Tensor | None = None,
+    echo: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Linear Alignment: ``z_p + alpha (z_p - z_0)`` over the top candidates of ``z_p``."""
+    """Linear Alignment: ``z_p + alpha (z_p - z_0)`` over the top candidates of ``z_p``;
+    ``echo`` caps the shift of the marked candidates at 0 (see ``cap_echo``)."""
     proposal = preferred_logits_k if proposal_logits_k is None else proposal_logits_k
-    shift = alpha[:, None] * (preferred_logits_k - neutral_logits_k)
+    shift = alpha[:, None] * cap_echo(preferred_logits_k - neutral_logits_k, echo)
     return (proposal + shift).masked_fill(~valid, NEG_INF)
 
 

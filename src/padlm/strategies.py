@@ -20,7 +20,7 @@ from padlm.errors import PadlmError
 from padlm.kvstream import KVStream, StreamOutput, response_hidden
 from padlm.models import LoadedModel
 from padlm.persrm import ADAPTER_NAME, BASE_ADAPTER, PersonalizedRewardModel
-from padlm.prompting import DEFAULT_PLACEMENT, render
+from padlm.prompting import DEFAULT_PLACEMENT, preference_token_ids, render
 
 DEFAULT_TOP_K = 10
 Process = Callable[[torch.Tensor], torch.Tensor]
@@ -36,12 +36,22 @@ def _weights(rows: Sequence[Row], default: float) -> torch.Tensor:
     )
 
 
+def _echo(rows: Sequence[Row], candidates: torch.Tensor, tokenizer) -> torch.Tensor | None:
+    """Which candidates are words of their row's preference, for rows with the echo guard."""
+    if not any(row.config.echo_guard for row in rows):
+        return None
+    return guidance.echo_candidates(candidates, [
+        torch.tensor(preference_token_ids(tokenizer, row.request.preference), dtype=torch.long)
+        if row.config.echo_guard else None for row in rows])
+
+
 class PlainStrategy:
     """``base`` (preference ignored) and ``prompt`` (preference placed in the context)."""
 
     def __init__(self, lm: LoadedModel, use_preference: bool,
                  placement: str = DEFAULT_PLACEMENT) -> None:
         self.name = "prompt" if use_preference else "base"
+        self.supports_echo_guard = False
         self.lm = lm
         self.use_preference = use_preference
         self.placement = placement
@@ -65,6 +75,7 @@ class PadStrategy:
     """
 
     name = "pad"
+    supports_echo_guard = True
 
     def __init__(self, lm: LoadedModel, persrm: PersonalizedRewardModel,
                  placement: str | None = None) -> None:
@@ -100,7 +111,7 @@ class PadStrategy:
         scores = guidance.pad_scores(
             out.logits[:, self.reference_lane].gather(1, candidates), reward_logits,
             _weights(rows, self.persrm.config.recommended_weight), valid,
-            proposal.gather(1, candidates),
+            proposal.gather(1, candidates), _echo(rows, candidates, self.lm.tokenizer),
         )
         return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
 
@@ -109,6 +120,7 @@ class LinearAlignmentStrategy:
     """Linear Alignment: ``z_p + alpha (z_p - z_0)``, both contexts in one batched forward."""
 
     name = "linear-alignment"
+    supports_echo_guard = True
 
     def __init__(self, lm: LoadedModel, placement: str = DEFAULT_PLACEMENT) -> None:
         self.lm = lm
@@ -128,6 +140,7 @@ class LinearAlignmentStrategy:
         scores = guidance.linear_alignment_scores(
             preferred.gather(1, candidates), neutral.gather(1, candidates),
             _weights(rows, 1.0), valid, proposal.gather(1, candidates),
+            _echo(rows, candidates, self.lm.tokenizer),
         )
         return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
 
@@ -200,6 +213,7 @@ class ArgsStrategy:
     """
 
     name = "args"
+    supports_echo_guard = False
 
     def __init__(self, lm: LoadedModel, scorer: SequenceScorer,
                  placement: str = DEFAULT_PLACEMENT, default_weight: float = 1.0) -> None:
@@ -245,3 +259,7 @@ class ArgsStrategy:
         persrm_logits = self.scorer.persrm.reward_logits(out.hidden[:, 0], lm_head)
         reference = out.logits[:, 1 if self.neutral else 0]
         return persrm_logits.log_softmax(-1) - reference.log_softmax(-1)
+
+
+# the strategies whose guidance has a per-token bonus the echo guard can cap
+ECHO_GUARDED = (PadStrategy.name, LinearAlignmentStrategy.name)

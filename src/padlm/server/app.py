@@ -43,6 +43,7 @@ from padlm.server.schemas import (
     parse_body,
 )
 from padlm.server.worker import BatchWorker, Job, JobDone, JobFailed, TokenEvent
+from padlm.strategies import ECHO_GUARDED
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,10 @@ class Service:
                 raise ApiError(400, f"best_of must be between 1 and {limit}", "best_of")
         elif body.best_of not in (None, 1):
             raise ApiError(400, "best_of needs strategy 'best-of-n'", "best_of")
+        if body.pad and body.pad.echo_guard and body.strategy not in ECHO_GUARDED:
+            raise ApiError(400, f"pad.echo_guard caps a per-token guidance bonus: strategies "
+                           f"{' and '.join(ECHO_GUARDED)} have one, {body.strategy} does not",
+                           "pad.echo_guard")
         max_tokens = body.max_tokens
         if max_tokens is None and isinstance(body, ChatCompletionRequest):
             max_tokens = body.max_completion_tokens
@@ -139,7 +144,7 @@ class Service:
             repetition_penalty=(1.0 if body.repetition_penalty is None
                                 else body.repetition_penalty),
             weight=pad.weight if pad else None, top_k=pad.top_k if pad else None,
-            ignore_eos=body.ignore_eos,
+            echo_guard=bool(pad and pad.echo_guard), ignore_eos=body.ignore_eos,
         )
         try:
             return config.validate()

@@ -57,10 +57,12 @@ class ChatMessage(_Strict):
 
 
 class PadOptions(_Strict):
-    """``pad: {weight, top_k}``: the strategy's guidance weight and candidate count."""
+    """``pad: {weight, top_k, echo_guard}``: the strategy's guidance weight, candidate count,
+    and whether the preference's own words may earn a guidance bonus (pad, linear-alignment)."""
 
     weight: float | None = None
     top_k: int | None = None
+    echo_guard: bool = False
 
 
 class StreamOptions(_Strict):
