@@ -61,9 +61,9 @@ def cap_echo(reward: torch.Tensor, echo: torch.Tensor | None) -> torch.Tensor:
     """No bonus for echoing: where ``echo`` is set the reward is capped at 0 (a penalty stays).
 
     Why: a reward measured against the preference-free model (Linear Alignment's shift, an
-    unconditioned PersRM) is largest for the preference's own words, because conditioning on
-    a text makes copying it likelier; that bonus rewards quoting the preference, not
-    following it.
+    unconditioned PersRM) is largest for copying the preference, because conditioning on a
+    text makes quoting it likelier; that bonus rewards quoting the preference, not following
+    it. The base model's own preference for the quote is left alone.
     """
     return reward if echo is None else torch.where(echo, reward.clamp(max=0.0), reward)
 
