@@ -37,8 +37,8 @@ BENCH_PROMPT = (
     "water, a torch and a little milk to see the same effect."
 )
 BENCH_PREFERENCE = "P1A"
-BENCH_STRATEGIES = ("base", "prompt", "pad", "pad-conditioned", "pad-unconditioned",
-                    "pad-lora", "linear-alignment", "args", "reference-pad")
+BENCH_STRATEGIES = ("base", "prompt", "pad", "pad-echo-guard", "pad-conditioned",
+                    "pad-unconditioned", "pad-lora", "linear-alignment", "args", "reference-pad")
 
 
 def lora_persrm(engine: Personalizer) -> PersonalizedRewardModel:
@@ -98,6 +98,8 @@ def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens:
     """A zero-argument function that decodes one batch, and the models it runs."""
     config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
     prompts = [BENCH_PROMPT] * batch_size
+    if strategy == "pad-echo-guard":  # the default pad plus the guard's per-step lookups
+        strategy, config = "pad", dataclasses.replace(config, echo_guard=True)
     if strategy == "reference-pad":
         ids = render(engine.lm.tokenizer, BENCH_PROMPT, engine.request(
             BENCH_PROMPT, BENCH_PREFERENCE).preference, engine.placement)

@@ -10,6 +10,7 @@ scores each top-k candidate with a sequence-level scorer.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Protocol
 
 import torch
@@ -36,13 +37,18 @@ def _weights(rows: Sequence[Row], default: float) -> torch.Tensor:
     )
 
 
+@lru_cache(maxsize=1024)
+def _guarded_ids(tokenizer, preference: str) -> torch.Tensor:
+    return torch.tensor(preference_token_ids(tokenizer, preference), dtype=torch.long)
+
+
 def _echo(rows: Sequence[Row], candidates: torch.Tensor, tokenizer) -> torch.Tensor | None:
     """Which candidates are words of their row's preference, for rows with the echo guard."""
     if not any(row.config.echo_guard for row in rows):
         return None
     return guidance.echo_candidates(candidates, [
-        torch.tensor(preference_token_ids(tokenizer, row.request.preference), dtype=torch.long)
-        if row.config.echo_guard else None for row in rows])
+        _guarded_ids(tokenizer, row.request.preference) if row.config.echo_guard else None
+        for row in rows])
 
 
 class PlainStrategy:
