@@ -150,6 +150,20 @@ def test_a_new_persrm_at_the_same_path_regenerates_only_its_strategies(
     assert all(r["n"] == 5 for r in second["rows"])
 
 
+def test_echo_guarded_eval_guards_only_guidance_cells_and_keeps_old_keys(
+        tiny_engine, prompts_file, tmp_path):
+    # runs saved before the guard existed keep their keys: off adds nothing to the key
+    assert "echo_guard" not in harness.config_key(GenerationConfig())
+    guarded_plan = plan_for(prompts_file, config=GenerationConfig(max_new_tokens=6,
+                                                                  echo_guard=True))
+    summary = harness.run(tiny_engine, guarded_plan, tmp_path, progress=False)  # prompt, base ok
+    assert {r["strategy"] for r in summary["rows"]} == {"base", "prompt", "pad",
+                                                        "linear-alignment"}
+    records = harness.read_jsonl(tmp_path / harness.GENERATIONS)
+    assert all(r["config"]["echo_guard"] is True for r in records)
+    assert "echo guard on pad / linear-alignment" in (tmp_path / "report.md").read_text()
+
+
 def test_summary_schema_and_report(tiny_engine, prompts_file, tmp_path):
     summary = harness.run(tiny_engine, plan_for(prompts_file), tmp_path, progress=False)
     on_disk = json.loads((tmp_path / "summary.json").read_text())

@@ -53,6 +53,9 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option()] = 128,
     no_repeat_ngram_size: Annotated[int, typer.Option(help="P-Soups used 3.")] = 0,
     repetition_penalty: Annotated[float, typer.Option()] = 1.0,
+    echo_guard: Annotated[bool, typer.Option(
+        help="pad and linear-alignment cells: no guidance bonus for the preference's words.")
+                          ] = False,
     top_k: Annotated[int | None, typer.Option(help="Candidates per step.")] = None,
     n: Annotated[int, typer.Option(help="Samples for best-of-n.")] = 4,
     seed: Annotated[int, typer.Option(help="Sampling seed (best-of-n).")] = 0,
@@ -94,7 +97,8 @@ def eval_command(
         directions=[parse_direction(spec) for spec in judge or []],
         config=GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, top_k=top_k,
                                 no_repeat_ngram_size=no_repeat_ngram_size,
-                                repetition_penalty=repetition_penalty).validate(),
+                                repetition_penalty=repetition_penalty,
+                                echo_guard=echo_guard).validate(),
     )
     if not plan.preferences or not plan.strategies:
         raise PadlmError("--preferences and --strategies must not be empty")

@@ -29,6 +29,7 @@ from padlm.errors import PadlmError
 from padlm.judges import JUDGES, get_judge, primary_direction
 from padlm.judges import guards as _guards
 from padlm.preferences import PRESETS, PSOUPS, looks_like_ids, preference_ids, resolve_preference
+from padlm.strategies import ECHO_GUARDED
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,8 @@ def config_key(config: GenerationConfig, engine=None) -> dict:
     params) and, given the engine, the model, dtype and placement."""
     data = asdict(replace(config, weight=None))
     data["stop"] = list(data["stop"])
+    if not data["echo_guard"]:  # added later: off, the key is the one saved runs already have
+        del data["echo_guard"]
     if engine is not None:
         data.update(model=engine.lm.name, placement=engine.placement,
                     dtype=str(next(engine.lm.model.parameters()).dtype).removeprefix("torch."))
@@ -234,7 +237,8 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
     bar = tqdm(total=total, desc="generate", unit="resp", disable=not progress)
     try:
         for job, missing in pending:
-            config = replace(plan.config, weight=job.params_dict.get("weight"))
+            config = replace(plan.config, weight=job.params_dict.get("weight"),
+                             echo_guard=plan.config.echo_guard and job.strategy in ECHO_GUARDED)
             # best-of-n decodes n samples per prompt: keep its chunks as large in rows
             step = max(1, plan.batch_size // plan.n) if job.strategy == "best-of-n" \
                 else plan.batch_size

@@ -68,7 +68,9 @@ def render_markdown(summary: dict) -> str:
         f"- prompts: {summary['prompts']} (limit {summary['limit']}); decoding: "
         f"max_new_tokens {gen['max_new_tokens']}, temperature {gen['temperature']}, "
         f"no_repeat_ngram_size {gen['no_repeat_ngram_size']}, repetition_penalty "
-        f"{gen['repetition_penalty']}; dtype {summary.get('dtype', 'float32')}",
+        f"{gen['repetition_penalty']}"
+        f"{', echo guard on pad / linear-alignment' if gen.get('echo_guard') else ''}; "
+        f"dtype {summary.get('dtype', 'float32')}",
         "- win rate: share of prompts where the output moved the preference's way relative "
         "to `base` on the same prompt (ties count half; 0.5 = no effect), judged by "
         "expertise = Flesch-Kincaid grade (P1), informativeness = word count (P2), "
