@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -144,6 +145,24 @@ def test_chat_with_preference_matches_the_library(real):
     assert usage.completion_tokens == expected.new_tokens
     assert usage.prompt_tokens > 10
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.slow
+def test_echo_guard_reaches_the_decoder(real):
+    """``pad.echo_guard`` gives the library's guarded answer, which here is not the plain one
+    (Linear Alignment quotes P1B without the guard)."""
+    server, engine, _ = real
+    prompt, config = "Give me three tips for learning to cook.", GenerationConfig(
+        max_new_tokens=24, no_repeat_ngram_size=3)
+    answer = client_for(server).chat.completions.create(
+        model="padlm", messages=[{"role": "user", "content": prompt}], max_tokens=24,
+        extra_body={"preference": "P1B", "strategy": "linear-alignment",
+                    "no_repeat_ngram_size": 3, "pad": {"echo_guard": True}},
+    ).choices[0].message.content
+    guarded, plain = (engine.generate([prompt], "P1B", "linear-alignment",
+                                      replace(config, echo_guard=flag))[0].text
+                      for flag in (True, False))
+    assert answer == guarded != plain
 
 
 @pytest.mark.slow
