@@ -146,6 +146,7 @@ def main() -> None:
     from padlm import GenerationConfig, Personalizer
     from padlm.atomic import write_json_atomic
     from padlm.preferences import PSOUPS
+    from padlm.strategies import ECHO_GUARDED
 
     args.outputs.parent.mkdir(parents=True, exist_ok=True)
     records = ([json.loads(line) for line in args.outputs.read_text().splitlines() if line]
@@ -157,7 +158,6 @@ def main() -> None:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens,
                                   no_repeat_ngram_size=args.no_repeat_ngram_size,
                                   weight=args.weight).validate()
-        guarded = replace(config, echo_guard=args.echo_guard)
         with args.outputs.open("a") as handle:
             for strategy in args.strategies.split(","):
                 weight = (args.weight if args.weight is not None
@@ -168,7 +168,8 @@ def main() -> None:
                     f"w={weight}]")
                 if strategy == "linear-alignment":
                     run = f"linear-alignment[alpha={args.weight or 1.0}]"
-                if args.echo_guard and strategy in ("pad", "linear-alignment"):
+                guard = args.echo_guard and strategy in ECHO_GUARDED
+                if guard:
                     run += "+echo-guard"
                 for pid in PSOUPS:
                     todo = [p for p in prompts if (run, pid, p["id"]) not in done]
@@ -176,7 +177,7 @@ def main() -> None:
                         continue
                     began = time.perf_counter()
                     outs = engine.generate([p["prompt"] for p in todo], pid, strategy,
-                                           guarded if run.endswith("+echo-guard") else config,
+                                           replace(config, echo_guard=guard),
                                            batch_size=len(todo))
                     print(f"{run} {pid}: {len(todo)} in {time.perf_counter() - began:.0f} s",
                           flush=True)

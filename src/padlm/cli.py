@@ -101,7 +101,7 @@ def generate(
     """Generate a personalized response (or one per line of --prompts-file)."""
     from padlm.decoding import GenerationConfig
     from padlm.engine import STRATEGIES, Personalizer
-    from padlm.strategies import ECHO_GUARDED
+    from padlm.strategies import ECHO_GUARDED, echo_guard_refusal
 
     if strategy not in STRATEGIES:
         fail(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -112,8 +112,7 @@ def generate(
     if batch_size < 1:
         fail("--batch-size must be >= 1")
     if echo_guard and strategy not in ECHO_GUARDED:
-        fail(f"--echo-guard caps a per-token guidance bonus: {' and '.join(ECHO_GUARDED)} "
-             f"have one, {strategy} does not")
+        fail(f"--echo-guard: {echo_guard_refusal(strategy)}")
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         stop=tuple(stop or ()), no_repeat_ngram_size=no_repeat_ngram_size,

@@ -126,8 +126,8 @@ class DecodeBatch:
         for request in requests:
             request.config.validate()
             if request.config.echo_guard and not self.strategy.supports_echo_guard:
-                raise PadlmError(f"the echo guard caps a per-token guidance bonus: pad and "
-                                 f"linear-alignment have one, {self.strategy.name} does not")
+                raise PadlmError(f"the echo guard caps a per-token guidance bonus; "
+                                 f"{self.strategy.name} has none")
             generator = None
             if request.config.temperature > 0:
                 generator = torch.Generator()

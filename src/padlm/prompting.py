@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from functools import lru_cache
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -83,11 +82,10 @@ def render(
     return tokenizer(text)["input_ids"]
 
 
-@lru_cache(maxsize=1024)
 def preference_token_ids(tokenizer: PreTrainedTokenizerBase, preference: str) -> tuple[int, ...]:
     """The token ids a response would use to quote the preference's words: each word as
     written, lower-cased and capitalised, with and without a leading space (the echo guard's
-    list; cached because the decode loop asks every step)."""
+    list)."""
     words = set(re.findall(r"[A-Za-z0-9']+", preference))
     variants = {form for word in words for form in (word, word.lower(), word.capitalize())}
     ids: set[int] = set()

@@ -39,6 +39,7 @@ def _weights(rows: Sequence[Row], default: float) -> torch.Tensor:
 
 @lru_cache(maxsize=1024)
 def _guarded_ids(tokenizer, preference: str) -> torch.Tensor:
+    """Cached: the decode loop asks for a row's ids at every step."""
     return torch.tensor(preference_token_ids(tokenizer, preference), dtype=torch.long)
 
 
@@ -269,3 +270,10 @@ class ArgsStrategy:
 
 # the strategies whose guidance has a per-token bonus the echo guard can cap
 ECHO_GUARDED = (PadStrategy.name, LinearAlignmentStrategy.name)
+
+
+def echo_guard_refusal(strategy: str) -> str:
+    """Why ``strategy`` cannot take the echo guard: one wording for the CLI and the server,
+    which refuse before any model work."""
+    return (f"the echo guard caps a per-token guidance bonus: {' and '.join(ECHO_GUARDED)} "
+            f"have one, {strategy} does not")

@@ -43,7 +43,7 @@ from padlm.server.schemas import (
     parse_body,
 )
 from padlm.server.worker import BatchWorker, Job, JobDone, JobFailed, TokenEvent
-from padlm.strategies import ECHO_GUARDED
+from padlm.strategies import ECHO_GUARDED, echo_guard_refusal
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,7 @@ class Service:
         elif body.best_of not in (None, 1):
             raise ApiError(400, "best_of needs strategy 'best-of-n'", "best_of")
         if body.pad and body.pad.echo_guard and body.strategy not in ECHO_GUARDED:
-            raise ApiError(400, f"pad.echo_guard caps a per-token guidance bonus: strategies "
-                           f"{' and '.join(ECHO_GUARDED)} have one, {body.strategy} does not",
-                           "pad.echo_guard")
+            raise ApiError(400, echo_guard_refusal(body.strategy), "pad.echo_guard")
         max_tokens = body.max_tokens
         if max_tokens is None and isinstance(body, ChatCompletionRequest):
             max_tokens = body.max_completion_tokens
