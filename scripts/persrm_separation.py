@@ -145,8 +145,8 @@ def main() -> None:
     torch.set_num_threads(2)
     from padlm import GenerationConfig, Personalizer
     from padlm.atomic import write_json_atomic
+    from padlm.decoding import ECHO_GUARDED
     from padlm.preferences import PSOUPS
-    from padlm.strategies import ECHO_GUARDED
 
     args.outputs.parent.mkdir(parents=True, exist_ok=True)
     records = ([json.loads(line) for line in args.outputs.read_text().splitlines() if line]

@@ -1,13 +1,15 @@
 """The decode loop: caching, batching, seeds, continuous batching and every strategy."""
 
 import copy
+import re
 from dataclasses import replace
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from padlm import GenerationConfig, Personalizer, guidance
+from padlm import STRATEGIES, GenerationConfig, Personalizer, guidance
+from padlm.decoding import ECHO_GUARDED, echo_guard_refusal
 from padlm.errors import PadlmError
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.prompting import preference_token_ids, render
@@ -370,9 +372,16 @@ def test_echo_guard_with_an_identity_unconditioned_head_equals_guarded_linear_al
 
 @pytest.mark.parametrize("strategy", ["prompt", "base", "args", "best-of-n"])
 def test_echo_guard_is_refused_where_there_is_no_bonus_to_cap(tiny_engine, strategy):
-    with pytest.raises(PadlmError, match="echo guard"):
+    with pytest.raises(PadlmError, match=re.escape(echo_guard_refusal(strategy))):
         tiny_engine.generate(["Hi"], PREFERENCE, strategy,
                              GenerationConfig(max_new_tokens=2, echo_guard=True), n=2)
+
+
+@pytest.mark.parametrize("strategy", ECHO_GUARDED)
+def test_every_echo_guarded_name_is_a_strategy_that_takes_the_guard(tiny_engine, strategy):
+    assert strategy in STRATEGIES
+    tiny_engine.generate(["Hi"], PREFERENCE, strategy,
+                         GenerationConfig(max_new_tokens=2, echo_guard=True))
 
 
 @pytest.mark.slow

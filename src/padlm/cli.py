@@ -99,9 +99,8 @@ def generate(
                        ] = False,
 ) -> None:
     """Generate a personalized response (or one per line of --prompts-file)."""
-    from padlm.decoding import GenerationConfig
+    from padlm.decoding import ECHO_GUARDED, GenerationConfig, echo_guard_refusal
     from padlm.engine import STRATEGIES, Personalizer
-    from padlm.strategies import ECHO_GUARDED, echo_guard_refusal
 
     if strategy not in STRATEGIES:
         fail(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

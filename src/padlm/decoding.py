@@ -36,7 +36,7 @@ class GenerationConfig:
     weight: float | None = None
     top_k: int | None = None  # None: the strategy's default (PersRM config, else 10)
     ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
-    # pad / linear-alignment: no guidance bonus for the preference's own words (they echo it)
+    # no guidance bonus for the preference's own words (they echo it); see ECHO_GUARDED
     echo_guard: bool = False
 
     def validate(self) -> GenerationConfig:
@@ -83,12 +83,22 @@ class Row:
         return self.request.config
 
 
+# the strategies whose guidance has a per-token bonus the echo guard can cap
+ECHO_GUARDED = ("pad", "linear-alignment")
+
+
+def echo_guard_refusal(strategy: str) -> str:
+    """Why ``strategy`` cannot take the echo guard: one wording for the decode loop, the CLI
+    and the server (the last two refuse before any model work)."""
+    return (f"the echo guard caps a per-token guidance bonus: {' and '.join(ECHO_GUARDED)} "
+            f"have one, {strategy} does not")
+
+
 class Strategy(Protocol):
     """How a method turns model outputs into next-token scores."""
 
     name: str
     streams: list[KVStream]
-    supports_echo_guard: bool  # its guidance has a per-token bonus that can be capped
 
     def contexts(self, request: Request) -> list[list[list[int]]]: ...
 
@@ -125,9 +135,8 @@ class DecodeBatch:
         new_rows = []
         for request in requests:
             request.config.validate()
-            if request.config.echo_guard and not self.strategy.supports_echo_guard:
-                raise PadlmError(f"the echo guard caps a per-token guidance bonus; "
-                                 f"{self.strategy.name} has none")
+            if request.config.echo_guard and self.strategy.name not in ECHO_GUARDED:
+                raise PadlmError(echo_guard_refusal(self.strategy.name))
             generator = None
             if request.config.temperature > 0:
                 generator = torch.Generator()

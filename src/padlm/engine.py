@@ -16,7 +16,15 @@ from pathlib import Path
 
 import torch
 
-from padlm.decoding import DecodeBatch, GenerationConfig, Request, Row, StepEvent, Strategy
+from padlm.decoding import (
+    DecodeBatch,
+    GenerationConfig,
+    Request,
+    Row,
+    StepEvent,
+    Strategy,
+    echo_guard_refusal,
+)
 from padlm.errors import PadlmError
 from padlm.models import DEFAULT_MODEL, LoadedModel, load_model
 from padlm.persrm import PersonalizedRewardModel
@@ -178,6 +186,8 @@ class Personalizer:
         if n < 1:
             raise PadlmError(f"n must be >= 1, got {n}")
         config = config or GenerationConfig()
+        if config.echo_guard:  # its samples come from ``prompt``, which would name itself
+            raise PadlmError(echo_guard_refusal("best-of-n"))
         if config.temperature == 0:
             config = replace(config, temperature=BEST_OF_N_TEMPERATURE)
         seed = config.seed if config.seed is not None else int(torch.seed() % 2**31)

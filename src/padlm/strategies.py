@@ -58,7 +58,6 @@ class PlainStrategy:
     def __init__(self, lm: LoadedModel, use_preference: bool,
                  placement: str = DEFAULT_PLACEMENT) -> None:
         self.name = "prompt" if use_preference else "base"
-        self.supports_echo_guard = False
         self.lm = lm
         self.use_preference = use_preference
         self.placement = placement
@@ -82,7 +81,6 @@ class PadStrategy:
     """
 
     name = "pad"
-    supports_echo_guard = True
 
     def __init__(self, lm: LoadedModel, persrm: PersonalizedRewardModel,
                  placement: str | None = None) -> None:
@@ -127,7 +125,6 @@ class LinearAlignmentStrategy:
     """Linear Alignment: ``z_p + alpha (z_p - z_0)``, both contexts in one batched forward."""
 
     name = "linear-alignment"
-    supports_echo_guard = True
 
     def __init__(self, lm: LoadedModel, placement: str = DEFAULT_PLACEMENT) -> None:
         self.lm = lm
@@ -220,7 +217,6 @@ class ArgsStrategy:
     """
 
     name = "args"
-    supports_echo_guard = False
 
     def __init__(self, lm: LoadedModel, scorer: SequenceScorer,
                  placement: str = DEFAULT_PLACEMENT, default_weight: float = 1.0) -> None:
@@ -266,14 +262,3 @@ class ArgsStrategy:
         persrm_logits = self.scorer.persrm.reward_logits(out.hidden[:, 0], lm_head)
         reference = out.logits[:, 1 if self.neutral else 0]
         return persrm_logits.log_softmax(-1) - reference.log_softmax(-1)
-
-
-# the strategies whose guidance has a per-token bonus the echo guard can cap
-ECHO_GUARDED = (PadStrategy.name, LinearAlignmentStrategy.name)
-
-
-def echo_guard_refusal(strategy: str) -> str:
-    """Why ``strategy`` cannot take the echo guard: one wording for the CLI and the server,
-    which refuse before any model work."""
-    return (f"the echo guard caps a per-token guidance bonus: {' and '.join(ECHO_GUARDED)} "
-            f"have one, {strategy} does not")

@@ -24,12 +24,11 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from padlm.decoding import GenerationConfig
+from padlm.decoding import ECHO_GUARDED, GenerationConfig
 from padlm.errors import PadlmError
 from padlm.judges import JUDGES, get_judge, primary_direction
 from padlm.judges import guards as _guards
 from padlm.preferences import PRESETS, PSOUPS, looks_like_ids, preference_ids, resolve_preference
-from padlm.strategies import ECHO_GUARDED
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from padlm.decoding import GenerationConfig
+from padlm.decoding import ECHO_GUARDED, GenerationConfig, echo_guard_refusal
 from padlm.decoding import Request as DecodeRequest
 from padlm.engine import STRATEGIES, Personalizer
 from padlm.errors import PadlmError
@@ -43,7 +43,6 @@ from padlm.server.schemas import (
     parse_body,
 )
 from padlm.server.worker import BatchWorker, Job, JobDone, JobFailed, TokenEvent
-from padlm.strategies import ECHO_GUARDED, echo_guard_refusal
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,6 @@ class RecordingStrategy:
         self.inner = inner
         self.name = inner.name
         self.streams = inner.streams
-        self.supports_echo_guard = inner.supports_echo_guard
         self.last: list[StreamOutput] | None = None
 
     def contexts(self, request: Request) -> list[list[list[int]]]:
