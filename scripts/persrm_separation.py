@@ -8,7 +8,9 @@ P2B), mean syllables per word (P1A simpler than P1B), VADER compound (P3A friend
 P3B). Echo = the output repeats 5 words of the preference text or the bracket template;
 paraphrased echo = 3 of its content words; loop = a word 4-gram occurring 3+ times.
 Generations are appended to a JSONL keyed by (strategy, weight, echo guard, preference,
-prompt) so strategies can run at different times and the script resumes.
+prompt) so strategies can run at different times and the script resumes; the summary reads
+only the chosen prompts' records. Each separation comes with its standard error over prompts
+and the paired difference (and its standard error) to prompting and to Linear Alignment.
 
     .venv/bin/python scripts/persrm_separation.py --strategies prompt,linear-alignment
     .venv/bin/python scripts/persrm_separation.py --strategies pad --persrm DIR --weight 1.0
@@ -92,12 +94,33 @@ def loops(text: str) -> bool:
     return bool(grams) and grams.most_common(1)[0][1] >= 3
 
 
-def summarize(records: list[dict]) -> dict:
+def standard_error(values: list[float]) -> float:
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+
+
+def prompt_gaps(prefs: dict, a: str, b: str) -> dict[str, float]:
+    """Per prompt: how far the A output sits from the B output, signed so > 0 is right."""
+    _, measure, sign = MEASURES[a[:2]]
+    return {i: sign * (measure(prefs[a][i]["text"]) - measure(prefs[b][i]["text"]))
+            for i in sorted(set(prefs[a]) & set(prefs[b]))}
+
+
+def comparison_runs(run: str) -> list[str]:
+    """The runs a run is compared with prompt by prompt: prompting and Linear Alignment
+    (alpha 1) with the same echo-guard setting."""
+    guard = "+echo-guard" if run.endswith("+echo-guard") else ""
+    return [r for r in ("prompt", f"linear-alignment[alpha=1.0]{guard}") if r != run]
+
+
+def summarize(records: list[dict], prompt_ids: set[str]) -> dict:
+    """Per run: echo / loop counts and, per opposed pair, the mean gap with its standard
+    error, and the paired difference to prompting and Linear Alignment (same prompts)."""
     from padlm.preferences import PSOUPS
 
     by = {}
     for r in records:
-        by.setdefault(r["run"], {}).setdefault(r["preference"], {})[r["prompt_id"]] = r
+        if r["prompt_id"] in prompt_ids:
+            by.setdefault(r["run"], {}).setdefault(r["preference"], {})[r["prompt_id"]] = r
     summary = {}
     for run, prefs in by.items():
         entry = {}
@@ -112,17 +135,27 @@ def summarize(records: list[dict]) -> dict:
         for a, b in PAIRS:
             if a not in prefs or b not in prefs:
                 continue
-            name, measure, sign = MEASURES[a[:2]]
-            ids = sorted(set(prefs[a]) & set(prefs[b]))
-            gaps = [sign * (measure(prefs[a][i]["text"]) - measure(prefs[b][i]["text"]))
-                    for i in ids]
-            entry[a[:2]] = {"measure": name,
-                            f"mean_{a}": round(statistics.mean(measure(prefs[a][i]["text"])
-                                                               for i in ids), 3),
-                            f"mean_{b}": round(statistics.mean(measure(prefs[b][i]["text"])
-                                                               for i in ids), 3),
-                            "separation": round(statistics.mean(gaps), 4),
-                            "right_direction": sum(g > 0 for g in gaps), "prompts": len(ids)}
+            name, measure, _ = MEASURES[a[:2]]
+            gaps = prompt_gaps(prefs, a, b)
+            pair = {"measure": name,
+                    f"mean_{a}": round(statistics.mean(measure(prefs[a][i]["text"])
+                                                       for i in gaps), 3),
+                    f"mean_{b}": round(statistics.mean(measure(prefs[b][i]["text"])
+                                                       for i in gaps), 3),
+                    "separation": round(statistics.mean(gaps.values()), 4),
+                    "separation_se": round(standard_error(list(gaps.values())), 4),
+                    "right_direction": sum(g > 0 for g in gaps.values()),
+                    "prompts": len(gaps)}
+            for other in comparison_runs(run):
+                theirs = by.get(other, {})
+                if a not in theirs or b not in theirs:
+                    continue
+                their_gaps = prompt_gaps(theirs, a, b)
+                diffs = [gaps[i] - their_gaps[i] for i in gaps if i in their_gaps]
+                pair[f"minus {other}"] = {"mean": round(statistics.mean(diffs), 4),
+                                          "se": round(standard_error(diffs), 4),
+                                          "prompts": len(diffs)}
+            entry[a[:2]] = pair
         summary[run] = entry
     return summary
 
@@ -190,7 +223,7 @@ def main() -> None:
                     handle.flush()
     summary = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "decoding": f"greedy, no_repeat_ngram_size={args.no_repeat_ngram_size}",
-               "runs": summarize(records)}
+               "runs": summarize(records, {p["id"] for p in prompts})}
     write_json_atomic(args.out, summary)
     print(json.dumps(summary, indent=1))
 
