@@ -113,8 +113,9 @@ def comparison_runs(run: str) -> list[str]:
 
 
 def summarize(records: list[dict], prompt_ids: set[str]) -> dict:
-    """Per run: echo / loop counts and, per opposed pair, the mean gap with its standard
-    error, and the paired difference to prompting and Linear Alignment (same prompts)."""
+    """Per run that covers every chosen prompt: echo / loop counts and, per opposed pair,
+    the mean gap with its standard error, and the paired difference to prompting and
+    Linear Alignment (same prompts)."""
     from padlm.preferences import PSOUPS
 
     by = {}
@@ -125,6 +126,8 @@ def summarize(records: list[dict], prompt_ids: set[str]) -> dict:
     for run, prefs in by.items():
         entry = {}
         texts = [r for p in prefs.values() for r in p.values()]
+        if len(texts) < len(PSOUPS) * len(prompt_ids):  # run on fewer prompts: not comparable
+            continue
         entry["outputs"] = len(texts)
         entry["echo"] = sum(echoes(r["text"], PSOUPS[r["preference"]]) for r in texts)
         entry["paraphrased_echo"] = sum(paraphrased_echo(r["text"], PSOUPS[r["preference"]])
