@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from padlm.data.schema import PreferenceRow
+from padlm.errors import PadlmError
 from padlm.persrm import PersonalizedRewardModel
 from padlm.training import cache as cache_module
 from padlm.training.cache import (
@@ -18,6 +20,7 @@ from padlm.training.cache import (
     ReferenceCache,
     encode_sequence,
     response_states,
+    row_key,
 )
 from padlm.training.head import (
     HeadParam,
@@ -86,19 +89,42 @@ def test_cache_resumes_after_interruption(tiny_lm, tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         cache.build(progress=crash)
-    assert len(cache.missing()) == cache.shards - 1 == 3
-    assert cache.build() == 3 and cache.build() == 0
+    assert calls == [4] and cache.missing() == list(range(4, len(rows)))
+    assert cache.build() == len(rows) - 4 and cache.build() == 0
     fresh = HiddenStateCache(tmp_path / "fresh", tiny_lm, rows, "user-prefix", 5, "sha")
     fresh.build()
     for (a, b), (c, d) in zip(cache.load(), fresh.load(), strict=True):
-        assert torch.equal(a.hidden, c.hidden) and torch.equal(b.targets, d.targets)
-    # other rows never reuse a shard; a grown dataset keeps its complete shards
-    other = HiddenStateCache(tmp_path, tiny_lm, rows[::-1], "user-prefix", 5, "sha")
-    assert len(other.missing()) == other.shards
-    grown = HiddenStateCache(tmp_path, tiny_lm, rows + rows[:2], "user-prefix", 5, "sha")
-    assert grown.missing() == [4]
+        assert torch.equal(a.hidden, c.hidden) and torch.equal(b.hidden, d.hidden)
+        assert torch.equal(a.targets, c.targets) and torch.equal(b.targets, d.targets)
     assert HiddenStateCache(tmp_path, tiny_lm, rows, "system", 5, "sha").directory != \
         cache.directory
+
+
+def test_cache_is_addressed_by_row_content(tiny_lm, tmp_path, monkeypatch):
+    """Reordered, grown or edited data recomputes only the rows no shard holds."""
+    monkeypatch.setattr(cache_module, "SHARD_ROWS", 4)
+    rows = tiny_rows()
+    HiddenStateCache(tmp_path, tiny_lm, rows, "user-prefix", 5, "sha").build()
+    reordered = HiddenStateCache(tmp_path, tiny_lm, rows[::-1], "user-prefix", 5, "sha")
+    assert reordered.missing() == []
+    expected = {row_key(r): pair for r, pair in zip(
+        rows, HiddenStateCache(tmp_path, tiny_lm, rows, "user-prefix", 5, "sha").load(),
+        strict=True)}
+    for row, (chosen, rejected) in zip(rows[::-1], reordered.load(), strict=True):
+        assert torch.equal(chosen.hidden, expected[row_key(row)][0].hidden)
+        assert torch.equal(rejected.hidden, expected[row_key(row)][1].hidden)
+    edited = [*rows[:3], replace(rows[3], chosen="An edited answer."), *rows[4:]]
+    retagged = [replace(r, source="elsewhere", meta={}) for r in edited]
+    new = PreferenceRow("A new prompt?", "pref P2A", "Yes.", "No, not at all.", "P2A", "test")
+    changed = HiddenStateCache(tmp_path, tiny_lm, [*retagged, new, new], "user-prefix", 5, "sha")
+    assert changed.missing() == [3, len(rows)]  # the edit and one copy of the new row
+    assert changed.build() == 2 and changed.missing() == []
+    pairs = changed.load()
+    assert torch.equal(pairs[0][0].hidden, expected[row_key(rows[0])][0].hidden)
+    assert torch.equal(pairs[-1][0].hidden, pairs[-2][0].hidden)
+    with pytest.raises(PadlmError, match="lacks a row"):
+        HiddenStateCache(tmp_path, tiny_lm, [replace(new, rejected="Maybe.")], "user-prefix",
+                         5, "sha").load()
 
 
 def test_cached_states_match_a_plain_forward(tiny_lm):
@@ -129,8 +155,8 @@ def test_reference_cache_matches_a_preference_free_forward_and_resumes(tiny_lm, 
     assert reference.directory != primary.directory
     with pytest.raises(KeyboardInterrupt):
         reference.build(progress=lambda n: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert reference.missing() == [1, 2, 3]
-    assert reference.build() == 3 and reference.build() == 0
+    assert reference.missing() == list(range(4, len(rows)))
+    assert reference.build() == len(rows) - 4 and reference.build() == 0
     reference.attach()
     row, (chosen, _) = rows[5], pairs[5]
     context, response = encode_sequence(tiny_lm.tokenizer, row.prompt, "", row.chosen,
@@ -295,7 +321,6 @@ def test_cli_train_rejects_bad_input(tmp_path):
     from typer.testing import CliRunner
 
     from padlm.cli import _register_subcommands, app
-    from padlm.errors import PadlmError
 
     _register_subcommands()
     runner = CliRunner()

@@ -6,10 +6,12 @@ stop): the final normed hidden state ``h_t`` (fp16), the target ``y_t``, the bas
 top-k candidates at ``t`` (what decoding re-ranks) and the base log-prob of ``y_t`` over the
 full vocabulary (for the untrained baseline and the self-consistency filter).
 
-Shards of ``SHARD_ROWS`` rows are written atomically as they finish, so an interrupted run
-picks up at the first missing shard. The cache directory is keyed by the backbone's weights,
-the placement and k, and each shard's file name by its rows' content, so a stale shard is
-never reused while a dataset that grew keeps its finished shards.
+The cache is content-addressed by row: each row is keyed by what shapes its states (prompt,
+preference, chosen, rejected), and every shard's header lists the keys it holds. Shards of up
+to ``SHARD_ROWS`` rows are written atomically as they finish, so an interrupted run computes
+only the rows no shard holds; a dataset that grew, was reordered or had rows edited recomputes
+only its new or edited rows. The cache directory is keyed by the backbone's weights, the
+placement and k.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from padlm.atomic import write_json_atomic
 from padlm.data.schema import PreferenceRow
+from padlm.errors import PadlmError
 from padlm.kvstream import response_hidden
 from padlm.models import LoadedModel, padlm_home
 from padlm.prompting import render
@@ -96,11 +100,11 @@ def response_states(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
     return results
 
 
-def rows_fingerprint(rows: Sequence[PreferenceRow]) -> str:
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(row.to_json().encode())
-    return digest.hexdigest()
+def row_key(row: PreferenceRow) -> str:
+    """What a row's cached states depend on (the directory key covers model, placement, k);
+    a changed dimension, source or meta reuses them."""
+    content = json.dumps([row.prompt, row.preference, row.chosen, row.rejected])
+    return hashlib.sha256(content.encode()).hexdigest()[:24]
 
 
 class HiddenStateCache:
@@ -116,7 +120,7 @@ class HiddenStateCache:
         self._set_key(root or padlm_home() / "persrm-cache", {
             "model_sha256": model_sha256, "placement": placement, "top_k": top_k,
             "max_response": MAX_RESPONSE_TOKENS, "max_context": MAX_CONTEXT_TOKENS,
-            "version": 1})
+            "version": 2})
 
     def _set_key(self, root: Path, key: dict) -> None:
         """A cache lives in a directory named by everything that shapes its contents."""
@@ -124,51 +128,62 @@ class HiddenStateCache:
         self.directory = root / name
         self.key = key
 
-    @property
-    def shards(self) -> int:
-        return (len(self.rows) + SHARD_ROWS - 1) // SHARD_ROWS
-
-    def _path(self, shard: int) -> Path:
-        """Shards are named by their rows' content: a grown dataset reuses its old shards."""
-        rows = self._shard_rows(shard)
-        return self.directory / f"shard-{shard:05d}-{rows_fingerprint(rows)[:16]}.safetensors"
+    def _index(self) -> dict[str, tuple[Path, int]]:
+        """Row key -> (shard, row within it), read from the shards' headers only."""
+        index: dict[str, tuple[Path, int]] = {}
+        for path in sorted(self.directory.glob("shard-*.safetensors")):
+            with safe_open(str(path), "pt") as shard:
+                keys = json.loads(shard.metadata()["rows"])
+            for position, key in enumerate(keys):
+                index.setdefault(key, (path, position))
+        return index
 
     def missing(self) -> list[int]:
-        return [s for s in range(self.shards) if not self._path(s).exists()]
-
-    def _shard_rows(self, shard: int) -> list[PreferenceRow]:
-        return self.rows[shard * SHARD_ROWS:(shard + 1) * SHARD_ROWS]
+        """Indexes (into ``rows``) of the rows no shard holds yet, one per distinct key."""
+        cached, seen, todo = self._index(), set(), []
+        for i, key in enumerate(map(row_key, self.rows)):
+            if key not in cached and key not in seen:
+                seen.add(key)
+                todo.append(i)
+        return todo
 
     def build(self, batch_size: int = 8,
               progress: Callable[[int], None] | None = None) -> int:
-        """Compute every missing shard; returns how many were computed (0 = fully cached)."""
+        """Compute every missing row; returns how many were computed (0 = fully cached)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.directory / "key.json", self.key)
         todo = self.missing()
-        for shard in todo:
-            rows = self._shard_rows(shard)
-            encoded = [encode_sequence(self.lm.tokenizer, row.prompt, self._preference(row),
-                                       response, self.placement)
-                       for row in rows for response in (row.chosen, row.rejected)]
-            order = sorted(range(len(encoded)), key=lambda i: sum(map(len, encoded[i])))
+        for start in range(0, len(todo), SHARD_ROWS):
+            indexes = todo[start:start + SHARD_ROWS]
+            # sequence 2i is row i's chosen response, 2i + 1 its rejected one
+            sequences = [2 * i + side for i in indexes for side in (0, 1)]
+            encoded = [self._encode(self.rows[s // 2], s % 2) for s in sequences]
+            order = sorted(range(len(encoded)), key=lambda j: sum(map(len, encoded[j])))
             outputs: list = [None] * len(encoded)
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                outs = self._compute(shard, chunk, [encoded[i][0] for i in chunk],
-                                     [encoded[i][1] for i in chunk])
-                for i, out in zip(chunk, outs, strict=True):
-                    outputs[i] = out
-            self._write(shard, self._tensors(outputs))
+            for begin in range(0, len(order), batch_size):
+                chunk = order[begin:begin + batch_size]
+                outs = self._compute([sequences[j] for j in chunk],
+                                     [encoded[j][0] for j in chunk],
+                                     [encoded[j][1] for j in chunk])
+                for j, out in zip(chunk, outs, strict=True):
+                    outputs[j] = out
+            self._write([row_key(self.rows[i]) for i in indexes], self._tensors(outputs))
             if progress is not None:
-                progress(len(rows))
+                progress(len(indexes))
         return len(todo)
+
+    def _encode(self, row: PreferenceRow, side: int) -> tuple[list[int], list[int]]:
+        """Context and response ids of a row's chosen (side 0) or rejected (1) response."""
+        return encode_sequence(self.lm.tokenizer, row.prompt, self._preference(row),
+                               (row.chosen, row.rejected)[side], self.placement)
 
     def _preference(self, row: PreferenceRow) -> str:
         return row.preference
 
-    def _compute(self, shard: int, sequences: list[int], contexts, responses) -> list:
-        """Per-sequence results of one batch (``sequences``: their indexes in the shard); the
-        seam :class:`ReferenceCache` overrides, so both caches share one resumable loop."""
+    def _compute(self, sequences: list[int], contexts, responses) -> list:
+        """Per-sequence results of one batch (``sequences``: 2 * row index + 0 for chosen,
+        1 for rejected); the seam :class:`ReferenceCache` overrides, so both caches share
+        one resumable loop."""
         return response_states(self.backbone, contexts, responses, self.top_k)
 
     @staticmethod
@@ -181,10 +196,12 @@ class HiddenStateCache:
             "lengths": torch.tensor([len(s.targets) for s in states], dtype=torch.long),
         }
 
-    def _write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
-        path = self._path(shard)
+    def _write(self, keys: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        """Atomically, named by its rows: a shard is complete or absent."""
+        name = hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
+        path = self.directory / f"shard-{name}.safetensors"
         staging = path.with_suffix(".tmp")
-        save_file(tensors, str(staging))
+        save_file(tensors, str(staging), metadata={"rows": json.dumps(keys)})
         os.replace(staging, path)
 
     def load(self) -> list[tuple[SequenceStates, SequenceStates]]:
@@ -194,11 +211,20 @@ class HiddenStateCache:
         return list(zip(seqs[0::2], seqs[1::2], strict=True))
 
     def _sequences(self, names: Sequence[str]) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Each cached sequence's slices of the named tensors, shard by shard, in row order."""
-        for shard in range(self.shards):
-            data = load_file(str(self._path(shard)))
-            bounds = [0, *data["lengths"].cumsum(0).tolist()]
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        """Each row's chosen then rejected slices of the named tensors, in row order."""
+        index = self._index()
+        loaded: dict[Path, tuple[dict[str, torch.Tensor], list[int]]] = {}
+        for row in self.rows:
+            key = row_key(row)
+            if key not in index:
+                raise PadlmError(f"the cache at {self.directory} lacks a row; build it first")
+            path, position = index[key]
+            if path not in loaded:
+                data = load_file(str(path))
+                loaded[path] = data, [0, *data["lengths"].cumsum(0).tolist()]
+            data, bounds = loaded[path]
+            for sequence in (2 * position, 2 * position + 1):
+                a, b = bounds[sequence], bounds[sequence + 1]
                 yield tuple(data[name][a:b] for name in names)
 
 
@@ -222,11 +248,11 @@ class ReferenceCache(HiddenStateCache):
     def _preference(self, row: PreferenceRow) -> str:
         return ""
 
-    def _compute(self, shard: int, sequences: list[int], contexts, responses) -> list:
+    def _compute(self, sequences: list[int], contexts, responses) -> list:
         out = []
         for i, logits in zip(sequences, response_logits(self.backbone, contexts, responses),
                              strict=True):
-            primary = self.states[2 * SHARD_ROWS * shard + i]
+            primary = self.states[i]
             ids = torch.cat([primary.candidates, primary.targets[:, None]], dim=1)
             out.append((logits.gather(1, ids),
                         logits.log_softmax(-1).gather(1, primary.targets[:, None])[:, 0]))

@@ -33,7 +33,6 @@ from padlm.persrm import (
 )
 from padlm.prompting import DEFAULT_PLACEMENT
 from padlm.training.cache import (
-    SHARD_ROWS,
     HiddenStateCache,
     ReferenceCache,
     SequenceStates,
@@ -175,7 +174,7 @@ def prepare(lm: LoadedModel, config: TrainConfig, backbone=None, model_sha: str 
 
 
 def _fill(cache: HiddenStateCache, description: str) -> None:
-    """Compute a cache's missing shards with a progress bar (a no-op when complete)."""
+    """Compute a cache's missing rows with a progress bar (a no-op when complete)."""
     missing = len(cache.missing())
     if not missing:
         return
@@ -183,11 +182,10 @@ def _fill(cache: HiddenStateCache, description: str) -> None:
 
     began = time.perf_counter()
     rows = len(cache.rows)
-    with tqdm(total=rows, desc=description, mininterval=10) as bar:
-        bar.update(rows - min(rows, missing * SHARD_ROWS))
+    with tqdm(total=missing, desc=description, mininterval=10) as bar:
         cache.build(progress=bar.update)
-    log.info("%s: %d rows in %.0f s at %s", description, rows, time.perf_counter() - began,
-             cache.directory)
+    log.info("%s: %d of %d rows in %.0f s at %s", description, missing, rows,
+             time.perf_counter() - began, cache.directory)
 
 
 def _count(items) -> dict:
