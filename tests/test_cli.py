@@ -61,7 +61,7 @@ def test_generate_json_and_prompts_file(tmp_path, default_lm):
 
 
 def test_prompt_file_formats(tmp_path):
-    from padlm.cli import load_prompts
+    from padlm.records import load_prompts
 
     (tmp_path / "a.json").write_text(json.dumps(["one", {"id": "x", "prompt": "two"}]))
     (tmp_path / "b.txt").write_text("first line\n\nsecond line\n")

@@ -18,6 +18,7 @@ from padlm.errors import PadlmError
 from padlm.evaluation import harness
 from padlm.evaluation.harness import EvalPlan, Job
 from padlm.evaluation.stats import bootstrap_ci, outcomes, win_rate
+from padlm.records import read_jsonl
 
 PADLM = str(Path(sys.executable).parent / "padlm")
 SPEED_KEYS = {"seconds_per_response", "tokens_per_second"}
@@ -116,7 +117,7 @@ def test_resume_after_interruption_gives_same_summary(tiny_engine, prompts_file,
         handle.write('{"key": "torn')
     resumed = harness.run(tiny_engine, plan, broken, progress=False)
     assert strip_speed(resumed) == strip_speed(whole)
-    records = harness.read_jsonl(broken / harness.GENERATIONS)
+    records = read_jsonl(broken / harness.GENERATIONS)
     assert len(records) == len({r["key"] for r in records})  # nothing generated twice
     # 5 prompts: base once + 2 prefs x (prompt, la, pad@0.5, pad@1.0)
     assert len(records) == 5 * (1 + 2 * 4)
@@ -143,7 +144,7 @@ def test_a_new_persrm_at_the_same_path_regenerates_only_its_strategies(
     retrained.save(persrm_dir)
     second = harness.run(Personalizer(tiny_lm, persrm=str(persrm_dir)), plan, tmp_path / "run",
                          progress=False)
-    records = harness.read_jsonl(tmp_path / "run" / harness.GENERATIONS)
+    records = read_jsonl(tmp_path / "run" / harness.GENERATIONS)
     per_strategy = {s: sum(r["strategy"] == s for r in records) for s in ("base", "prompt", "pad")}
     assert per_strategy == {"base": 5, "prompt": 10, "pad": 20}  # only pad ran twice
     assert first["persrm"]["fingerprint"] != second["persrm"]["fingerprint"]
@@ -159,7 +160,7 @@ def test_echo_guarded_eval_guards_only_guidance_cells_and_keeps_old_keys(
     summary = harness.run(tiny_engine, guarded_plan, tmp_path, progress=False)  # prompt, base ok
     assert {r["strategy"] for r in summary["rows"]} == {"base", "prompt", "pad",
                                                         "linear-alignment"}
-    records = harness.read_jsonl(tmp_path / harness.GENERATIONS)
+    records = read_jsonl(tmp_path / harness.GENERATIONS)
     assert all(r["config"]["echo_guard"] is True for r in records)
     assert "echo guard on pad / linear-alignment" in (tmp_path / "report.md").read_text()
 
@@ -199,7 +200,7 @@ def test_combined_and_free_text_preferences(tiny_engine, prompts_file, tmp_path)
             and r["strategy"] == "prompt"]
     assert [r["preference"] for r in free] == ["friendliness:+", "informativeness:-"]
     # the combination was generated once, not once per dimension
-    records = harness.read_jsonl(tmp_path / harness.GENERATIONS)
+    records = read_jsonl(tmp_path / harness.GENERATIONS)
     assert sum(r["preference"] == "P1A+P2A+P3A" for r in records) == 5
 
 

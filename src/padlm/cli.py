@@ -17,6 +17,7 @@ from rich.console import Console
 
 from padlm.cli_options import DtypeOption, ModelOption, PersRMOption, PlacementOption
 from padlm.errors import PadlmError
+from padlm.records import load_prompts
 
 app = typer.Typer(
     help="Personalize a frozen LLM at decoding time (PAD, Linear Alignment, ARGS, ...).",
@@ -28,42 +29,6 @@ err = Console(stderr=True)
 def fail(message: str) -> None:
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
-
-
-def load_prompts(path: Path) -> list[dict[str, str]]:
-    """Read a prompts file: a JSON list (strings or objects with ``prompt``), JSONL with a
-    ``prompt`` field, or plain text with one prompt per line. Returns ``{id, prompt}``."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise PadlmError(f"cannot read prompts file {path}: {error}") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise PadlmError(f"prompts file {path} is not valid JSON: {error}") from None
-    elif stripped.startswith("{"):
-        items = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise PadlmError(f"{path}:{number}: invalid JSON line: {error}") from None
-    else:
-        items = [line for line in text.splitlines() if line.strip()]
-    prompts = []
-    for index, item in enumerate(items):
-        if isinstance(item, str):
-            item = {"prompt": item}
-        if not isinstance(item, dict) or not str(item.get("prompt", "")).strip():
-            raise PadlmError(f"{path}: entry {index + 1} has no non-empty 'prompt'")
-        prompts.append({"id": str(item.get("id", index)), "prompt": str(item["prompt"])})
-    if not prompts:
-        raise PadlmError(f"prompts file {path} contains no prompts")
-    return prompts
 
 
 @app.command()

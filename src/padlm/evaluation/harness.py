@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +28,7 @@ from padlm.errors import PadlmError
 from padlm.judges import JUDGES, get_judge, primary_direction
 from padlm.judges import guards as _guards
 from padlm.preferences import PRESETS, PSOUPS, looks_like_ids, preference_ids, resolve_preference
+from padlm.records import JsonlAppender, load_prompts, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,6 @@ def load_benchmark(name: str, limit: int | None = None) -> list[dict[str, str]]:
         path = Path(name)
         if not path.is_file():
             raise PadlmError(f"unknown benchmark {name!r}: give 'psoups' or a prompts file")
-    from padlm.cli import load_prompts
-
     items = load_prompts(path)
     ids = [i["id"] for i in items]
     if len(set(ids)) != len(ids):
@@ -150,44 +148,6 @@ def jobs(plan: EvalPlan, recommended_weight: float) -> list[Job]:
 # ---------------------------------------------------------------- append-only JSONL
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """All complete records; a torn last line (the run was killed mid-write) is dropped."""
-    if not path.exists():
-        return []
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.endswith("\n"):
-                log.warning("%s:%d: dropping an incomplete last line", path, number)
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s:%d: skipping an unreadable line", path, number)
-    return records
-
-
-class Appender:
-    """Append one JSON line at a time, flushed and fsynced, after cutting any torn tail."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with path.open("r+b") as handle:
-                    handle.truncate(data.rfind(b"\n") + 1)
-        self.handle = path.open("a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-
-    def close(self) -> None:
-        self.handle.close()
-
-
 def config_key(config: GenerationConfig, engine=None) -> dict:
     """What changes an output besides the job: decoding settings (weight is per job, in
     params) and, given the engine, the model, dtype and placement."""
@@ -232,7 +192,7 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
     total = sum(len(missing) for _, missing in pending)
     log.info("%d responses to generate (%d already in %s)", total,
              len(todo) * len(items) - total, path)
-    appender, produced = Appender(path), 0
+    appender, produced = JsonlAppender(path), 0
     bar = tqdm(total=total, desc="generate", unit="resp", disable=not progress)
     try:
         for job, missing in pending:
@@ -284,7 +244,7 @@ def score(engine, records: Sequence[dict], prompts: dict[str, str], out: Path,
         key = text_key(prompt, record["text"])
         if key not in cache:
             todo[key] = (prompt, record["text"])
-    appender = Appender(path)
+    appender = JsonlAppender(path)
     keys = list(todo)
     try:
         for start in tqdm(range(0, len(keys), batch_size), desc="score", unit="batch",

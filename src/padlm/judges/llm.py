@@ -23,6 +23,7 @@ from pathlib import Path
 
 from padlm.errors import PadlmError
 from padlm.preferences import PSOUPS, preference_ids, resolve_preference
+from padlm.records import JsonlAppender, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,7 @@ class LLMJudge:
         return cls(base_url.rstrip("/"), model, os.environ.get(key_env), cache)
 
     def _cache(self) -> dict[str, str]:
-        from padlm.evaluation.harness import read_jsonl
-
+        
         return {r["key"]: r["verdict"] for r in read_jsonl(self.cache)} if self.cache else {}
 
     def _ask(self, messages: list[dict]) -> str:
@@ -111,10 +111,9 @@ class LLMJudge:
 
     def compare_many(self, items: list[tuple[str, str, str, str]],
                      cache: dict[str, str] | None = None) -> list[float]:
-        from padlm.evaluation.harness import Appender
-
+        
         cache = self._cache() if cache is None else cache
-        appender = Appender(self.cache) if self.cache else None
+        appender = JsonlAppender(self.cache) if self.cache else None
         out = []
         try:
             for prompt, preference, method, base in items:
@@ -149,7 +148,6 @@ def judge_summary(llm: LLMJudge, summary: dict, out: Path, plan) -> dict:
     from padlm.evaluation.harness import (
         GENERATIONS,
         load_benchmark,
-        read_jsonl,
     )
 
     items = load_benchmark(plan.benchmark, plan.limit)
@@ -187,7 +185,7 @@ def _judge_rows(llm: LLMJudge, rows: list[dict], records: list[dict],
 def judge_directory(llm: LLMJudge, out: Path) -> dict:
     """Judge a finished ``padlm eval`` directory; writes ``llm_judge.json``."""
     from padlm.atomic import write_json_atomic
-    from padlm.evaluation.harness import GENERATIONS, SUMMARY, read_jsonl
+    from padlm.evaluation.harness import GENERATIONS, SUMMARY
 
     if not (out / SUMMARY).exists():
         raise PadlmError(f"{out / SUMMARY} does not exist: run `padlm eval` first")
