@@ -22,6 +22,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from padlm.devices import AUTO, default_dtype, resolve_device
 from padlm.errors import PadlmError
 
 log = logging.getLogger(__name__)
@@ -156,17 +157,20 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu"
+    name: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
+    device: str | torch.device = AUTO,
 ) -> LoadedModel:
-    """Load a causal LM ready for decoding (eval mode, left padding, a pad token)."""
+    """Load a causal LM ready for decoding (eval mode, left padding, a pad token).
+    ``dtype=None`` is the device's default (bf16 on CUDA, fp32 on the CPU)."""
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype or default_dtype(target))
     path = resolve_model_path(name)
-    torch_dtype = resolve_dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as error:
         raise PadlmError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
-    model.to(device).eval()
+    model.to(target).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
