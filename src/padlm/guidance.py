@@ -196,3 +196,65 @@ def choose_tokens(
         probs = filtered[i, survivors].softmax(dim=-1)
         chosen[row] = survivors[torch.multinomial(probs, 1, generator=generators[row])[0]]
     return chosen
+
+
+# --- Orchestration (MoPE, DESIGN §1): mixing frozen experts, Personalized Soups, REBEL ---
+
+
+def mixture_log_probs(expert_log_probs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``log sum_i alpha_i p_i`` over the experts (dim 1): MoPE's probability-space mixture.
+
+    ``expert_log_probs`` is ``[B, n, ...]`` (each expert's log-softmax over the vocabulary,
+    or log-probs already gathered at chosen tokens), ``alpha`` is ``[B, n]`` on the simplex.
+    Computed as a logsumexp so no probability underflows; an expert with weight 0 drops out
+    exactly (``log 0 = -inf``). The result is a log-probability: greedy is its argmax and
+    sampling at temperature 1 samples the mixture itself.
+
+    >>> lp = torch.tensor([[[0.5, 0.5], [1.0, 0.0]]]).log()
+    >>> mixture_log_probs(lp, torch.tensor([[0.5, 0.5]])).exp().tolist()
+    [[0.75, 0.25]]
+    """
+    shape = (*alpha.shape, *([1] * (expert_log_probs.dim() - alpha.dim())))
+    return torch.logsumexp(alpha.log().view(shape) + expert_log_probs, dim=1)
+
+
+def logit_mixture(expert_logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``sum_i alpha_i z_i``: the MOD-style logit-space mixture (the ablation MoPE beats).
+
+    An expert with weight 0 contributes nothing, even where its logit is ``-inf``
+    (repetition control), instead of the ``0 * -inf = nan`` a plain product would give.
+    """
+    weights = alpha[..., None]
+    return torch.where(weights > 0, weights * expert_logits, 0.0).sum(dim=1)
+
+
+def average_parameters(parameters: Sequence[torch.Tensor],
+                       weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Personalized Soups: ``sum_i w_i theta_i``, one weight per expert's copy of the same
+    parameter (a head's ``W`` or ``b``, a LoRA matrix); uniform weights are the Soups
+    baseline."""
+    w = torch.as_tensor(weights, dtype=parameters[0].dtype, device=parameters[0].device)
+    if len(w) != len(parameters):
+        raise ValueError("one weight per parameter tensor")
+    return torch.einsum("n,n...->...", w, torch.stack(list(parameters)))
+
+
+def weight_entropy(alpha: torch.Tensor) -> torch.Tensor:
+    """Entropy ``-sum_i alpha_i log alpha_i`` of each row of mixing weights (``0 log 0 = 0``):
+    0 for one expert, ``log n`` for uniform over n."""
+    return -torch.where(alpha > 0, alpha * alpha.log(), 0.0).sum(dim=-1)
+
+
+def rebel_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, logp_new_other: torch.Tensor,
+               logp_old_other: torch.Tensor, reward: torch.Tensor, reward_other: torch.Tensor,
+               eta: float) -> torch.Tensor:
+    """REBEL (Gao et al. 2024): regress the difference of two responses' log-ratios onto
+    their reward difference, mean over pairs:
+
+    ``((log pi_new(y)/pi_old(y) - log pi_new(y')/pi_old(y')) / eta - (r(y) - r(y')))^2``
+
+    Sequence log-probs in, so the policy's normaliser never appears; ``eta`` sets how far
+    one update moves (a log-ratio gap of ``eta * (r - r')`` is the fixed point).
+    """
+    ratio_gap = (logp_new - logp_old) - (logp_new_other - logp_old_other)
+    return (ratio_gap / eta - (reward - reward_other)).pow(2).mean()
