@@ -8,11 +8,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from padlm import STRATEGIES, GenerationConfig, Personalizer, guidance
-from padlm.decoding import ECHO_GUARDED, echo_guard_refusal
+from padlm import GenerationConfig, Personalizer, guidance
 from padlm.errors import PadlmError
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.prompting import preference_token_ids, render
+from padlm.registry import echo_guard_refusal, strategy_names
 from padlm.strategies import ArgsStrategy, ImplicitRewardScorer
 
 PREFERENCE = "P1A"
@@ -226,7 +226,7 @@ def test_pad_with_identity_unconditioned_head_equals_linear_alignment(tiny_lm):
     pad = engine.generate(prompts, PREFERENCE, "pad", config)
     la = engine.generate(prompts, PREFERENCE, "linear-alignment", config)
     assert [g.tokens for g in pad] == [g.tokens for g in la]
-    assert engine.strategy("pad").streams[0].lanes == 2
+    assert engine.strategy("pad").new_streams()[0].lanes == 2
 
 
 def test_pad_unconditioned_matches_a_two_context_reference(tiny_lm):
@@ -377,9 +377,8 @@ def test_echo_guard_is_refused_where_there_is_no_bonus_to_cap(tiny_engine, strat
                              GenerationConfig(max_new_tokens=2, echo_guard=True), n=2)
 
 
-@pytest.mark.parametrize("strategy", ECHO_GUARDED)
+@pytest.mark.parametrize("strategy", strategy_names(echo_guard=True))
 def test_every_echo_guarded_name_is_a_strategy_that_takes_the_guard(tiny_engine, strategy):
-    assert strategy in STRATEGIES
     tiny_engine.generate(["Hi"], PREFERENCE, strategy,
                          GenerationConfig(max_new_tokens=2, echo_guard=True))
 

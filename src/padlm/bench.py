@@ -14,13 +14,10 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from typing import Annotated
 
 import torch
-import typer
 
-from padlm.cli_options import DtypeOption, ModelOption
-from padlm.decoding import GenerationConfig
+from padlm.config import GenerationConfig
 from padlm.engine import Personalizer
 from padlm.errors import PadlmError
 from padlm.kvstream import decoder_of
@@ -166,42 +163,3 @@ def markdown_table(result: dict) -> str:
                      f"{r['tokens_per_second']} | {r['overhead_vs_base']}x | "
                      f"{r['forward_passes_per_token']} |")
     return "\n".join(lines)
-
-
-bench_app = typer.Typer(help="Benchmarks: decoding strategies (default) and the server.",
-                        invoke_without_command=True, no_args_is_help=False)
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(bench_app, name="bench")
-
-
-@bench_app.callback()
-def bench_command(
-    ctx: typer.Context,
-    strategies: Annotated[str, typer.Option(help="Comma-separated: " +
-                                            ",".join(BENCH_STRATEGIES))
-                          ] = ",".join(BENCH_STRATEGIES),
-    batch_size: Annotated[str, typer.Option(help="One or more, e.g. 1,8.")] = "1",
-    max_new_tokens: Annotated[int, typer.Option()] = 64,
-    repeats: Annotated[int, typer.Option()] = 3,
-    model: ModelOption = "default",
-    dtype: DtypeOption = "float32",
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Time each decoding strategy on the same prompt, in one run, as ratios to base."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from rich.console import Console
-
-    try:
-        sizes = [int(s) for s in batch_size.split(",")]
-    except ValueError:
-        raise PadlmError(f"--batch-size must be integers, got {batch_size!r}") from None
-    if min(sizes) < 1 or repeats < 1 or max_new_tokens < 1:
-        raise PadlmError("--batch-size, --repeats and --max-new-tokens must be >= 1")
-    console = Console(stderr=True)
-    engine = Personalizer(model, dtype=dtype)
-    result = bench(engine, [s.strip() for s in strategies.split(",") if s.strip()], sizes,
-                   max_new_tokens, repeats, progress=lambda line: console.print(line))
-    print(json.dumps(result, indent=2) if as_json else markdown_table(result))

@@ -15,7 +15,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from padlm.cli_options import DtypeOption, ModelOption, PersRMOption, PlacementOption
+from padlm.cli_options import (
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    PersRMOption,
+    PlacementOption,
+)
 from padlm.errors import PadlmError
 from padlm.records import load_prompts
 
@@ -37,10 +43,13 @@ def generate(
     preference: Annotated[str | None, typer.Option(
         help="Preference text, or preset ids such as P1A+P2A.")] = None,
     strategy: Annotated[str, typer.Option(
-        help="base | prompt | pad | linear-alignment | args | best-of-n")] = "pad",
+        help="A registered strategy (`padlm strategies` lists them).")] = "pad",
     weight: Annotated[float | None, typer.Option(
-        help="Guidance weight (PAD w, Linear Alignment alpha, ARGS w).")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Candidates per step (default 10).")] = None,
+        help="Guidance weight (PAD w, Linear Alignment alpha, ARGS w); default: the "
+             "PersRM's saved weight for pad and args, 1.0 for linear-alignment.")] = None,
+    top_k: Annotated[int | None, typer.Option(
+        help="Candidates per step; default: the PersRM's saved top-k for pad, else 10.")
+                     ] = None,
     n: Annotated[int, typer.Option(help="Samples for best-of-n.")] = 4,
     max_new_tokens: Annotated[int, typer.Option()] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
@@ -54,8 +63,9 @@ def generate(
                           ] = False,
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
-    placement: PlacementOption = "user-prefix",
-    dtype: DtypeOption = "float32",
+    placement: PlacementOption = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = "auto",
     prompts_file: Annotated[Path | None, typer.Option(help="JSON, JSONL or text file.")
                             ] = None,
     batch_size: Annotated[int, typer.Option()] = 8,
@@ -64,30 +74,31 @@ def generate(
                        ] = False,
 ) -> None:
     """Generate a personalized response (or one per line of --prompts-file)."""
-    from padlm.decoding import ECHO_GUARDED, GenerationConfig, echo_guard_refusal
-    from padlm.engine import STRATEGIES, Personalizer
+    from padlm.config import GenerationConfig
+    from padlm.registry import check_request, strategy_class
 
-    if strategy not in STRATEGIES:
-        fail(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    spec = strategy_class(strategy).spec
     if (prompt is None) == (prompts_file is None):
         fail("give exactly one of PROMPT or --prompts-file")
     if prompt is not None and not prompt.strip():
         fail("the prompt is empty")
     if batch_size < 1:
         fail("--batch-size must be >= 1")
-    if echo_guard and strategy not in ECHO_GUARDED:
-        fail(f"--echo-guard: {echo_guard_refusal(strategy)}")
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         stop=tuple(stop or ()), no_repeat_ngram_size=no_repeat_ngram_size,
         repetition_penalty=repetition_penalty, weight=weight, top_k=top_k,
         echo_guard=echo_guard,
-    ).validate()
+    )
+    check_request(strategy, config)
     items = load_prompts(prompts_file) if prompts_file else [{"id": "0", "prompt": prompt}]
-    engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement)
+    from padlm.engine import Personalizer  # torch and transformers: only once input is valid
+
+    engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
+                          device=device)
     meta = {"strategy": strategy, "preference": preference, "model": engine.lm.name,
             "persrm": engine.persrm_name}
-    if stream and strategy != "best-of-n" and prompts_file is None:
+    if stream and spec.level == "token" and prompts_file is None:
         began, count = time.perf_counter(), 0
         for event in engine.stream(prompt, preference, strategy, config):
             count += 1
@@ -123,9 +134,20 @@ def models() -> None:
         print(json.dumps(entry))
 
 
+@app.command()
+def strategies() -> None:
+    """List every decoding strategy and what it needs."""
+    from dataclasses import asdict
+
+    from padlm.registry import load_registry
+
+    for cls in load_registry().values():
+        print(json.dumps(asdict(cls.spec)))
+
+
 def _register_subcommands() -> None:
     """Commands that live next to the feature they drive."""
-    from padlm.bench import register as register_bench
+    from padlm.bench_cli import register as register_bench
 
     register_bench(app)
     from padlm.training.cli import register as register_training; register_training(app)  # noqa: E702,I001

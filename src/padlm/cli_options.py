@@ -8,6 +8,10 @@ import typer
 
 ModelOption = Annotated[str, typer.Option(help="'default', a HF model id or a directory.")]
 PersRMOption = Annotated[str, typer.Option(help="PersRM directory, 'default' or 'identity'.")]
-PlacementOption = Annotated[str, typer.Option(
-    help="Where the preference goes: system | user-prefix | bracket.")]
-DtypeOption = Annotated[str, typer.Option(help="float32 | bfloat16")]
+PlacementOption = Annotated[str | None, typer.Option(
+    help="Where the preference goes: system | user-prefix | bracket; default: the PersRM's "
+         "saved placement (user-prefix for the identity PersRM).")]
+DtypeOption = Annotated[str | None, typer.Option(
+    help="float32 | bfloat16 | float16; default: bfloat16 on CUDA, float32 on the CPU.")]
+DeviceOption = Annotated[str, typer.Option(
+    help="auto | cpu | cuda | cuda:N; auto = CUDA when present.")]

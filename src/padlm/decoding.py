@@ -1,15 +1,15 @@
 """The one lock-step decode loop every token-level strategy runs through.
 
-A strategy owns one or more KV streams (models with their caches) and turns their last-position
-outputs into next-token scores. The loop does the rest, identically for every strategy:
-repetition control, greedy or sampled choice, appending the SAME token to every stream,
-per-row stop on EOS / stop strings / length, and streaming text out. Rows may join and leave
-between steps (the server's continuous batching uses exactly this loop).
+A strategy turns the last-position outputs of its KV streams into next-token scores; the
+decode batch owns those streams (models with their caches). The loop does the rest,
+identically for every strategy: repetition control, greedy or sampled choice, appending the
+SAME token to every stream, per-row stop on EOS / stop strings / length, and streaming text
+out. Rows may join and leave between steps (the server's continuous batching uses exactly
+this loop).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -17,44 +17,10 @@ from typing import Protocol
 import torch
 
 from padlm import guidance
-from padlm.errors import PadlmError
+from padlm.config import GenerationConfig
 from padlm.kvstream import KVStream, StreamOutput
 from padlm.prompting import Message
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Per-request decoding settings; ``weight``/``top_k`` are the strategy's knobs."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    no_repeat_ngram_size: int = 0
-    repetition_penalty: float = 1.0
-    weight: float | None = None
-    top_k: int | None = None  # None: the strategy's default (PersRM config, else 10)
-    ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
-    # no guidance bonus for the preference's own words (they echo it); see ECHO_GUARDED
-    echo_guard: bool = False
-
-    def validate(self) -> GenerationConfig:
-        if self.max_new_tokens < 1:
-            raise PadlmError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.top_k is not None and self.top_k < 1:
-            raise PadlmError(f"top-k must be >= 1, got {self.top_k}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise PadlmError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise PadlmError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.weight is not None and not math.isfinite(self.weight):
-            raise PadlmError(f"weight must be a finite number, got {self.weight}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise PadlmError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
-        if self.no_repeat_ngram_size < 0:
-            raise PadlmError("no-repeat-ngram size must be >= 0")
-        return self
+from padlm.registry import StrategySpec, check_request
 
 
 @dataclass
@@ -77,33 +43,47 @@ class Row:
     text: str = ""
     emitted: int = 0  # characters of ``text`` already streamed out
     finish_reason: str | None = None
+    trace: list = field(default_factory=list)  # per-step data a strategy chooses to record
+    # incremental detokenization: ``text`` holds tokens[:read] decoded; decoding restarts at
+    # ``prefix`` so a token's leading space or a multi-byte character comes out right
+    prefix: int = 0
+    read: int = 0
 
     @property
     def config(self) -> GenerationConfig:
         return self.request.config
 
 
-# the strategies whose guidance has a per-token bonus the echo guard can cap
-ECHO_GUARDED = ("pad", "linear-alignment")
+class Rows(list):
+    """A batch's live rows, with per-row parameter columns built once per membership change
+    (not at every step) on the device of the logits they meet."""
 
+    def __init__(self, rows=()) -> None:
+        super().__init__(rows)
+        self._columns: dict[tuple, torch.Tensor] = {}
 
-def echo_guard_refusal(strategy: str) -> str:
-    """Why ``strategy`` cannot take the echo guard: one wording for the decode loop, the CLI
-    and the server (the last two refuse before any model work)."""
-    return (f"the echo guard caps a per-token guidance bonus: {' and '.join(ECHO_GUARDED)} "
-            f"have one, {strategy} does not")
+    def column(self, name: str, default: float, device: torch.device | str = "cpu"
+               ) -> torch.Tensor:
+        """``[rows]`` tensor of ``config.<name>``, ``default`` where a row leaves it unset."""
+        key = (name, default, str(device))
+        if key not in self._columns:
+            values = [getattr(row.config, name) for row in self]
+            self._columns[key] = torch.tensor(
+                [default if value is None else value for value in values], device=device)
+        return self._columns[key]
 
 
 class Strategy(Protocol):
-    """How a method turns model outputs into next-token scores."""
+    """How a method turns model outputs into next-token scores (see padlm.strategies)."""
 
-    name: str
-    streams: list[KVStream]
+    spec: StrategySpec
+
+    def new_streams(self) -> list[KVStream]: ...
 
     def contexts(self, request: Request) -> list[list[list[int]]]: ...
 
     def scores(
-        self, outputs: list[StreamOutput], rows: Sequence[Row],
+        self, outputs: list[StreamOutput], rows: Rows,
         process: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor: ...
 
@@ -119,38 +99,47 @@ class StepEvent:
 
 
 class DecodeBatch:
-    """Rows decoding together under one strategy; rows join and leave between steps."""
+    """Rows decoding together under one strategy; rows join and leave between steps.
+
+    The batch owns its KV streams (the strategy only says how to score), so any number of
+    batches from one engine run side by side."""
 
     def __init__(self, strategy: Strategy, tokenizer, eos_ids: Sequence[int]) -> None:
         self.strategy = strategy
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
-        self.rows: list[Row] = []
+        self.streams = strategy.new_streams()
+        self.rows = Rows()
         self.finished: list[Row] = []
         self._pending: list[StreamOutput] | None = None  # outputs not yet turned into tokens
+        self.last_outputs: list[StreamOutput] | None = None  # what the last step scored
+
+    @property
+    def device(self) -> torch.device:
+        return self.streams[0].device
 
     @torch.inference_mode()
     def join(self, requests: Sequence[Request]) -> list[Row]:
         """Prefill new requests (one batched forward per stream) and add them to the batch."""
         new_rows = []
         for request in requests:
-            request.config.validate()
-            if request.config.echo_guard and self.strategy.name not in ECHO_GUARDED:
-                raise PadlmError(echo_guard_refusal(self.strategy.name))
+            check_request(self.strategy.spec.name, request.config)
             generator = None
             if request.config.temperature > 0:
-                generator = torch.Generator()
+                generator = torch.Generator(device=self.device)
                 generator.manual_seed(request.config.seed if request.config.seed is not None
                                       else torch.seed())
             new_rows.append(Row(request, self.strategy.contexts(request), generator))
+        if not new_rows:
+            return []
         outputs = [
             stream.join([lane for row in new_rows for lane in row.contexts[s]])
-            for s, stream in enumerate(self.strategy.streams)
+            for s, stream in enumerate(self.streams)
         ]
         self._pending = outputs if self._pending is None else [
             _concat(old, new) for old, new in zip(self._pending, outputs, strict=True)
         ]
-        self.rows.extend(new_rows)
+        self.rows = Rows([*self.rows, *new_rows])
         return new_rows
 
     def run(self, requests: Sequence[Request]) -> list[Row]:
@@ -167,11 +156,11 @@ class DecodeBatch:
         keep = [i for i, row in enumerate(self.rows) if id(row) not in gone]
         if len(keep) == len(self.rows):
             return
-        for stream in self.strategy.streams:
+        for stream in self.streams:
             stream.keep(keep)
         if self._pending is not None:
             self._pending = [_select(out, keep) for out in self._pending]
-        self.rows = [self.rows[i] for i in keep]
+        self.rows = Rows([self.rows[i] for i in keep])
 
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
@@ -179,36 +168,38 @@ class DecodeBatch:
         if not self.rows:
             return []
         # 1. scores from the strategy, repetition control applied to its proposal logits
+        self.last_outputs = self._pending
         scores = self.strategy.scores(self._pending, self.rows, self._process)
         # 2. greedy or sampled choice, each row with its own settings and generator
         tokens = guidance.choose_tokens(
             scores,
-            torch.tensor([row.config.temperature for row in self.rows]),
-            torch.tensor([row.config.top_p for row in self.rows]),
+            self.rows.column("temperature", 0.0, scores.device),
+            self.rows.column("top_p", 1.0, scores.device),
             [row.generator for row in self.rows],
-        )
+        ).tolist()
         # 3. bookkeeping: text, stop conditions, streaming deltas
-        events = [self._advance(row, int(token)) for row, token in zip(self.rows, tokens,
-                                                                       strict=True)]
+        events = [self._advance(row, token) for row, token in zip(self.rows, tokens,
+                                                                  strict=True)]
         # 4. finished rows leave; the rest get the chosen token in every stream (lock-step)
         done = [event.row for event in events if event.finished]
         self.finished.extend(done)
         self.leave(done)
         if self.rows:
-            live = torch.tensor([row.tokens[-1] for row in self.rows])
-            self._pending = [stream.step(live) for stream in self.strategy.streams]
+            live = torch.tensor([row.tokens[-1] for row in self.rows], device=self.device)
+            self._pending = [stream.step(live) for stream in self.streams]
         return events
 
     def _process(self, logits: torch.Tensor) -> torch.Tensor:
         """Repetition control, the same for every strategy, on the response tokens only
         (so the answer may still quote the question)."""
-        previous = [row.tokens for row in self.rows]
-        penalties = torch.tensor([row.config.repetition_penalty for row in self.rows])
-        if (penalties != 1.0).any():
-            logits = guidance.apply_repetition_penalty(logits, previous, penalties)
+        penalties = self.rows.column("repetition_penalty", 1.0, logits.device)
+        if any(row.config.repetition_penalty != 1.0 for row in self.rows):
+            logits = guidance.apply_repetition_penalty(
+                logits, [row.tokens for row in self.rows], penalties)
         sizes = [row.config.no_repeat_ngram_size for row in self.rows]
         if any(sizes):
-            logits = guidance.apply_no_repeat_ngram(logits, previous, sizes)
+            logits = guidance.apply_no_repeat_ngram(logits, [row.tokens for row in self.rows],
+                                                    sizes)
         return logits
 
     def _advance(self, row: Row, token: int) -> StepEvent:
@@ -217,13 +208,14 @@ class DecodeBatch:
             row.finish_reason = "stop"
             return StepEvent(row, token, self._flush(row), True)
         row.tokens.append(token)
-        row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        grown = self._detokenize(row)
         for stop in config.stop:
-            at = row.text.find(stop)
+            # a new match can only start within the last len(stop) - 1 old characters
+            at = row.text.find(stop, max(0, len(row.text) - grown - len(stop) + 1))
             if at >= 0:
                 row.text = row.text[:at]
                 row.finish_reason = "stop"
-                return StepEvent(row, token, self._flush(row), True)
+                return StepEvent(row, token, self._flush(row, tail=False), True)
         if len(row.tokens) >= config.max_new_tokens:
             row.finish_reason = "length"
             return StepEvent(row, token, self._flush(row), True)
@@ -232,17 +224,40 @@ class DecodeBatch:
         row.emitted = max(row.emitted, visible)
         return StepEvent(row, token, delta, False)
 
-    @staticmethod
-    def _flush(row: Row) -> str:
+    def _detokenize(self, row: Row) -> int:
+        """Extend ``row.text`` by the characters the newest token completes, decoding only a
+        short window instead of the whole response (linear, not quadratic, in its length);
+        returns how many characters were added. An incomplete multi-byte character waits
+        for the token that completes it."""
+        decode = self.tokenizer.decode
+        before = decode(row.tokens[row.prefix:row.read], skip_special_tokens=True)
+        after = decode(row.tokens[row.prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return 0
+        added = after[len(before):]
+        row.text += added
+        row.prefix, row.read = row.read, len(row.tokens)
+        return len(added)
+
+    def _flush(self, row: Row, tail: bool = True) -> str:
+        """A finishing row's last delta. With ``tail``, tokens still undecoded (an incomplete
+        character at EOS or the length limit) are rendered as the tokenizer renders them;
+        a stop string's cut drops them instead (they come after it)."""
+        if tail and row.read < len(row.tokens):
+            before = self.tokenizer.decode(row.tokens[row.prefix:row.read],
+                                           skip_special_tokens=True)
+            after = self.tokenizer.decode(row.tokens[row.prefix:], skip_special_tokens=True)
+            row.text += after[len(before):]
+            row.prefix = row.read = len(row.tokens)
         delta = row.text[row.emitted:]
         row.emitted = len(row.text)
         return delta
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Characters to withhold from a stream: an incomplete UTF-8 character, or a suffix
-    that might be the start of a stop string."""
-    held = 1 if text.endswith("\ufffd") else 0
+    """Characters to withhold from a stream: a suffix that might be the start of a stop
+    string (incomplete UTF-8 characters never reach ``text`` before they complete)."""
+    held = 0
     for stop in stops:
         for length in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:length]):

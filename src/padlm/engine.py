@@ -8,40 +8,25 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from padlm.decoding import (
-    DecodeBatch,
-    GenerationConfig,
-    Request,
-    Row,
-    StepEvent,
-    Strategy,
-    echo_guard_refusal,
-)
+from padlm.config import GenerationConfig
+from padlm.decoding import DecodeBatch, Request, Row, StepEvent, Strategy
+from padlm.devices import AUTO, resolve_device
 from padlm.errors import PadlmError
 from padlm.models import DEFAULT_MODEL, LoadedModel, load_model
 from padlm.persrm import PersonalizedRewardModel
 from padlm.preferences import resolve_preference
-from padlm.prompting import DEFAULT_PLACEMENT, PLACEMENTS, render
-from padlm.strategies import (
-    ArgsStrategy,
-    ImplicitRewardScorer,
-    LinearAlignmentStrategy,
-    PadStrategy,
-    PlainStrategy,
-    SequenceScorer,
-)
-
-TOKEN_STRATEGIES = ("base", "prompt", "pad", "linear-alignment", "args")
-STRATEGIES = (*TOKEN_STRATEGIES, "best-of-n")
-BEST_OF_N_TEMPERATURE = 0.7  # best-of-n needs diverse samples; used when none is given
+from padlm.prompting import PLACEMENTS
+from padlm.registry import check_request, load_registry, strategy_class
+from padlm.strategies import BestOfNStrategy, ImplicitRewardScorer, SequenceScorer
 
 
 @dataclass
@@ -66,25 +51,37 @@ def default_persrm_dir() -> Path | None:
 
 
 class Personalizer:
-    """Holds the models; builds strategies lazily and caches them."""
+    """Holds the frozen models (base, PersRM, scorer) and builds each strategy once.
+
+    Strategies are stateless, so one engine serves any number of decode batches at once;
+    every batch owns its KV streams.
+    """
 
     def __init__(
         self,
         model: str | LoadedModel = DEFAULT_MODEL,
         persrm: str | PersonalizedRewardModel | None = "default",
-        dtype: str = "float32",
-        placement: str = DEFAULT_PLACEMENT,
+        dtype: str | None = None,
+        placement: str | None = None,
         scorer: SequenceScorer | None = None,
+        device: str = AUTO,
     ) -> None:
-        if placement not in PLACEMENTS:
+        if placement is not None and placement not in PLACEMENTS:
             raise PadlmError(f"unknown placement {placement!r}; choose one of "
-                             f"{', '.join(PLACEMENTS)}")
-        self.lm = model if isinstance(model, LoadedModel) else load_model(model, dtype)
-        self.placement = placement
+                             f"{', '.join(PLACEMENTS)}", param="placement")
+        self.lm = (model if isinstance(model, LoadedModel)
+                   else load_model(model, dtype, resolve_device(device)))
         self.persrm = self._load_persrm(persrm)
+        self.persrm.head.to(self.lm.device)
+        # the user's placement, else the one the PersRM was trained with
+        self.placement = placement or self.persrm.config.placement
         self.scorer = scorer or ImplicitRewardScorer(self.lm, self.persrm)
         self.eos_ids = _eos_ids(self.lm)
         self._strategies: dict[str, object] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
 
     def _load_persrm(self, persrm) -> PersonalizedRewardModel:
         if isinstance(persrm, PersonalizedRewardModel):
@@ -113,31 +110,25 @@ class Personalizer:
         return self.persrm.path or "identity"
 
     def strategy(self, name: str):
-        """The token-level strategy called ``name`` (built once, then reused)."""
-        if name not in TOKEN_STRATEGIES:
-            raise PadlmError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+        """The strategy called ``name`` (stateless: built once, then shared by every batch)."""
         if name not in self._strategies:
-            self._strategies[name] = {
-                "base": lambda: PlainStrategy(self.lm, False, self.placement),
-                "prompt": lambda: PlainStrategy(self.lm, True, self.placement),
-                "pad": lambda: PadStrategy(self.lm, self.persrm, self.placement),
-                "linear-alignment": lambda: LinearAlignmentStrategy(self.lm, self.placement),
-                "args": lambda: ArgsStrategy(self.lm, self.scorer, self.placement,
-                                             self.persrm.config.recommended_weight),
-            }[name]()
+            self._strategies[name] = strategy_class(name).build(self)
         return self._strategies[name]
 
     def batch(self, strategy: str | Strategy) -> DecodeBatch:
-        """An empty decode batch that requests can join (the server's entry point).
+        """A new, empty decode batch that requests can join (the server's entry point).
         ``strategy`` is a name, or a strategy object built outside (e.g. PAD over another
         PersRM), so callers never assemble a batch from the engine's parts."""
         chosen = self.strategy(strategy) if isinstance(strategy, str) else strategy
+        if chosen.spec.level != "token":
+            raise PadlmError(f"{chosen.spec.name} is sequence-level: it decodes through "
+                             f"{chosen.sampler} rows, not a batch of its own",
+                             param="strategy")
         return DecodeBatch(chosen, self.lm.tokenizer, self.eos_ids)
 
     def request(self, prompt, preference: str | None = None,
                 config: GenerationConfig | None = None) -> Request:
-        return Request(prompt, resolve_preference(preference),
-                       (config or GenerationConfig()).validate())
+        return Request(prompt, resolve_preference(preference), config or GenerationConfig())
 
     def stream(self, prompt, preference: str | None = None, strategy: str = "pad",
                config: GenerationConfig | None = None) -> Iterator[StepEvent]:
@@ -152,19 +143,22 @@ class Personalizer:
         config: GenerationConfig | None = None, batch_size: int = 8, n: int = 4,
         on_batch=None,
     ) -> list[Generation]:
-        """Decode every prompt (in batches) with one strategy; results in prompt order."""
-        if strategy == "best-of-n":
-            return [result for start in range(0, len(prompts), batch_size)
-                    for result in self._best_of_n_many(prompts[start:start + batch_size],
-                                                       preference, config, n)]
+        """Decode every prompt (in batches) with one strategy; results in prompt order.
+        ``n`` is the number of samples of a sequence-level strategy (best-of-n)."""
+        config = config or GenerationConfig()
+        check_request(strategy, config)
+        chosen = self.strategy(strategy)
         requests = [self.request(p, preference, config) for p in prompts]
         results: list[Generation] = []
         for start in range(0, len(requests), batch_size):
             chunk = requests[start:start + batch_size]
             began = time.perf_counter()
-            rows = self._decode(strategy, chunk)
+            if chosen.spec.level == "sequence":
+                picked = self._pick_best(chosen, chunk, n)
+            else:
+                picked = [(row, None) for row in self.batch(chosen).run(chunk)]
             seconds = (time.perf_counter() - began) / len(chunk)
-            results.extend(_as_generation(row, seconds) for row in rows)
+            results.extend(_as_generation(row, seconds, score) for row, score in picked)
             if on_batch is not None:
                 on_batch(len(chunk))
         return results
@@ -172,50 +166,28 @@ class Personalizer:
     def _decode(self, strategy: str, requests: Sequence[Request]) -> list[Row]:
         return self.batch(strategy).run(requests)
 
+    def _pick_best(self, strategy: BestOfNStrategy, requests: Sequence[Request], n: int
+                   ) -> list[tuple[Row, float]]:
+        """Best-of-n for several requests in ONE decode batch (``len(requests) * n`` rows)."""
+        samples = [sample for request in requests
+                   for sample in strategy.sample_requests(request, n)]
+        rows = self.batch(strategy.sampler).run(samples)
+        return strategy.pick_many(rows, n)
+
     def best_of_n(self, prompt, preference: str | None = None,
                   config: GenerationConfig | None = None, n: int = 4) -> Generation:
         """Sample ``n`` responses to the preference-prompted model; the scorer picks one."""
-        return self._best_of_n_many([prompt], preference, config, n)[0]
-
-    def _best_of_n_many(self, prompts: Sequence, preference: str | None,
-                        config: GenerationConfig | None, n: int) -> list[Generation]:
-        """Best-of-n for several prompts in ONE decode batch (``len(prompts) * n`` rows).
-
-        Every row has its own seeded generator, so a prompt's samples are the same whatever
-        else shares the batch: batching changes the speed, not the outputs."""
-        if n < 1:
-            raise PadlmError(f"n must be >= 1, got {n}")
-        config = config or GenerationConfig()
-        if config.echo_guard:  # its samples come from ``prompt``, which would name itself
-            raise PadlmError(echo_guard_refusal("best-of-n"))
-        if config.temperature == 0:
-            config = replace(config, temperature=BEST_OF_N_TEMPERATURE)
-        seed = config.seed if config.seed is not None else int(torch.seed() % 2**31)
-        requests = [self.request(prompt, preference, replace(config, seed=seed + i))
-                    for prompt in prompts for i in range(n)]
-        began = time.perf_counter()
-        rows = self._decode("prompt", requests)
-        contexts = [render(self.lm.tokenizer, r.prompt, r.preference, self.placement)
-                    for r in requests]
-        extra = {}
-        scorer = self.scorer
-        if isinstance(scorer, ImplicitRewardScorer) and scorer.persrm.config.unconditioned:
-            extra["neutral_contexts"] = [render(self.lm.tokenizer, r.prompt, "", self.placement)
-                                         for r in requests]
-        scores = scorer(contexts, [row.tokens for row in rows], **extra).view(
-            len(prompts), n)
-        seconds = (time.perf_counter() - began) / len(prompts)
-        results = []
-        for index, prompt_scores in enumerate(scores):
-            best = int(prompt_scores.argmax())
-            result = _as_generation(rows[index * n + best], seconds)
-            result.score = float(prompt_scores[best])
-            results.append(result)
-        return results
+        return self.generate([prompt], preference, "best-of-n", config, n=n)[0]
 
 
-def _as_generation(row: Row, seconds: float) -> Generation:
-    return Generation(row.text, list(row.tokens), row.finish_reason or "length", seconds)
+def available_strategies() -> tuple[str, ...]:
+    """Every registered strategy name, in registry order."""
+    return tuple(load_registry())
+
+
+def _as_generation(row: Row, seconds: float, score: float | None = None) -> Generation:
+    return Generation(row.text, list(row.tokens), row.finish_reason or "length", seconds,
+                      score)
 
 
 def _eos_ids(lm: LoadedModel) -> list[int]:
@@ -229,6 +201,4 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
 
 
 def _shipped_base(directory: Path) -> str:
-    import json
-
     return json.loads((directory / "config.json").read_text()).get("base_model", "")

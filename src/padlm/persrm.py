@@ -115,7 +115,7 @@ class PersonalizedRewardModel:
             state = get_peft_model_state_dict(self.backbone, adapter_name=ADAPTER_NAME)
             tensors += [state[name] for name in sorted(state)]
         for tensor in tensors:
-            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def reward_logits(

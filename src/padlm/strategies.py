@@ -1,78 +1,142 @@
-"""The token-level methods, each a small adapter between its models and the decode loop.
+"""The methods, each one small class that declares what it needs, plus the one registry.
 
-``base`` and ``prompt`` read one stream. ``pad`` reads the base logits and the PersRM's value
-head (on the shared backbone: one forward; with a LoRA PersRM: two lanes of one batched
-forward; a PersRM with an unconditioned reference adds a preference-free lane).
-``linear-alignment`` reads two lanes (with / without the preference). ``args``
-scores each top-k candidate with a sequence-level scorer.
+A strategy says how to score and nothing else: it holds references to frozen models, never a
+KV cache. Each :class:`padlm.decoding.DecodeBatch` asks it for fresh streams
+(:meth:`Strategy.new_streams`), so any number of batches run side by side from one engine.
+
+Every place that lists, validates, routes or reports strategies reads
+:data:`padlm.registry.REGISTRY` and each class's :class:`~padlm.registry.StrategySpec`; a new
+method is one class and one ``@register`` line.
+
+Lanes: a stream runs ``L`` contexts per request in one batched forward. A lane is either the
+context WITH the preference (``PREFERENCE``) or without it (``NEUTRAL``). A PersRM whose reward
+is measured against the preference-free base (``reference: unconditioned``) needs a neutral
+lane: :func:`reference_lanes` is the one place that says so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import lru_cache
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
 from padlm import guidance
-from padlm.decoding import Request, Row
+from padlm.decoding import Request, Row, Rows
 from padlm.errors import PadlmError
 from padlm.kvstream import KVStream, StreamOutput, response_hidden
 from padlm.models import LoadedModel
 from padlm.persrm import ADAPTER_NAME, BASE_ADAPTER, PersonalizedRewardModel
 from padlm.prompting import DEFAULT_PLACEMENT, preference_token_ids, render
+from padlm.registry import StrategySpec, register
+
+if TYPE_CHECKING:
+    from padlm.engine import Personalizer
 
 DEFAULT_TOP_K = 10
+BEST_OF_N_TEMPERATURE = 0.7  # best-of-n needs diverse samples; used when none is given
+PREFERENCE, NEUTRAL = "preference", "neutral"
 Process = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _top_k(rows: Sequence[Row], default: int) -> torch.Tensor:
-    return torch.tensor([row.config.top_k or default for row in rows])
+def reference_lanes(persrm: PersonalizedRewardModel) -> tuple[str, ...]:
+    """The extra lane a PersRM's reward reference needs: none when the reference is the
+    preference-conditioned base (it reads lane 0), a neutral lane when it is unconditioned."""
+    return (NEUTRAL,) if persrm.config.unconditioned else ()
 
 
-def _weights(rows: Sequence[Row], default: float) -> torch.Tensor:
-    return torch.tensor(
-        [default if row.config.weight is None else row.config.weight for row in rows]
-    )
+def render_lanes(tokenizer, request: Request, lanes: Sequence[str],
+                 placement: str) -> list[list[int]]:
+    """Each lane's prompt ids: the request's context with or without its preference."""
+    return [render(tokenizer, request.prompt,
+                   request.preference if lane == PREFERENCE else "", placement)
+            for lane in lanes]
 
 
 @lru_cache(maxsize=1024)
-def _guarded_ids(tokenizer, preference: str) -> torch.Tensor:
+def _guarded_ids(tokenizer, preference: str) -> tuple[int, ...]:
     """Cached: the decode loop asks for a row's ids at every step."""
-    return torch.tensor(preference_token_ids(tokenizer, preference), dtype=torch.long)
+    return preference_token_ids(tokenizer, preference)
 
 
-def _echo(rows: Sequence[Row], candidates: torch.Tensor, tokenizer) -> torch.Tensor | None:
+def _echo(rows: Rows, candidates: torch.Tensor, tokenizer) -> torch.Tensor | None:
     """Which candidates are words of their row's preference, for rows with the echo guard."""
     if not any(row.config.echo_guard for row in rows):
         return None
     return guidance.echo_candidates(candidates, [
-        _guarded_ids(tokenizer, row.request.preference) if row.config.echo_guard else None
+        torch.tensor(_guarded_ids(tokenizer, row.request.preference), dtype=torch.long,
+                     device=candidates.device) if row.config.echo_guard else None
         for row in rows])
 
 
-class PlainStrategy:
-    """``base`` (preference ignored) and ``prompt`` (preference placed in the context)."""
+class Strategy:
+    """A method over one stream of ``lanes``: subclasses set ``spec`` and ``scores``."""
 
-    def __init__(self, lm: LoadedModel, use_preference: bool,
-                 placement: str = DEFAULT_PLACEMENT) -> None:
-        self.name = "prompt" if use_preference else "base"
+    spec: ClassVar[StrategySpec]
+
+    def __init__(self, lm: LoadedModel, lanes: Sequence[str],
+                 placement: str = DEFAULT_PLACEMENT, backbone: torch.nn.Module | None = None,
+                 adapters: Sequence[str] | None = None) -> None:
         self.lm = lm
-        self.use_preference = use_preference
+        self.lanes = tuple(lanes)
         self.placement = placement
-        self.streams = [KVStream(lm.model)]
+        self.backbone = backbone if backbone is not None else lm.model
+        self.adapters = adapters
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @classmethod
+    def build(cls, engine: Personalizer) -> Strategy:
+        raise NotImplementedError
+
+    def new_streams(self) -> list[KVStream]:
+        """Fresh, empty streams for one decode batch (the batch owns them)."""
+        return [KVStream(self.backbone, lanes=len(self.lanes), adapters=self.adapters)]
 
     def contexts(self, request: Request) -> list[list[list[int]]]:
-        preference = request.preference if self.use_preference else ""
-        return [[render(self.lm.tokenizer, request.prompt, preference, self.placement)]]
+        return [render_lanes(self.lm.tokenizer, request, self.lanes, self.placement)]
 
-    def scores(self, outputs: list[StreamOutput], rows: Sequence[Row],
-               process: Process) -> torch.Tensor:
+    def reward_lanes(self) -> tuple[int, int] | None:
+        """(lane whose hidden state the PersRM head reads, lane of its reference logits) for
+        the playground's token rewards; None where this stream cannot give them."""
+        return None
+
+    def scores(self, outputs: list[StreamOutput], rows: Rows, process: Process
+               ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register
+class BaseStrategy(Strategy):
+    """The base model alone; the preference is ignored."""
+
+    spec = StrategySpec("base", "the base model, preference ignored")
+
+    @classmethod
+    def build(cls, engine: Personalizer) -> BaseStrategy:
+        return cls(engine.lm, (NEUTRAL,), engine.placement)
+
+    def scores(self, outputs, rows, process):
         return process(outputs[0].logits[:, 0])
 
 
-class PadStrategy:
+@register
+class PromptStrategy(BaseStrategy):
+    """Preference prompting: the preference placed in the context."""
+
+    spec = StrategySpec("prompt", "the preference placed in the context")
+
+    @classmethod
+    def build(cls, engine: Personalizer) -> PromptStrategy:
+        return cls(engine.lm, (PREFERENCE,), engine.placement)
+
+
+@register
+class PadStrategy(Strategy):
     """PAD: ``score(a) = z_b(a) + w * r(a)`` over the base model's top-k candidates.
 
     Lanes of the one stream: the preference-conditioned base (lane 0; on the shared backbone
@@ -80,71 +144,65 @@ class PadStrategy:
     with an unconditioned reference, the preference-free base that ``r`` is measured against.
     """
 
-    name = "pad"
+    spec = StrategySpec("pad", "PAD: PersRM token rewards re-rank the base top-k",
+                        uses_persrm=True, echo_guard=True, weighted=True)
 
     def __init__(self, lm: LoadedModel, persrm: PersonalizedRewardModel,
                  placement: str | None = None) -> None:
-        self.lm = lm
+        shared = persrm.shares_backbone
+        lanes = (PREFERENCE,) if shared else (PREFERENCE, PREFERENCE)
+        self.persrm_lane = len(lanes) - 1
+        lanes += reference_lanes(persrm)
+        self.reference_lane = len(lanes) - 1 if persrm.config.unconditioned else 0
+        adapters = None if shared else [BASE_ADAPTER, ADAPTER_NAME, BASE_ADAPTER][:len(lanes)]
+        super().__init__(lm, lanes, placement or persrm.config.placement,
+                         None if shared else persrm.backbone, adapters)
         self.persrm = persrm
-        self.placement = placement or persrm.config.placement
         self.lm_head = lm.model.get_output_embeddings().weight
-        adapters = [BASE_ADAPTER] if persrm.shares_backbone else [BASE_ADAPTER, ADAPTER_NAME]
-        self.persrm_lane = len(adapters) - 1
-        if persrm.config.unconditioned:
-            adapters.append(BASE_ADAPTER)
-        self.reference_lane = len(adapters) - 1 if persrm.config.unconditioned else 0
-        backbone = lm.model if persrm.shares_backbone else persrm.backbone
-        self.streams = [KVStream(backbone, lanes=len(adapters),
-                                 adapters=None if persrm.shares_backbone else adapters)]
 
-    def contexts(self, request: Request) -> list[list[list[int]]]:
-        ids = render(self.lm.tokenizer, request.prompt, request.preference, self.placement)
-        lanes = [ids] * (self.persrm_lane + 1)
-        if self.reference_lane:
-            lanes.append(render(self.lm.tokenizer, request.prompt, "", self.placement))
-        return [lanes]
+    @classmethod
+    def build(cls, engine: Personalizer) -> PadStrategy:
+        return cls(engine.lm, engine.persrm, engine.placement)
 
-    def scores(self, outputs: list[StreamOutput], rows: Sequence[Row],
-               process: Process) -> torch.Tensor:
+    def reward_lanes(self) -> tuple[int, int]:
+        return self.persrm_lane, self.reference_lane
+
+    def scores(self, outputs, rows, process):
         out = outputs[0]
-        base_logits = out.logits[:, 0]
-        proposal = process(base_logits)
-        k = _top_k(rows, self.persrm.config.top_k or DEFAULT_TOP_K)
+        proposal = process(out.logits[:, 0])
+        k = rows.column("top_k", self.persrm.config.top_k or DEFAULT_TOP_K, proposal.device)
         candidates, valid = guidance.top_k_candidates(proposal, k)
         reward_logits = self.persrm.reward_logits(out.hidden[:, self.persrm_lane],
                                                   self.lm_head, candidates)
         scores = guidance.pad_scores(
             out.logits[:, self.reference_lane].gather(1, candidates), reward_logits,
-            _weights(rows, self.persrm.config.recommended_weight), valid,
-            proposal.gather(1, candidates), _echo(rows, candidates, self.lm.tokenizer),
+            rows.column("weight", self.persrm.config.recommended_weight, proposal.device),
+            valid, proposal.gather(1, candidates), _echo(rows, candidates, self.lm.tokenizer),
         )
         return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
 
 
-class LinearAlignmentStrategy:
+@register
+class LinearAlignmentStrategy(Strategy):
     """Linear Alignment: ``z_p + alpha (z_p - z_0)``, both contexts in one batched forward."""
 
-    name = "linear-alignment"
+    spec = StrategySpec("linear-alignment",
+                        "training-free: contexts with and without the preference contrasted",
+                        echo_guard=True, weighted=True)
 
-    def __init__(self, lm: LoadedModel, placement: str = DEFAULT_PLACEMENT) -> None:
-        self.lm = lm
-        self.placement = placement
-        self.streams = [KVStream(lm.model, lanes=2)]
+    @classmethod
+    def build(cls, engine: Personalizer) -> LinearAlignmentStrategy:
+        return cls(engine.lm, (PREFERENCE, NEUTRAL), engine.placement)
 
-    def contexts(self, request: Request) -> list[list[list[int]]]:
-        tokenizer = self.lm.tokenizer
-        return [[render(tokenizer, request.prompt, request.preference, self.placement),
-                 render(tokenizer, request.prompt, "", self.placement)]]
-
-    def scores(self, outputs: list[StreamOutput], rows: Sequence[Row],
-               process: Process) -> torch.Tensor:
+    def scores(self, outputs, rows, process):
         preferred, neutral = outputs[0].logits[:, 0], outputs[0].logits[:, 1]
         proposal = process(preferred)
-        candidates, valid = guidance.top_k_candidates(proposal, _top_k(rows, DEFAULT_TOP_K))
+        k = rows.column("top_k", DEFAULT_TOP_K, proposal.device)
+        candidates, valid = guidance.top_k_candidates(proposal, k)
         scores = guidance.linear_alignment_scores(
             preferred.gather(1, candidates), neutral.gather(1, candidates),
-            _weights(rows, 1.0), valid, proposal.gather(1, candidates),
-            _echo(rows, candidates, self.lm.tokenizer),
+            rows.column("weight", 1.0, proposal.device), valid,
+            proposal.gather(1, candidates), _echo(rows, candidates, self.lm.tokenizer),
         )
         return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
 
@@ -197,7 +255,8 @@ class ImplicitRewardScorer:
         with torch.inference_mode():
             for persrm_states, reference_states, response in zip(
                     persrm_hidden, reference, responses, strict=True):
-                targets = torch.tensor(list(response), dtype=torch.long)[:, None]
+                targets = torch.tensor(list(response), dtype=torch.long,
+                                       device=lm_head.device)[:, None]
                 persrm_logp = self.persrm.reward_logits(persrm_states, lm_head).log_softmax(-1)
                 reference_logp = (reference_states @ lm_head.T).float().log_softmax(-1)
                 scores.append((persrm_logp.gather(1, targets)
@@ -205,56 +264,67 @@ class ImplicitRewardScorer:
         return torch.stack(scores)
 
 
-class ArgsStrategy:
+def scorer_lanes(scorer: SequenceScorer) -> tuple[str, ...]:
+    """The lanes a sequence scorer reads: the PersRM's reference lanes for the implicit
+    reward; none beyond the preference context for any other scorer."""
+    return reference_lanes(scorer.persrm) if isinstance(scorer, ImplicitRewardScorer) else ()
+
+
+def score_responses(scorer: SequenceScorer, lanes: Sequence[Sequence[Sequence[int]]],
+                    responses: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Call ``scorer`` with each response's lanes (preference context first); a neutral lane,
+    when the scorer needs one, goes in as ``neutral_contexts``."""
+    extra = ({"neutral_contexts": [lane[1] for lane in lanes]}
+             if lanes and len(lanes[0]) > 1 else {})
+    return scorer([lane[0] for lane in lanes], responses, **extra)
+
+
+@register
+class ArgsStrategy(Strategy):
     """ARGS: ``score(a) = z(a) + w * R(prefix + a)`` for each of the top-k candidates.
 
     With the default scorer on a shared-backbone PersRM the k sequence rewards are exact and
     incremental: ``R(prefix + a) = R(prefix) + log pi_R(a|s) - log pi_ref(a|s)``, so the k
     scorer calls cost one head product; ``R(prefix)`` is the same for every candidate of a
     row, so it changes neither the argmax nor the softmax and is left out. Any other scorer
-    is called on all k continuations of every row, batched (the method's real cost). A
-    PersRM with an unconditioned reference adds a preference-free lane for that reference.
+    is called on all k continuations of every row, batched (the method's real cost).
     """
 
-    name = "args"
+    spec = StrategySpec("args", "reward-guided search: a sequence reward per top-k candidate",
+                        uses_persrm=True, weighted=True)
 
     def __init__(self, lm: LoadedModel, scorer: SequenceScorer,
                  placement: str = DEFAULT_PLACEMENT, default_weight: float = 1.0) -> None:
-        self.lm = lm
+        super().__init__(lm, (PREFERENCE, *scorer_lanes(scorer)), placement)
         self.scorer = scorer
-        self.placement = placement
         self.default_weight = default_weight
-        implicit = isinstance(scorer, ImplicitRewardScorer)
-        self.neutral = implicit and scorer.persrm.config.unconditioned
-        self.streams = [KVStream(lm.model, lanes=2 if self.neutral else 1)]
-        self.incremental = implicit and scorer.persrm.shares_backbone
+        self.neutral = NEUTRAL in self.lanes
+        self.incremental = (isinstance(scorer, ImplicitRewardScorer)
+                            and scorer.persrm.shares_backbone)
 
-    def contexts(self, request: Request) -> list[list[list[int]]]:
-        tokenizer = self.lm.tokenizer
-        lanes = [render(tokenizer, request.prompt, request.preference, self.placement)]
-        if self.neutral:
-            lanes.append(render(tokenizer, request.prompt, "", self.placement))
-        return [lanes]
+    @classmethod
+    def build(cls, engine: Personalizer) -> ArgsStrategy:
+        return cls(engine.lm, engine.scorer, engine.placement,
+                   engine.persrm.config.recommended_weight)
 
-    def scores(self, outputs: list[StreamOutput], rows: Sequence[Row],
-               process: Process) -> torch.Tensor:
+    def scores(self, outputs, rows, process):
         logits = outputs[0].logits[:, 0]
         proposal = process(logits)
-        candidates, valid = guidance.top_k_candidates(proposal, _top_k(rows, DEFAULT_TOP_K))
+        k = rows.column("top_k", DEFAULT_TOP_K, proposal.device)
+        candidates, valid = guidance.top_k_candidates(proposal, k)
         if self.incremental:
             rewards = self._token_gain(outputs[0]).gather(1, candidates)
         else:
             per_row = candidates.shape[1]
-            contexts = [row.contexts[0][0] for row in rows for _ in range(per_row)]
             continuations = [row.tokens + [int(c)] for row, cands in zip(rows, candidates,
                                                                          strict=True)
-                             for c in cands]
-            extra = ({"neutral_contexts": [row.contexts[0][1] for row in rows
-                                           for _ in range(per_row)]} if self.neutral else {})
-            rewards = self.scorer(contexts, continuations, **extra).view(
-                candidates.shape).float()
-        scores = (proposal.gather(1, candidates) + _weights(rows, self.default_weight)[:, None]
-                  * rewards).masked_fill(~valid, guidance.NEG_INF)
+                             for c in cands.tolist()]
+            lanes = [row.contexts[0] for row in rows for _ in range(per_row)]
+            rewards = score_responses(self.scorer, lanes, continuations).view(
+                candidates.shape).float().to(proposal.device)
+        weights = rows.column("weight", self.default_weight, proposal.device)
+        scores = (proposal.gather(1, candidates) + weights[:, None] * rewards
+                  ).masked_fill(~valid, guidance.NEG_INF)
         return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
 
     def _token_gain(self, out: StreamOutput) -> torch.Tensor:
@@ -262,3 +332,59 @@ class ArgsStrategy:
         persrm_logits = self.scorer.persrm.reward_logits(out.hidden[:, 0], lm_head)
         reference = out.logits[:, 1 if self.neutral else 0]
         return persrm_logits.log_softmax(-1) - reference.log_softmax(-1)
+
+
+@register
+class BestOfNStrategy:
+    """Best-of-n: ``n`` samples from the preference-prompted model, the scorer keeps one.
+
+    Sequence-level: its samples decode as ordinary ``prompt`` rows (so they share a batch with
+    anyone), and :meth:`pick` scores the finished rows. Every sample has its own seed, so a
+    prompt's samples are the same whatever else shares the batch.
+    """
+
+    spec = StrategySpec("best-of-n", "n prompted samples, the PersRM's reward picks one",
+                        uses_persrm=True, level="sequence")
+    sampler = "prompt"
+
+    def __init__(self, lm: LoadedModel, scorer: SequenceScorer,
+                 placement: str = DEFAULT_PLACEMENT) -> None:
+        self.lm = lm
+        self.scorer = scorer
+        self.placement = placement
+        self.lanes = (PREFERENCE, *scorer_lanes(scorer))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @classmethod
+    def build(cls, engine: Personalizer) -> BestOfNStrategy:
+        return cls(engine.lm, engine.scorer, engine.placement)
+
+    def sample_requests(self, request: Request, n: int) -> list[Request]:
+        """The ``n`` sampled rows that stand for one best-of-n request."""
+        if n < 1:
+            raise PadlmError(f"n must be >= 1, got {n}", param="n")
+        config = request.config
+        if config.temperature == 0:
+            config = replace(config, temperature=BEST_OF_N_TEMPERATURE)
+        seed = config.seed if config.seed is not None else int(torch.seed() % 2**31)
+        return [Request(request.prompt, request.preference, replace(config, seed=seed + i))
+                for i in range(n)]
+
+    def pick(self, samples: Sequence[Row]) -> tuple[Row, float]:
+        """The best finished sample of one request and its score."""
+        return self.pick_many(samples, len(samples))[0]
+
+    def pick_many(self, samples: Sequence[Row], n: int) -> list[tuple[Row, float]]:
+        """Score ``len(samples) // n`` requests' samples in one scorer call."""
+        lanes = [render_lanes(self.lm.tokenizer, row.request, self.lanes, self.placement)
+                 for row in samples]
+        scores = score_responses(self.scorer, lanes, [row.tokens for row in samples]
+                                 ).view(-1, n)
+        picked = []
+        for index, row_scores in enumerate(scores):
+            best = int(row_scores.argmax())
+            picked.append((samples[index * n + best], float(row_scores[best])))
+        return picked

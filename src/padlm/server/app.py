@@ -29,12 +29,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from padlm.decoding import ECHO_GUARDED, GenerationConfig, echo_guard_refusal
+from padlm.config import GenerationConfig
 from padlm.decoding import Request as DecodeRequest
-from padlm.engine import STRATEGIES, Personalizer
+from padlm.engine import Personalizer, available_strategies
 from padlm.errors import PadlmError
 from padlm.preferences import PRESETS, resolve_preference
 from padlm.prompting import render
+from padlm.registry import check_request, strategy_class
 from padlm.server.schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -52,10 +53,9 @@ MAX_STOP = 4  # as in OpenAI's API
 DISCONNECT_POLL_S = 0.5
 GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to finish when the server stops
 
-# GenerationConfig.validate() messages start with the setting's name; map it to the field.
-_PARAM_OF = {"max_new_tokens": "max_tokens", "top-k": "pad.top_k", "temperature": "temperature",
-             "top-p": "top_p", "weight": "pad.weight", "repetition": "repetition_penalty",
-             "no-repeat": "no_repeat_ngram_size"}
+# GenerationConfig's field names where the request's field is named differently
+_PARAM_OF = {"max_new_tokens": "max_tokens", "top_k": "pad.top_k", "weight": "pad.weight",
+             "echo_guard": "pad.echo_guard"}
 
 
 @dataclass
@@ -82,9 +82,10 @@ class Service:
 
     def plan(self, body, prompts: Sequence, prompt_param: str) -> Plan:
         """Check everything a client can get wrong before any decoding starts."""
-        if body.strategy not in STRATEGIES:
-            raise ApiError(400, f"unknown strategy {body.strategy!r}; choose one of "
-                           f"{', '.join(STRATEGIES)}", "strategy", "unknown_strategy")
+        try:
+            spec = strategy_class(body.strategy).spec
+        except PadlmError as error:
+            raise ApiError(400, str(error), "strategy", "unknown_strategy") from None
         try:
             preference = resolve_preference(body.preference)
         except PadlmError as error:
@@ -94,16 +95,14 @@ class Service:
             raise ApiError(400, f"n must be between 1 and the server's max batch size {limit}",
                            "n")
         best_of = body.best_of if body.best_of is not None else DEFAULT_BEST_OF
-        if body.strategy == "best-of-n":
+        if spec.level == "sequence":
             if body.stream:
-                raise ApiError(400, "strategy best-of-n picks a response after sampling them "
+                raise ApiError(400, f"strategy {spec.name} picks a response after sampling them "
                                "all, so it cannot stream; send stream=false", "stream")
             if not 1 <= best_of <= limit:
                 raise ApiError(400, f"best_of must be between 1 and {limit}", "best_of")
         elif body.best_of not in (None, 1):
             raise ApiError(400, "best_of needs strategy 'best-of-n'", "best_of")
-        if body.pad and body.pad.echo_guard and body.strategy not in ECHO_GUARDED:
-            raise ApiError(400, echo_guard_refusal(body.strategy), "pad.echo_guard")
         max_tokens = body.max_tokens
         if max_tokens is None and isinstance(body, ChatCompletionRequest):
             max_tokens = body.max_completion_tokens
@@ -133,22 +132,21 @@ class Service:
     @staticmethod
     def _config(body, stop: list[str]) -> GenerationConfig:
         pad = body.pad
-        config = GenerationConfig(
-            temperature=0.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            seed=body.seed, stop=tuple(stop),
-            no_repeat_ngram_size=body.no_repeat_ngram_size or 0,
-            repetition_penalty=(1.0 if body.repetition_penalty is None
-                                else body.repetition_penalty),
-            weight=pad.weight if pad else None, top_k=pad.top_k if pad else None,
-            echo_guard=bool(pad and pad.echo_guard), ignore_eos=body.ignore_eos,
-        )
         try:
-            return config.validate()
+            config = GenerationConfig(
+                temperature=0.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                seed=body.seed, stop=tuple(stop),
+                no_repeat_ngram_size=body.no_repeat_ngram_size or 0,
+                repetition_penalty=(1.0 if body.repetition_penalty is None
+                                    else body.repetition_penalty),
+                weight=pad.weight if pad else None, top_k=pad.top_k if pad else None,
+                echo_guard=bool(pad and pad.echo_guard), ignore_eos=body.ignore_eos,
+            )
+            check_request(body.strategy, config)
         except PadlmError as error:
-            message = str(error)
-            param = next((p for key, p in _PARAM_OF.items() if key in message), None)
-            raise ApiError(400, message, param) from None
+            raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param)) from None
+        return config
 
     def _prompt_length(self, prompt, preference: str, strategy: str, param: str) -> int:
         try:
@@ -235,7 +233,7 @@ def create_app(engine: Personalizer, max_batch_size: int = 16, max_queue: int = 
     async def presets() -> dict:
         persrm = engine.persrm
         return {"presets": [{"id": key, "text": text} for key, text in PRESETS.items()],
-                "strategies": list(STRATEGIES), "default_strategy": "pad",
+                "strategies": list(available_strategies()), "default_strategy": "pad",
                 "recommended_weight": persrm.config.recommended_weight,
                 "top_k": persrm.config.top_k, "persrm": engine.persrm_name,
                 "model": service.model_id}

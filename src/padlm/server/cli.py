@@ -53,7 +53,7 @@ def serve(
 
 def register(app: typer.Typer) -> None:
     """Add ``padlm serve`` and ``padlm bench serve``."""
-    from padlm.bench import bench_app
+    from padlm.bench_cli import bench_app
     from padlm.server.bench import bench_serve
 
     app.command("serve")(serve)

@@ -1,8 +1,8 @@
 """Per-token personalized rewards for the playground's token view, without touching the core.
 
-A :class:`RecordingStrategy` wraps a token-level strategy and keeps the last model outputs the
-decode loop handed it. After ``DecodeBatch.step()`` the server turns those outputs and the
-chosen tokens into PAD's token reward ``r(a) = log softmax_K(z_R)[a] - log softmax_K(z_b)[a]``
+After ``DecodeBatch.step()`` the server turns the outputs that step scored
+(``DecodeBatch.last_outputs``) and the chosen tokens into PAD's token reward
+``r(a) = log softmax_K(z_R)[a] - log softmax_K(z_b)[a]``
 (:func:`chosen_token_reward`), i.e. exactly the term PAD adds to the base logits, for every
 row, whichever strategy decoded it.
 """
@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from padlm import guidance
-from padlm.decoding import Request, Row
-from padlm.kvstream import StreamOutput
+from padlm.decoding import DecodeBatch, Row
 from padlm.persrm import PersonalizedRewardModel
-from padlm.strategies import DEFAULT_TOP_K, PadStrategy
+from padlm.strategies import DEFAULT_TOP_K
 
 
 def chosen_token_reward(
@@ -50,23 +49,6 @@ def chosen_token_reward(
     return (reward * at_chosen).sum(dim=-1)
 
 
-class RecordingStrategy:
-    """Delegates to a strategy and remembers the outputs of the last ``scores`` call."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.streams = inner.streams
-        self.last: list[StreamOutput] | None = None
-
-    def contexts(self, request: Request) -> list[list[list[int]]]:
-        return self.inner.contexts(request)
-
-    def scores(self, outputs: list[StreamOutput], rows: Sequence[Row], process):
-        self.last = outputs
-        return self.inner.scores(outputs, rows, process)
-
-
 class TokenRewards:
     """Computes the reward of the tokens a recorded step chose (``None`` if it cannot)."""
 
@@ -75,23 +57,21 @@ class TokenRewards:
         self.lm_head = lm_head
 
     @torch.inference_mode()
-    def __call__(self, strategy: RecordingStrategy, rows: Sequence[Row],
+    def __call__(self, batch: DecodeBatch, rows: Sequence[Row],
                  tokens: Sequence[int]) -> list[float] | None:
-        if strategy.last is None or not rows:
+        if batch.last_outputs is None or not rows:
             return None
-        out = strategy.last[0]
-        if isinstance(strategy.inner, PadStrategy):
-            hidden = out.hidden[:, strategy.inner.persrm_lane]
-            reference = out.logits[:, strategy.inner.reference_lane]
-        elif self.persrm.shares_backbone and not self.persrm.config.unconditioned:
-            hidden = out.hidden[:, 0]  # the head reads the hidden state this stream saw
-            reference = out.logits[:, 0]
-        else:
+        out = batch.last_outputs[0]
+        lanes = batch.strategy.reward_lanes()
+        if lanes is None and self.persrm.shares_backbone and not self.persrm.config.unconditioned:
+            lanes = (0, 0)  # the head reads the hidden state this stream saw
+        if lanes is None:
             return None  # this stream has no PersRM lane or no preference-free lane
+        hidden, reference = out.hidden[:, lanes[0]], out.logits[:, lanes[1]]
         k = torch.tensor([row.config.top_k or self.persrm.config.top_k or DEFAULT_TOP_K
-                          for row in rows])
+                          for row in rows], device=hidden.device)
         rewards = chosen_token_reward(
             out.logits[:, 0], lambda c: self.persrm.reward_logits(hidden, self.lm_head, c),
-            torch.tensor(list(tokens)), k, reference,
+            torch.tensor(list(tokens), device=hidden.device), k, reference,
         )
         return [float(r) for r in rewards]

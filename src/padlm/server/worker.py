@@ -3,32 +3,46 @@
 Requests from many users join the running batch between steps (continuous batching); each
 row carries its own preference, weight, top-k, temperature and seed in its
 ``GenerationConfig``, so users with different settings share one forward per step. The thread
-loops: admit waiting jobs while live rows stay within ``max_batch_size``, drop rows whose
-client went away, run one ``step()`` per non-empty batch, and hand every row's new text to its
-request's asyncio queue on the event loop (``call_soon_threadsafe``).
+loops: admit waiting jobs whose rows fit next to the live ones, drop rows whose request ended
+(client gone, failed, past its deadline), run one ``step()`` per non-empty batch, and hand every
+row's new text to its request's sink.
 
-All model work happens on this one thread: the decode loop's streams are stateful and the
-forward hooks that read hidden states are per-call, so two threads must never run the shared
-models at once (best-of-n therefore runs here too, between steps).
+All model work happens on this one thread (the streams and the forward hooks that read hidden
+states are per call, so two threads must never run the shared models at once). Best-of-n is
+no exception and no obstacle: its samples are ordinary rows of the sampler's batch, decoded
+step by step beside everyone else's, and only the scorer's one forward runs at the end.
+
+Isolation: whatever goes wrong in one request's path (prefill, a step, the scorer, token
+rewards) fails that request alone with a 500; a failed step is probed row by row (bisection,
+without touching the batch) to find the rows that caused it, only their requests fail, and the
+others step on. Every job ends with exactly one final message (``JobDone`` or ``JobFailed``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import math
 import threading
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
-from padlm.decoding import DecodeBatch, Request
+import torch
+
+from padlm import guidance
+from padlm.decoding import DecodeBatch, Request, Row, Rows, _select
 from padlm.engine import Personalizer
 from padlm.errors import PadlmError
-from padlm.server.rewards import RecordingStrategy, TokenRewards
+from padlm.server.metrics import ServerMetrics
+from padlm.server.rewards import TokenRewards
 from padlm.server.schemas import ApiError
+from padlm.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
+
+RATE_SMOOTHING = 0.2  # weight of the newest iteration in the tokens/s estimate
+MAX_RETRY_AFTER_S = 60
 
 
 @dataclass
@@ -57,57 +71,111 @@ class JobFailed:
 
 @dataclass
 class Job:
-    """One API request: ``requests[i]`` decodes choice ``i``; events go to ``queue``."""
+    """One API request. ``rows`` decode in the token-level strategy ``batch``: one row per
+    choice, or, with a ``picker`` (best-of-n), ``best_of`` consecutive sample rows per choice
+    of which the picker keeps one. Events go to ``sink`` (called on the worker thread)."""
 
-    requests: list[Request]
-    strategy: str
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    rows: list[Request]
+    batch: str
+    sink: Callable[[list], None]
+    picker: object | None = None  # a sequence-level strategy with pick_many(rows, n)
+    best_of: int = 1
     token_rewards: bool = False
     stream: bool = True  # False: only the finishing event of each choice is sent
-    best_of: int = 4  # samples per choice for the best-of-n strategy
-    cancelled: bool = False
-    remaining: int = 0
-    submitted: float = field(default_factory=time.perf_counter)
+    timeout_s: float = math.inf
+    cancelled: bool = False  # the client went away (set by BatchWorker.cancel)
+    closed: bool = False  # the worker sent the final message
+    submitted: float = field(default_factory=time.monotonic)
+    overtaken: int = 0  # smaller jobs admitted ahead of it while it did not fit
+    finished: list[Row | None] = field(default_factory=list)
+    remaining: int = 0  # rows still in a batch
+    first_token: float | None = None
+    last_token: dict[int, float] = field(default_factory=dict)
 
     @property
-    def rows_needed(self) -> int:
-        return 0 if self.strategy == "best-of-n" else len(self.requests)
+    def cost(self) -> int:
+        """Tokens this job may generate: what it weighs in the queue."""
+        return sum(request.config.max_new_tokens for request in self.rows)
 
-    def cancel(self) -> None:
-        """Called from the event loop when the client goes away; the worker frees the rows
-        at its next step (a plain attribute write: atomic under the GIL)."""
-        self.cancelled = True
+    @property
+    def deadline(self) -> float:
+        return self.submitted + self.timeout_s
+
+    @property
+    def ended(self) -> bool:
+        return self.cancelled or self.closed
 
     def send(self, items: Sequence) -> None:
-        """Thread-safe hand-off to the request's coroutine."""
-        if self.cancelled:
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, list(items))
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            self.cancelled = True
+        if not self.cancelled:
+            self.sink(list(items))
+
+
+def probe_step(batch: DecodeBatch, indices: Sequence[int]) -> None:
+    """Score and choose the next token for some of ``batch``'s rows without changing the batch
+    (generators are copied); raises what the real step raises for those rows.
+
+    It repeats the scoring half of ``DecodeBatch.step`` on ``batch.last_outputs`` (the outputs
+    the failed step was scoring) until the engine offers such a probe itself.
+    """
+    rows = Rows([batch.rows[i] for i in indices])
+    view = SimpleNamespace(rows=rows)  # what DecodeBatch._process reads
+    outputs = [_select(out, list(indices)) for out in batch.last_outputs]
+    with torch.inference_mode():
+        scores = batch.strategy.scores(outputs, rows,
+                                       lambda logits: DecodeBatch._process(view, logits))
+        guidance.choose_tokens(scores, rows.column("temperature", 0.0, scores.device),
+                               rows.column("top_p", 1.0, scores.device),
+                               [_copy(row.generator) for row in rows])
+
+
+def _copy(generator: torch.Generator | None) -> torch.Generator | None:
+    if generator is None:
+        return None
+    return torch.Generator(device=generator.device).set_state(generator.get_state())
+
+
+def find_culprits(probe: Callable[[list[int]], None], indices: list[int]) -> list[int]:
+    """The rows whose probe fails on its own, by bisection: ``O(k log n)`` probes for ``k``
+    culprits among ``n`` rows. Empty when only a combination fails."""
+    try:
+        probe(indices)
+        return []
+    except Exception:
+        if len(indices) == 1:
+            return indices
+    middle = len(indices) // 2
+    return find_culprits(probe, indices[:middle]) + find_culprits(probe, indices[middle:])
 
 
 class BatchWorker:
-    """Owns the decode batches; ``submit`` from any thread, everything else on its thread."""
+    """Owns the decode batches. ``submit``, ``cancel`` and ``drain`` are called from other
+    threads; everything else runs on the worker's thread."""
 
-    def __init__(self, engine: Personalizer, max_batch_size: int = 16,
-                 max_queue: int = 64) -> None:
-        if max_batch_size < 1 or max_queue < 0:
-            raise PadlmError("--max-batch-size must be >= 1 and the queue size >= 0")
+    def __init__(self, engine: Personalizer, settings: ServerSettings | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
         self.engine = engine
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
+        self.settings = settings or ServerSettings()
+        self.max_batch_size = self.settings.max_batch_size
+        # a job that does not fit is overtaken by at most this many smaller ones, then later
+        # jobs wait behind it until rows drain (no head-of-line blocking, no starvation)
+        self.max_overtakes = self.max_batch_size
+        self.metrics = metrics
         self.batches: dict[str, DecodeBatch] = {}
-        self._owners: dict[int, tuple[Job, int]] = {}  # id(row) -> (job, choice index)
-        self._waiting: deque[Job] = deque()
+        self._owners: dict[int, tuple[Job, int]] = {}  # id(row) -> (job, row slot)
+        self._running: dict[int, Job] = {}
+        self._waiting: list[Job] = []
+        self._queued_tokens = 0
         self._wake = threading.Condition()
         self._stopped = False
+        self._draining = False
+        self._drain_deadline = math.inf
+        self._drained = threading.Event()
+        self._rate = 0.0  # tokens/s, smoothed: how fast the queue empties
+        self.fatal: str | None = None  # set when the thread died
         self._rewards = TokenRewards(engine.persrm,
                                      engine.lm.model.get_output_embeddings().weight)
         self.stats = {"steps": 0, "rows_finished": 0, "rows_cancelled": 0, "jobs_failed": 0,
-                      "jobs_done": 0, "max_live_rows": 0}
+                      "jobs_done": 0, "max_live_rows": 0, "steps_recovered": 0}
         self._thread = threading.Thread(target=self._run, name="padlm-decode", daemon=True)
 
     # ---- called from other threads -------------------------------------------------------
@@ -119,155 +187,285 @@ class BatchWorker:
         with self._wake:
             self._stopped = True
             self._wake.notify_all()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.fatal is None
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or refuse with a 429 when ``max_queue`` jobs are already waiting."""
+        """Queue a job; a 503 while draining or broken, a 429 (with ``Retry-After``) when
+        ``max_queue`` jobs or ``max_queue_tokens`` tokens are already waiting."""
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
-                raise ApiError(429, f"server busy: {len(self._waiting)} requests are waiting; "
-                               "retry later", code="rate_limit_exceeded",
-                               kind="rate_limit_error")
+            if not self.alive:
+                raise ApiError(503, "the decode worker has stopped; the server needs a restart",
+                               kind="server_error", code="worker_stopped")
+            if self._draining or self._stopped:
+                raise ApiError(503, "the server is shutting down", kind="server_error",
+                               code="server_shutting_down",
+                               headers={"Retry-After": str(math.ceil(
+                                   self.settings.drain_timeout_s))})
+            limit = self.settings
+            if len(self._waiting) >= limit.max_queue or (
+                    self._waiting and self._queued_tokens + job.cost > limit.max_queue_tokens):
+                raise ApiError(429, f"server busy: {len(self._waiting)} requests "
+                               f"({self._queued_tokens} tokens) are waiting; retry later",
+                               code="rate_limit_exceeded", kind="rate_limit_error",
+                               headers={"Retry-After": str(self._retry_after())})
             self._waiting.append(job)
+            self._queued_tokens += job.cost
             self._wake.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: a waiting job leaves the queue now, a running job's rows
+        leave the batch at the next step."""
+        with self._wake:
+            job.cancelled = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._queued_tokens -= job.cost
+            self._wake.notify_all()
+
+    def drain(self) -> bool:
+        """Stop admitting (waiting jobs get a 503 now), let running rows finish for up to
+        ``drain_timeout_s``, then end the rest with a 503. True when every job ended."""
+        error = ApiError(503, "the server is shutting down", kind="server_error",
+                         code="server_shutting_down")
+        with self._wake:
+            self._draining = True
+            self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+            for job in self._waiting:
+                self._close(job, [JobFailed(error)])
+            self._waiting.clear()
+            self._queued_tokens = 0
+            self._wake.notify_all()
+        return self._drained.wait(self.settings.drain_timeout_s + 10) or not self.alive
 
     @property
     def live_rows(self) -> int:
         return sum(len(batch.rows) for batch in list(self.batches.values()))
 
+    @property
+    def status(self) -> str:
+        if not self.alive:
+            return "worker-dead"
+        return "draining" if self._draining else "ok"
+
     def snapshot(self) -> dict:
         return {"live_rows": self.live_rows, "waiting": len(self._waiting),
-                "max_batch_size": self.max_batch_size, "max_queue": self.max_queue,
+                "queued_tokens": self._queued_tokens, "running": len(self._running),
+                "max_batch_size": self.max_batch_size, "max_queue": self.settings.max_queue,
                 "batches": {name: len(b.rows) for name, b in list(self.batches.items())},
-                "alive": self._thread.is_alive(), **self.stats}
+                "alive": self.alive, **self.stats}
+
+    def _retry_after(self) -> int:
+        """Seconds until the queued tokens are likely decoded, at the measured rate."""
+        if self._rate <= 0:
+            return 1
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(self._queued_tokens / self._rate)))
 
     # ---- the worker thread ---------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopped and not self._waiting and not self.live_rows:
-                    self._wake.wait()
-                if self._stopped:
-                    self._shutdown()
+        try:
+            while self._iteration():
+                pass
+        except BaseException as error:  # a bug outside every job's path: say so, end all
+            self.fatal = f"{type(error).__name__}: {error}"
+            log.critical("the decode worker stopped", exc_info=True)
+            self._end_all(ApiError(500, "the decode worker stopped; the server needs a "
+                                   "restart", kind="server_error", code="worker_stopped"))
+        finally:
+            self._drained.set()
+
+    def _iteration(self) -> bool:
+        with self._wake:
+            while not (self._stopped or self._waiting or self._running
+                       or (self._draining and not self._drained.is_set())):
+                self._wake.wait()
+            if self._stopped:
+                self._end_all(ApiError(503, "the server is shutting down",
+                                       kind="server_error", code="server_shutting_down"))
+                return False
+            admitted = self._take_admissible(time.monotonic())
+        began, tokens = time.perf_counter(), 0
+        self._expire(time.monotonic())
+        self._admit(admitted)
+        self._drop_ended()
+        for name, batch in list(self.batches.items()):
+            if batch.rows:
+                tokens += self._step(name, batch)
+        if tokens:
+            rate = tokens / max(time.perf_counter() - began, 1e-6)
+            self._rate = rate if self._rate == 0 else (
+                RATE_SMOOTHING * rate + (1 - RATE_SMOOTHING) * self._rate)
+        if self._draining:
+            self._check_drain()
+        return True
+
+    def _take_admissible(self, now: float) -> list[Job]:
+        """Under the lock: waiting jobs whose rows fit next to the live ones, oldest first; a
+        job that does not fit is skipped (no head-of-line blocking) until it has been
+        overtaken ``max_overtakes`` times, then nothing behind it starts before it."""
+        free = self.max_batch_size - self.live_rows
+        taken: list[Job] = []
+        passed: list[Job] = []
+        expired = ApiError(504, f"the request waited longer than the server's "
+                           f"{self.settings.request_timeout_s:g} s deadline",
+                           kind="server_error", code="request_timeout")
+        for job in list(self._waiting):
+            if now > job.deadline:
+                self._waiting.remove(job)
+                self._queued_tokens -= job.cost
+                self._fail(job, expired)
+            elif len(job.rows) <= free:
+                self._waiting.remove(job)
+                self._queued_tokens -= job.cost
+                taken.append(job)
+                self._running[id(job)] = job
+                free -= len(job.rows)
+                for other in passed:
+                    other.overtaken += 1
+            else:
+                passed.append(job)
+                if job.overtaken >= self.max_overtakes:
                     break
-                admitted = self._take_admissible()
-            try:
-                self._admit(admitted)
-                self._drop_cancelled()
-                for name, batch in list(self.batches.items()):
-                    if batch.rows:
-                        self._step(name, batch)
-            except Exception:  # never let one bad step kill the server
-                log.exception("decode worker error; resetting every batch")
-                for name in list(self.batches):
-                    self._fail_batch(name, ApiError(500, "internal error while decoding",
-                                                    kind="server_error"))
-
-    def _shutdown(self) -> None:
-        """Tell every client still waiting that the server is going away."""
-        error = ApiError(503, "the server is shutting down", kind="server_error")
-        jobs = {id(job): job for job, _ in self._owners.values()}
-        jobs.update({id(job): job for job in self._waiting})
-        for job in jobs.values():
-            job.send([JobFailed(error)])
-            job.cancel()
-        self._owners.clear()
-        self._waiting.clear()
-
-    def _take_admissible(self) -> list[Job]:
-        """FIFO: take waiting jobs while their rows fit next to the live ones."""
-        taken, rows = [], self.live_rows
-        while self._waiting:
-            job = self._waiting[0]
-            if job.cancelled:
-                self._waiting.popleft()
-                continue
-            if rows and rows + job.rows_needed > self.max_batch_size:
-                break
-            taken.append(self._waiting.popleft())
-            rows += job.rows_needed
         return taken
 
-    def _batch(self, name: str) -> DecodeBatch:
-        """A batch with its own strategy object (its own KV streams), wrapped to record the
-        outputs for token rewards; a clone engine shares the loaded models."""
-        if name not in self.batches:
-            engine = self.engine
-            clone = Personalizer(engine.lm, persrm=engine.persrm, placement=engine.placement,
-                                 scorer=engine.scorer)
-            self.batches[name] = DecodeBatch(RecordingStrategy(clone.strategy(name)),
-                                             clone.lm.tokenizer, clone.eos_ids)
-        return self.batches[name]
+    def _check_drain(self) -> None:
+        if self._running and time.monotonic() > self._drain_deadline:
+            error = ApiError(503, "the server is shutting down: the request did not finish "
+                             f"within the {self.settings.drain_timeout_s:g} s drain timeout",
+                             kind="server_error", code="server_shutting_down")
+            for job in list(self._running.values()):
+                self._fail(job, error)
+            self._drop_ended()
+        if not self._running:
+            self._drained.set()
+
+    def _expire(self, now: float) -> None:
+        for job in list(self._running.values()):
+            if now > job.deadline:
+                self._fail(job, ApiError(504, "the request did not finish within the "
+                                         f"server's {self.settings.request_timeout_s:g} s "
+                                         "deadline", kind="server_error",
+                                         code="request_timeout"))
 
     def _admit(self, jobs: list[Job]) -> None:
-        by_strategy: dict[str, list[Job]] = {}
+        groups: dict[str, list[Job]] = {}
+        now = time.monotonic()
         for job in jobs:
-            if job.strategy == "best-of-n":
-                self._best_of_n(job)
-            else:
-                by_strategy.setdefault(job.strategy, []).append(job)
-        for name, group in by_strategy.items():
-            batch = self._batch(name)
-            requests = [request for job in group for request in job.requests]
-            try:
-                rows = batch.join(requests)  # one batched prefill for all newcomers
-            except PadlmError as error:
-                for job in group:
-                    self._fail(job, ApiError(400, str(error)))
-                continue
-            except Exception:
-                log.exception("prefill failed")
-                for job in group:
-                    self._fail(job, ApiError(500, "internal error while reading the prompt",
-                                             kind="server_error"))
-                self._fail_batch(name, ApiError(500, "internal error", kind="server_error"))
-                continue
-            owners = [(job, i) for job in group for i in range(len(job.requests))]
-            for row, (job, index) in zip(rows, owners, strict=True):
-                self._owners[id(row)] = (job, index)
-            for job in group:
-                job.remaining = len(job.requests)
+            if self.metrics:
+                self.metrics.labelled(self.metrics.queue_time).observe(now - job.submitted)
+            job.finished = [None] * len(job.rows)
+            groups.setdefault(job.batch, []).append(job)
+        for name, group in groups.items():
+            self._join(name, [job for job in group if not job.ended])
+        self._forget_ended()
         self.stats["max_live_rows"] = max(self.stats["max_live_rows"], self.live_rows)
 
-    def _best_of_n(self, job: Job) -> None:
-        """Blocking, between steps: best-of-n decodes its own batch of samples."""
-        try:
-            for index, request in enumerate(job.requests):
-                if job.cancelled:
-                    return
-                result = self.engine.best_of_n(request.prompt, request.preference,
-                                               request.config, job.best_of)
-                job.send([TokenEvent(index, result.text, finish_reason=result.finish_reason,
-                                     text=result.text, completion_tokens=result.new_tokens)])
-        except PadlmError as error:
-            self._fail(job, ApiError(400, str(error)))
+    def _join(self, name: str, group: list[Job]) -> None:
+        """One batched prefill for the newcomers; if it fails, each job again on its own, so
+        only the request that breaks the prefill fails."""
+        if not group:
             return
-        job.send([JobDone()])
-        self.stats["jobs_done"] += 1
+        try:
+            batch = self.batches.get(name) or self.batches.setdefault(
+                name, self.engine.batch(name))
+        except Exception as error:
+            for job in group:
+                self._fail(job, _job_error(error, "preparing the strategy"))
+            return
+        before = _shape(batch)
+        try:
+            rows = batch.join([request for job in group for request in job.rows])
+        except Exception as error:
+            intact = _shape(batch) == before
+            if len(group) > 1 and intact:
+                for job in group:
+                    self._join(name, [job])
+                return
+            log.warning("prefill of %d request(s) on %s failed: %s", len(group), name, error)
+            for job in group:
+                self._fail(job, _job_error(error, "reading the prompt"))
+            if not intact:
+                self._reset(name, error)
+            return
+        owners = [(job, slot) for job in group for slot in range(len(job.rows))]
+        for row, (job, slot) in zip(rows, owners, strict=True):
+            self._owners[id(row)] = (job, slot)
+        for job in group:
+            job.remaining = len(job.rows)
 
-    def _drop_cancelled(self) -> None:
+    def _drop_ended(self) -> None:
+        """Rows of jobs that ended (client gone, failed, expired) leave their batch."""
         for batch in self.batches.values():
-            gone = [row for row in batch.rows if self._owners[id(row)][0].cancelled]
-            if gone:
-                batch.leave(gone)
-                for row in gone:
-                    del self._owners[id(row)]
-                self.stats["rows_cancelled"] += len(gone)
+            gone = [row for row in batch.rows if self._owners[id(row)][0].ended]
+            if not gone:
+                continue
+            batch.leave(gone)
+            for row in gone:
+                job, _ = self._owners.pop(id(row))
+                job.remaining -= 1
+                if job.cancelled:
+                    self.stats["rows_cancelled"] += 1
+        self._forget_ended()
 
-    def _step(self, name: str, batch: DecodeBatch) -> None:
+    def _forget_ended(self) -> None:
+        for key, job in list(self._running.items()):
+            if job.ended and job.remaining == 0:
+                del self._running[key]
+
+    def _step(self, name: str, batch: DecodeBatch) -> int:
+        """One step of one batch; returns how many tokens it generated."""
         rows = list(batch.rows)
-        events = batch.step()
+        before = _shape(batch)
+        # a sampled row's generator may have drawn before another row's failure stopped the
+        # step: put it back, so the survivors sample exactly what they would have alone
+        drawn = [(row.generator, row.generator.get_state()) for row in rows
+                 if row.generator is not None]
+        try:
+            events = batch.step()
+        except Exception as error:
+            for generator, state in drawn:
+                generator.set_state(state)
+            self._recover(name, batch, before, error)
+            return 0  # the survivors step at the next iteration, unchanged
+        self._deliver(batch, rows, events)
+        return len(events)
+
+    def _recover(self, name: str, batch: DecodeBatch, before: tuple,
+                 error: Exception) -> None:
+        """A step failed: find the rows that make it fail and fail only their requests. If
+        the step changed the batch before failing, or no row fails alone, the batch's state
+        cannot be trusted: its requests fail and the strategy starts a fresh batch."""
+        log.warning("a step of %s with %d rows failed (%s: %s); probing its rows", name,
+                    len(batch.rows), type(error).__name__, error)
+        culprits: list[int] = []
+        if _shape(batch) == before and batch.last_outputs is not None:
+            culprits = find_culprits(lambda rows: probe_step(batch, rows),
+                                     list(range(len(batch.rows))))
+        if not culprits:
+            self._reset(name, error)
+            return
+        self.stats["steps_recovered"] += 1
+        for index in culprits:
+            self._fail(self._owners[id(batch.rows[index])][0],
+                       _job_error(error, "decoding this request"))
+        self._drop_ended()
+
+    def _deliver(self, batch: DecodeBatch, rows: list[Row], events: list) -> None:
         self.stats["steps"] += 1
-        want_rewards = any(self._owners[id(row)][0].token_rewards for row in rows)
-        rewards = (self._rewards(batch.strategy, rows, [e.token for e in events])
-                   if want_rewards else None)
+        now = time.monotonic()
+        rewards = self._token_rewards(batch, rows, events)
         outgoing: dict[int, tuple[Job, list]] = {}
         for i, event in enumerate(events):
-            job, index = self._owners[id(event.row)]
-            if not (job.stream or event.finished):
+            job, slot = self._owners[id(event.row)]
+            self._observe_token(job, slot, now)
+            if job.picker is not None or not (job.stream or event.finished):
                 continue
             appended = event.token not in batch.eos_ids or event.row.config.ignore_eos
-            item = TokenEvent(index, event.delta, event.token if appended else None)
+            item = TokenEvent(slot, event.delta, event.token if appended else None)
             if job.token_rewards and appended:
                 item.piece = batch.tokenizer.decode([event.token])
                 item.reward = None if rewards is None else rewards[i]
@@ -276,30 +474,121 @@ class BatchWorker:
                 item.text = event.row.text
                 item.completion_tokens = len(event.row.tokens)
             outgoing.setdefault(id(job), (job, []))[1].append(item)
+        complete: list[Job] = []
         for row in batch.finished:
-            job, _ = self._owners.pop(id(row))
+            job, slot = self._owners.pop(id(row))
+            job.finished[slot] = row
             job.remaining -= 1
             self.stats["rows_finished"] += 1
-            if job.remaining == 0:
-                outgoing.setdefault(id(job), (job, []))[1].append(JobDone())
-                self.stats["jobs_done"] += 1
+            if job.remaining == 0 and not job.ended:
+                complete.append(job)
         batch.finished.clear()
         for job, items in outgoing.values():
-            job.send(items)
+            if not job.ended:
+                job.send(items)
+        for job in complete:
+            self._complete(job)
+        self._forget_ended()
+        if self.metrics:
+            self.metrics.labelled(self.metrics.generation_tokens).inc(len(events))
+
+    def _token_rewards(self, batch: DecodeBatch, rows: list[Row], events: list
+                       ) -> list[float] | None:
+        wanting = {id(job): job for job, _ in (self._owners[id(row)] for row in rows)
+                   if job.token_rewards}
+        if not wanting:
+            return None
+        try:
+            return self._rewards(batch, rows, [event.token for event in events])
+        except Exception as error:  # only the requests that asked for rewards pay
+            log.exception("token rewards failed")
+            for job in wanting.values():
+                self._fail(job, _job_error(error, "computing token rewards"))
+            return None
+
+    def _observe_token(self, job: Job, slot: int, now: float) -> None:
+        if self.metrics is None:
+            return
+        if job.first_token is None:
+            job.first_token = now
+            self.metrics.labelled(self.metrics.ttft).observe(now - job.submitted)
+        elif slot in job.last_token:
+            self.metrics.labelled(self.metrics.inter_token).observe(now - job.last_token[slot])
+        job.last_token[slot] = now
+
+    def _complete(self, job: Job) -> None:
+        """Every row finished: best-of-n picks one sample per choice, then the job ends."""
+        items: list = []
+        if job.picker is not None:
+            try:
+                picked = job.picker.pick_many(job.finished, job.best_of)
+            except Exception as error:
+                log.exception("the best-of-n scorer failed")
+                self._fail(job, _job_error(error, "scoring the samples"))
+                return
+            items = [TokenEvent(i, row.text, finish_reason=row.finish_reason, text=row.text,
+                                completion_tokens=len(row.tokens))
+                     for i, (row, _) in enumerate(picked)]
+            chosen = [row for row, _ in picked]
+        else:
+            chosen = job.finished
+        self._close(job, [*items, JobDone()])
+        self.stats["jobs_done"] += 1
+        if self.metrics:
+            for row in chosen:
+                self.metrics.request_success.labels(self.metrics.model_name,
+                                                    row.finish_reason or "length").inc()
+            self.metrics.labelled(self.metrics.e2e).observe(time.monotonic() - job.submitted)
+
+    def _close(self, job: Job, items: list) -> None:
+        """Send a job's final message, once."""
+        if job.closed:
+            return
+        job.send(items)
+        job.closed = True
 
     def _fail(self, job: Job, error: ApiError) -> None:
-        self.stats["jobs_failed"] += 1
-        job.send([JobFailed(error)])
-        job.cancel()
+        if not job.closed:
+            self.stats["jobs_failed"] += 1
+        self._close(job, [JobFailed(error)])
 
-    def _fail_batch(self, name: str, error: ApiError) -> None:
-        """Fail every job in a batch and start that strategy afresh (its KV state may be
-        inconsistent after an exception)."""
+    def _reset(self, name: str, error: Exception) -> None:
+        """Fail every request of a batch whose state cannot be trusted; the strategy gets a
+        fresh batch on its next request."""
+        log.error("resetting the %s batch after %s: %s", name, type(error).__name__, error)
         batch = self.batches.pop(name, None)
         if batch is None:
             return
-        jobs = {id(job): job for job, _ in (self._owners.pop(id(row)) for row in batch.rows)}
-        for job in jobs.values():
+        for row in [*batch.rows, *batch.finished]:
+            owner = self._owners.pop(id(row), None)
+            if owner is not None:
+                self._fail(owner[0], _job_error(error, "decoding"))
+                owner[0].remaining -= 1
+        self._forget_ended()
+
+    def _end_all(self, error: ApiError) -> None:
+        with self._wake:
+            jobs = [*self._waiting, *self._running.values()]
+            self._waiting.clear()
+            self._queued_tokens = 0
+        for job in jobs:
             self._fail(job, error)
-        for row in batch.finished:
-            self._owners.pop(id(row), None)
+        self._running.clear()
+        self._owners.clear()
+        self.batches.clear()
+
+
+def _shape(batch: DecodeBatch) -> tuple:
+    """What a step or a prefill changes: the rows, their lengths, the finished rows and the
+    streams' sizes. Unchanged after an exception means the batch is as it was."""
+    return (tuple(id(row) for row in batch.rows), tuple(len(row.tokens) for row in batch.rows),
+            len(batch.finished), tuple(stream.rows for stream in batch.streams))
+
+
+def _job_error(error: Exception, doing: str) -> ApiError:
+    """A request's own failure: a 400 for padlm's refusals, else a 500 naming the error
+    kind (never its text, which may hold server paths or tensor contents)."""
+    if isinstance(error, PadlmError):
+        return ApiError(400, str(error), error.param)
+    return ApiError(500, f"internal error while {doing} ({type(error).__name__})",
+                    kind="server_error", code="internal_error")

@@ -1,0 +1,98 @@
+"""Per-request decoding settings, validated when they are made.
+
+Torch-free, so the CLI and the server check a request before loading anything. Every error
+names its field (``PadlmError.param``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from padlm.errors import PadlmError
+
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
+MIX_MODES = ("pcm", "uniform", "logit")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings; ``weight``/``top_k`` are the strategy's knobs, ``None`` meaning the
+    strategy's own default (the PersRM's saved ``top_k`` and weight for PAD, else 10 / 1.0)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    weight: float | None = None
+    top_k: int | None = None
+    ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
+    # no guidance bonus for the preference's own words (they echo it); strategies declare
+    # whether they take it (StrategySpec.echo_guard)
+    echo_guard: bool = False
+    # orchestration: "pcm" | "uniform" | "logit" | "fixed:0.5,0.3,0.2"; None: the default
+    mix: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        _check(_is_int(self.max_new_tokens), "max_new_tokens", "max_new_tokens must be an integer")
+        _check(self.max_new_tokens >= 1, "max_new_tokens",
+               f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.top_k is None or _is_int(self.top_k), "top_k", "top-k must be an integer")
+        _check(self.top_k is None or self.top_k >= 1, "top_k",
+               f"top-k must be >= 1, got {self.top_k}")
+        _check(_finite(self.temperature) and self.temperature >= 0, "temperature",
+               f"temperature must be finite and >= 0, got {self.temperature}")
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p",
+               f"top-p must be in (0, 1], got {self.top_p}")
+        _check(self.weight is None or _finite(self.weight), "weight",
+               f"weight must be a finite number, got {self.weight}")
+        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+               "repetition_penalty",
+               f"repetition penalty must be > 0, got {self.repetition_penalty}")
+        _check(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
+               "no_repeat_ngram_size", "no-repeat-ngram size must be >= 0")
+        _check(self.seed is None or (_is_int(self.seed) and -SEED_LIMIT <= self.seed
+                                     < SEED_LIMIT),
+               "seed", f"seed must be an integer in [-2**63, 2**63), got {self.seed}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+               "stop strings must be non-empty text")
+        if self.mix is not None:
+            mix_weights(self.mix)
+
+    def validate(self) -> GenerationConfig:
+        """Kept for callers that chain it; construction has already validated."""
+        return self
+
+
+def mix_weights(mix: str) -> str | tuple[float, ...]:
+    """Parse a mix setting: a mode name, or ``fixed:w1,w2,...`` (non-negative, not all 0)."""
+    if mix in MIX_MODES:
+        return mix
+    if mix.startswith("fixed:"):
+        try:
+            weights = tuple(float(w) for w in mix.removeprefix("fixed:").split(","))
+        except ValueError:
+            weights = ()
+        if weights and all(_finite(w) and w >= 0 for w in weights) and sum(weights) > 0:
+            return weights
+    raise PadlmError(f"mix must be one of {', '.join(MIX_MODES)} or fixed:w1,w2,... with "
+                     f"non-negative weights, got {mix!r}", param="mix")
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise PadlmError(message, param=param)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+        value)
