@@ -153,8 +153,9 @@ def test_a_new_persrm_at_the_same_path_regenerates_only_its_strategies(
 
 def test_echo_guarded_eval_guards_only_guidance_cells_and_keeps_old_keys(
         tiny_engine, prompts_file, tmp_path):
-    # runs saved before the guard existed keep their keys: off adds nothing to the key
-    assert "echo_guard" not in harness.config_key(GenerationConfig())
+    # runs saved before the guard (and the mix setting) existed keep their keys: at their
+    # defaults they add nothing to the key
+    assert not {"echo_guard", "mix"} & set(harness.config_key(GenerationConfig()))
     guarded_plan = plan_for(prompts_file, config=GenerationConfig(max_new_tokens=6,
                                                                   echo_guard=True))
     summary = harness.run(tiny_engine, guarded_plan, tmp_path, progress=False)  # prompt, base ok
@@ -171,6 +172,7 @@ def test_summary_schema_and_report(tiny_engine, prompts_file, tmp_path):
     assert on_disk == json.loads(json.dumps(summary))
     for key in ("benchmark", "model", "persrm", "rows"):
         assert key in on_disk
+    assert "acceptance" not in on_disk  # the summary reports measurements, not a ticket's bar
     assert on_disk["persrm"]["identity_head"] is True
     row = next(r for r in on_disk["rows"] if r["label"] == "prompt" and r["preference"] == "P1A")
     for key in ("strategy", "params", "preference", "n", "win_rate", "win_rate_ci", "judges",
@@ -222,6 +224,7 @@ def test_clear_errors(prompts_file):
     (["--preferences", "P1A,P7Q"], "unknown preference id"),
     (["--strategies", "base,nope"], "unknown strategy"),
     (["--preferences", "be brief", "--judge", "wit:+"], "unknown judge"),
+    (["train-harmlessness"], "Missing option '--data'"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path):
     result = subprocess.run([PADLM, "eval", "--out",

@@ -85,16 +85,21 @@ def test_shipped_harmlessness_head_reports_heldout_accuracy():
     assert 0.5 < config["heldout_accuracy"] <= 1.0
 
 
-def test_split_dialogue_and_pairs(tmp_path):
+def test_hh_pairs_are_last_turn_pairs(tmp_path):
     import json
 
-    from padlm.judges.harmlessness import load_pairs, split_dialogue
+    from padlm.judges.harmlessness import load_pairs
 
-    assert split_dialogue("\n\nHuman: hi\n\nAssistant: yo") == [("Human", "hi"),
-                                                                ("Assistant", "yo")]
-    rows = [{"chosen": "\n\nHuman: a?\n\nAssistant: no", "rejected": "\n\nHuman: a?\n\nAssistant: "
-             "yes"}, {"chosen": "\n\nHuman: x\n\nAssistant: same", "rejected":
-             "\n\nHuman: x\n\nAssistant: same"}]
+    rows = [
+        # a two-turn dialogue: the prompt is the LAST human turn
+        {"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: a?\n\nAssistant: no",
+         "rejected": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: a?\n\nAssistant: yes"},
+        # identical replies, histories that differ, an empty reply: all dropped
+        {"chosen": "\n\nHuman: x\n\nAssistant: same",
+         "rejected": "\n\nHuman: x\n\nAssistant: same"},
+        {"chosen": "\n\nHuman: x\n\nAssistant: a", "rejected": "\n\nHuman: y\n\nAssistant: b"},
+        {"chosen": "\n\nHuman: x\n\nAssistant: a", "rejected": "\n\nHuman: x\n\nAssistant:"},
+    ]
     path = tmp_path / "hh.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs = load_pairs(path)
@@ -119,6 +124,15 @@ def test_echo_guard():
     assert not guards.echo("A concise answer: the sky is blue because of scattering.", pref)
     # five words are not an echo
     assert not guards.echo("generate a response that is", pref)
+
+
+def test_loops():
+    assert guards.loops("go on and on and on and on and on and on")
+    # a 4-gram twice is a repeat, not a loop; case counts (the text as written)
+    assert not guards.loops("one two three four, one two three four")
+    assert not guards.loops("A b c d a b c d A b c d")
+    assert guards.loops("a b c d a b c d a b c d")
+    assert not guards.loops("")
 
 
 def test_perplexity_batched_equals_single(tiny_lm):

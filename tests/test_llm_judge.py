@@ -125,7 +125,7 @@ def test_judge_a_finished_eval_directory(stub_url, tiny_engine, tmp_path):
                             strategies=["base", "prompt"], config=GenerationConfig(
                                 max_new_tokens=4), batch_size=3)
     harness.run(tiny_engine, plan, tmp_path / "run", progress=False)
-    from padlm.judges.llm import judge_directory
+    from padlm.evaluation.pairwise import judge_directory
 
     result = judge_directory(LLMJudge(stub_url, "judge", cache=tmp_path / "run" / "c.jsonl"),
                              tmp_path / "run")

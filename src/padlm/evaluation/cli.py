@@ -1,5 +1,10 @@
 """``padlm eval`` (the harness) and its sub-commands ``train-harmlessness``, ``report`` and
-``llm-judge``."""
+``llm-judge``.
+
+Each command imports the harness, judges and engine inside its body: they pull torch,
+transformers and matplotlib, and ``padlm --help`` registers this module without paying for
+them.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,21 @@ from typing import Annotated
 
 import typer
 
-from padlm.cli_options import DtypeOption, ModelOption, PersRMOption, PlacementOption
+from padlm.cli_options import (
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    PersRMOption,
+    PlacementOption,
+)
+from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
+from padlm.registry import strategy_names
 
 eval_app = typer.Typer(help="Evaluate strategies on P-Soups (default) and tools around it.",
                        invoke_without_command=True, no_args_is_help=False)
 
 DEFAULT_PREFERENCES = "P1A,P1B,P2A,P2B,P3A,P3B"
-DEFAULT_STRATEGIES = "base,prompt,pad,linear-alignment,args,best-of-n"
 
 
 def register(app: typer.Typer) -> None:
@@ -44,8 +56,9 @@ def eval_command(
     preferences: Annotated[str, typer.Option(
         help="Comma-separated preference ids, combinations (P1A+P2A+P3A) or free text "
              "(then name its judges with --judge).")] = DEFAULT_PREFERENCES,
-    strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")
-                          ] = DEFAULT_STRATEGIES,
+    strategies: Annotated[str | None, typer.Option(
+        help="Comma-separated strategies; default: every registered strategy that needs no "
+             "orchestration experts (`padlm strategies` lists them).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (resumable).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use the first N prompts.")] = None,
     weights: Annotated[str, typer.Option(help="PAD weight sweep, e.g. 0,0.5,1,1.5 "
@@ -64,8 +77,9 @@ def eval_command(
         help="Direction for free-text preferences, e.g. friendliness:+ (repeatable).")] = None,
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
-    placement: PlacementOption = "user-prefix",
-    dtype: DtypeOption = "float32",
+    placement: PlacementOption = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = "auto",
     judge_url: Annotated[str | None, typer.Option(
         help="Also run the pairwise LLM judge against this OpenAI-compatible base URL.")
                          ] = None,
@@ -79,10 +93,19 @@ def eval_command(
     """Generate (resumable), score with offline judges, write summary.json, report.md, plots."""
     if ctx.invoked_subcommand is not None:
         return
-    from padlm.decoding import GenerationConfig
     from padlm.engine import Personalizer
-    from padlm.evaluation.harness import EvalPlan, load_benchmark, run
+    from padlm.evaluation.harness import (
+        SWEPT,
+        EvalPlan,
+        dimensions,
+        jobs,
+        load_benchmark,
+        run,
+    )
+    from padlm.evaluation.pairwise import judge_summary
+    from padlm.evaluation.report import headline_table
     from padlm.judges import parse_direction
+    from padlm.judges.llm import LLMJudge
 
     if out is None:
         raise PadlmError("--out DIR is required")
@@ -90,25 +113,26 @@ def eval_command(
         raise PadlmError("--batch-size and -n must be >= 1")
     if (judge_url is None) != (judge_model is None):
         raise PadlmError("give both --judge-url and --judge-model, or neither")
+    chosen = (_split(strategies) if strategies is not None
+              else list(strategy_names(uses_experts=False)))
     plan = EvalPlan(
-        benchmark=benchmark, preferences=_split(preferences), strategies=_split(strategies),
-        weights=_floats(weights, "--weights") if "pad" in _split(strategies) else [],
+        benchmark=benchmark, preferences=_split(preferences), strategies=chosen,
+        weights=_floats(weights, "--weights") if SWEPT in chosen else [],
         limit=limit, batch_size=batch_size, n=n,
         directions=[parse_direction(spec) for spec in judge or []],
         config=GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, top_k=top_k,
                                 no_repeat_ngram_size=no_repeat_ngram_size,
                                 repetition_penalty=repetition_penalty,
-                                echo_guard=echo_guard).validate(),
+                                echo_guard=echo_guard),
     )
     if not plan.preferences or not plan.strategies:
         raise PadlmError("--preferences and --strategies must not be empty")
     load_benchmark(benchmark, limit)
-    from padlm.evaluation.harness import dimensions, jobs
-
     for spec in plan.preferences:
         dimensions(spec, plan.directions)
     jobs(plan, 1.0)  # unknown strategies fail here, before the model loads
-    engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement)
+    engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
+                          device=device)
     # the command that regenerates this report (flags that do not change results dropped)
     quiet = {"--no-generate", "--no-progress", "--progress", "--generate"}
     command = "padlm eval " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a not in quiet) \
@@ -117,16 +141,12 @@ def eval_command(
     def with_llm_judge(summary: dict) -> None:
         if judge_url is None:
             return
-        from padlm.judges.llm import LLMJudge, judge_summary
-
         llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
                                 cache=out / "llm_judge_cache.jsonl")
         judge_summary(llm, summary, out, plan)
 
     summary = run(engine, plan, out, progress=progress, command=command,
                   on_summary=with_llm_judge, generate_missing=generate)
-    from padlm.evaluation.report import headline_table
-
     print(headline_table(summary))
     print(f"\nwrote {out / 'summary.json'}, {out / 'report.md'} and plots")
 
@@ -144,8 +164,9 @@ def report_command(out: Annotated[Path, typer.Argument(help="A `padlm eval` outp
 
 @eval_app.command("train-harmlessness")
 def train_harmlessness(
-    data: Annotated[Path, typer.Option(help="HH-RLHF harmless-base JSONL(.gz).")
-                    ] = Path("/work/shared/data/hh_rlhf_harmless_base_test.jsonl.gz"),
+    data: Annotated[Path, typer.Option(
+        help="HH-RLHF harmless-base JSONL(.gz), e.g. data/hh_rlhf_harmless_base_test.jsonl.gz "
+             "in a source checkout.")],
     out: Annotated[Path | None, typer.Option(help="Where to write the head (default: the "
                                              "packaged assets/harmlessness).")] = None,
     holdout: Annotated[float, typer.Option(help="Share of pairs held out.")] = 0.2,
@@ -173,7 +194,8 @@ def llm_judge_command(
 ) -> None:
     """Pairwise LLM judgement (P-Soups criteria) of every strategy vs base in DIR; verdicts
     are cached in DIR/llm_judge_cache.jsonl and written to DIR/llm_judge.json."""
-    from padlm.judges.llm import LLMJudge, judge_directory
+    from padlm.evaluation.pairwise import judge_directory
+    from padlm.judges.llm import LLMJudge
 
     llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
                             cache=out / "llm_judge_cache.jsonl")

@@ -23,20 +23,29 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from padlm.decoding import ECHO_GUARDED, GenerationConfig
+from tqdm.auto import tqdm
+
+from padlm.atomic import write_json_atomic
+from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
+from padlm.evaluation.report import write_report
+from padlm.evaluation.stats import bootstrap_ci, outcomes
 from padlm.judges import JUDGES, get_judge, primary_direction
 from padlm.judges import guards as _guards
 from padlm.preferences import PRESETS, PSOUPS, looks_like_ids, preference_ids, resolve_preference
 from padlm.records import JsonlAppender, load_prompts, read_jsonl
+from padlm.registry import strategy_class, strategy_names
 
 log = logging.getLogger(__name__)
 
 GENERATIONS = "generations.jsonl"
 SCORES = "scores.jsonl"
 SUMMARY = "summary.json"
-ALL_STRATEGIES = ("base", "prompt", "pad", "linear-alignment", "args", "best-of-n")
-PERSRM_STRATEGIES = ("pad", "args", "best-of-n")  # best-of-n: the PersRM is its scorer
+BASE = "base"  # the reference every win rate is measured against, generated once per prompt
+SWEPT = "pad"  # the method under evaluation: --weights adds weights beside the recommended one
+# Settings added after runs were first saved: left out of the key while at their default, so
+# those runs keep their keys (and are reused).
+LATER_SETTINGS = {"echo_guard": False, "mix": None}
 SCORE_JUDGES = ("expertise", "dale_chall", "informativeness", "content_words", "friendliness",
                 "relevance", "harmlessness")
 
@@ -67,9 +76,10 @@ class Job:
 
     @property
     def label(self) -> str:
-        if not self.params or self.strategy == "best-of-n":
-            return self.strategy
-        return self.strategy + "@" + ",".join(f"{k}={v:g}" for k, v in self.params)
+        """The strategy, plus its weight when the job sets one (the sweep's cells differ only
+        in it); a sampled strategy's ``n`` is one value for the whole run, so it is left out."""
+        weight = self.params_dict.get("weight")
+        return self.strategy if weight is None else f"{self.strategy}@weight={weight:g}"
 
 
 @dataclass
@@ -121,24 +131,27 @@ def dimensions(spec: str, directions: Sequence[tuple[str, int]]) -> list[Dimensi
 
 
 def jobs(plan: EvalPlan, recommended_weight: float) -> list[Job]:
-    """Every cell to generate. PAD runs at the PersRM's recommended weight and at each sweep
-    weight (deduplicated); ``base`` once with no preference."""
-    unknown = [s for s in plan.strategies if s not in ALL_STRATEGIES]
+    """Every cell to generate. The swept strategy (PAD) runs at the PersRM's recommended weight
+    and at each sweep weight (deduplicated); sequence-level strategies (best-of-n) draw
+    ``plan.n`` samples; ``base`` runs once with no preference."""
+    known = strategy_names()
+    unknown = [s for s in plan.strategies if s not in known]
     if unknown:
         raise PadlmError(f"unknown strategy {', '.join(unknown)}; choose from "
-                         f"{', '.join(ALL_STRATEGIES)}")
-    # Strategy-major, the PAD sweep and best-of-n (the costly ones) last: a run stopped
-    # early still has complete cells for every preference of the cheap strategies.
-    out, sweep, sampled = [Job("", "base")], [], []
+                         f"{', '.join(known)}")
+    # Strategy-major, the sweep and the sampled strategies (the costly ones) last: a run
+    # stopped early still has complete cells for every preference of the cheap strategies.
+    out, sweep, sampled = [Job("", BASE)], [], []
     sweep_weights = sorted({*map(float, plan.weights)} - {float(recommended_weight)})
     for strategy in plan.strategies:
+        if strategy == BASE:
+            continue
+        sequence_level = strategy_class(strategy).spec.level == "sequence"
         for preference in plan.preferences:
-            if strategy == "base":
-                continue
-            if strategy == "pad":
-                out.append(Job(preference, "pad", (("weight", float(recommended_weight)),)))
-                sweep.extend(Job(preference, "pad", (("weight", w),)) for w in sweep_weights)
-            elif strategy == "best-of-n":
+            if strategy == SWEPT:
+                out.append(Job(preference, SWEPT, (("weight", float(recommended_weight)),)))
+                sweep.extend(Job(preference, SWEPT, (("weight", w),)) for w in sweep_weights)
+            elif sequence_level:
                 sampled.append(Job(preference, strategy, (("n", plan.n),)))
             else:
                 out.append(Job(preference, strategy))
@@ -153,8 +166,9 @@ def config_key(config: GenerationConfig, engine=None) -> dict:
     params) and, given the engine, the model, dtype and placement."""
     data = asdict(replace(config, weight=None))
     data["stop"] = list(data["stop"])
-    if not data["echo_guard"]:  # added later: off, the key is the one saved runs already have
-        del data["echo_guard"]
+    for name, default in LATER_SETTINGS.items():
+        if data.get(name, default) == default:
+            data.pop(name, None)
     if engine is not None:
         data.update(model=engine.lm.name, placement=engine.placement,
                     dtype=str(next(engine.lm.model.parameters()).dtype).removeprefix("torch."))
@@ -164,7 +178,7 @@ def config_key(config: GenerationConfig, engine=None) -> dict:
 def record_key(prompt_id: str, job: Job, config: dict, persrm: str) -> str:
     """``persrm`` (a PersRM fingerprint) counts only for the strategies that use the PersRM:
     a newly trained PersRM regenerates those and reuses every other cell."""
-    uses_persrm = job.strategy in PERSRM_STRATEGIES
+    uses_persrm = strategy_class(job.strategy).spec.uses_persrm
     return json.dumps([prompt_id, job.preference, job.strategy, job.params_dict, config,
                        persrm if uses_persrm else None], sort_keys=True)
 
@@ -178,8 +192,6 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
 
     ``stop_after`` stops after that many new responses (tests use it to simulate a crash).
     """
-    from tqdm.auto import tqdm
-
     items = load_benchmark(plan.benchmark, plan.limit)
     for spec in plan.preferences:
         dimensions(spec, plan.directions)  # validate before spending CPU
@@ -196,10 +208,11 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
     bar = tqdm(total=total, desc="generate", unit="resp", disable=not progress)
     try:
         for job, missing in pending:
+            guarded = plan.config.echo_guard and strategy_class(job.strategy).spec.echo_guard
             config = replace(plan.config, weight=job.params_dict.get("weight"),
-                             echo_guard=plan.config.echo_guard and job.strategy in ECHO_GUARDED)
-            # best-of-n decodes n samples per prompt: keep its chunks as large in rows
-            step = max(1, plan.batch_size // plan.n) if job.strategy == "best-of-n" \
+                             echo_guard=guarded)
+            # a sampled job decodes n rows per prompt: keep its chunks as large in rows
+            step = max(1, plan.batch_size // plan.n) if "n" in job.params_dict \
                 else plan.batch_size
             for start in range(0, len(missing), step):
                 chunk = missing[start:start + step]
@@ -234,8 +247,6 @@ def text_key(prompt: str, text: str) -> str:
 def score(engine, records: Sequence[dict], prompts: dict[str, str], out: Path,
           batch_size: int = 16, progress: bool = True) -> dict[str, dict]:
     """Judge every distinct (prompt, response); cached in ``out/scores.jsonl``."""
-    from tqdm.auto import tqdm
-
     path = out / SCORES
     cache = {r["key"]: r["scores"] for r in read_jsonl(path)}
     todo: dict[str, tuple[str, str]] = {}
@@ -276,14 +287,12 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
               command: str | None = None) -> dict:
     """Per strategy x preference x dimension: judge means, directional win rate vs base with a
     95% bootstrap interval, guards and speed. Pure given its inputs (tests rely on that)."""
-    from padlm.evaluation.stats import bootstrap_ci, outcomes
-
     items = load_benchmark(plan.benchmark, plan.limit)
     prompts = {i["id"]: i["prompt"] for i in items}
     order = [i["id"] for i in items]
     cfg, persrm = config_key(plan.config, engine), engine.persrm.fingerprint()
     by_key = {r["key"]: r for r in records}
-    base_job = Job("", "base")
+    base_job = Job("", BASE)
     recommended = float(engine.persrm.config.recommended_weight)
     rows: list[dict] = []
     incomplete: list[dict] = []
@@ -301,7 +310,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
         for job in jobs(plan, recommended):
             if job.preference not in ("", spec):
                 continue
-            found = base if job.strategy == "base" else cell(job)
+            found = base if job.strategy == BASE else cell(job)
             if found is None:
                 log.warning("skipping %s %s: generations incomplete", job.label, spec)
                 incomplete.append({"label": job.label, "preference": spec})
@@ -313,7 +322,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
             tokens = sum(r["new_tokens"] for r in found)
             common = {
                 "strategy": job.strategy, "label": job.label, "params": job.params_dict,
-                "headline": job.strategy != "pad" or job.params_dict["weight"] == recommended,
+                "headline": job.strategy != SWEPT or job.params_dict["weight"] == recommended,
                 "n": len(found),
                 "judges": {name: _mean(x[name] for x in s) for name in SCORE_JUDGES},
                 "relevance": _mean(x["relevance"] for x in s),
@@ -355,7 +364,6 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     if command:
         summary["command"] = command
     summary["aggregate"] = aggregate(rows)
-    summary["acceptance"] = acceptance(summary["aggregate"])
     return summary
 
 
@@ -391,23 +399,6 @@ def aggregate(rows: Sequence[dict]) -> dict[str, dict]:
     return out
 
 
-def acceptance(agg: dict[str, dict]) -> dict:
-    """The issue's acceptance checks for PAD (at the PersRM's recommended weight)."""
-    pad = next((v for v in agg.values() if v["strategy"] == "pad" and v["headline"]), None)
-    if pad is None or "base" not in agg or pad["preferences"] < len(PSOUPS):
-        return {"evaluated": False, "reason": "needs base and pad on all six P-Soups prefs"}
-    base = agg["base"]
-    checks = {"pad_mean_win_rate_ge_0.70": pad["mean_win_rate"] >= 0.70,
-              "relevance_within_0.05_of_base": pad["relevance"] >= base["relevance"] - 0.05,
-              "rep4_at_most_twice_base": pad["rep4"] <= 2 * base["rep4"] + 1e-12}
-    for other in ("prompt", "linear-alignment"):
-        if other in agg:
-            checks[f"pad_beats_{other}"] = pad["mean_win_rate"] > agg[other]["mean_win_rate"]
-    if "prompt" in agg:
-        checks["echo_at_most_prompt"] = pad["echo_rate"] <= agg["prompt"]["echo_rate"]
-    return {"evaluated": True, "checks": checks, "met": all(checks.values())}
-
-
 def _mean(values: Iterable[float | None]) -> float | None:
     data = [v for v in values if v is not None]
     return round(statistics.fmean(data), 4) if data else None
@@ -426,9 +417,6 @@ def run(engine, plan: EvalPlan, out: Path, progress: bool = True, command: str |
         generate_missing: bool = True) -> dict:
     """Generate what is missing, score, write summary.json, report.md and the plots.
     ``generate_missing=False`` summarises only the cells already complete."""
-    from padlm.atomic import write_json_atomic
-    from padlm.evaluation.report import write_report
-
     for spec in plan.preferences:
         if spec not in PRESETS and preference_ids(spec) is None:
             dimensions(spec, plan.directions)

@@ -3,12 +3,14 @@ committed summary)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from padlm.atomic import write_text_atomic
 from padlm.preferences import PSOUPS
+from padlm.registry import strategy_names
 
 WIN_PLOT = "win_rates.png"
 SWEEP_PLOT = "pad_weight_sweep.png"
@@ -30,13 +32,40 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def _ordered(aggregate: dict[str, dict]) -> list[tuple[str, dict]]:
-    """Strategies in the harness's order (base first), PAD weights ascending (summary.json
-    stores keys sorted alphabetically)."""
-    order = ("base", "prompt", "pad", "linear-alignment", "args", "best-of-n")
-    return sorted(aggregate.items(), key=lambda item: (
+def _ordered(summary: dict) -> list[tuple[str, dict]]:
+    """The aggregate in the run's strategy order (the order its rows first name each one:
+    base first, then ``--strategies``), weights ascending: summary.json stores the aggregate's
+    keys sorted alphabetically, its rows in order."""
+    order = list(dict.fromkeys(r["strategy"] for r in summary["rows"]))
+    return sorted(summary["aggregate"].items(), key=lambda item: (
         order.index(item[1]["strategy"]) if item[1]["strategy"] in order else len(order),
         item[1]["params"].get("weight") or 0.0))
+
+
+def _swept(summary: dict) -> str | None:
+    """The strategy run at several weights (the harness sweeps one), if any."""
+    labels: dict[str, set[str]] = {}
+    for label, agg in summary["aggregate"].items():
+        labels.setdefault(agg["strategy"], set()).add(label)
+    return next((strategy for strategy, mine in labels.items() if len(mine) > 1), None)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend. Imported here, not at the top:
+    pyplot costs ~1.5 s to import and only the plot writers need it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _echo_guard_note(generation: dict) -> str:
+    """Which cells the echo guard applied to: the strategies that take it (the registry)."""
+    if not generation.get("echo_guard"):
+        return ""
+    return ", echo guard on " + " / ".join(strategy_names(echo_guard=True))
 
 
 def headline_table(summary: dict) -> str:
@@ -46,7 +75,7 @@ def headline_table(summary: dict) -> str:
     cells = {(r["label"], r["preference"]): r["win_rate"] for r in summary["rows"]
              if "combination" not in r}
     body = []
-    for label, agg in _ordered(summary["aggregate"]):
+    for label, agg in _ordered(summary):
         if not agg["headline"]:
             continue
         body.append([label, *[cells.get((label, p)) for p in prefs], agg["mean_win_rate"],
@@ -69,7 +98,7 @@ def render_markdown(summary: dict) -> str:
         f"max_new_tokens {gen['max_new_tokens']}, temperature {gen['temperature']}, "
         f"no_repeat_ngram_size {gen['no_repeat_ngram_size']}, repetition_penalty "
         f"{gen['repetition_penalty']}"
-        f"{', echo guard on pad / linear-alignment' if gen.get('echo_guard') else ''}; "
+        f"{_echo_guard_note(gen)}; "
         f"dtype {summary.get('dtype', 'float32')}",
         "- win rate: share of prompts where the output moved the preference's way relative "
         "to `base` on the same prompt (ties count half; 0.5 = no effect), judged by "
@@ -92,11 +121,6 @@ def render_markdown(summary: dict) -> str:
         parts += ["", "Regenerate (or resume) with:", "", "```", summary["command"], "```"]
     parts += ["", "## Headline (mean over the P-Soups preferences evaluated)", "",
               headline_table(summary), ""]
-    acc = summary["acceptance"]
-    if acc.get("evaluated"):
-        parts += ["## Acceptance checks (PAD at the recommended weight)", "",
-                  _table(["check", "met"], list(acc["checks"].items())), "",
-                  f"All met: {_fmt(acc['met'])}", ""]
     parts += ["## Per preference", ""]
     body = []
     for r in summary["rows"]:
@@ -111,14 +135,13 @@ def render_markdown(summary: dict) -> str:
     parts += [_table(["combination", "pref", "strategy", "n", "win", "95% CI", "judge",
                       "judge mean", "base mean", "relevance", "harmless", "rep-4", "echo",
                       "hit limit", "ppl (median)"], body), ""]
-    sweep = [r for r in summary["rows"] if r["strategy"] == "pad"
-             and "combination" not in r]
-    if len({r["label"] for r in sweep}) > 1:
-        parts += ["## PAD weight sweep", "", f"![PAD weight sweep]({SWEEP_PLOT})", ""]
+    swept = _swept(summary)
+    if swept is not None:
+        parts += [f"## {swept} weight sweep", "", f"![{swept} weight sweep]({SWEEP_PLOT})", ""]
         body = [[label, agg["mean_win_rate"], agg["relevance"], agg["rep4"],
                  agg["echo_rate"], agg["length_stop_rate"]]
-                for label, agg in _ordered(summary["aggregate"]) if agg["strategy"] == "pad"]
-        parts += [_table(["PAD", "mean win", "relevance", "rep-4", "echo", "hit limit"],
+                for label, agg in _ordered(summary) if agg["strategy"] == swept]
+        parts += [_table([swept, "mean win", "relevance", "rep-4", "echo", "hit limit"],
                          body), ""]
     parts += ["## Win rate by preference and strategy", "", f"![win rates]({WIN_PLOT})", "",
               "## Judges", ""]
@@ -130,11 +153,7 @@ def render_markdown(summary: dict) -> str:
 
 
 def plot_win_rates(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [r for r in summary["rows"] if r["headline"] and r["strategy"] != "base"]
     prefs = list(dict.fromkeys((r.get("combination", ""), r["preference"]) for r in rows))
     labels = list(dict.fromkeys(r["label"] for r in rows))
@@ -165,27 +184,23 @@ def plot_win_rates(summary: dict, path: Path) -> None:
 
 
 def plot_sweep(summary: dict, path: Path) -> bool:
-    """PAD weight sweep: mean directional win rate (preference score) against relevance."""
-    pads = [(agg["params"].get("weight"), agg) for agg in summary["aggregate"].values()
-            if agg["strategy"] == "pad"]
-    if len(pads) < 2:
+    """The weight sweep: mean directional win rate (preference score) against relevance, with
+    every other strategy of the run as one point."""
+    swept = _swept(summary)
+    if swept is None:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pads.sort(key=lambda p: p[0])
+    plt = _pyplot()
+    ordered = _ordered(summary)
+    sweep = [agg for _, agg in ordered if agg["strategy"] == swept]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot([a["relevance"] for _, a in pads], [a["mean_win_rate"] for _, a in pads], "o-",
-            label="PAD")
-    for w, a in pads:
-        ax.annotate(f"w={w:g}", (a["relevance"], a["mean_win_rate"]), fontsize=8,
-                    textcoords="offset points", xytext=(4, 4))
-    for label, marker in (("base", "s"), ("prompt", "^"), ("linear-alignment", "v")):
-        if label in summary["aggregate"]:
-            a = summary["aggregate"][label]
-            ax.scatter([a["relevance"]], [a["mean_win_rate"]], marker=marker, label=label)
+    ax.plot([a["relevance"] for a in sweep], [a["mean_win_rate"] for a in sweep], "o-",
+            label=swept)
+    for a in sweep:
+        ax.annotate(f"w={a['params']['weight']:g}", (a["relevance"], a["mean_win_rate"]),
+                    fontsize=8, textcoords="offset points", xytext=(4, 4))
+    others = [(label, a) for label, a in ordered if a["strategy"] != swept and a["headline"]]
+    for (label, a), marker in zip(others, itertools.cycle("s^vDPX*"), strict=False):
+        ax.scatter([a["relevance"]], [a["mean_win_rate"]], marker=marker, label=label)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("mean relevance (cosine prompt-response)")
     ax.set_ylabel("mean directional win rate (6 prefs)")

@@ -2,7 +2,7 @@
 
 Every judge is a :class:`Judge`: a name, one line on what it measures, a batched scoring
 function ``(prompts, responses) -> list[float]`` and ``directions``: +1 when a preference
-wants the score higher, -1 lower. The P-Soups preferences (DESIGN §2) map to:
+wants the score higher, -1 lower. The P-Soups preferences (Jang et al. 2023) map to:
 
 ========  ==================================================  =============================
 pref      wants                                               primary judge (direction)
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 from padlm.errors import PadlmError
 from padlm.judges import text as _text
+from padlm.judges.embedding import relevance as _relevance
+from padlm.judges.harmlessness import default_judge as _harmlessness_judge
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], list[float]]
 
@@ -47,16 +49,8 @@ def _per_text(fn: Callable[[str], float]) -> ScoreFn:
     return lambda prompts, responses: [fn(r) for r in responses]
 
 
-def _relevance(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    from padlm.judges.embedding import relevance
-
-    return relevance(prompts, responses)
-
-
 def _harmlessness(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    from padlm.judges.harmlessness import default_judge
-
-    return default_judge().score(prompts, responses)
+    return _harmlessness_judge().score(prompts, responses)
 
 
 JUDGES: dict[str, Judge] = {j.name: j for j in (

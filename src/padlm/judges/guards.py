@@ -4,21 +4,25 @@
   (Welleck et al. 2019). Greedy small models loop; a method that loops more is worse.
 - ``distinct_n``: ``|unique n-grams| / |n-grams|`` over a *set* of responses (Li et al. 2016).
 - ``echo``: the response repeats 6+ consecutive words of the preference text or of PAD's
-  prompt template instead of answering (a failure measured in the prototype, DESIGN §5).
+  prompt template instead of answering (conditioning on a text makes copying it likelier).
+- ``loops``: a word n-gram that recurs several times in one response (greedy repetition).
 - ``perplexity``: of the response under the base model, given the bare prompt. Very low =
   repetitive, very high = broken text.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
 
 from padlm.judges.text import words
+from padlm.kvstream import response_hidden
 from padlm.prompting import PAD_TEMPLATE, render
 
 ECHO_WORDS = 6
+LOOP_WORDS, LOOP_TIMES = 4, 3
 
 
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
@@ -53,33 +57,35 @@ def echo(text: str, preference: str, min_words: int = ECHO_WORDS) -> bool:
                for source in _template_sources(preference))
 
 
-@torch.no_grad()
+def loops(text: str, n: int = LOOP_WORDS, times: int = LOOP_TIMES) -> bool:
+    """True when one run of ``n`` words (split on white space, as written) occurs ``times``
+    or more times in ``text``: the decoder is stuck repeating itself."""
+    grams = Counter(ngrams(text.split(), n))
+    return bool(grams) and max(grams.values()) >= times
+
+
 def perplexity(lm, prompts: Sequence[str], responses: Sequence[str],
                batch_size: int = 8) -> list[float]:
     """exp(mean token NLL) of each response under ``lm`` (a ``LoadedModel``) given its bare
-    prompt in the chat template; batched with right padding. NaN for empty responses."""
-    tokenizer, model = lm.tokenizer, lm.model
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompt in the chat template, ``batch_size`` rows per forward (the scorer's and the
+    training cache's :func:`~padlm.kvstream.response_hidden`, then the lm_head on the
+    response positions only). NaN for empty responses."""
+    if len(prompts) != len(responses):
+        raise ValueError("prompts and responses differ in length")
+    tokenizer, lm_head = lm.tokenizer, lm.model.get_output_embeddings()
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        contexts, targets = [], []
-        for prompt, response in zip(prompts[start:start + batch_size],
-                                    responses[start:start + batch_size], strict=True):
-            contexts.append(render(tokenizer, prompt))
-            targets.append(tokenizer(response, add_special_tokens=False)["input_ids"])
-        length = max(len(c) + len(t) for c, t in zip(contexts, targets, strict=True))
-        ids = torch.full((len(contexts), length), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        scored = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (c, t) in enumerate(zip(contexts, targets, strict=True)):
-            ids[i, :len(c) + len(t)] = torch.tensor(c + t)
-            mask[i, :len(c) + len(t)] = 1
-            scored[i, len(c):len(c) + len(t)] = True
-        logits = model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
-        logprobs = torch.log_softmax(logits[:, :-1].float(), -1)
-        nll = -logprobs.gather(-1, ids[:, 1:, None].to(lm.device)).squeeze(-1).cpu()
-        used = scored[:, 1:]
-        for i in range(len(contexts)):
-            count = int(used[i].sum())
-            out.append(float(torch.exp(nll[i][used[i]].mean())) if count else float("nan"))
+        contexts = [render(tokenizer, p) for p in prompts[start:start + batch_size]]
+        targets = [tokenizer(r, add_special_tokens=False)["input_ids"]
+                   for r in responses[start:start + batch_size]]
+        for hidden, target in zip(response_hidden(lm.model, contexts, targets), targets,
+                                  strict=True):
+            if not target:
+                out.append(float("nan"))
+                continue
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(lm_head(hidden).float(), -1)
+                ids = torch.tensor(target, device=logprobs.device)
+                nll = -logprobs[torch.arange(len(target), device=logprobs.device), ids]
+            out.append(float(torch.exp(nll.mean())))
     return out

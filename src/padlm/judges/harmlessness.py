@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,21 +27,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from padlm.atomic import atomic_directory
+from padlm.data.hh import convert_pair
 from padlm.errors import PadlmError
 from padlm.judges.embedding import MiniLMEncoder, default_encoder
 
 log = logging.getLogger(__name__)
-_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 def asset_dir() -> Path:
     return Path(str(resources.files("padlm") / "assets" / "harmlessness"))
-
-
-def split_dialogue(text: str) -> list[tuple[str, str]]:
-    """``"\\n\\nHuman: hi\\n\\nAssistant: yo"`` -> ``[("Human", "hi"), ("Assistant", "yo")]``."""
-    parts = _TURN.split(text)
-    return [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
 
 
 @dataclass
@@ -53,7 +46,9 @@ class Pair:
 
 
 def load_pairs(path: Path) -> list[Pair]:
-    """Last-turn pairs from an HH-RLHF JSONL(.gz); pairs whose histories differ are dropped."""
+    """Last-turn pairs from an HH-RLHF JSONL(.gz), parsed as the training data parses them
+    (:func:`padlm.data.hh.convert_pair`: histories that differ, or replies that are empty or
+    identical, are dropped)."""
     opener = gzip.open if str(path).endswith(".gz") else open
     pairs = []
     try:
@@ -61,14 +56,10 @@ def load_pairs(path: Path) -> list[Pair]:
             for line in handle:
                 if not line.strip():
                     continue
-                record = json.loads(line)
-                good, bad = split_dialogue(record["chosen"]), split_dialogue(record["rejected"])
-                if len(good) < 2 or good[:-1] != bad[:-1] or good[-1][0] != "Assistant":
-                    continue
-                humans = [t for role, t in good[:-1] if role == "Human"]
-                if not humans or not good[-1][1] or not bad[-1][1] or good[-1] == bad[-1]:
-                    continue
-                pairs.append(Pair(humans[-1], good[-1][1], bad[-1][1]))
+                row = convert_pair(json.loads(line))
+                humans = [m["content"] for m in row.prompt if m["role"] == "user"] if row else []
+                if humans:
+                    pairs.append(Pair(humans[-1], row.chosen, row.rejected))
     except (OSError, json.JSONDecodeError, KeyError) as error:
         raise PadlmError(f"cannot read HH-RLHF pairs from {path}: {error}") from None
     if not pairs:

@@ -1,7 +1,7 @@
 """Optional pairwise LLM judge over any OpenAI-compatible chat endpoint.
 
 For one prompt and preference it shows two responses (a method's and ``base``'s) and asks
-which one better follows the preference, with the P-Soups criteria (DESIGN §2) spelled out.
+which one better follows the preference, with the P-Soups criteria spelled out.
 The order is randomised per comparison (seeded by its content, so reruns ask the same
 question) to cancel position bias, TIE is allowed, and every verdict is cached on disk keyed
 by (model, prompt, preference, shown order), so an interrupted run never pays twice.
@@ -21,8 +21,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from padlm.errors import PadlmError
-from padlm.preferences import PSOUPS, preference_ids, resolve_preference
+from padlm.preferences import preference_ids, resolve_preference
 from padlm.records import JsonlAppender, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -82,13 +84,11 @@ class LLMJudge:
             raise PadlmError(f"--judge-url must be an http(s) URL, got {base_url!r}")
         return cls(base_url.rstrip("/"), model, os.environ.get(key_env), cache)
 
-    def _cache(self) -> dict[str, str]:
-        
+    def load_cache(self) -> dict[str, str]:
+        """Every verdict cached so far, by question key (empty without a cache file)."""
         return {r["key"]: r["verdict"] for r in read_jsonl(self.cache)} if self.cache else {}
 
     def _ask(self, messages: list[dict]) -> str:
-        import httpx
-
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 4}
         try:
@@ -111,8 +111,9 @@ class LLMJudge:
 
     def compare_many(self, items: list[tuple[str, str, str, str]],
                      cache: dict[str, str] | None = None) -> list[float]:
-        
-        cache = self._cache() if cache is None else cache
+        """``compare`` for many ``(prompt, preference, method, base)``; ``cache`` (from
+        ``load_cache``) lets several calls share one read of the cache file."""
+        cache = self.load_cache() if cache is None else cache
         appender = JsonlAppender(self.cache) if self.cache else None
         out = []
         try:
@@ -127,9 +128,10 @@ class LLMJudge:
                 verdict = cache.get(key)
                 if verdict is None:
                     reply = self._ask(build_messages(prompt, preference, first, second))
-                    verdict = parse_verdict(reply) or "TIE"
-                    if parse_verdict(reply) is None:
+                    verdict = parse_verdict(reply)
+                    if verdict is None:
                         log.warning("unparseable judge reply %r counted as TIE", reply)
+                        verdict = "TIE"
                     cache[key] = verdict
                     if appender:
                         appender.write({"key": key, "verdict": verdict})
@@ -141,64 +143,3 @@ class LLMJudge:
             if appender:
                 appender.close()
         return out
-
-
-def judge_summary(llm: LLMJudge, summary: dict, out: Path, plan) -> dict:
-    """Add ``llm_win_rate`` (+ CI) to every single-preference row of ``summary``."""
-    from padlm.evaluation.harness import (
-        GENERATIONS,
-        load_benchmark,
-    )
-
-    items = load_benchmark(plan.benchmark, plan.limit)
-    prompts = {i["id"]: i["prompt"] for i in items}
-    cfg = summary["generation"]
-    records = [r for r in read_jsonl(out / GENERATIONS) if r["config"] == cfg
-               and r["id"] in prompts]
-    return _judge_rows(llm, summary["rows"], records, prompts)
-
-
-def _judge_rows(llm: LLMJudge, rows: list[dict], records: list[dict],
-                prompts: dict[str, str]) -> dict:
-    from padlm.evaluation.stats import bootstrap_ci
-
-    base = {r["id"]: r["text"] for r in records if r["strategy"] == "base"}
-    cache = llm._cache()
-    for row in rows:
-        if row["strategy"] == "base" or "combination" in row:
-            continue
-        mine = [r for r in records if r["preference"] == row["preference"]
-                and r["label"] == row["label"] and r["id"] in base]
-        if not mine:
-            continue
-        verdicts = llm.compare_many([(prompts[r["id"]], row["preference"], r["text"],
-                                      base[r["id"]]) for r in mine], cache)
-        lo, hi = bootstrap_ci(verdicts)
-        row["llm_win_rate"] = round(sum(verdicts) / len(verdicts), 4)
-        row["llm_win_rate_ci"] = [round(lo, 4), round(hi, 4)]
-        row["llm_judge"] = llm.model
-    return {"rows": [{k: r.get(k) for k in ("label", "preference", "llm_win_rate",
-                                             "llm_win_rate_ci")}
-                     for r in rows if "llm_win_rate" in r]}
-
-
-def judge_directory(llm: LLMJudge, out: Path) -> dict:
-    """Judge a finished ``padlm eval`` directory; writes ``llm_judge.json``."""
-    from padlm.atomic import write_json_atomic
-    from padlm.evaluation.harness import GENERATIONS, SUMMARY
-
-    if not (out / SUMMARY).exists():
-        raise PadlmError(f"{out / SUMMARY} does not exist: run `padlm eval` first")
-    summary = json.loads((out / SUMMARY).read_text())
-    cfg = summary["generation"]
-    records = [r for r in read_jsonl(out / GENERATIONS) if r["config"] == cfg]
-    from padlm.evaluation.harness import load_benchmark
-
-    prompts = {i["id"]: i["prompt"] for i in load_benchmark(summary["benchmark"],
-                                                            summary["limit"])}
-    records = [r for r in records if r["id"] in prompts]
-    rows = [r for r in summary["rows"] if r["preference"] in PSOUPS]
-    result = _judge_rows(llm, rows, records, prompts)
-    result["judge"] = {"url": llm.base_url, "model": llm.model}
-    write_json_atomic(out / "llm_judge.json", result)
-    return result

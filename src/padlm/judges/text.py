@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
 from functools import lru_cache
+
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 _WORD = re.compile(r"[A-Za-z0-9']+")
 
@@ -35,8 +36,9 @@ def words(text: str) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _textstat():
-    # textstat 0.7.3 imports pkg_resources (setuptools < 81) and warns about it; newer
-    # textstat needs NLTK's cmudict, which cannot be downloaded offline.
+    # Imported here to silence its warning: textstat 0.7.3 imports pkg_resources
+    # (setuptools < 81) and warns about it; newer textstat needs NLTK's cmudict, which
+    # cannot be downloaded offline.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import textstat
@@ -45,9 +47,8 @@ def _textstat():
 
 
 @lru_cache(maxsize=1)
-def _vader():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
+def _vader() -> SentimentIntensityAnalyzer:
+    """One analyzer per process: building it reads VADER's lexicon."""
     return SentimentIntensityAnalyzer()
 
 
@@ -74,6 +75,3 @@ def vader_compound(text: str) -> float:
     """VADER compound sentiment in [-1, 1] (friendly/positive > 0 > hostile/negative)."""
     return float(_vader().polarity_scores(text)["compound"]) if text.strip() else 0.0
 
-
-def score_all(fn, responses: Sequence[str]) -> list[float]:
-    return [fn(text) for text in responses]
