@@ -28,7 +28,12 @@ def default_engine(default_lm: LoadedModel) -> Personalizer:
 
 
 @pytest.fixture(scope="session")
-def tiny_lm() -> LoadedModel:
+def tiny_lm(tiny_cpu_lm: LoadedModel) -> LoadedModel:
+    return tiny_cpu_lm
+
+
+@pytest.fixture(scope="session")
+def tiny_cpu_lm() -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_default_model()))
     tokenizer.padding_side = "left"
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token

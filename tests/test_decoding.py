@@ -29,6 +29,11 @@ def perturbed_persrm(lm, scale=0.05, seed=0) -> PersonalizedRewardModel:
     return persrm
 
 
+def last_logits(lm, ids) -> torch.Tensor:
+    """The model's next-token logits after ``ids``, by a full forward on its own device."""
+    return lm.model(torch.tensor([ids], device=lm.device)).logits[0, -1]
+
+
 def greedy_without_cache(lm, persrm, ids, steps, weight=1.0, k=10, use_pad=True):
     """Reference: recompute the whole sequence every step, the released PAD code's way."""
     ids = list(ids)
@@ -37,7 +42,8 @@ def greedy_without_cache(lm, persrm, ids, steps, weight=1.0, k=10, use_pad=True)
     eos = lm.tokenizer.eos_token_id
     with torch.inference_mode():
         for _ in range(steps):
-            hidden = lm.model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+            hidden = lm.model.get_decoder()(
+                input_ids=torch.tensor([ids], device=lm.device)).last_hidden_state[0, -1]
             base = (hidden @ lm_head.T).float()
             if use_pad:
                 top = base.topk(k).indices
@@ -126,8 +132,8 @@ def test_linear_alignment_matches_two_separate_contexts(tiny_engine, tiny_lm):
     reference = []
     with torch.inference_mode():
         for _ in range(10):
-            zp = tiny_lm.model(torch.tensor([with_pref + reference])).logits[0, -1]
-            z0 = tiny_lm.model(torch.tensor([without + reference])).logits[0, -1]
+            zp = last_logits(tiny_lm, with_pref + reference)
+            z0 = last_logits(tiny_lm, without + reference)
             top = zp.topk(10).indices
             reference.append(int(top[(zp[top] + alpha * (zp[top] - z0[top])).argmax()]))
     assert tokens == reference
@@ -241,10 +247,11 @@ def test_pad_unconditioned_matches_a_two_context_reference(tiny_lm):
     reference = []
     with torch.inference_mode():
         for _ in range(10):
-            base = tiny_lm.model(torch.tensor([with_pref + reference])).logits[0, -1]
+            base = last_logits(tiny_lm, with_pref + reference)
             hidden = tiny_lm.model.get_decoder()(
-                input_ids=torch.tensor([with_pref + reference])).last_hidden_state[0, -1]
-            neutral = tiny_lm.model(torch.tensor([without + reference])).logits[0, -1]
+                input_ids=torch.tensor([with_pref + reference], device=tiny_lm.device)
+            ).last_hidden_state[0, -1]
+            neutral = last_logits(tiny_lm, without + reference)
             top = base.topk(10).indices
             reward = persrm.reward_logits(hidden[None], lm_head, top[None])[0]
             score = base[top] + 2.0 * (reward.log_softmax(-1) - neutral[top].log_softmax(-1))
@@ -403,8 +410,8 @@ def test_echo_guard_stops_linear_alignment_quoting_the_preference(default_engine
     reference, capped = [], 0
     with torch.inference_mode():
         while len(reference) < steps:
-            zp = default_lm.model(torch.tensor([with_pref + reference])).logits[0, -1]
-            z0 = default_lm.model(torch.tensor([without + reference])).logits[0, -1]
+            zp = last_logits(default_lm, with_pref + reference)
+            z0 = last_logits(default_lm, without + reference)
             for token in guidance.banned_ngram_tokens(reference, 3):
                 zp[token] = float("-inf")
             top = zp.topk(10).indices

@@ -134,8 +134,8 @@ class PersonalizedRewardModel:
         """Write the PersRM atomically: a crash leaves the old directory or the new one."""
         with atomic_directory(Path(directory)) as staging:
             save_file(
-                {"weight": self.head.weight.detach().contiguous().float(),
-                 "bias": self.head.bias.detach().contiguous().float()},
+                {"weight": self.head.weight.detach().cpu().contiguous().float(),
+                 "bias": self.head.bias.detach().cpu().contiguous().float()},
                 str(staging / HEAD_NAME),
             )
             if self.backbone is not None:

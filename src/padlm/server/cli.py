@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from padlm.cli_options import DtypeOption, ModelOption, PersRMOption, PlacementOption
+from padlm.cli_options import (
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    PersRMOption,
+    PlacementOption,
+)
 from padlm.errors import PadlmError
 
 
@@ -26,8 +32,9 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
-    placement: PlacementOption = "user-prefix",
-    dtype: DtypeOption = "float32",
+    placement: PlacementOption = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Rows decoding together, at most.")
                               ] = 16,
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that; more get 429.")
@@ -45,7 +52,8 @@ def serve(
     if max_batch_size < 1 or max_queue < 0:
         raise PadlmError("--max-batch-size must be >= 1 and --max-queue >= 0")
     check_port(host, port)
-    engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement)
+    engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
+                          device=device)
     app = create_app(engine, max_batch_size=max_batch_size, max_queue=max_queue)
     uvicorn.run(app, host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

@@ -122,9 +122,10 @@ class Batch:
     reference_logp: torch.Tensor | None = None  # [N]
 
 
-def collate(sequences: Sequence[SequenceStates]) -> Batch:
+def collate(sequences: Sequence[SequenceStates], device: torch.device | str = "cpu") -> Batch:
+    """One batch of cached (CPU) states, moved to the device the head trains on."""
     has_reference = all(s.reference_k is not None for s in sequences)
-    return Batch(
+    return _to(Batch(
         hidden=torch.cat([s.hidden for s in sequences]).float(),
         targets=torch.cat([s.targets for s in sequences]),
         candidates=torch.cat([s.candidates for s in sequences]),
@@ -134,7 +135,15 @@ def collate(sequences: Sequence[SequenceStates]) -> Batch:
         reference_k=torch.cat([s.reference_k for s in sequences]) if has_reference else None,
         reference_logp=(torch.cat([s.reference_logp for s in sequences]) if has_reference
                         else None),
-    )
+    ), torch.device(device))
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    move = {name: value.to(device) for name, value in vars(batch).items()
+            if isinstance(value, torch.Tensor)}
+    return Batch(**{**vars(batch), **move})
 
 
 def restricted_log_probs(logits_k: torch.Tensor, candidates: torch.Tensor,
@@ -181,7 +190,8 @@ def reference_log_probs(batch: Batch, lm_head: torch.Tensor, vocab: str,
 
 
 def sequence_sums(values: torch.Tensor, batch: Batch) -> torch.Tensor:
-    return torch.zeros(batch.count, dtype=values.dtype).index_add(0, batch.segment, values)
+    return torch.zeros(batch.count, dtype=values.dtype, device=values.device).index_add(
+        0, batch.segment, values)
 
 
 def dpo_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
@@ -196,7 +206,7 @@ def pair_rewards(head, pairs: Sequence[tuple[SequenceStates, SequenceStates]],
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Implicit rewards of chosen and rejected, and the chosen's mean token log-prob
     (``head=None``: the untrained head, ``W = I``)."""
-    batch = collate([seq for pair in pairs for seq in pair])
+    batch = collate([seq for pair in pairs for seq in pair], lm_head.device)
     policy = token_log_probs(head, batch, lm_head, vocab)
     with torch.no_grad():
         reference_logp = reference_log_probs(batch, lm_head, vocab, reference)
@@ -222,6 +232,7 @@ def evaluate(head, pairs, dimensions: Sequence[str], lm_head: torch.Tensor, voca
 
 
 def accuracy_report(margins: torch.Tensor, dimensions: Sequence[str]) -> dict:
+    margins = margins.cpu()
     wins = (margins > 0).float() + 0.5 * (margins == 0).float()
     per_dim = {}
     for dim in sorted(set(dimensions)):
@@ -257,8 +268,8 @@ def train_head(
     if not pairs:
         raise PadlmError("no training pairs")
     torch.manual_seed(config.seed)
-    lm_head = lm_head.detach().float()
-    head = HeadParam(lm_head.shape[1], config.form, config.rank, config.seed)
+    lm_head = lm_head.detach().float()  # the head trains on the device of the lm_head
+    head = HeadParam(lm_head.shape[1], config.form, config.rank, config.seed).to(lm_head.device)
     optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
     history: list[dict] = []
     first_epoch = 0

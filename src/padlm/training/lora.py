@@ -2,8 +2,8 @@
 
 The prompts are preference-conditioned exactly as decoding renders them (chat template,
 preference placed by ``placement``); the reference is the frozen base (adapter disabled).
-This is GPU work at real scale (DESIGN §4: 12-22 s per step on this CPU); on a CPU it is
-for tiny runs and tests. The trained adapter is reloaded under PersRM's adapter name so the
+This is GPU work at real scale (12-22 s per step on a 2-core CPU); on a CPU it is for tiny
+runs and tests. It trains on the device the base model is on. The trained adapter is reloaded under PersRM's adapter name so the
 result saves and loads like any PersRM with ``lora: true``.
 """
 
@@ -62,7 +62,7 @@ def train_lora(lm: LoadedModel, config):
             output_dir=tmp, beta=config.head.beta, learning_rate=5e-5,
             max_steps=config.lora_steps, per_device_train_batch_size=2,
             gradient_accumulation_steps=1, logging_steps=1, save_strategy="no",
-            report_to=[], use_cpu=True, max_length=512, seed=config.head.seed,
+            report_to=[], use_cpu=lm.device.type == "cpu", max_length=512, seed=config.head.seed,
             disable_tqdm=True,
         )
         trainer = DPOTrainer(model=copy.deepcopy(lm.model), args=args,
