@@ -21,6 +21,12 @@ from pathlib import Path
 
 import torch
 
+from padlm.atomic import write_json_atomic, write_text_atomic
+from padlm.models import load_model
+from padlm.training.cache import weights_sha256
+from padlm.training.head import HeadTrainingConfig, accuracy_report, pair_rewards, train_head
+from padlm.training.pipeline import TrainConfig, prepare
+
 VARIANTS = [
     # name, head overrides, pipeline overrides
     ("lowrank r16, beta 0.1, lr 1e-3 (base recipe)", {}, {}),
@@ -58,8 +64,6 @@ VARIANTS = [
 
 
 def margins(head, pairs, lm_head, config) -> torch.Tensor:
-    from padlm.training.head import pair_rewards
-
     with torch.no_grad():
         out = [pair_rewards(head, pairs[i:i + 64], lm_head, config.vocab, config.reference)
                for i in range(0, len(pairs), 64)]
@@ -77,12 +81,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(2)
-    from padlm.atomic import write_json_atomic, write_text_atomic
-    from padlm.models import load_model
-    from padlm.training.cache import weights_sha256
-    from padlm.training.head import HeadTrainingConfig, accuracy_report, train_head
-    from padlm.training.pipeline import TrainConfig, prepare
-
     lm = load_model("default")
     sha = weights_sha256(lm.model)
     lm_head = lm.model.get_output_embeddings().weight.detach().float()

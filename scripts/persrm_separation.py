@@ -1,12 +1,13 @@
 """Does greedy PAD separate the opposed P-Soups preferences further than prompting and
-Linear Alignment, without more echo or repetition loops? (Issue 3's acceptance check.)
+Linear Alignment, without more echo or repetition loops?
 
 30 held-out prompts (Self-Instruct prompts in the validation split: never trained on; not
 koala), the six P-Soups preferences, greedy decoding, the same settings for every strategy.
-Simple measures, used ONLY here (never as training labels): word count (P2A shorter than
-P2B), mean syllables per word (P1A simpler than P1B), VADER compound (P3A friendlier than
-P3B). Echo = the output repeats 5 words of the preference text or the bracket template;
-paraphrased echo = 3 of its content words; loop = a word 4-gram occurring 3+ times.
+Simple measures, never used as training labels: word count (P2A shorter than P2B) and VADER
+compound (P3A friendlier than P3B) from :mod:`padlm.judges.text`, mean syllables per word
+(P1A simpler than P1B). Echo and loops are the library's guards (:mod:`padlm.judges.guards`:
+6 consecutive words of the preference or of PAD's template; a word 4-gram occurring 3+
+times); paraphrased echo, measured only here, = 3 of the preference's content words.
 Generations are appended to a JSONL keyed by (strategy, weight, echo guard, preference,
 prompt) so strategies can run at different times and the script resumes; the summary reads
 only the chosen prompts' records. Each separation comes with its standard error over prompts
@@ -24,54 +25,41 @@ import json
 import re
 import statistics
 import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import textstat
 import torch
+
+from padlm import GenerationConfig, Personalizer
+from padlm.atomic import write_json_atomic
+from padlm.data.pools import default_pool_dir, self_instruct_prompts
+from padlm.data.splits import is_validation
+from padlm.judges.guards import echo, loops
+from padlm.judges.text import vader_compound, word_count
+from padlm.preferences import PSOUPS
+from padlm.records import JsonlAppender, read_jsonl
+from padlm.registry import strategy_class
 
 PAIRS = (("P1A", "P1B"), ("P2A", "P2B"), ("P3A", "P3B"))
 
 
 def held_out_prompts(count: int) -> list[dict]:
-    from padlm.data.pools import default_pool_dir, self_instruct_prompts
-    from padlm.data.splits import is_validation
-
     pool = sorted(self_instruct_prompts(default_pool_dir()), key=lambda p: p.id)
     chosen = [p for p in pool if is_validation(p.prompt) and len(p.prompt) < 400]
     return [{"id": p.id, "prompt": p.prompt} for p in chosen[:count]]
 
 
 def syllables_per_word(text: str) -> float:
-    import textstat
-
+    """Mean syllables per word: how hard the words are, free of sentence length (measured
+    only here; the harness's P1 judge is the Flesch-Kincaid grade)."""
     words = re.findall(r"[A-Za-z']+", text)
     return textstat.syllable_count(text) / len(words) if words else 0.0
 
 
-_vader = None
-
-
-def friendliness(text: str) -> float:
-    global _vader
-    if _vader is None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        _vader = SentimentIntensityAnalyzer()
-    return _vader.polarity_scores(text)["compound"]
-
-
 MEASURES = {"P1": ("syllables_per_word", syllables_per_word, -1),  # A should be LOWER
-            "P2": ("words", lambda t: len(t.split()), -1),
-            "P3": ("vader_compound", friendliness, +1)}  # A should be HIGHER
-
-
-def echoes(text: str, preference: str) -> bool:
-    lowered = text.lower()
-    if "[guidelines]" in lowered or "[principles]" in lowered or "[instruction]" in lowered:
-        return True
-    words = preference.lower().split()
-    return any(" ".join(words[i:i + 5]) in lowered for i in range(len(words) - 4))
+            "P2": ("words", word_count, -1),
+            "P3": ("vader_compound", vader_compound, +1)}  # A should be HIGHER
 
 
 FRAME = {"generate", "response", "that", "only", "could", "without", "being", "very", "like",
@@ -86,12 +74,6 @@ def paraphrased_echo(text: str, preference: str) -> bool:
              if len(w) >= 3 and w not in FRAME and w not in {"the", "and", "any", "for", "can"}}
     words = set(re.findall(r"[a-z]+", text.lower()))
     return sum(any(w.startswith(stem) for w in words) for stem in stems) >= min(3, len(stems))
-
-
-def loops(text: str) -> bool:
-    words = text.lower().split()
-    grams = Counter(tuple(words[i:i + 4]) for i in range(len(words) - 3))
-    return bool(grams) and grams.most_common(1)[0][1] >= 3
 
 
 def standard_error(values: list[float]) -> float:
@@ -116,8 +98,6 @@ def summarize(records: list[dict], prompt_ids: set[str]) -> dict:
     """Per run that covers every chosen prompt: echo / loop counts and, per opposed pair,
     the mean gap with its standard error, and the paired difference to prompting and
     Linear Alignment (same prompts)."""
-    from padlm.preferences import PSOUPS
-
     by = {}
     for r in records:
         if r["prompt_id"] in prompt_ids:
@@ -129,12 +109,12 @@ def summarize(records: list[dict], prompt_ids: set[str]) -> dict:
         if len(texts) < len(PSOUPS) * len(prompt_ids):  # run on fewer prompts: not comparable
             continue
         entry["outputs"] = len(texts)
-        entry["echo"] = sum(echoes(r["text"], PSOUPS[r["preference"]]) for r in texts)
+        entry["echo"] = sum(echo(r["text"], PSOUPS[r["preference"]]) for r in texts)
         entry["paraphrased_echo"] = sum(paraphrased_echo(r["text"], PSOUPS[r["preference"]])
                                         for r in texts)
         entry["loops"] = sum(loops(r["text"]) for r in texts)
         entry["hit_token_limit"] = sum(r["finish_reason"] == "length" for r in texts)
-        entry["mean_words"] = round(statistics.mean(len(r["text"].split()) for r in texts), 1)
+        entry["mean_words"] = round(statistics.mean(word_count(r["text"]) for r in texts), 1)
         for a, b in PAIRS:
             if a not in prefs or b not in prefs:
                 continue
@@ -179,22 +159,15 @@ def main() -> None:
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from padlm import GenerationConfig, Personalizer
-    from padlm.atomic import write_json_atomic
-    from padlm.decoding import ECHO_GUARDED
-    from padlm.preferences import PSOUPS
-
-    args.outputs.parent.mkdir(parents=True, exist_ok=True)
-    records = ([json.loads(line) for line in args.outputs.read_text().splitlines() if line]
-               if args.outputs.exists() else [])
+    records = read_jsonl(args.outputs)
     done = {(r["run"], r["preference"], r["prompt_id"]) for r in records}
     prompts = held_out_prompts(args.prompts)
     if not args.summarize_only:
         engine = Personalizer("default", persrm=args.persrm)
         config = GenerationConfig(max_new_tokens=args.max_new_tokens,
                                   no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                  weight=args.weight).validate()
-        with args.outputs.open("a") as handle:
+                                  weight=args.weight)
+        with JsonlAppender(args.outputs) as appender:
             for strategy in args.strategies.split(","):
                 weight = (args.weight if args.weight is not None
                           else engine.persrm.config.recommended_weight)
@@ -204,7 +177,7 @@ def main() -> None:
                     f"w={weight}]")
                 if strategy == "linear-alignment":
                     run = f"linear-alignment[alpha={args.weight or 1.0}]"
-                guard = args.echo_guard and strategy in ECHO_GUARDED
+                guard = args.echo_guard and strategy_class(strategy).spec.echo_guard
                 if guard:
                     run += "+echo-guard"
                 for pid in PSOUPS:
@@ -221,9 +194,8 @@ def main() -> None:
                         record = {"run": run, "strategy": strategy, "preference": pid,
                                   "prompt_id": p["id"], "text": g.text,
                                   "finish_reason": g.finish_reason, "tokens": g.new_tokens}
-                        handle.write(json.dumps(record) + "\n")
+                        appender.write(record)
                         records.append(record)
-                    handle.flush()
     summary = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "decoding": f"greedy, no_repeat_ngram_size={args.no_repeat_ngram_size}",
                "runs": summarize(records, {p["id"] for p in prompts})}
