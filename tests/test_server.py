@@ -133,7 +133,7 @@ def test_parse_body_errors(raw, status, param):
 def test_chat_with_preference_matches_the_library(real):
     server, engine, _ = real
     response = client_for(server).chat.completions.create(
-        model="padlm", messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
+        model=server.model, messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
         extra_body={"preference": "P1A", "strategy": "pad", "pad": {"weight": 1.0}})
     choice = response.choices[0]
     expected = engine.generate([PROMPT], "P1A", "pad",
@@ -155,7 +155,7 @@ def test_echo_guard_reaches_the_decoder(real):
     prompt, config = "Give me three tips for learning to cook.", GenerationConfig(
         max_new_tokens=24, no_repeat_ngram_size=3)
     answer = client_for(server).chat.completions.create(
-        model="padlm", messages=[{"role": "user", "content": prompt}], max_tokens=24,
+        model=server.model, messages=[{"role": "user", "content": prompt}], max_tokens=24,
         extra_body={"preference": "P1B", "strategy": "linear-alignment",
                     "no_repeat_ngram_size": 3, "pad": {"echo_guard": True}},
     ).choices[0].message.content
@@ -169,7 +169,7 @@ def test_echo_guard_reaches_the_decoder(real):
 def test_streaming_equals_non_streaming(real):
     server, _, _ = real
     client = client_for(server)
-    kwargs = {"model": "padlm", "messages": [{"role": "user", "content": PROMPT}],
+    kwargs = {"model": server.model, "messages": [{"role": "user", "content": PROMPT}],
               "max_tokens": 8, "extra_body": {"preference": "P3A"}}
     full = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(
@@ -204,7 +204,7 @@ def test_raw_sse_ends_with_done_and_carries_token_rewards(real):
 def test_n_choices_are_seeded_samples(real):
     server, _, _ = real
     client = client_for(server)
-    kwargs = {"model": "padlm", "messages": [{"role": "user", "content": "Name a colour."}],
+    kwargs = {"model": server.model, "messages": [{"role": "user", "content": "Name a colour."}],
               "max_tokens": 6, "n": 3, "temperature": 1.0, "seed": 7,
               "extra_body": {"preference": "P3A+P2A"}}
     first = client.chat.completions.create(**kwargs)
@@ -221,11 +221,11 @@ def test_text_completions_models_and_best_of_n(real):
     server, engine, _ = real
     client = client_for(server)
     assert [m.id for m in client.models.list().data] == [engine.lm.name]
-    response = client.completions.create(model="padlm", prompt=["Say hi.", "Say bye."],
+    response = client.completions.create(model=server.model, prompt=["Say hi.", "Say bye."],
                                          max_tokens=4, extra_body={"strategy": "base"})
     assert [c.index for c in response.choices] == [0, 1]
     assert all(c.text for c in response.choices)
-    best = client.completions.create(model="padlm", prompt="Say hi.", max_tokens=4,
+    best = client.completions.create(model=server.model, prompt="Say hi.", max_tokens=4,
                                      best_of=2, extra_body={"strategy": "best-of-n"})
     assert best.choices[0].text and best.usage.completion_tokens <= 4
 
@@ -242,7 +242,7 @@ def test_concurrent_users_share_a_batch_and_get_their_own_answers(real):
     def ask(case):
         preference, strategy = case
         return client.chat.completions.create(
-            model="padlm", messages=[{"role": "user", "content": PROMPT}], max_tokens=6,
+            model=server.model, messages=[{"role": "user", "content": PROMPT}], max_tokens=6,
             extra_body={"preference": preference, "strategy": strategy}
         ).choices[0].message.content
 
@@ -260,7 +260,7 @@ def test_real_model_context_limit(real):
     limit = engine.lm.model.config.max_position_embeddings
     with pytest.raises(openai.BadRequestError) as caught:
         client_for(server).chat.completions.create(
-            model="padlm", messages=[{"role": "user", "content": "hi"}], max_tokens=limit)
+            model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=limit)
     assert caught.value.code == "context_length_exceeded"
 
 
@@ -316,7 +316,7 @@ def test_bad_requests_get_openai_errors(tiny, body, error, param):
     client = client_for(server)
     extra = {key: value for key, value in body.items() if key != "messages"}
     with pytest.raises(error) as caught:
-        client.chat.completions.create(model="padlm", messages=body["messages"],
+        client.chat.completions.create(model=server.model, messages=body["messages"],
                                        extra_body=extra)
     assert caught.value.param == param
     assert caught.value.type == "invalid_request_error"
@@ -339,9 +339,9 @@ def test_server_keeps_serving_after_errors_and_streams_rewards(tiny):
     client = client_for(server)
     for body, error, _ in ERROR_CASES[:4]:
         with pytest.raises(error):
-            client.chat.completions.create(model="padlm", messages=body["messages"],
+            client.chat.completions.create(model=server.model, messages=body["messages"],
                                            max_tokens=body.get("max_tokens", 3))
-    response = client.completions.create(model="padlm", prompt="hello", max_tokens=5,
+    response = client.completions.create(model=server.model, prompt="hello", max_tokens=5,
                                          extra_body={"ignore_eos": True})
     assert response.usage.completion_tokens == 5
     events = []
@@ -378,12 +378,12 @@ def test_full_queue_gets_429_and_a_disconnect_frees_its_row(default_lm):
             result: dict = {}
             waiting = threading.Thread(target=lambda: result.update(
                 answer=client.chat.completions.create(
-                    model="padlm", messages=[{"role": "user", "content": "yo"}], max_tokens=3)))
+                    model=server.model, messages=[{"role": "user", "content": "yo"}], max_tokens=3)))
             waiting.start()
             wait_until(lambda: worker.snapshot()["waiting"] == 1)
             with pytest.raises(openai.RateLimitError) as caught:
                 client.chat.completions.create(
-                    model="padlm", messages=[{"role": "user", "content": "hey"}], max_tokens=3)
+                    model=server.model, messages=[{"role": "user", "content": "hey"}], max_tokens=3)
             assert caught.value.code == "rate_limit_exceeded"
             assert caught.value.status_code == 429
         # the first client has gone away mid-stream

@@ -35,7 +35,7 @@ def test_200_requests_at_concurrency_16(default_lm):
                                timeout=300)
 
         def one(i: int) -> tuple[int, int]:
-            kwargs = {"model": "padlm", "max_tokens": 3 + i % 2,
+            kwargs = {"model": server.model, "max_tokens": 3 + i % 2,
                       "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                       "temperature": 0.7 if i % 4 == 0 else 0.0, "seed": i,
                       "extra_body": {"preference": PREFERENCES[i % len(PREFERENCES)],

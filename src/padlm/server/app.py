@@ -1,19 +1,22 @@
 """The OpenAI-compatible HTTP layer: validation, SSE streaming, and the playground page.
 
-Handlers never touch the models: they validate a request (with their own tokenizer copy, so
-the event loop and the decode thread never share a tokenizer), turn it into one
-:class:`~padlm.decoding.Request` per choice, queue a :class:`~padlm.server.worker.Job` and
-relay what the decode thread sends back.
+Handlers never touch the models: they validate a request against the loaded model and the
+server's limits (with their own tokenizer copy, so the event loop and the decode thread never
+share a tokenizer), turn it into the rows of one :class:`~padlm.server.worker.Job`, queue it,
+and relay what the decode thread sends back. :mod:`padlm.server.gate` checks host, key and
+content type first; :class:`PadlmServer` drains the worker on SIGTERM.
 
 Choices made where OpenAI's API and padlm differ (documented in the README):
 - ``temperature`` defaults to 0 (greedy, PAD's released setting), not OpenAI's 1.0.
 - ``/v1/completions`` renders each prompt as one user turn of the chat template, like chat.
-- ``model`` may be any string; the one loaded model answers and is named in the response.
+- ``model`` may be left out (the served model answers); a name it is not served under is a 404.
+- a stream that fails or is cut by shutdown ends with an error event, then ``[DONE]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -24,18 +27,23 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
+from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from padlm.config import GenerationConfig
+from padlm.config import SEED_LIMIT, GenerationConfig
 from padlm.decoding import Request as DecodeRequest
 from padlm.engine import Personalizer, available_strategies
 from padlm.errors import PadlmError
 from padlm.preferences import PRESETS, resolve_preference
 from padlm.prompting import render
 from padlm.registry import check_request, strategy_class
+from padlm.server.gate import Gate, error_response
+from padlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from padlm.server.schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -43,6 +51,7 @@ from padlm.server.schemas import (
     extra_fields,
     parse_body,
 )
+from padlm.server.settings import ServerSettings
 from padlm.server.worker import BatchWorker, Job, JobDone, JobFailed, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -50,8 +59,15 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 128  # when a request names none (capped by the room left in the context)
 DEFAULT_BEST_OF = 4
 MAX_STOP = 4  # as in OpenAI's API
-DISCONNECT_POLL_S = 0.5
-GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to finish when the server stops
+SHUTDOWN_FLUSH_S = 5  # after the drain, connections get this long to send their last bytes
+# Bounds that keep every score finite. A guidance reward is a log-probability ratio over the
+# candidates, a few tens of nats at most; at |weight| = 100 it already outweighs any gap in
+# the base logits (the guidance alone decides), so larger weights only risk overflow: 1e308
+# is inf in float32, and inf scores sample NaN. Scores then stay below ~1e6, and dividing by
+# a temperature >= 1e-3 (or by a repetition penalty >= 1e-2) keeps them far inside float32.
+MAX_WEIGHT = 100.0
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 2.0  # OpenAI's upper bound; 0 means greedy
+MIN_PENALTY, MAX_PENALTY = 1e-2, 1e2
 
 # GenerationConfig's field names where the request's field is named differently
 _PARAM_OF = {"max_new_tokens": "max_tokens", "top_k": "pad.top_k", "weight": "pad.weight",
@@ -60,28 +76,56 @@ _PARAM_OF = {"max_new_tokens": "max_tokens", "top_k": "pad.top_k", "weight": "pa
 
 @dataclass
 class Plan:
-    """A validated request: one decode request per choice, and what the response needs."""
+    """A validated request: the rows to decode, and what the response needs."""
 
-    requests: list[DecodeRequest]
+    rows: list[DecodeRequest]
+    choices: int
     prompt_tokens: int
     strategy: str
+    batch: str  # the token-level strategy the rows decode with
     preference: str
-    best_of: int
+    best_of: int = 1
+    picker: object | None = None  # best-of-n: keeps one of each choice's best_of samples
 
 
 class Service:
-    """State shared by the handlers: the engine, the worker and a private tokenizer."""
+    """State shared by the handlers: the engine, the worker, limits and a private tokenizer."""
 
-    def __init__(self, engine: Personalizer, max_batch_size: int, max_queue: int) -> None:
+    def __init__(self, engine: Personalizer, settings: ServerSettings) -> None:
         self.engine = engine
-        self.worker = BatchWorker(engine, max_batch_size, max_queue)
-        self.tokenizer = copy.deepcopy(engine.lm.tokenizer)  # the event loop's own copy
+        self.settings = settings
         self.model_id = engine.lm.name
+        self.names = settings.served_model_names or (self.model_id,)
+        self.metrics = ServerMetrics(self.names[0])
+        self.worker = BatchWorker(engine, settings, self.metrics)
+        self.tokenizer = copy.deepcopy(engine.lm.tokenizer)  # the event loop's own copy
         self.context_length = int(getattr(engine.lm.model.config, "max_position_embeddings",
                                           0) or 2048)
+        self.vocab_size = int(engine.lm.model.get_output_embeddings().weight.shape[0])
+        self.persrm_label = Path(engine.persrm.path).name if engine.persrm.path else "identity"
+        snapshot = self.worker.snapshot
+        self.metrics.gauges({
+            "vllm:num_requests_running": ("Requests decoding.",
+                                          lambda: snapshot()["running"]),
+            "vllm:num_requests_waiting": ("Requests waiting for rows.",
+                                          lambda: snapshot()["waiting"]),
+            "padlm:live_rows": ("Rows in the decode batches.", lambda: snapshot()["live_rows"]),
+            "padlm:queued_tokens": ("max_tokens x rows of the waiting requests.",
+                                    lambda: snapshot()["queued_tokens"]),
+        })
+
+    def model_name(self, requested: str | None) -> str:
+        """The name to answer under: the requested one if the model is served under it."""
+        if requested is None:
+            return self.names[0]
+        if requested not in self.names:
+            raise ApiError(404, f"the model {requested!r} does not exist; this server serves "
+                           f"{', '.join(self.names)}", "model", "model_not_found")
+        return requested
 
     def plan(self, body, prompts: Sequence, prompt_param: str) -> Plan:
-        """Check everything a client can get wrong before any decoding starts."""
+        """Check everything a client can get wrong before any decoding starts, against the
+        loaded model and the server's limits, so no request can fail in the decode loop."""
         try:
             spec = strategy_class(body.strategy).spec
         except PadlmError as error:
@@ -90,33 +134,43 @@ class Service:
             preference = resolve_preference(body.preference)
         except PadlmError as error:
             raise ApiError(400, str(error), "preference", "unknown_preference") from None
-        limit = self.worker.max_batch_size
+        limit = self.settings.n_limit
         if not 1 <= body.n <= limit:
-            raise ApiError(400, f"n must be between 1 and the server's max batch size {limit}",
-                           "n")
-        best_of = body.best_of if body.best_of is not None else DEFAULT_BEST_OF
+            raise ApiError(400, f"n must be between 1 and the server's limit {limit}", "n")
+        best_of = 1
         if spec.level == "sequence":
             if body.stream:
-                raise ApiError(400, f"strategy {spec.name} picks a response after sampling them "
-                               "all, so it cannot stream; send stream=false", "stream")
+                raise ApiError(400, f"strategy {spec.name} picks a response after sampling "
+                               "them all, so it cannot stream; send stream=false", "stream")
+            best_of = body.best_of if body.best_of is not None else min(DEFAULT_BEST_OF, limit)
             if not 1 <= best_of <= limit:
                 raise ApiError(400, f"best_of must be between 1 and {limit}", "best_of")
         elif body.best_of not in (None, 1):
             raise ApiError(400, "best_of needs strategy 'best-of-n'", "best_of")
+        rows = len(prompts) * body.n * best_of
+        if rows > self.settings.max_batch_size:
+            raise ApiError(400, f"prompts x n x best_of = {rows} rows; the server decodes at "
+                           f"most {self.settings.max_batch_size} rows at once",
+                           "best_of" if best_of > 1 else "n")
         max_tokens = body.max_tokens
         if max_tokens is None and isinstance(body, ChatCompletionRequest):
             max_tokens = body.max_completion_tokens
-        if max_tokens is not None and max_tokens < 1:
-            raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
+        cap = self.settings.max_tokens_cap
+        if max_tokens is not None and not 1 <= max_tokens <= cap:
+            raise ApiError(400, f"max_tokens must be between 1 and the server's cap {cap}, "
+                           f"got {max_tokens}", "max_tokens")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise ApiError(400, f"stop takes at most {MAX_STOP} non-empty strings", "stop")
         config = self._config(body, stop)
+        self._check_bounds(config, body.n * best_of)
+        picker = self.engine.strategy(body.strategy) if spec.level == "sequence" else None
         requests, prompt_tokens = [], 0
         for prompt in prompts:
             length = self._prompt_length(prompt, preference, body.strategy, prompt_param)
             room = self.context_length - length
-            wanted = max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, room)
+            wanted = max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, room,
+                                                                   cap)
             if length + max(wanted, 1) > self.context_length:
                 raise ApiError(400, f"this model's maximum context length is "
                                f"{self.context_length} tokens; the prompt has {length} and "
@@ -124,10 +178,35 @@ class Service:
                                "context_length_exceeded")
             prompt_tokens += length
             for i in range(body.n):
-                seed = None if config.seed is None else config.seed + i
-                requests.append(DecodeRequest(prompt, preference,
-                                              replace(config, max_new_tokens=wanted, seed=seed)))
-        return Plan(requests, prompt_tokens, body.strategy, preference, best_of)
+                seed = None if config.seed is None else config.seed + i * best_of
+                request = DecodeRequest(prompt, preference,
+                                        replace(config, max_new_tokens=wanted, seed=seed))
+                requests.extend(picker.sample_requests(request, best_of) if picker
+                                else [request])
+        return Plan(requests, len(prompts) * body.n, prompt_tokens, body.strategy,
+                    picker.sampler if picker else body.strategy, preference, best_of, picker)
+
+    def _check_bounds(self, config: GenerationConfig, samples: int) -> None:
+        """What a valid config may still break in this model: a top-k beyond the vocabulary
+        (``topk`` fails for the whole batch), derived seeds past 64 bits, scores that
+        overflow (see ``MAX_WEIGHT``)."""
+        if config.top_k is not None and config.top_k > self.vocab_size:
+            raise ApiError(400, f"pad.top_k must be at most the vocabulary size "
+                           f"{self.vocab_size}, got {config.top_k}", "pad.top_k")
+        if config.weight is not None and abs(config.weight) > MAX_WEIGHT:
+            raise ApiError(400, f"pad.weight must be within +-{MAX_WEIGHT:g}, got "
+                           f"{config.weight:g}", "pad.weight")
+        if config.temperature and not MIN_TEMPERATURE <= config.temperature <= MAX_TEMPERATURE:
+            raise ApiError(400, f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g}"
+                           f" and {MAX_TEMPERATURE:g}, got {config.temperature:g}",
+                           "temperature")
+        if not MIN_PENALTY <= config.repetition_penalty <= MAX_PENALTY:
+            raise ApiError(400, f"repetition_penalty must be between {MIN_PENALTY:g} and "
+                           f"{MAX_PENALTY:g}", "repetition_penalty")
+        if config.seed is not None and config.seed + samples > SEED_LIMIT:
+            raise ApiError(400, f"seed must be below 2**63 - {samples}: each of this "
+                           f"request's {samples} samples uses seed + i, a signed 64-bit "
+                           "value", "seed")
 
     @staticmethod
     def _config(body, stop: list[str]) -> GenerationConfig:
@@ -178,56 +257,94 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
-
-
 def playground_html() -> str:
     return (resources.files("padlm.server") / "static" / "index.html").read_text("utf-8")
 
 
-def create_app(engine: Personalizer, max_batch_size: int = 16, max_queue: int = 64) -> FastAPI:
-    """The FastAPI app; its decode worker starts and stops with the app's lifespan."""
-    service = Service(engine, max_batch_size, max_queue)
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 past ``limit`` bytes (declared or sent)."""
+    too_large = ApiError(413, f"the request body exceeds the server's limit of {limit} bytes",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: only that is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(engine: Personalizer, settings: ServerSettings | None = None,
+               **fields) -> FastAPI:
+    """The FastAPI app; its decode worker starts and stops with the app's lifespan.
+    ``fields`` override single settings: ``create_app(engine, max_batch_size=4)``."""
+    settings = replace(settings or ServerSettings(), **fields)
+    service = Service(engine, settings)
+    worker = service.worker
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.worker.start()
+        worker.start()
         try:
             yield
         finally:
-            service.worker.stop()
+            worker.stop()
 
     app = FastAPI(title="padlm", version="0.1.0", lifespan=lifespan, docs_url="/docs")
     app.state.service = service
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return _error_response(error)
+        return error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return _error_response(ApiError(error.status_code, str(error.detail),
-                                        code="not_found" if error.status_code == 404 else None))
+        return error_response(ApiError(error.status_code, str(error.detail),
+                                       code="not_found" if error.status_code == 404 else None))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _error_response(ApiError(500, "internal server error", kind="server_error"))
+        return error_response(ApiError(500, "internal server error", kind="server_error"))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
         return HTMLResponse(playground_html())
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok" if service.worker.snapshot()["alive"] else "worker-dead",
-                "model": service.model_id, **service.worker.snapshot()}
+    async def health() -> JSONResponse:
+        """200 only while the worker takes requests: 503 when draining or dead, so a load
+        balancer stops sending them."""
+        status = worker.status
+        body = {"status": status, "model": service.names[0], **worker.snapshot()}
+        if worker.fatal:
+            body["error"] = worker.fatal
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "padlm",
+                "root": service.model_id, "max_model_len": service.context_length}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": service.model_id, "object": "model",
-                                            "created": 0, "owned_by": "padlm"}]}
+        return {"object": "list", "data": [model_card(name) for name in service.names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        return model_card(service.model_name(model_id))
 
     @app.get("/v1/padlm/presets")
     async def presets() -> dict:
@@ -235,64 +352,69 @@ def create_app(engine: Personalizer, max_batch_size: int = 16, max_queue: int = 
         return {"presets": [{"id": key, "text": text} for key, text in PRESETS.items()],
                 "strategies": list(available_strategies()), "default_strategy": "pad",
                 "recommended_weight": persrm.config.recommended_weight,
-                "top_k": persrm.config.top_k, "persrm": engine.persrm_name,
-                "model": service.model_id}
+                "top_k": persrm.config.top_k, "persrm": service.persrm_label,
+                "model": service.names[0]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        raw = await request.body()
+        raw = await read_body(request, settings.max_body_bytes)
         body = parse_body(ChatCompletionRequest, raw)
         _log_extras(ChatCompletionRequest, raw)
+        name = service.model_name(body.model)
         if not body.messages:
             raise ApiError(400, "messages must not be empty", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         plan = service.plan(body, [messages], "messages")
-        return await _respond(request, body, plan, "chat", f"chatcmpl-{uuid.uuid4().hex}")
+        return await _respond(request, body, plan, "chat", f"chatcmpl-{uuid.uuid4().hex}", name)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        raw = await request.body()
+        raw = await read_body(request, settings.max_body_bytes)
         body = parse_body(CompletionRequest, raw)
         _log_extras(CompletionRequest, raw)
+        name = service.model_name(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ApiError(400, "prompt must not be empty", "prompt")
-        if len(prompts) * body.n > service.worker.max_batch_size:
-            raise ApiError(400, f"prompts x n must be <= the server's max batch size "
-                           f"{service.worker.max_batch_size}", "prompt")
         plan = service.plan(body, prompts, "prompt")
-        return await _respond(request, body, plan, "text", f"cmpl-{uuid.uuid4().hex}")
+        return await _respond(request, body, plan, "text", f"cmpl-{uuid.uuid4().hex}", name)
 
-    async def _respond(request: Request, body, plan: Plan, kind: str, rid: str) -> Response:
-        job = Job(plan.requests, plan.strategy, asyncio.get_running_loop(), asyncio.Queue(),
-                  token_rewards=body.token_rewards, stream=body.stream, best_of=plan.best_of)
-        service.worker.submit(job)
-        created = int(time.time())
-        meta = {"strategy": plan.strategy, "preference": plan.preference or None,
-                "persrm": engine.persrm_name}
+    async def _respond(request: Request, body, plan: Plan, kind: str, rid: str,
+                       model: str) -> Response:
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def sink(items: list) -> None:  # called on the decode thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server stopped
+                loop.call_soon_threadsafe(queue.put_nowait, items)
+
+        job = Job(plan.rows, plan.batch, sink, picker=plan.picker, best_of=plan.best_of,
+                  token_rewards=body.token_rewards, stream=body.stream,
+                  timeout_s=settings.request_timeout_s)
+        worker.submit(job)
+        service.metrics.labelled(service.metrics.prompt_tokens).inc(plan.prompt_tokens)
+        reply = Reply(kind, rid, int(time.time()), model, plan, queue)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _stream(job, kind, rid, created, plan, usage),
-                media_type="text/event-stream",
+                _stream(job, reply, usage), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _collect(request, job, kind, rid, created, plan, meta)
+        return await _collect(request, job, reply)
 
-    async def _collect(request: Request, job: Job, kind: str, rid: str, created: int,
-                       plan: Plan, meta: dict) -> Response:
-        count = len(plan.requests)
+    async def _collect(request: Request, job: Job, reply: Reply) -> Response:
+        count = reply.plan.choices
         texts, finishes, tokens = [""] * count, ["length"] * count, [0] * count
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
             while True:
-                try:
-                    items = await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    items = []
-                if not items and await request.is_disconnected():
+                getter = asyncio.ensure_future(reply.queue.get())
+                await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
                     return Response(status_code=499)  # the finally frees the rows
+                items = getter.result()
                 for item in items:
                     if isinstance(item, JobFailed):
-                        return _error_response(item.error)
+                        return error_response(item.error)
                     if isinstance(item, TokenEvent) and item.finish_reason is not None:
                         texts[item.index] = item.text or ""
                         finishes[item.index] = item.finish_reason
@@ -300,31 +422,34 @@ def create_app(engine: Personalizer, max_batch_size: int = 16, max_queue: int = 
                 if any(isinstance(item, JobDone) for item in items):
                     break
         finally:
-            job.cancel()
-        if kind == "chat":
+            gone.cancel()
+            worker.cancel(job)
+        if reply.kind == "chat":
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                         "logprobs": None, "finish_reason": finishes[i]} for i in range(count)]
         else:
             choices = [{"index": i, "text": texts[i], "logprobs": None,
                         "finish_reason": finishes[i]} for i in range(count)]
+        meta = {"strategy": reply.plan.strategy, "preference": reply.plan.preference or None,
+                "persrm": service.persrm_label}
         return JSONResponse({
-            "id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": created, "model": service.model_id, "choices": choices,
-            "usage": _usage(plan.prompt_tokens, sum(tokens)), "padlm": meta})
+            "id": reply.rid, "object": "chat.completion" if reply.kind == "chat"
+            else "text_completion", "created": reply.created, "model": reply.model,
+            "choices": choices, "usage": _usage(reply.plan.prompt_tokens, sum(tokens)),
+            "padlm": meta})
 
-    async def _stream(job: Job, kind: str, rid: str, created: int, plan: Plan,
-                      include_usage: bool) -> AsyncIterator[str]:
-        model = service.model_id
+    async def _stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
         completion = 0
         try:
-            if kind == "chat":
-                for i in range(len(plan.requests)):
-                    yield _chunk(kind, rid, created, model, _choice(kind, i, None, None, True))
+            if reply.kind == "chat":
+                for i in range(reply.plan.choices):
+                    yield reply.chunk(_choice(reply.kind, i, None, None, True))
             done = False
             while not done:
-                for item in await job.queue.get():
-                    if isinstance(item, JobFailed):
+                for item in await reply.queue.get():
+                    if isinstance(item, JobFailed):  # an error event, then the usual end
                         yield f"data: {json.dumps(item.error.body())}\n\n"
+                        yield "data: [DONE]\n\n"
                         return
                     if isinstance(item, JobDone):
                         done = True
@@ -334,26 +459,80 @@ def create_app(engine: Personalizer, max_batch_size: int = 16, max_queue: int = 
                         extra["padlm"] = {"index": item.index, "token": item.token,
                                           "text": item.piece, "reward": item.reward}
                     if item.delta or extra:
-                        yield _chunk(kind, rid, created, model,
-                                     _choice(kind, item.index, item.delta, None), **extra)
+                        yield reply.chunk(_choice(reply.kind, item.index, item.delta, None),
+                                          **extra)
                     if item.finish_reason is not None:
                         completion += item.completion_tokens
-                        yield _chunk(kind, rid, created, model,
-                                     _choice(kind, item.index, None, item.finish_reason))
+                        yield reply.chunk(_choice(reply.kind, item.index, None,
+                                                  item.finish_reason))
             if include_usage:
-                yield _chunk(kind, rid, created, model, {},
-                             usage=_usage(plan.prompt_tokens, completion))
+                yield reply.chunk({}, usage=_usage(reply.plan.prompt_tokens, completion))
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel()  # a client that left frees its rows at the next step
+            worker.cancel(job)  # a client that left frees its rows at the next step
 
+    routes = frozenset(getattr(route, "path", "") for route in app.routes)
+    app.add_middleware(Gate, settings=settings, metrics=service.metrics, routes=routes)
+    if settings.cors_origins:  # outermost: preflights are answered before the gate
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "Retry-After"])
     return app
+
+
+@dataclass
+class Reply:
+    """What a response is built from, shared by the streaming and the collecting path."""
+
+    kind: str  # "chat" or "text"
+    rid: str
+    created: int
+    model: str
+    plan: Plan
+    queue: asyncio.Queue
+
+    def chunk(self, choice: dict, **extra) -> str:
+        return _chunk(self.kind, self.rid, self.created, self.model, choice, **extra)
 
 
 def _log_extras(model, raw: bytes) -> None:
     extras = extra_fields(model, json.loads(raw))
     if extras:
         log.warning("ignoring unknown request fields: %s", ", ".join(extras))
+
+
+class PadlmServer(uvicorn.Server):
+    """uvicorn, with the first SIGTERM/SIGINT draining the decode worker before the usual
+    shutdown: new requests get a 503, running rows finish for up to ``drain_timeout_s``, then
+    every open request ends (streams with an error event and ``[DONE]``, others with a 503
+    body), and only then does uvicorn close the connections. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, worker: BatchWorker) -> None:
+        super().__init__(config)
+        self.worker = worker
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.draining:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        threading.Thread(target=self._drain_then_exit, args=(sig,), name="padlm-drain",
+                         daemon=True).start()
+
+    def _drain_then_exit(self, sig: int) -> None:
+        log.info("draining: finishing running requests for up to %g s",
+                 self.worker.settings.drain_timeout_s)
+        self.worker.drain()
+        super().handle_exit(sig, None)
+
+
+def make_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> PadlmServer:
+    """A :class:`PadlmServer` for ``app`` (the gate writes the access log, not uvicorn)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            access_log=False, timeout_graceful_shutdown=SHUTDOWN_FLUSH_S)
+    return PadlmServer(config, app.state.service.worker)
 
 
 class ServerThread:
@@ -365,11 +544,8 @@ class ServerThread:
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
                  log_level: str = "warning") -> None:
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(
-            app, host=host, port=port, log_level=log_level, lifespan="on",
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+        self.server = make_server(app, host, port, log_level)
+        self.model = app.state.service.names[0]  # the name requests use
         self.thread = threading.Thread(target=self.server.run, name="padlm-uvicorn",
                                        daemon=True)
         self.host = host

@@ -90,7 +90,7 @@ def summarize(clients: int, samples: Sequence[Sample], wall: float) -> dict:
 async def one_request(client: httpx.AsyncClient, url: str, index: int, max_tokens: int,
                       strategy: str) -> Sample:
     """A streaming chat request; time to first token = first chunk carrying content."""
-    body = {"model": "padlm", "stream": True, "stream_options": {"include_usage": True},
+    body = {"stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": BENCH_PROMPTS[index % len(BENCH_PROMPTS)]}],
             "preference": BENCH_PREFERENCES[index % len(BENCH_PREFERENCES)],
             "strategy": strategy, "max_tokens": max_tokens, "ignore_eos": True}
@@ -155,7 +155,8 @@ def local_server(model: str, persrm: str, dtype: str, max_batch_size: int) -> It
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "padlm.server", "--host", "127.0.0.1", "--port", str(port),
                "--model", model, "--persrm", persrm, "--dtype", dtype, "--max-batch-size",
-               str(max_batch_size), "--max-queue", "4096", "--log-level", "warning"]
+               str(max_batch_size), "--max-queue", "4096", "--max-queue-tokens", str(1 << 30),
+               "--log-level", "warning"]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -15,6 +15,9 @@ from padlm.cli_options import (
     PlacementOption,
 )
 from padlm.errors import PadlmError
+from padlm.server.settings import ServerSettings
+
+DEFAULTS = ServerSettings()  # the options' defaults are the settings' own
 
 
 def check_port(host: str, port: int) -> None:
@@ -36,27 +39,60 @@ def serve(
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Rows decoding together, at most.")
-                              ] = 16,
+                              ] = DEFAULTS.max_batch_size,
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that; more get 429.")
-                         ] = 64,
+                         ] = DEFAULTS.max_queue,
+    max_queue_tokens: Annotated[int, typer.Option(
+        help="Tokens (rows x max_tokens) the waiting requests may add up to; more get 429.")
+                                ] = DEFAULTS.max_queue_tokens,
+    max_tokens_cap: Annotated[int, typer.Option(help="max_tokens of one choice, at most.")
+                              ] = DEFAULTS.max_tokens_cap,
+    max_n: Annotated[int | None, typer.Option(
+        help="n and best_of, at most (default: --max-batch-size).")] = None,
+    request_timeout: Annotated[float, typer.Option(
+        help="Seconds a request may take, queue included; then a 504.")
+                               ] = DEFAULTS.request_timeout_s,
+    max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get a 413.")
+                              ] = DEFAULTS.max_body_bytes,
+    drain_timeout: Annotated[float, typer.Option(
+        help="On SIGTERM, seconds running requests may still finish.")
+                             ] = DEFAULTS.drain_timeout_s,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="PADLM_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer <key>' on every /v1 route.")] = None,
+    allowed_hosts: Annotated[str | None, typer.Option(
+        help="Comma-separated Host names to answer ('*': any); default: the loopback "
+             "names when bound to loopback, else any.")] = None,
+    cors_origins: Annotated[str | None, typer.Option(
+        help="Comma-separated browser origins allowed to call the API (CORS).")] = None,
+    served_model_name: Annotated[list[str] | None, typer.Option(
+        help="A name the model answers to (repeatable); default: the model's own.")] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Serve the OpenAI API with per-request preferences (and a playground page at /)."""
-    import uvicorn
+    import logging
 
     from padlm.engine import Personalizer
-    from padlm.server.app import GRACEFUL_SHUTDOWN_S, create_app
+    from padlm.server.app import create_app, make_server
+    from padlm.server.settings import default_allowed_hosts, split_list
 
     if not 0 <= port <= 65535:
         raise PadlmError(f"--port must be in 0..65535, got {port}")
-    if max_batch_size < 1 or max_queue < 0:
-        raise PadlmError("--max-batch-size must be >= 1 and --max-queue >= 0")
+    settings = ServerSettings(
+        max_batch_size=max_batch_size, max_queue=max_queue, max_queue_tokens=max_queue_tokens,
+        max_tokens_cap=max_tokens_cap, max_n=max_n, request_timeout_s=request_timeout,
+        max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, api_key=api_key,
+        allowed_hosts=(default_allowed_hosts(host) if allowed_hosts is None
+                       else split_list(allowed_hosts)),
+        cors_origins=split_list(cors_origins),
+        served_model_names=tuple(served_model_name or ()))
     check_port(host, port)
+    if not logging.getLogger().handlers:  # the access log and the worker's warnings
+        logging.basicConfig(level=log_level.upper(),
+                            format="%(levelname)s %(name)s: %(message)s")
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
                           device=device)
-    app = create_app(engine, max_batch_size=max_batch_size, max_queue=max_queue)
-    uvicorn.run(app, host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    make_server(create_app(engine, settings), host, port, log_level).run()
 
 
 def register(app: typer.Typer) -> None:

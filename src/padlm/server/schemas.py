@@ -2,9 +2,10 @@
 
 Bodies are validated strictly from the raw JSON (``"5"`` is not an integer), so a client gets
 a 422 naming the field instead of a silently coerced value. Fields the OpenAI API defines but
-padlm cannot honour are rejected with a 400 when set to a non-default value; fields nobody
-defines are ignored (and logged), as other OpenAI-compatible servers do, because SDKs send
-extra keys.
+padlm cannot honour (tools, structured output, logprobs, ...) are rejected with a 400 naming
+the field when set to anything but their neutral value, so a client never mistakes a plain
+answer for one that honoured them; fields nobody defines are ignored (and logged), as other
+OpenAI-compatible servers do, because SDKs send extra keys.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ class ApiError(Exception):
     """An error the client caused (or a full queue), rendered in OpenAI's error shape."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+                 code: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.kind = kind
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
@@ -69,6 +72,15 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+# OpenAI fields padlm cannot honour, and the values that ask for nothing (accepted)
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, False, True),
+    "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "web_search_options": (None,),
+}
+
+
 class _Common(_Strict):
     """Fields shared by chat and text completions, OpenAI's and padlm's own."""
 
@@ -82,6 +94,16 @@ class _Common(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -99,6 +121,10 @@ class _Common(_Strict):
 
     def unsupported(self) -> None:
         """Reject standard fields padlm cannot honour rather than ignore them silently."""
+        for name, neutral in UNSUPPORTED_FIELDS.items():
+            if getattr(self, name) not in neutral:
+                raise ApiError(400, f"{name} is not supported by this server", name,
+                               "unsupported_field")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 raise ApiError(400, f"{name} is not supported; use repetition_penalty or "
