@@ -347,3 +347,15 @@ def test_shipped_default_persrm_is_trained_for_the_default_model():
     # the committed dataset is the one it was trained on
     data = Path(__file__).resolve().parents[1] / training["data"]
     assert hashlib.sha256(data.read_bytes()).hexdigest() == training["data_sha256"]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("label_filter", "strict", "label filter"), ("stage", "all", "unknown stage"),
+    ("placement", "footer", "unknown placement"), ("validation_fraction", 1.0, "fraction"),
+])
+def test_a_bad_training_setting_fails_when_the_config_is_made(tmp_path, field, value, message):
+    """Before any model load or ~37-minute cache: the config refuses itself."""
+    from padlm.training.pipeline import TrainConfig
+
+    with pytest.raises(PadlmError, match=message):
+        TrainConfig(data=tmp_path / "pairs.jsonl", out=tmp_path / "out", **{field: value})

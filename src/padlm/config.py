@@ -64,10 +64,6 @@ class GenerationConfig:
         if self.mix is not None:
             mix_weights(self.mix)
 
-    def validate(self) -> GenerationConfig:
-        """Kept for callers that chain it; construction has already validated."""
-        return self
-
 
 def mix_weights(mix: str) -> str | tuple[float, ...]:
     """Parse a mix setting: a mode name, or ``fixed:w1,w2,...`` (non-negative, not all 0)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Annotated
 import typer
 
 from padlm.cli_options import ModelOption, PlacementOption
+from padlm.data.axes import DEFAULT_AXES
 from padlm.errors import PadlmError
 
 log = logging.getLogger(__name__)
@@ -22,6 +25,50 @@ def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
+SamplerOption = Annotated[str, typer.Option(
+    "--sampler", "--model",
+    help="Who writes the responses: 'default', a named model (padlm models), a HF id, a "
+         "directory, or an OpenAI-compatible endpoint URL ending in /v1.")]
+SamplerModelOption = Annotated[str | None, typer.Option(
+    help="Model name to request from a sampler endpoint (default: its first listed model).")]
+ApiKeyEnvOption = Annotated[str, typer.Option(
+    help="Environment variable holding the sampler endpoint's API key.")]
+SamplerPlacementOption = Annotated[str | None, typer.Option(
+    "--placement", help="Where a local sampler gets its instruction: system | user-prefix | "
+                        "bracket; default: the one measured for it (system if unknown).")]
+
+
+def _open_sampler(sampler: str, placement: str | None, dtype: str, sampler_model: str | None,
+                  api_key_env: str):
+    import torch
+
+    from padlm.data.samplers import open_sampler
+
+    if os.environ.get("OMP_NUM_THREADS"):  # a shared machine: honour the thread budget
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    return open_sampler(sampler, placement, dtype, sampler_model, api_key_env)
+
+
+def _modes(spec: str, out: Path, sampler_name: str) -> tuple[str, dict[str, str]]:
+    """``sample`` | ``rewrite`` | ``auto`` (the label check's choice, from the build record)
+    | ``AXIS=MODE,...`` (the rest: sample)."""
+    from padlm.data.build import MODES, record_path
+
+    if spec in MODES:
+        return spec, {}
+    if spec == "auto":
+        record = record_path(out)
+        check = (json.loads(record.read_text()) if record.exists() else {}).get("label_check")
+        if not check or check.get("sampler") != sampler_name:
+            raise PadlmError(f"--mode auto needs a label check of {sampler_name} in {record}: "
+                             "run padlm data label-check first")
+        return "sample", dict(check["chosen_modes"])
+    pairs = [part.partition("=") for part in _csv(spec)]
+    if not pairs or any(not sep for _, sep, _ in pairs):
+        raise PadlmError(f"--mode {spec!r}: use sample, rewrite, auto or AXIS=MODE,...")
+    return "sample", {axis: mode for axis, _, mode in pairs}
+
+
 @data_app.command("build")
 def data_build(
     out: Annotated[Path, typer.Option(help="Output JSONL (appended to; resumes).")],
@@ -29,39 +76,123 @@ def data_build(
     seed: Annotated[int, typer.Option()] = 0,
     batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 16,
     max_new_tokens: Annotated[int, typer.Option()] = 64,
-    axes: Annotated[str, typer.Option(help="Comma list of P1,P2,P3,helpful,humor,harmless.")
-                    ] = "P1,P2,P3,helpful,humor,harmless",
-    harmless_limit: Annotated[int, typer.Option(help="HH-RLHF pairs to include.")] = 400,
+    temperature: Annotated[float, typer.Option()] = 0.7,
+    top_p: Annotated[float, typer.Option()] = 0.9,
+    axes: Annotated[str | None, typer.Option(
+        help="Comma list of axes (default: all; see padlm.data.axes), 'harmless' for the "
+             "HH-RLHF pairs.")] = None,
+    mode: Annotated[str, typer.Option(
+        help="sample | rewrite (contrastive rewriting of one neutral answer) | auto (per "
+             "axis, as the label check chose) | AXIS=MODE,...")] = "sample",
+    harmless_limit: Annotated[int | None, typer.Option(
+        help="HH-RLHF pairs to include (default: every usable one).")] = None,
     pool_dir: Annotated[Path | None, typer.Option(help="Directory with the prompt pools.")
                         ] = None,
-    model: ModelOption = "default",
+    sampler: SamplerOption = "default",
+    sampler_model: SamplerModelOption = None,
+    api_key_env: ApiKeyEnvOption = "PADLM_SAMPLER_API_KEY",
+    placement: SamplerPlacementOption = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (faster sampling).")
                      ] = "bfloat16",
 ) -> None:
-    """Build a multi-preference dataset offline (contrastive prompting + HH-RLHF pairs)."""
+    """Build a multi-preference dataset offline (a sampler's contrastive pairs + HH-RLHF)."""
     from tqdm import tqdm
 
     from padlm.data.build import BuildConfig, build_dataset
     from padlm.data.pools import default_pool_dir
-    from padlm.engine import Personalizer
 
     if batch_size < 2:
         raise PadlmError("--batch-size must be >= 2 (each pair decodes two rows)")
     if limit is not None and limit < 1:
         raise PadlmError("--limit must be >= 1")
-    config = BuildConfig(out=out, pool_dir=pool_dir or default_pool_dir(), limit=limit,
-                         seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                         axes=_csv(axes), harmless_limit=harmless_limit)
-    engine = Personalizer(model, persrm="identity", dtype=dtype)
-    bar = tqdm(desc="contrastive pairs", unit="pair", mininterval=5)
+    chosen = _open_sampler(sampler, placement, dtype, sampler_model, api_key_env)
+    default_mode, modes = _modes(mode, out, chosen.name)
+    config = BuildConfig(
+        out=out, pool_dir=pool_dir or default_pool_dir(), limit=limit, seed=seed,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, axes=_csv(axes) or DEFAULT_AXES, mode=default_mode, modes=modes,
+        harmless_limit=harmless_limit, command="padlm " + shlex.join(sys.argv[1:]))
+    bar = tqdm(desc="pairs", unit="pair", mininterval=30)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
         bar.update(done)
 
-    stats = build_dataset(engine, config, progress)
+    stats = build_dataset(chosen, config, progress)
     bar.close()
-    typer.echo(stats)
+    typer.echo(json.dumps(stats))
+
+
+@data_app.command("label-check")
+def data_label_check(
+    record: Annotated[Path, typer.Option(
+        help="Build output JSONL whose build record (<stem>.build.json) gets the result.")],
+    sampler: SamplerOption = "qwen2.5-coder-1.5b-instruct",
+    baseline: Annotated[str, typer.Option(help="Self-sampling baseline (sample mode only).")
+                        ] = "default",
+    prompts: Annotated[int, typer.Option(help="Build prompts to check.")] = 16,
+    axes: Annotated[str | None, typer.Option(help="Comma list (default: the measured ones).")
+                    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    max_new_tokens: Annotated[int, typer.Option()] = 128,
+    temperature: Annotated[float, typer.Option()] = 0.7,
+    pool_dir: Annotated[Path | None, typer.Option(help="Directory with the prompt pools.")
+                        ] = None,
+    sampler_model: SamplerModelOption = None,
+    api_key_env: ApiKeyEnvOption = "PADLM_SAMPLER_API_KEY",
+    placement: SamplerPlacementOption = None,
+    dtype: Annotated[str, typer.Option()] = "bfloat16",
+) -> None:
+    """Directional agreement and refusal rate per axis: the sampler in both modes vs the
+    baseline's self-sampling; records the per-axis mode choice for ``data build --mode auto``."""
+    import time
+    from datetime import UTC, datetime
+
+    from padlm.atomic import write_json_atomic
+    from padlm.data.build import record_path
+    from padlm.data.labels import MEASURES, check_sampler, choose_modes
+    from padlm.data.pools import default_pool_dir
+    from padlm.data.samplers import SamplingSettings
+
+    names = _csv(axes) or tuple(MEASURES)
+    unknown = [name for name in names if name not in MEASURES]
+    if unknown:
+        raise PadlmError(f"no rule measure for axis {', '.join(unknown)}; measured axes: "
+                         f"{', '.join(MEASURES)}")
+    if prompts < 1:
+        raise PadlmError("--prompts must be >= 1")
+    pools = pool_dir or default_pool_dir()
+    settings = SamplingSettings(max_new_tokens=max_new_tokens)
+    result: dict = {"command": "padlm " + shlex.join(sys.argv[1:]),
+                    "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "prompts": prompts, "max_new_tokens": max_new_tokens,
+                    "temperature": temperature, "measures": {
+                        name: f"{fn.__name__} ({'higher' if sign > 0 else 'lower'} for the A "
+                              "side)" for name, (fn, sign) in MEASURES.items()}}
+    for role, spec, modes in (("baseline", baseline, ("sample",)),
+                              ("teacher", sampler, ("sample", "rewrite"))):
+        began = time.perf_counter()
+        chosen = _open_sampler(spec, placement if role == "teacher" else None, dtype,
+                               sampler_model, api_key_env)
+        checked = check_sampler(chosen, modes, pools, prompts, names, seed, settings,
+                                temperature, batch_size)
+        seconds = time.perf_counter() - began
+        result[role] = {"sampler": chosen.name, "placement": chosen.placement,
+                        "seconds": round(seconds, 1),
+                        "tokens_per_second": round(checked["tokens"] / seconds, 1),
+                        **checked}
+        del chosen
+    result["sampler"] = result["teacher"]["sampler"]
+    result["chosen_modes"] = choose_modes(result["teacher"]["modes"])
+    path = record_path(record)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["label_check"] = result
+    write_json_atomic(path, data)
+    typer.echo(json.dumps({role: {m: {a: s.get("agreement") for a, s in axes_.items()}
+                                  for m, axes_ in result[role]["modes"].items()}
+                           for role in ("baseline", "teacher")}, indent=1))
+    typer.echo(f"chosen modes: {result['chosen_modes']} (recorded in {path})")
 
 
 @data_app.command("check")
@@ -121,7 +252,7 @@ def train_persrm(
         raise PadlmError(f"data file {data} does not exist")
     head = HeadTrainingConfig(form=form, rank=rank, beta=beta, lr=lr, epochs=epochs,
                               identity_l2=identity_l2, nll_weight=nll_weight, vocab=vocab,
-                              reference=reference, seed=seed).validate()
+                              reference=reference, seed=seed)
     config = TrainConfig(
         data=data, out=out, stage=stage, head=head,
         holdout_dimensions=_csv(holdout_dimensions), dimensions=_csv(dimensions),

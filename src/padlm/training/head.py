@@ -48,7 +48,8 @@ class HeadTrainingConfig:
     reference: str = "conditioned"  # the base model with or without the preference
     seed: int = 0
 
-    def validate(self) -> HeadTrainingConfig:
+    def __post_init__(self) -> None:
+        """Checked when made, so a bad setting fails before any cache is built."""
         if self.form not in HEAD_FORMS:
             raise PadlmError(f"unknown head form {self.form!r}; choose {', '.join(HEAD_FORMS)}")
         if self.vocab not in ("topk", "full"):
@@ -57,7 +58,6 @@ class HeadTrainingConfig:
             raise PadlmError(f"reference must be one of {', '.join(REFERENCES)}")
         if not (self.beta > 0 and self.lr > 0 and self.epochs >= 1 and self.batch_pairs >= 1):
             raise PadlmError("beta and lr must be > 0, epochs and batch size >= 1")
-        return self
 
 
 class HeadParam(nn.Module):
@@ -264,7 +264,6 @@ def train_head(
     on_epoch: Callable[[dict, HeadParam, torch.optim.Optimizer], None] | None = None,
 ) -> tuple[HeadParam, list[dict]]:
     """Train a head; ``state`` (from a checkpoint) resumes after its last finished epoch."""
-    config.validate()
     if not pairs:
         raise PadlmError("no training pairs")
     torch.manual_seed(config.seed)

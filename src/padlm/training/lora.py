@@ -3,8 +3,9 @@
 The prompts are preference-conditioned exactly as decoding renders them (chat template,
 preference placed by ``placement``); the reference is the frozen base (adapter disabled).
 This is GPU work at real scale (12-22 s per step on a 2-core CPU); on a CPU it is for tiny
-runs and tests. It trains on the device the base model is on. The trained adapter is reloaded under PersRM's adapter name so the
-result saves and loads like any PersRM with ``lora: true``.
+runs and tests. It trains on the device the base model is on. The trained adapter is
+reloaded under PersRM's adapter name so the result saves and loads like any PersRM with
+``lora: true``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from padlm.persrm import (
     PersRMConfig,
     ValueHead,
 )
-from padlm.prompting import DEFAULT_PLACEMENT
+from padlm.prompting import DEFAULT_PLACEMENT, PLACEMENTS
 from padlm.training.cache import (
     HiddenStateCache,
     ReferenceCache,
@@ -47,6 +47,7 @@ from padlm.training.head import (
 
 log = logging.getLogger(__name__)
 STAGES = ("head", "lora", "both")
+LABEL_FILTERS = ("consistency", "none")
 
 
 @dataclass
@@ -69,6 +70,21 @@ class TrainConfig:
     lora_steps: int = 100
     lora_rank: int = 16
     command: str = ""
+
+    def __post_init__(self) -> None:
+        """Checked when made: a bad setting must not surface after a ~37-minute cache."""
+        if self.stage not in STAGES:
+            raise PadlmError(f"unknown stage {self.stage!r}; choose {', '.join(STAGES)}")
+        if self.label_filter not in LABEL_FILTERS:
+            raise PadlmError(f"label filter must be one of {', '.join(LABEL_FILTERS)}, "
+                             f"not {self.label_filter!r}")
+        if self.placement not in PLACEMENTS:
+            raise PadlmError(f"unknown placement {self.placement!r}; choose one of "
+                             f"{', '.join(PLACEMENTS)}")
+        if self.top_k < 1 or (self.max_train_pairs is not None and self.max_train_pairs < 1):
+            raise PadlmError("top-k and max train pairs must be >= 1")
+        if not 0 < self.validation_fraction < 1:
+            raise PadlmError("validation fraction must be in (0, 1)")
 
 
 def file_sha256(path: Path) -> str:
@@ -157,8 +173,6 @@ def prepare(lm: LoadedModel, config: TrainConfig, backbone=None, model_sha: str 
         kept = [i for i in train_idx if clean[i]]
         dropped = len(train_idx) - len(kept)
         train_idx = kept
-    elif config.label_filter != "none":
-        raise PadlmError("label filter must be 'consistency' or 'none'")
     if config.max_train_pairs is not None:
         train_idx = train_idx[:config.max_train_pairs]
     if not train_idx:
@@ -229,9 +243,6 @@ def checkpoint_path(out: Path) -> Path:
 
 def run_training(lm: LoadedModel, config: TrainConfig) -> PersonalizedRewardModel:
     """Train and save a PersRM; returns it."""
-    if config.stage not in STAGES:
-        raise PadlmError(f"unknown stage {config.stage!r}; choose {', '.join(STAGES)}")
-    config.head.validate()
     began = time.perf_counter()
     model_sha = weights_sha256(lm.model)
     backbone = None
