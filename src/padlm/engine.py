@@ -65,6 +65,7 @@ class Personalizer:
         placement: str | None = None,
         scorer: SequenceScorer | None = None,
         device: str = AUTO,
+        experts: str | object = "default",
     ) -> None:
         if placement is not None and placement not in PLACEMENTS:
             raise PadlmError(f"unknown placement {placement!r}; choose one of "
@@ -77,11 +78,23 @@ class Personalizer:
         self.placement = placement or self.persrm.config.placement
         self.scorer = scorer or ImplicitRewardScorer(self.lm, self.persrm)
         self.eos_ids = _eos_ids(self.lm)
+        self._experts = experts
         self._strategies: dict[str, object] = {}
 
     @property
     def device(self) -> torch.device:
         return self.lm.device
+
+    @property
+    def experts(self):
+        """The orchestration experts (and PCM), loaded on first use: only ``mix`` and
+        ``soups`` read them. A path, ``"default"`` (the shipped ones, else prompted experts
+        of this model), or an ``Experts`` object."""
+        if isinstance(self._experts, str):
+            from padlm.orchestration.experts import load_experts
+
+            self._experts = load_experts(self._experts, self.lm)
+        return self._experts
 
     def _load_persrm(self, persrm) -> PersonalizedRewardModel:
         if isinstance(persrm, PersonalizedRewardModel):

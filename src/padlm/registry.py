@@ -8,6 +8,7 @@ themselves register when :mod:`padlm.strategies` (and :mod:`padlm.orchestration`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 
 from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
@@ -27,6 +28,7 @@ class StrategySpec:
 
 
 REGISTRY: dict[str, type] = {}
+STRATEGY_MODULES = ("padlm.strategies", "padlm.orchestration.strategies")
 
 
 def register(cls: type) -> type:
@@ -67,6 +69,7 @@ def check_request(name: str, config: GenerationConfig) -> None:
 
 def load_registry() -> dict[str, type]:
     """Import the modules whose classes register themselves (once; cheap afterwards)."""
-    import padlm.strategies  # noqa: F401  (registers the built-in strategies)
+    for module in STRATEGY_MODULES:  # in this order: the built-ins list first
+        import_module(module)
 
     return REGISTRY
