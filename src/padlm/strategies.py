@@ -115,10 +115,11 @@ class BaseStrategy(Strategy):
     """The base model alone; the preference is ignored."""
 
     spec = StrategySpec("base", "the base model, preference ignored")
+    lane = NEUTRAL
 
     @classmethod
     def build(cls, engine: Personalizer) -> BaseStrategy:
-        return cls(engine.lm, (NEUTRAL,), engine.placement)
+        return cls(engine.lm, (cls.lane,), engine.placement)
 
     def scores(self, outputs, rows, process):
         return process(outputs[0].logits[:, 0])
@@ -129,10 +130,7 @@ class PromptStrategy(BaseStrategy):
     """Preference prompting: the preference placed in the context."""
 
     spec = StrategySpec("prompt", "the preference placed in the context")
-
-    @classmethod
-    def build(cls, engine: Personalizer) -> PromptStrategy:
-        return cls(engine.lm, (PREFERENCE,), engine.placement)
+    lane = PREFERENCE
 
 
 @register
