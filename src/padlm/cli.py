@@ -61,6 +61,11 @@ def generate(
     echo_guard: Annotated[bool, typer.Option(
         help="pad / linear-alignment: no guidance bonus for the preference's own words.")
                           ] = False,
+    mix: Annotated[str | None, typer.Option(
+        help="mix / soups: expert weights pcm | uniform | logit | fixed:w1,w2,... "
+             "(default: mix pcm, soups uniform).")] = None,
+    experts: Annotated[str, typer.Option(
+        help="mix / soups: experts directory or 'default'.")] = "default",
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
     placement: PlacementOption = None,
@@ -88,14 +93,14 @@ def generate(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         stop=tuple(stop or ()), no_repeat_ngram_size=no_repeat_ngram_size,
         repetition_penalty=repetition_penalty, weight=weight, top_k=top_k,
-        echo_guard=echo_guard,
+        echo_guard=echo_guard, mix=mix,
     )
     check_request(strategy, config)
     items = load_prompts(prompts_file) if prompts_file else [{"id": "0", "prompt": prompt}]
     from padlm.engine import Personalizer  # torch and transformers: only once input is valid
 
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                          device=device)
+                          device=device, experts=experts)
     meta = {"strategy": strategy, "preference": preference, "model": engine.lm.name,
             "persrm": engine.persrm_name}
     if stream and spec.level == "token" and prompts_file is None:
