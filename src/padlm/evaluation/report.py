@@ -137,11 +137,11 @@ def render_markdown(summary: dict) -> str:
                       "hit limit", "ppl (median)"], body), ""]
     swept = _swept(summary)
     if swept is not None:
-        parts += [f"## {swept} weight sweep", "", f"![{swept} weight sweep]({SWEEP_PLOT})", ""]
+        parts += [f"## Weight sweep: `{swept}`", "", f"![weight sweep]({SWEEP_PLOT})", ""]
         body = [[label, agg["mean_win_rate"], agg["relevance"], agg["rep4"],
                  agg["echo_rate"], agg["length_stop_rate"]]
                 for label, agg in _ordered(summary) if agg["strategy"] == swept]
-        parts += [_table([swept, "mean win", "relevance", "rep-4", "echo", "hit limit"],
+        parts += [_table(["strategy", "mean win", "relevance", "rep-4", "echo", "hit limit"],
                          body), ""]
     parts += ["## Win rate by preference and strategy", "", f"![win rates]({WIN_PLOT})", "",
               "## Judges", ""]
