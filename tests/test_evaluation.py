@@ -190,6 +190,29 @@ def test_summary_schema_and_report(tiny_engine, prompts_file, tmp_path):
     assert (tmp_path / "pad_weight_sweep.png").stat().st_size > 1000
 
 
+def test_report_orders_strategies_as_the_run_did():
+    """summary.json sorts the aggregate's keys; the report restores the run's order (base
+    first, then --strategies as given) with the swept weights ascending."""
+    from padlm.evaluation.report import headline_table
+
+    def agg(strategy, weight=None, headline=True):
+        return {"strategy": strategy, "params": {} if weight is None else {"weight": weight},
+                "headline": headline, "mean_win_rate": 0.5, "relevance": 0.7, "rep4": 0.0,
+                "echo_rate": 0.0, "seconds_per_response": 1.0, "tokens_per_second": 9.0}
+
+    run_order = ["base", "linear-alignment", "pad", "prompt"]
+    summary = {
+        "rows": [{"strategy": s, "label": s, "preference": "P1A", "win_rate": 0.5}
+                 for s in run_order],
+        "aggregate": {"base": agg("base"), "linear-alignment": agg("linear-alignment"),
+                      "pad@weight=1": agg("pad", 1.0), "pad@weight=0.5": agg("pad", 0.5, False),
+                      "prompt": agg("prompt")},
+    }
+    lines = headline_table(summary).splitlines()[2:]
+    assert [line.split(" | ")[0].strip("| ") for line in lines] == [
+        "base", "linear-alignment", "pad@weight=1", "prompt"]
+
+
 def test_combined_and_free_text_preferences(tiny_engine, prompts_file, tmp_path):
     plan = plan_for(prompts_file, preferences=["P1A+P2A+P3A", "Answer like a pirate"],
                     strategies=["base", "prompt"], directions=[("friendliness", 1),

@@ -2,8 +2,7 @@
 ``llm-judge``.
 
 Each command imports the harness, judges and engine inside its body: they pull torch,
-transformers and matplotlib, and ``padlm --help`` registers this module without paying for
-them.
+transformers and httpx, and ``padlm --help`` registers this module without paying for them.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from padlm.cli_options import (
 )
 from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
+from padlm.evaluation.report import headline_table, rewrite
 from padlm.registry import strategy_names
 
 eval_app = typer.Typer(help="Evaluate strategies on P-Soups (default) and tools around it.",
@@ -103,7 +103,6 @@ def eval_command(
         run,
     )
     from padlm.evaluation.pairwise import judge_summary
-    from padlm.evaluation.report import headline_table
     from padlm.judges import parse_direction
     from padlm.judges.llm import LLMJudge
 
@@ -155,8 +154,6 @@ def eval_command(
 def report_command(out: Annotated[Path, typer.Argument(help="A `padlm eval` output dir.")]
                    ) -> None:
     """Redraw report.md and the plots from DIR/summary.json (no model needed)."""
-    from padlm.evaluation.report import rewrite
-
     if not (out / "summary.json").exists():
         raise PadlmError(f"{out / 'summary.json'} does not exist")
     rewrite(out)
