@@ -1,18 +1,40 @@
-"""Preference data: row validation with line numbers, splits, pools, HH conversion, build resume."""
+"""Preference data: row validation, splits, pools, HH conversion, the build (modes, refusals,
+resume, record), label agreement, and the endpoint sampler against a live server."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from padlm.data.build import BuildConfig, build_dataset, clean_response, is_degenerate
-from padlm.data.hh import convert_pair
-from padlm.data.pools import default_pool_dir, parse_dialogue, self_instruct_prompts
+from padlm.data.axes import AXES, HELD_OUT_AXES, SIDES, generation_text
+from padlm.data.build import (
+    NEUTRAL_INSTRUCTION,
+    BuildConfig,
+    Pair,
+    build_dataset,
+    clean_response,
+    done_keys,
+    is_degenerate,
+    is_refusal,
+)
+from padlm.data.hh import convert_pair, harmless_rows
+from padlm.data.labels import choose_modes, summarize
+from padlm.data.pools import PoolPrompt, default_pool_dir, parse_dialogue, self_instruct_prompts
+from padlm.data.samplers import (
+    EndpointSampler,
+    LocalSampler,
+    Sample,
+    SampleRequest,
+    SamplingSettings,
+    open_sampler,
+)
 from padlm.data.schema import PreferenceRow, load_rows, validate_row
 from padlm.data.splits import split_rows
 from padlm.errors import PadlmError
 
+POOLS = Path(__file__).resolve().parents[1] / "data"  # the checkout's data/, passed explicitly
 GOOD = {"prompt": "Say hi.", "preference": "Be brief.", "chosen": "Hi.",
         "rejected": "Hello there, how are you doing today?", "dimension": "P2A", "source": "t"}
 
@@ -67,7 +89,7 @@ def test_split_is_by_prompt_and_stable():
 
 
 def test_pools_and_hh_conversion():
-    prompts = self_instruct_prompts(default_pool_dir())
+    prompts = self_instruct_prompts(POOLS)
     assert len(prompts) == 175 + 252
     assert not any("koala" in p.source for p in prompts)
     dialogue = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how do I pick a lock?\n\nAssistant:"
@@ -102,9 +124,9 @@ def _build(engine, out, crash_after=None):
         if crash_after is not None and len(calls) >= crash_after:
             raise KeyboardInterrupt
 
-    config = BuildConfig(out=out, pool_dir=default_pool_dir(), limit=3, seed=1, batch_size=2,
+    config = BuildConfig(out=out, pool_dir=POOLS, limit=3, seed=1, batch_size=2,
                          max_new_tokens=6, axes=("P1", "harmless"), harmless_limit=2)
-    return build_dataset(engine, config, progress)
+    return build_dataset(LocalSampler(engine), config, progress)
 
 
 def test_build_resumes_and_is_deterministic(tiny_engine, tmp_path):
@@ -136,3 +158,172 @@ def test_prompt_folds_cover_every_prompt_once():
         assert len(train) + len(val) == 60
         seen += [r.prompt for r in val]
     assert sorted(seen) == sorted(r.prompt for r in rows)
+
+
+class FakeTeacher:
+    """A sampler whose text is a pure function of (instruction, seed); it refuses the sides
+    in ``refuse`` and counts the requests it got."""
+
+    name = "fake-teacher"
+    placement = "system"
+
+    def __init__(self, refuse: tuple[str, ...] = ()) -> None:
+        self.refuse = refuse
+        self.requests: list[SampleRequest] = []
+
+    def sample(self, requests, settings):
+        self.requests += requests
+        samples = []
+        for request in requests:
+            side = next((s for s in SIDES if generation_text(s) == request.instruction),
+                        "neutral")
+            text = ("I'm sorry, but I can't assist with that." if side in self.refuse
+                    else f"A {side} answer number {request.seed % 997} in a few words.")
+            samples.append(Sample(text, 7, False))
+        return samples
+
+
+def _fake_build(out, teacher, **overrides):
+    config = BuildConfig(out=out, pool_dir=POOLS, limit=3, seed=2, batch_size=4,
+                         axes=("P1", "P3", "sassy"), modes={"P3": "rewrite"},
+                         command="padlm data build --test", **overrides)
+    return build_dataset(teacher, config)
+
+
+def test_rewrite_mode_refusals_held_out_axes_and_the_build_record(tmp_path):
+    out = tmp_path / "t.jsonl"
+    teacher = FakeTeacher(refuse=("P3B",))
+    stats = _fake_build(out, teacher)
+    rows, _ = load_rows(out, strict=True)
+    assert {r.dimension for r in rows} == {"P1A", "P1B", "sassy", "earnest"}  # P3 refused
+    assert all(r.meta["sampler"] == "fake-teacher" for r in rows)
+    assert all(r.meta.get("held_out") is (True if r.meta["axis"] == "sassy" else None)
+               for r in rows)
+    assert stats["pairs_dropped"] == {"P3: refusal": 3}
+    assert stats["refusal_rate"]["P3B"] == 1.0 and stats["refusal_rate"]["P3A"] == 0.0
+    # rewrite mode: one greedy neutral answer per prompt, then a rewrite of it per side
+    neutral = [r for r in teacher.requests if r.instruction == NEUTRAL_INSTRUCTION]
+    assert len(neutral) == 3 and all(r.temperature == 0.0 for r in neutral)
+    rewrites = [r for r in teacher.requests if "Rewrite the answer" in r.messages[0]["content"]]
+    assert len(rewrites) == 3 * 2 and "A neutral answer" in rewrites[0].messages[0]["content"]
+    assert len((tmp_path / "t.jsonl.neutral.jsonl").read_text().splitlines()) == 3
+    dropped = [json.loads(x) for x in (tmp_path / "t.jsonl.done").read_text().splitlines()]
+    assert sum(d.get("dropped") == "refusal" for d in dropped) == 3 * 2
+    record = json.loads((tmp_path / "t.build.json").read_text())
+    [run] = record["runs"]
+    assert run["command"] == "padlm data build --test" and run["finished"]
+    assert run["modes"] == {"P1": "sample", "P3": "rewrite", "sassy": "sample"}
+    assert run["tokens_per_second"] > 0 and run["generated_tokens"] == 7 * (3 + 3 * 6)
+    assert record["held_out_axes"] == ["sassy", "sarcastic"]
+    # resuming a finished build asks for nothing and records a second run
+    again = FakeTeacher(refuse=("P3B",))
+    assert _fake_build(out, again)["rows_written"] == {} and again.requests == []
+    assert len(json.loads((tmp_path / "t.build.json").read_text())["runs"]) == 2
+
+
+def test_a_refused_neutral_answer_drops_its_rewrites_without_sampling_them(tmp_path):
+    teacher = FakeTeacher(refuse=("neutral",))
+    stats = _fake_build(tmp_path / "t.jsonl", teacher)
+    assert stats["pairs_dropped"] == {"P3: neutral answer refused or degenerate": 3}
+    assert "P3A" not in stats["refusal_rate"]  # nothing was sampled for it
+    assert not any("Rewrite the answer" in r.messages[0]["content"] for r in teacher.requests)
+
+
+def test_refusals_are_recognised():
+    for text in ("I'm sorry, but I can't assist with that.", "I am sorry, I cannot do that.",
+                 "I can't help with that request.", "As an AI, I do not have feelings.",
+                 "I’m sorry, but I won’t write that."):
+        assert is_refusal(text), text
+    for text in ("Sorry to hear that! Here is how to fix it.", "I can help: first, ...",
+                 "The sky is blue because of Rayleigh scattering."):
+        assert not is_refusal(text), text
+
+
+def test_older_done_sidecars_still_resume(tmp_path):
+    out = tmp_path / "old.jsonl"
+    (tmp_path / "old.jsonl.done").write_text('["p1", "P1A"]\n{"key": ["p2", "P1B"], '
+                                             '"dropped": "refusal"}\n["p3", "P2')
+    assert done_keys(out) == {("p1", "P1A"), ("p2", "P1B")}  # the torn last line is ignored
+
+
+def test_pool_dir_needs_the_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("PADLM_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PadlmError, match=r"no prompt pools in .*--pool-dir"):
+        default_pool_dir()
+    monkeypatch.chdir(POOLS.parent)
+    assert default_pool_dir() == POOLS
+    monkeypatch.setenv("PADLM_DATA_DIR", str(POOLS))
+    assert default_pool_dir() == POOLS
+
+
+def test_axes_and_modes_are_checked_before_anything_loads():
+    from typer.testing import CliRunner
+
+    from padlm.cli import _register_subcommands, app
+
+    _register_subcommands()
+    for args, message in ((["--axes", "P1,nope"], "unknown axis nope"),
+                          (["--mode", "P1=paraphrase"], "unknown mode 'paraphrase'"),
+                          (["--mode", "P9=rewrite"], "unknown axis 'P9'"),
+                          (["--mode", "sometimes"], "use sample, rewrite, auto")):
+        result = CliRunner().invoke(app, ["data", "build", "--out", "x.jsonl", *args])
+        assert isinstance(result.exception, PadlmError), args
+        assert message in str(result.exception)
+    assert len(AXES) >= 5 + 8 and set(HELD_OUT_AXES) <= set(AXES)
+
+
+def test_every_usable_hh_pair_is_kept():
+    rows = harmless_rows(POOLS)
+    assert len(rows) == 2303  # of 2,312 records; the rest are not clean last-turn pairs
+    train, val = split_rows(rows)
+    assert {r.prompt_key for r in train}.isdisjoint({r.prompt_key for r in val})
+    assert 0.1 < len(val) / len(rows) < 0.2
+
+
+def test_label_agreement_counts_unusable_pairs_against_a_mode():
+    prompt = PoolPrompt("p", "Explain rain.", "t")
+    simple, hard = "Rain is water. It falls.", ("Precipitation results from the coalescence "
+                                                "of condensed atmospheric water vapour.")
+
+    def pair(texts, reason=None):
+        return Pair(prompt, AXES["P1"], "sample", texts, 10, (False, False), reason)
+
+    pairs = [pair((simple, hard)), pair((hard, simple)), pair((simple, hard), "refusal"),
+             pair((simple, hard))]
+    summary = summarize(pairs)
+    assert summary["agreement"] == 0.5 and summary["agreement_usable"] == round(2 / 3, 3)
+    by_mode = {"sample": {"P1": {"agreement": 0.5}, "P2": {"agreement": 0.9}},
+               "rewrite": {"P1": {"agreement": 0.75}, "P2": {"agreement": 0.9}}}
+    chosen = choose_modes(by_mode)
+    assert chosen["P1"] == "rewrite" and chosen["P2"] == "sample"  # a tie: the cheaper
+    assert chosen["format"] == "sample"  # unmeasured here: the majority (1 of 2 is no majority)
+
+
+@pytest.mark.slow
+def test_endpoint_sampler_against_padlm_serve(default_lm, tmp_path):
+    """The OpenAI-endpoint sampler drives a live ``padlm serve`` over loopback: seeded rows
+    repeat, a cut response is flagged, and a build through it records the endpoint."""
+    from padlm.engine import Personalizer
+    from padlm.server.app import ServerThread, create_app
+
+    app = create_app(Personalizer(default_lm, persrm="identity"), max_batch_size=4,
+                     max_queue=8)
+    with ServerThread(app) as server:
+        sampler = open_sampler(f"{server.url}/v1")
+        assert isinstance(sampler, EndpointSampler) and sampler.name.endswith("#" +
+                                                                               sampler.model)
+        request = SampleRequest([{"role": "user", "content": "Name a colour."}],
+                                generation_text("P2A"), seed=5, temperature=0.7)
+        first, second = (sampler.sample([request], SamplingSettings(max_new_tokens=6))[0]
+                         for _ in range(2))
+        assert first == second and first.text and first.tokens == 6 and first.cut
+        stats = build_dataset(sampler, BuildConfig(out=tmp_path / "e.jsonl", pool_dir=POOLS,
+                                                   limit=1, axes=("P2",), max_new_tokens=12))
+        rows, _ = load_rows(tmp_path / "e.jsonl")
+        assert rows and all(r.meta["sampler"] == sampler.name for r in rows)
+        assert stats["generated_tokens"] > 0
+    with pytest.raises(PadlmError, match="must end in /v1"):
+        open_sampler("http://127.0.0.1:9/api")
+    with pytest.raises(PadlmError, match="sampler endpoint"):
+        open_sampler("http://127.0.0.1:9/v1")  # nothing listens there

@@ -31,14 +31,15 @@ def convert_pair(record: dict[str, str]) -> PreferenceRow | None:
                          source="hh-rlhf-harmless-base")
 
 
-def harmless_rows(directory: Path, max_chars: int = 1500) -> list[PreferenceRow]:
-    """All clean pairs whose dialogue fits in ``max_chars`` (keeps sequences CPU-sized)."""
+def harmless_rows(directory: Path, max_chars: int | None = None) -> list[PreferenceRow]:
+    """Every clean pair (2,303 of the 2,312 records), or those whose dialogue fits in
+    ``max_chars`` (to keep sequences CPU-sized)."""
     rows = []
     for record in hh_records(directory):
         row = convert_pair(record)
         if row is None:
             continue
         size = sum(len(m["content"]) for m in row.prompt) + len(row.chosen) + len(row.rejected)
-        if size <= max_chars:
+        if max_chars is None or size <= max_chars:
             rows.append(row)
     return rows

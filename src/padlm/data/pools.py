@@ -27,11 +27,23 @@ class PoolPrompt:
     source: str
 
 
+POOL_FILES = (*SELF_INSTRUCT_FILES, HH_FILE)
+
+
 def default_pool_dir() -> Path:
-    """``$PADLM_DATA_DIR``, else the repository's ``data/`` (next to ``src/``)."""
-    if os.environ.get("PADLM_DATA_DIR"):
-        return Path(os.environ["PADLM_DATA_DIR"])
-    return Path(__file__).resolve().parents[3] / "data"
+    """``$PADLM_DATA_DIR``, else ``data/`` in the working directory (a checkout's root).
+
+    The pools are not packaged (they are data with their own licences, shipped beside the
+    code in ``data/``), so a default must be a place the user chose or is standing in; an
+    installed package has no repository to find by walking up from its own file.
+    """
+    directory = Path(os.environ.get("PADLM_DATA_DIR") or Path.cwd() / "data")
+    missing = [name for name in POOL_FILES if not (directory / name).exists()]
+    if missing:
+        raise PadlmError(f"no prompt pools in {directory} (missing {', '.join(missing)}): pass "
+                         "--pool-dir DIR or set PADLM_DATA_DIR to a directory holding the "
+                         "files of the repository's data/")
+    return directory
 
 
 def _require(directory: Path, name: str) -> Path:

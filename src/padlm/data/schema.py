@@ -32,11 +32,14 @@ class PreferenceRow:
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if not data["meta"]:
             del data["meta"]
-        return json.dumps(data, ensure_ascii=False)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @property
     def prompt_key(self) -> str:

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from padlm.cli_options import ModelOption, PlacementOption
-from padlm.data.axes import DEFAULT_AXES
+from padlm.data.axes import DEFAULT_AXES, check_axes
 from padlm.errors import PadlmError
 
 log = logging.getLogger(__name__)
@@ -49,24 +49,33 @@ def _open_sampler(sampler: str, placement: str | None, dtype: str, sampler_model
     return open_sampler(sampler, placement, dtype, sampler_model, api_key_env)
 
 
-def _modes(spec: str, out: Path, sampler_name: str) -> tuple[str, dict[str, str]]:
-    """``sample`` | ``rewrite`` | ``auto`` (the label check's choice, from the build record)
-    | ``AXIS=MODE,...`` (the rest: sample)."""
-    from padlm.data.build import MODES, record_path
+def _parse_modes(spec: str) -> tuple[str, dict[str, str]] | None:
+    """``sample`` | ``rewrite`` | ``AXIS=MODE,...`` (the other axes: sample), checked before
+    any model loads; None for ``auto``, which needs the sampler's name."""
+    from padlm.data.build import MODES, check_modes
 
+    if spec == "auto":
+        return None
     if spec in MODES:
         return spec, {}
-    if spec == "auto":
-        record = record_path(out)
-        check = (json.loads(record.read_text()) if record.exists() else {}).get("label_check")
-        if not check or check.get("sampler") != sampler_name:
-            raise PadlmError(f"--mode auto needs a label check of {sampler_name} in {record}: "
-                             "run padlm data label-check first")
-        return "sample", dict(check["chosen_modes"])
     pairs = [part.partition("=") for part in _csv(spec)]
     if not pairs or any(not sep for _, sep, _ in pairs):
         raise PadlmError(f"--mode {spec!r}: use sample, rewrite, auto or AXIS=MODE,...")
-    return "sample", {axis: mode for axis, _, mode in pairs}
+    modes = {axis.strip(): mode.strip() for axis, _, mode in pairs}
+    check_modes("sample", modes)
+    return "sample", modes
+
+
+def _auto_modes(out: Path, sampler_name: str) -> tuple[str, dict[str, str]]:
+    """The per-axis modes the label check of this sampler recorded in the build record."""
+    from padlm.data.build import record_path
+
+    record = record_path(out)
+    check = (json.loads(record.read_text()) if record.exists() else {}).get("label_check")
+    if not check or check.get("sampler") != sampler_name:
+        raise PadlmError(f"--mode auto needs a label check of {sampler_name} in {record}: run "
+                         "padlm data label-check first")
+    return "sample", dict(check["chosen_modes"])
 
 
 @data_app.command("build")
@@ -105,13 +114,16 @@ def data_build(
         raise PadlmError("--batch-size must be >= 2 (each pair decodes two rows)")
     if limit is not None and limit < 1:
         raise PadlmError("--limit must be >= 1")
+    axis_names = check_axes(_csv(axes) or DEFAULT_AXES)
+    parsed = _parse_modes(mode)
+    pools = pool_dir or default_pool_dir()
     chosen = _open_sampler(sampler, placement, dtype, sampler_model, api_key_env)
-    default_mode, modes = _modes(mode, out, chosen.name)
+    default_mode, modes = parsed or _auto_modes(out, chosen.name)
     config = BuildConfig(
-        out=out, pool_dir=pool_dir or default_pool_dir(), limit=limit, seed=seed,
-        batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, axes=_csv(axes) or DEFAULT_AXES, mode=default_mode, modes=modes,
-        harmless_limit=harmless_limit, command="padlm " + shlex.join(sys.argv[1:]))
+        out=out, pool_dir=pools, limit=limit, seed=seed, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, axes=axis_names,
+        mode=default_mode, modes=modes, harmless_limit=harmless_limit,
+        command="padlm " + shlex.join(sys.argv[1:]))
     bar = tqdm(desc="pairs", unit="pair", mininterval=30)
 
     def progress(done: int, total: int) -> None:
@@ -131,8 +143,9 @@ def data_label_check(
     baseline: Annotated[str, typer.Option(help="Self-sampling baseline (sample mode only).")
                         ] = "default",
     prompts: Annotated[int, typer.Option(help="Build prompts to check.")] = 16,
-    axes: Annotated[str | None, typer.Option(help="Comma list (default: the measured ones).")
-                    ] = None,
+    axes: Annotated[str | None, typer.Option(
+        help="Comma list of measured axes (default: P1,P2,P3; also format, energy, "
+             "confidence, voice).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     batch_size: Annotated[int, typer.Option()] = 16,
     max_new_tokens: Annotated[int, typer.Option()] = 128,
@@ -151,11 +164,11 @@ def data_label_check(
 
     from padlm.atomic import write_json_atomic
     from padlm.data.build import record_path
-    from padlm.data.labels import MEASURES, check_sampler, choose_modes
+    from padlm.data.labels import CHECK_AXES, MEASURES, check_sampler, choose_modes
     from padlm.data.pools import default_pool_dir
     from padlm.data.samplers import SamplingSettings
 
-    names = _csv(axes) or tuple(MEASURES)
+    names = _csv(axes) or CHECK_AXES
     unknown = [name for name in names if name not in MEASURES]
     if unknown:
         raise PadlmError(f"no rule measure for axis {', '.join(unknown)}; measured axes: "
@@ -168,8 +181,9 @@ def data_label_check(
                     "date": datetime.now(UTC).isoformat(timespec="seconds"),
                     "prompts": prompts, "max_new_tokens": max_new_tokens,
                     "temperature": temperature, "measures": {
-                        name: f"{fn.__name__} ({'higher' if sign > 0 else 'lower'} for the A "
-                              "side)" for name, (fn, sign) in MEASURES.items()}}
+                        name: f"{MEASURES[name][0].__name__} "
+                              f"({'higher' if MEASURES[name][1] > 0 else 'lower'} for the A side)"
+                        for name in names}}
     for role, spec, modes in (("baseline", baseline, ("sample",)),
                               ("teacher", sampler, ("sample", "rewrite"))):
         began = time.perf_counter()
