@@ -1,0 +1,150 @@
+"""``padlm train experts`` and ``padlm train pcm`` (attached to the ``train`` sub-app)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from padlm.cli_options import ModelOption, PlacementOption
+from padlm.errors import PadlmError
+from padlm.training.cli import _csv, train_app
+
+log = logging.getLogger(__name__)
+PSOUPS_DIMENSIONS = "P1A,P1B,P2A,P2B,P3A,P3B"
+DEFAULT_DATA = Path("data/persrm_pairs.jsonl")
+
+
+def _command() -> str:
+    return "padlm " + shlex.join(sys.argv[1:])
+
+
+def _threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise PadlmError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def train_experts(
+    out: Annotated[Path, typer.Option(help="Output experts directory.")],
+    form: Annotated[str, typer.Option(help="prompted | head | lora | models")] = "head",
+    data: Annotated[Path, typer.Option(help="Preference JSONL (head, lora).")] = DEFAULT_DATA,
+    dimensions: Annotated[str, typer.Option(help="Comma list; one expert each.")
+                          ] = PSOUPS_DIMENSIONS,
+    models: Annotated[str | None, typer.Option(
+        help="form models: comma list of HF ids or directories, one per dimension.")] = None,
+    epochs: Annotated[int, typer.Option()] = 15,
+    beta: Annotated[float, typer.Option()] = 0.1,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    head_form: Annotated[str, typer.Option(help="full | lowrank | diagonal")] = "lowrank",
+    rank: Annotated[int, typer.Option()] = 16,
+    nll_weight: Annotated[float, typer.Option()] = 0.1,
+    identity_l2: Annotated[float, typer.Option()] = 0.01,
+    lora_steps: Annotated[int, typer.Option()] = 100,
+    lora_rank: Annotated[int, typer.Option()] = 16,
+    placement: PlacementOption = "user-prefix",
+    cache_dir: Annotated[Path | None, typer.Option(help="Hidden-state cache root.")] = None,
+    model: ModelOption = "default",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train one expert per preference dimension (MoPE's frozen experts)."""
+    from padlm.models import load_model
+    from padlm.orchestration.experts import FORMS, model_experts, prompted_experts
+    from padlm.training.head import HeadTrainingConfig
+    from padlm.training.pipeline import TrainConfig
+
+    if form not in FORMS:
+        raise PadlmError(f"unknown experts form {form!r}; choose {', '.join(FORMS)}")
+    dims = _csv(dimensions)
+    if not dims:
+        raise PadlmError("--dimensions names no dimension")
+    if form in ("head", "lora") and not data.exists():
+        raise PadlmError(f"data file {data} does not exist")
+    if form == "models" and not models:
+        raise PadlmError("--form models needs --models, one per dimension")
+    _threads(threads)
+    lm = load_model(model)
+    if form == "prompted":
+        experts = prompted_experts(lm, dims, placement)
+        experts.save(out)
+    elif form == "models":
+        experts = model_experts(lm, _csv(models), dims, placement)
+        experts.save(out)
+    else:
+        from padlm.orchestration.train_experts import train_head_experts, train_lora_experts
+
+        head = HeadTrainingConfig(form=head_form, rank=rank, beta=beta, lr=lr, epochs=epochs,
+                                  identity_l2=identity_l2, nll_weight=nll_weight,
+                                  seed=seed).validate()
+        base = TrainConfig(data=data, out=out, head=head, placement=placement,
+                           cache_dir=cache_dir, lora_steps=lora_steps, lora_rank=lora_rank,
+                           command=_command())
+        trainer = train_head_experts if form == "head" else train_lora_experts
+        experts = trainer(lm, base, dims)
+    summary = {dim: info.get("validation", {}).get("all", {}).get("head", {}).get("accuracy")
+               for dim, info in experts.config.training.get("per_dimension", {}).items()}
+    typer.echo(json.dumps({"out": str(out), "form": form, "dimensions": list(dims),
+                           "validation_accuracy": summary}, indent=1))
+
+
+def train_pcm(
+    experts: Annotated[Path, typer.Option(help="Experts directory (padlm train experts).")],
+    out: Annotated[Path, typer.Option(help="Output: the experts plus the PCM in pcm/.")],
+    steps: Annotated[int, typer.Option(help="REBEL steps.")] = 100,
+    data: Annotated[Path, typer.Option(help="Preference JSONL for the reward models.")
+                    ] = DEFAULT_DATA,
+    prompts_per_step: Annotated[int, typer.Option(help="Prompts per step (2 samples each).")
+                                ] = 4,
+    max_new_tokens: Annotated[int, typer.Option()] = 48,
+    eta: Annotated[float, typer.Option(help="REBEL's step size.")] = 1.0,
+    lr: Annotated[float, typer.Option()] = 3e-3,
+    updates_per_step: Annotated[int, typer.Option()] = 4,
+    width: Annotated[int, typer.Option(help="PCM hidden width.")] = 64,
+    eval_per_combination: Annotated[int, typer.Option(
+        help="Held-out prompts per combination for the reward before/after.")] = 2,
+    checkpoint_every: Annotated[int, typer.Option()] = 5,
+    pool_dir: Annotated[Path | None, typer.Option(help="Directory with the prompt pools.")
+                        ] = None,
+    model: ModelOption = "default",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train the Preference Control Model with REBEL on rollouts of the mixture itself."""
+    from padlm.models import load_model
+    from padlm.orchestration.experts import load_experts
+    from padlm.orchestration.train_pcm import PCMTrainConfig, PCMTrainer
+
+    if not data.exists():
+        raise PadlmError(f"data file {data} does not exist")
+    config = PCMTrainConfig(
+        out=out, data=data, steps=steps, prompts_per_step=prompts_per_step,
+        max_new_tokens=max_new_tokens, eta=eta, lr=lr, updates_per_step=updates_per_step,
+        width=width, eval_per_combination=eval_per_combination,
+        checkpoint_every=checkpoint_every, pool_dir=pool_dir, seed=seed,
+        command=_command()).validate()
+    _threads(threads)
+    trainer = PCMTrainer(load_experts(experts, load_model(model)), config)
+    trained = trainer.train().pcm
+    training = trained.config.training
+    typer.echo(json.dumps({"out": str(out), "parameters": training["parameters"],
+                           "reward_before": training["before"].get("reward"),
+                           "reward_after": training["after"].get("reward"),
+                           "seconds": training["seconds"]}, indent=1))
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the commands to the ``train`` sub-app (:data:`padlm.training.cli.train_app`,
+    which :func:`padlm.training.cli.register` adds to ``app``), once."""
+    names = {command.name for command in train_app.registered_commands}
+    if "experts" not in names:
+        train_app.command("experts")(train_experts)
+        train_app.command("pcm")(train_pcm)
