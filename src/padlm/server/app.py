@@ -94,8 +94,11 @@ class Service:
     def __init__(self, engine: Personalizer, settings: ServerSettings) -> None:
         self.engine = engine
         self.settings = settings
-        self.model_id = engine.lm.name
-        self.names = settings.served_model_names or (self.model_id,)
+        # a model loaded from a directory is named by its path: answer to the last part only
+        # (no response may show the server's file system)
+        own = engine.lm.name
+        self.names = settings.served_model_names or (
+            Path(own).name if Path(own).is_absolute() else own,)
         self.metrics = ServerMetrics(self.names[0])
         self.worker = BatchWorker(engine, settings, self.metrics)
         self.tokenizer = copy.deepcopy(engine.lm.tokenizer)  # the event loop's own copy
@@ -336,7 +339,7 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "padlm",
-                "root": service.model_id, "max_model_len": service.context_length}
+                "max_model_len": service.context_length}
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -134,6 +134,29 @@ def _copy(generator: torch.Generator | None) -> torch.Generator | None:
     return torch.Generator(device=generator.device).set_state(generator.get_state())
 
 
+def admissible(waiting: Sequence[Job], free: int, max_overtakes: int) -> list[Job]:
+    """The waiting jobs to start now, oldest first, while their rows fit in ``free``.
+
+    A job that does not fit is skipped, so a small request never waits behind a large one
+    (no head-of-line blocking); each job that starts ahead of it counts as overtaking it, and
+    once it has been overtaken ``max_overtakes`` times nothing behind it starts until it does
+    (rows drain, it fits): a large request waits for at most that many smaller ones.
+    """
+    taken: list[Job] = []
+    passed: list[Job] = []
+    for job in waiting:
+        if len(job.rows) <= free:
+            taken.append(job)
+            free -= len(job.rows)
+            for other in passed:
+                other.overtaken += 1
+        else:
+            passed.append(job)
+            if job.overtaken >= max_overtakes:
+                break
+    return taken
+
+
 def find_culprits(probe: Callable[[list[int]], None], indices: list[int]) -> list[int]:
     """The rows whose probe fails on its own, by bisection: ``O(k log n)`` probes for ``k``
     culprits among ``n`` rows. Empty when only a combination fails."""
@@ -156,9 +179,7 @@ class BatchWorker:
         self.engine = engine
         self.settings = settings or ServerSettings()
         self.max_batch_size = self.settings.max_batch_size
-        # a job that does not fit is overtaken by at most this many smaller ones, then later
-        # jobs wait behind it until rows drain (no head-of-line blocking, no starvation)
-        self.max_overtakes = self.max_batch_size
+        self.max_overtakes = self.max_batch_size  # see admissible()
         self.metrics = metrics
         self.batches: dict[str, DecodeBatch] = {}
         self._owners: dict[int, tuple[Job, int]] = {}  # id(row) -> (job, row slot)
@@ -304,32 +325,21 @@ class BatchWorker:
         return True
 
     def _take_admissible(self, now: float) -> list[Job]:
-        """Under the lock: waiting jobs whose rows fit next to the live ones, oldest first; a
-        job that does not fit is skipped (no head-of-line blocking) until it has been
-        overtaken ``max_overtakes`` times, then nothing behind it starts before it."""
-        free = self.max_batch_size - self.live_rows
-        taken: list[Job] = []
-        passed: list[Job] = []
+        """Under the lock: expire waiting jobs past their deadline, then take those
+        :func:`admissible` picks; they count as running from here on."""
         expired = ApiError(504, f"the request waited longer than the server's "
                            f"{self.settings.request_timeout_s:g} s deadline",
                            kind="server_error", code="request_timeout")
-        for job in list(self._waiting):
-            if now > job.deadline:
-                self._waiting.remove(job)
-                self._queued_tokens -= job.cost
-                self._fail(job, expired)
-            elif len(job.rows) <= free:
-                self._waiting.remove(job)
-                self._queued_tokens -= job.cost
-                taken.append(job)
-                self._running[id(job)] = job
-                free -= len(job.rows)
-                for other in passed:
-                    other.overtaken += 1
-            else:
-                passed.append(job)
-                if job.overtaken >= self.max_overtakes:
-                    break
+        for job in [job for job in self._waiting if now > job.deadline]:
+            self._waiting.remove(job)
+            self._queued_tokens -= job.cost
+            self._fail(job, expired)
+        taken = admissible(self._waiting, self.max_batch_size - self.live_rows,
+                           self.max_overtakes)
+        for job in taken:
+            self._waiting.remove(job)
+            self._queued_tokens -= job.cost
+            self._running[id(job)] = job
         return taken
 
     def _check_drain(self) -> None:
