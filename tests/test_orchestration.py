@@ -223,15 +223,18 @@ def test_lora_experts_run_per_row_adapters_in_one_forward(tiny_lm, tmp_path):
     strategy = MixStrategy(experts)
     config1 = GenerationConfig(max_new_tokens=5, mix="fixed:0,0,1", ignore_eos=True)
     requests = [Request(PROMPTS[0], resolve_preference("P1A+P2B+P3A"), config1),
+                Request(PROMPTS[1], resolve_preference("P2A+P3B"), GenerationConfig(
+                    max_new_tokens=2, mix="fixed:0,1", ignore_eos=True)),  # leaves early
                 Request(PROMPTS[1], resolve_preference("P1B+P2A+P3B"), config1)]
     together = DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run(requests)
     single = {d: Experts(ExpertsConfig("lora", [d], tiny_lm.name, 32, lora=lora), tiny_lm,
                          backbone=lora_backbone(tiny_lm, {d: states[d]}, lora))
               for d in ("P3A", "P3B")}
-    for request, row, expert in zip(requests, together, ("P3A", "P3B"), strict=True):
+    for request, row, expert in zip(requests, together, ("P3A", "P3B", "P3B"), strict=True):
         alone = DecodeBatch(MixStrategy(single[expert]), tiny_lm.tokenizer, [0]).run(
             [Request(request.prompt, resolve_preference(expert), GenerationConfig(
-                max_new_tokens=5, mix="uniform", ignore_eos=True))])
+                max_new_tokens=request.config.max_new_tokens, mix="uniform",
+                ignore_eos=True))])
         assert row.tokens == alone[0].tokens
     # the adapters differ, so the lanes really ran different experts
     assert together[0].tokens != DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run(
@@ -372,3 +375,26 @@ def test_cli_trains_prompted_experts_and_refuses_bad_input(tiny_lm, tmp_path):
         result = runner.invoke(_cli(), ["train", *args])
         assert isinstance(result.exception, PadlmError), result.output
         assert message in str(result.exception)
+
+
+def test_head_experts_train_one_head_per_dimension(tiny_lm, tmp_path):
+    from padlm.orchestration.train_experts import train_head_experts, work_dir
+    from padlm.training.head import HeadTrainingConfig
+    from padlm.training.pipeline import TrainConfig
+
+    rows = [line for line in DATA.read_text().splitlines()
+            if '"dimension": "P1A"' in line or '"dimension": "P1B"' in line][:40]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    base = TrainConfig(data=tmp_path / "pairs.jsonl", out=tmp_path / "experts",
+                       head=HeadTrainingConfig(epochs=2, batch_pairs=8),
+                       cache_dir=tmp_path / "cache")
+    experts = train_head_experts(tiny_lm, base, ("P1A", "P1B"))
+    assert not work_dir(base.out).exists()
+    training = experts.config.training["per_dimension"]
+    assert set(training) == {"P1A", "P1B"}
+    # each expert saw only its own dimension's pairs
+    assert set(training["P1A"]["counts"]["train_per_dimension"]) == {"P1A"}
+    assert not experts.heads["P1A"].is_identity()
+    assert not torch.equal(experts.heads["P1A"].weight, experts.heads["P1B"].weight)
+    loaded = load_experts(base.out, tiny_lm)
+    assert torch.equal(loaded.heads["P1B"].bias, experts.heads["P1B"].bias)

@@ -41,6 +41,7 @@ def train_head_experts(lm: LoadedModel, base: TrainConfig, dimensions: Sequence[
     """Head experts saved to ``base.out``; ``base`` carries the data and the head recipe
     (its ``dimensions`` and ``out`` are set per expert)."""
     work = work_dir(base.out)
+    work.mkdir(parents=True, exist_ok=True)  # the head trainer checkpoints beside its output
     heads, per_dimension = {}, {}
     for dimension in dimensions:
         target = work / dimension
