@@ -18,6 +18,7 @@ from padlm.data.build import (
     done_keys,
     is_degenerate,
     is_refusal,
+    progress_summary,
 )
 from padlm.data.hh import convert_pair, harmless_rows
 from padlm.data.labels import choose_modes, summarize
@@ -209,6 +210,9 @@ def test_rewrite_mode_refusals_held_out_axes_and_the_build_record(tmp_path):
     assert len((tmp_path / "t.jsonl.neutral.jsonl").read_text().splitlines()) == 3
     dropped = [json.loads(x) for x in (tmp_path / "t.jsonl.done").read_text().splitlines()]
     assert sum(d.get("dropped") == "refusal" for d in dropped) == 3 * 2
+    summary = progress_summary(out)
+    assert summary["refusal_rate"]["P3B"] == 1.0 and summary["dropped"]["P3A"] == 3
+    assert summary["kept"]["P1A"] == 3 and summary["refusal_rate"]["P1A"] == 0.0
     record = json.loads((tmp_path / "t.build.json").read_text())
     [run] = record["runs"]
     assert run["command"] == "padlm data build --test" and run["finished"]
@@ -226,6 +230,8 @@ def test_a_refused_neutral_answer_drops_its_rewrites_without_sampling_them(tmp_p
     stats = _fake_build(tmp_path / "t.jsonl", teacher)
     assert stats["pairs_dropped"] == {"P3: neutral answer refused or degenerate": 3}
     assert "P3A" not in stats["refusal_rate"]  # nothing was sampled for it
+    summary = progress_summary(tmp_path / "t.jsonl")
+    assert summary["dropped"]["P3A"] == 3 and "P3A" not in summary["refusal_rate"]
     assert not any("Rewrite the answer" in r.messages[0]["content"] for r in teacher.requests)
 
 

@@ -45,6 +45,7 @@ from padlm.data.axes import (
     DEFAULT_AXES,
     HARMLESS,
     HELD_OUT_AXES,
+    SIDES,
     Axis,
     check_axes,
     generation_text,
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 MODES = ("sample", "rewrite")
 HH_PROMPT_SHARE = 0.3  # share of generation prompts drawn from HH first turns
 NEUTRAL_INSTRUCTION = "Answer the request clearly, correctly and helpfully."
+NEUTRAL_DROP = "neutral answer refused or degenerate"
 REWRITE_REQUEST = (
     "Here is a request and an answer to it.\n\nRequest:\n{prompt}\n\nAnswer:\n{answer}\n\n"
     "Rewrite the answer following this instruction: {goal} Keep every fact correct and "
@@ -254,7 +256,7 @@ class PairSampler:
         for (prompt, axis, mode), skipped in zip(jobs, skip, strict=True):
             if skipped:
                 pairs.append(Pair(prompt, axis, mode, ("", ""), 0, (False, False),
-                                  "neutral answer refused or degenerate", sampled=False))
+                                  NEUTRAL_DROP, sampled=False))
                 continue
             a, b = next(samples), next(samples)
             texts = (clean_response(a.text, a.cut), clean_response(b.text, b.cut))
@@ -295,6 +297,25 @@ def done_keys(out: Path) -> set[tuple[str, str]]:
         key = entry["key"] if isinstance(entry, dict) else entry
         keys.add((key[0], key[1]))
     return keys
+
+
+def progress_summary(out: Path) -> dict:
+    """What a build has finished so far, over all its runs (from the ``.done`` sidecar):
+    pairs kept and dropped per axis side, and each side's refusal rate among its samples."""
+    kept: Counter = Counter()
+    dropped: Counter = Counter()
+    sampled: Counter = Counter()
+    refused: Counter = Counter()
+    for entry in read_jsonl(sidecar(out, ".done")):
+        if not isinstance(entry, dict) or entry["key"][1] not in SIDES:
+            continue
+        side, reason = entry["key"][1], entry.get("dropped")
+        (dropped if reason else kept)[side] += 1
+        if reason != NEUTRAL_DROP:
+            sampled[side] += 1
+            refused[side] += entry.get("refused", False)
+    return {"kept": dict(sorted(kept.items())), "dropped": dict(sorted(dropped.items())),
+            "refusal_rate": refusal_rates(sampled, refused)}
 
 
 class _Writer:
@@ -409,8 +430,10 @@ def build_dataset(sampler: Sampler, config: BuildConfig,
                         sampled[side.id] += 1
                         refused[side.id] += was_refused
                 drop = {"dropped": pair.reason} if pair.reason else {}
-                done += [{"key": [pair.prompt.id, s.id], **drop}
-                         for s in (pair.axis.a, pair.axis.b)]
+                done += [{"key": [pair.prompt.id, s.id], **drop,
+                          **({"refused": True} if was_refused else {})}
+                         for s, was_refused in zip((pair.axis.a, pair.axis.b), pair.refused,
+                                                   strict=True)]
                 if pair.reason:
                     dropped[f"{pair.axis.name}: {pair.reason}"] += 1
                     continue

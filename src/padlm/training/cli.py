@@ -214,13 +214,20 @@ def data_check(
     path: Annotated[Path, typer.Argument(help="Preference JSONL to validate.")],
     strict: Annotated[bool, typer.Option(help="Any bad row is fatal.")] = False,
 ) -> None:
-    """Validate a dataset; bad rows are reported with their line numbers."""
+    """Validate a dataset; bad rows are reported with their line numbers. For a build's
+    output (it has a ``.done`` sidecar) also the pairs kept, dropped and refused per side."""
+    from collections import Counter
+
+    from padlm.data.build import progress_summary, sidecar
     from padlm.data.schema import load_rows
 
     rows, errors = load_rows(path, strict=strict)
     for number, message in errors:
         typer.echo(f"{path}:{number}: {message}", err=True)
     typer.echo(f"{len(rows)} valid rows, {len(errors)} bad")
+    if sidecar(path, ".done").exists():
+        typer.echo(json.dumps({"rows": dict(Counter(r.dimension for r in rows)),
+                               **progress_summary(path)}))
 
 
 @train_app.command("persrm")
