@@ -258,9 +258,10 @@ def test_concurrent_users_share_a_batch_and_get_their_own_answers(real):
 def test_real_model_context_limit(real):
     server, engine, _ = real
     limit = engine.lm.model.config.max_position_embeddings
-    with pytest.raises(openai.BadRequestError) as caught:
+    with pytest.raises(openai.BadRequestError) as caught:  # max_tokens itself is capped
         client_for(server).chat.completions.create(
-            model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=limit)
+            model=server.model, messages=[{"role": "user", "content": "word " * limit}],
+            max_tokens=4)
     assert caught.value.code == "context_length_exceeded"
 
 
@@ -378,7 +379,8 @@ def test_full_queue_gets_429_and_a_disconnect_frees_its_row(default_lm):
             result: dict = {}
             waiting = threading.Thread(target=lambda: result.update(
                 answer=client.chat.completions.create(
-                    model=server.model, messages=[{"role": "user", "content": "yo"}], max_tokens=3)))
+                    model=server.model, messages=[{"role": "user", "content": "yo"}],
+                    max_tokens=3)))
             waiting.start()
             wait_until(lambda: worker.snapshot()["waiting"] == 1)
             with pytest.raises(openai.RateLimitError) as caught:

@@ -124,11 +124,12 @@ def test_queue_admits_by_tokens_and_429_says_when_to_retry(serve):
     assert results["a"].status_code == results["c"].status_code == 200
 
 
-def test_clients_that_leave_leave_the_queue_at_once(serve):
+@pytest.mark.parametrize("stream", [False, True])
+def test_clients_that_leave_leave_the_queue_at_once(serve, stream):
     server, worker = serve(max_batch_size=1, max_queue=3)
     busy = open_request(server.url, LONG)
     wait_until(lambda: worker.live_rows == 1)
-    queued = [open_request(server.url, LONG) for _ in range(3)]
+    queued = [open_request(server.url, {**LONG, "stream": stream}) for _ in range(3)]
     wait_until(lambda: worker.snapshot()["waiting"] == 3)
     assert chat(server.url, {"messages": HI, "max_tokens": 2}).status_code == 429
     for sock in queued:

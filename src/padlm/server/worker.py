@@ -257,7 +257,7 @@ class BatchWorker:
             self._draining = True
             self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
             for job in self._waiting:
-                self._close(job, [JobFailed(error)])
+                self._fail(job, error)
             self._waiting.clear()
             self._queued_tokens = 0
             self._wake.notify_all()
