@@ -398,3 +398,27 @@ def test_head_experts_train_one_head_per_dimension(tiny_lm, tmp_path):
     assert not torch.equal(experts.heads["P1A"].weight, experts.heads["P1B"].weight)
     loaded = load_experts(base.out, tiny_lm)
     assert torch.equal(loaded.heads["P1B"].bias, experts.heads["P1B"].bias)
+
+
+def test_logit_space_mixing_is_not_the_probability_mixture(tiny_lm):
+    strategy = MixStrategy(_head_experts(tiny_lm))
+    uniform = _decode(strategy, tiny_lm, COMBO, mix="uniform", tokens=6)
+    logit = _decode(strategy, tiny_lm, COMBO, mix="logit", tokens=6)
+    assert [r.tokens for r in uniform] != [r.tokens for r in logit]
+
+
+def test_the_engine_runs_mix_and_soups_by_name(tiny_lm):
+    from padlm.engine import Personalizer
+
+    engine = Personalizer(tiny_lm, persrm="identity", experts=_head_experts(tiny_lm))
+    config = GenerationConfig(max_new_tokens=4, mix="fixed:0,1")
+    [mixed] = engine.generate(["Name a fruit."], "P1A+P2B", "mix", config)
+    [alone] = engine.generate(["Name a fruit."], "P2B", "mix",
+                              GenerationConfig(max_new_tokens=4, mix="uniform"))
+    assert mixed.tokens == alone.tokens
+    [soup] = engine.generate(["Name a fruit."], "P1A+P2B", "soups",
+                             GenerationConfig(max_new_tokens=4))
+    assert soup.new_tokens == 4
+    events = list(engine.stream("Name a fruit.", "P3B", "mix",
+                                GenerationConfig(max_new_tokens=3, mix="uniform")))
+    assert events[0].row.trace[0] == {"P3B": 1.0}
