@@ -427,3 +427,37 @@ def test_sigterm_drains_then_ends_every_request_cleanly(tiny_dir):
     assert results["plain"].json()["error"]["code"] == "server_shutting_down"
     assert process.returncode in (0, -signal.SIGTERM)
     assert drain - 0.5 <= exited <= drain + 3, exited
+
+
+# ---- the playground with a key -------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
+def test_playground_asks_for_the_key_and_then_works(serve):
+    from playwright.sync_api import expect, sync_playwright
+
+    server, worker = serve(api_key="sekret")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(server.url + "/")
+            expect(page.locator("#meta")).to_contain_text("needs an API key")
+            page.fill("#api-key", "sekret")
+            page.locator("#api-key").dispatch_event("change")
+            expect(page.locator("#presets .chip")).to_have_count(9)
+            page.fill("#prompt", "Say hi.")
+            page.fill("#max-tokens", "3")
+            page.click("#generate")
+            for pane in ("base", "personalized"):
+                expect(page.locator(f"#{pane}-status")).to_have_attribute(
+                    "data-state", "done", timeout=120_000)
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert worker.stats["jobs_done"] == 2
