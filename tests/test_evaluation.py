@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from padlm.decoding import GenerationConfig
+from padlm.config import GenerationConfig
+from padlm.engine import Personalizer
 from padlm.errors import PadlmError
 from padlm.evaluation import harness
 from padlm.evaluation.harness import EvalPlan, Job
+from padlm.evaluation.report import headline_table
 from padlm.evaluation.stats import bootstrap_ci, outcomes, win_rate
+from padlm.persrm import PersonalizedRewardModel
 from padlm.records import read_jsonl
 
 PADLM = str(Path(sys.executable).parent / "padlm")
@@ -130,9 +133,6 @@ def test_resume_after_interruption_gives_same_summary(tiny_engine, prompts_file,
 
 def test_a_new_persrm_at_the_same_path_regenerates_only_its_strategies(
         tiny_lm, prompts_file, tmp_path):
-    from padlm.engine import Personalizer
-    from padlm.persrm import PersonalizedRewardModel
-
     persrm_dir = tmp_path / "persrm"
     hidden = tiny_lm.model.config.hidden_size
     PersonalizedRewardModel.identity(tiny_lm.name, hidden).save(persrm_dir)
@@ -193,8 +193,6 @@ def test_summary_schema_and_report(tiny_engine, prompts_file, tmp_path):
 def test_report_orders_strategies_as_the_run_did():
     """summary.json sorts the aggregate's keys; the report restores the run's order (base
     first, then --strategies as given) with the swept weights ascending."""
-    from padlm.evaluation.report import headline_table
-
     def agg(strategy, weight=None, headline=True):
         return {"strategy": strategy, "params": {} if weight is None else {"weight": weight},
                 "headline": headline, "mean_win_rate": 0.5, "relevance": 0.7, "rep4": 0.0,

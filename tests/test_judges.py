@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from padlm.errors import PadlmError
 from padlm.judges import JUDGES, get_judge, guards, parse_direction, primary_direction, text
+from padlm.judges.harmlessness import default_judge, load_pairs
+from padlm.preferences import PSOUPS
 
 SIMPLE = "The cat is big. The dog is red. We like to play. It is fun."
 HARD = ("Notwithstanding considerable methodological heterogeneity, contemporary "
@@ -78,18 +81,12 @@ def test_harmlessness_prefers_refusal_to_harm():
 
 
 def test_shipped_harmlessness_head_reports_heldout_accuracy():
-    from padlm.judges.harmlessness import default_judge
-
     config = default_judge().config
     assert config["heldout_pairs"] > 300
     assert 0.5 < config["heldout_accuracy"] <= 1.0
 
 
 def test_hh_pairs_are_last_turn_pairs(tmp_path):
-    import json
-
-    from padlm.judges.harmlessness import load_pairs
-
     rows = [
         # a two-turn dialogue: the prompt is the LAST human turn
         {"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: a?\n\nAssistant: no",
@@ -116,8 +113,6 @@ def test_repetition_guards():
 
 
 def test_echo_guard():
-    from padlm.preferences import PSOUPS
-
     pref = PSOUPS["P2A"]
     assert guards.echo("Sure! Generate a response that is concise and to the point.", pref)
     assert guards.echo("Your task is to generate response by considering it", "")

@@ -13,7 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
+from padlm.evaluation import harness
+from padlm.evaluation.pairwise import judge_directory
 from padlm.judges.llm import LLMJudge, build_messages, parse_verdict
 
 
@@ -116,17 +119,12 @@ def test_unparseable_reply_is_a_tie_and_errors_are_clear(stub_url):
 
 def test_judge_a_finished_eval_directory(stub_url, tiny_engine, tmp_path):
     """`padlm eval llm-judge DIR`: every strategy row vs base gets an LLM win rate + CI."""
-    from padlm.decoding import GenerationConfig
-    from padlm.evaluation import harness
-
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Why is the sky blue?\nName a fruit.\nWhat is 2+2?\n")
     plan = harness.EvalPlan(benchmark=str(prompts), preferences=["P2A"],
                             strategies=["base", "prompt"], config=GenerationConfig(
                                 max_new_tokens=4), batch_size=3)
     harness.run(tiny_engine, plan, tmp_path / "run", progress=False)
-    from padlm.evaluation.pairwise import judge_directory
-
     result = judge_directory(LLMJudge(stub_url, "judge", cache=tmp_path / "run" / "c.jsonl"),
                              tmp_path / "run")
     rows = {r["label"]: r for r in result["rows"]}
