@@ -24,7 +24,13 @@ import torch
 from padlm.atomic import write_json_atomic, write_text_atomic
 from padlm.models import load_model
 from padlm.training.cache import weights_sha256
-from padlm.training.head import HeadTrainingConfig, accuracy_report, pair_rewards, train_head
+from padlm.training.head import (
+    HeadTrainingConfig,
+    accuracy_report,
+    baseline_margins,
+    reward_margins,
+    train_head,
+)
 from padlm.training.pipeline import TrainConfig, prepare
 
 VARIANTS = [
@@ -63,13 +69,6 @@ VARIANTS = [
 ]
 
 
-def margins(head, pairs, lm_head, config) -> torch.Tensor:
-    with torch.no_grad():
-        out = [pair_rewards(head, pairs[i:i + 64], lm_head, config.vocab, config.reference)
-               for i in range(0, len(pairs), 64)]
-    return torch.cat([c - r for c, r, _ in out])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=Path("data/persrm_pairs.jsonl"))
@@ -105,9 +104,9 @@ def main() -> None:
             seconds += time.perf_counter() - began
             train_pairs += 0 if untrained else len(pairs)
             losses.append(history[-1]["loss"])
-            pooled["head"].append(margins(trained, data.val_states, lm_head, head))
-            pooled["baseline"].append(torch.tensor(
-                [float(c.base_logp.mean() - r.base_logp.mean()) for c, r in data.val_states]))
+            pooled["head"].append(reward_margins(trained, data.val_states, lm_head, head.vocab,
+                                                 head.reference))
+            pooled["baseline"].append(baseline_margins(data.val_states))
             pooled["dims"] += [r.dimension for r in data.val_rows]
             pooled["clean"] += data.val_clean
         reports = {}

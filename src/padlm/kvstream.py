@@ -41,6 +41,8 @@ def response_hidden(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
     for i, (context, response) in enumerate(zip(contexts, responses, strict=True)):
         ids[i, :lengths[i]] = torch.tensor([*context, *response])
         mask[i, :lengths[i]] = 1
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     with torch.inference_mode():
         hidden = decoder_of(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     return [hidden[i, len(context) - 1:len(context) - 1 + len(response)]

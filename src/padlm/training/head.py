@@ -217,18 +217,22 @@ def pair_rewards(head, pairs: Sequence[tuple[SequenceStates, SequenceStates]],
 
 
 @torch.no_grad()
+def reward_margins(head, pairs, lm_head: torch.Tensor, vocab: str,
+                   reference: str = "conditioned", chunk: int = 64) -> torch.Tensor:
+    """Implicit reward of chosen minus rejected, per pair (unrounded, for pooling)."""
+    return torch.cat([chosen - rejected for chosen, rejected, _ in (
+        pair_rewards(head, pairs[start:start + chunk], lm_head, vocab, reference)
+        for start in range(0, len(pairs), chunk))])
+
+
 def evaluate(head, pairs, dimensions: Sequence[str], lm_head: torch.Tensor, vocab: str,
              reference: str = "conditioned", chunk: int = 64) -> dict:
     """Pairwise accuracy (implicit reward of chosen > rejected; ties count half) per
     dimension, overall and averaged over dimensions, plus the mean reward margin."""
     if not pairs:
         return {}
-    margins = []
-    for start in range(0, len(pairs), chunk):
-        chosen, rejected, _ = pair_rewards(head, pairs[start:start + chunk], lm_head, vocab,
-                                           reference)
-        margins.append(chosen - rejected)
-    return accuracy_report(torch.cat(margins), dimensions)
+    return accuracy_report(reward_margins(head, pairs, lm_head, vocab, reference, chunk),
+                           dimensions)
 
 
 def accuracy_report(margins: torch.Tensor, dimensions: Sequence[str]) -> dict:
@@ -250,8 +254,12 @@ def accuracy_report(margins: torch.Tensor, dimensions: Sequence[str]) -> dict:
 def baseline_report(pairs, dimensions: Sequence[str]) -> dict:
     """The untrained baseline: rank chosen over rejected by the frozen preference-conditioned
     base model's mean token log-prob (full vocabulary)."""
-    margins = torch.tensor([float(c.base_logp.mean() - r.base_logp.mean()) for c, r in pairs])
-    return accuracy_report(margins, dimensions)
+    return accuracy_report(baseline_margins(pairs), dimensions)
+
+
+def baseline_margins(pairs) -> torch.Tensor:
+    """Chosen minus rejected mean token log-prob under the frozen conditioned base."""
+    return torch.tensor([float(c.base_logp.mean() - r.base_logp.mean()) for c, r in pairs])
 
 
 def train_head(
