@@ -1,0 +1,179 @@
+"""``--engine vllm``: padlm's strategies on a vLLM engine, with padlm's own arguments.
+
+:class:`VllmPersonalizer` takes what :class:`padlm.engine.Personalizer` takes (a model name or
+directory, a PersRM, a dtype, a placement), renders every context with padlm's prompting (so
+both engines see the same token ids), and returns :class:`padlm.engine.Generation` objects.
+It runs ``base``, ``prompt`` and ``pad`` (a conditioned, head-only PersRM); everything else
+is refused naming the strategy and the engine. Greedy output equals the HF engine's token for
+token (``tests/test_vllm.py``); sampled output does not (vLLM draws its own random numbers).
+
+vLLM is imported when an engine is made, never at padlm import time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from padlm.config import GenerationConfig
+from padlm.decoding import Request
+from padlm.devices import AUTO, default_dtype, resolve_device
+from padlm.engine import Generation, _shipped_base, default_persrm_dir
+from padlm.errors import PadlmError
+from padlm.models import DEFAULT_MODEL, resolve_model_path
+from padlm.persrm import CONFIG_NAME, PersRMConfig
+from padlm.preferences import resolve_preference
+from padlm.prompting import DEFAULT_PLACEMENT, PLACEMENTS
+from padlm.registry import check_request, strategy_class
+from padlm.strategies import NEUTRAL, PREFERENCE, render_lanes
+from padlm.vllm.requests import (
+    ADDITIONAL_CONFIG_KEY,
+    EXTRA_KEY,
+    SUPPORTED,
+    check_persrm,
+    engine_refusal,
+    padlm_architecture,
+)
+
+PROCESSOR = "padlm.vllm.processor:PadLogitsProcessor"
+# the one lane each supported strategy decodes (as their classes' build() choose on the HF
+# engine): base ignores the preference, prompt and pad see it
+LANE = {"base": NEUTRAL, "prompt": PREFERENCE, "pad": PREFERENCE}
+
+
+@dataclass(frozen=True)
+class PersRMChoice:
+    """The PersRM the vLLM engine loads, or why ``pad`` cannot run on it."""
+
+    path: str | None
+    config: PersRMConfig | None
+    refusal: PadlmError | None  # raised when a pad request comes
+
+
+def choose_persrm(persrm: str | None, model_name: str) -> PersRMChoice:
+    """Resolve ``--persrm`` as the HF engine does (``default``: the shipped PersRM when it was
+    made for this model), keeping a PersRM vLLM cannot run as a refusal for ``pad`` only, so
+    ``base`` and ``prompt`` still run."""
+    if persrm in (None, "identity"):
+        return PersRMChoice(None, None, engine_refusal(
+            "pad", "it needs a PersRM directory (--persrm DIR); the identity PersRM is the "
+            "base model"))
+    if persrm == "default":
+        shipped = default_persrm_dir()
+        if shipped is None or _shipped_base(shipped) != model_name:
+            return choose_persrm(None, model_name)
+        persrm = str(shipped)
+    if not (Path(persrm) / CONFIG_NAME).exists():
+        raise PadlmError(f"PersRM directory {persrm} does not exist or has no {CONFIG_NAME}")
+    config = PersRMConfig.from_dict(json.loads((Path(persrm) / CONFIG_NAME).read_text()))
+    try:
+        check_persrm(config, persrm)
+    except PadlmError as refusal:
+        return PersRMChoice(None, config, refusal)
+    return PersRMChoice(persrm, config, None)
+
+
+class VllmPersonalizer:
+    """A vLLM engine (``vllm.LLM``) serving padlm's ``base``, ``prompt`` and ``pad``.
+
+    ``engine_args`` go to ``vllm.LLM`` unchanged (``max_model_len``, ``enforce_eager``,
+    ``tensor_parallel_size``, ...). On vLLM's CPU build set ``VLLM_CPU_KVCACHE_SPACE``
+    (GiB, below free memory) and, to use every core, ``VLLM_CPU_OMP_THREADS_BIND``.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, persrm: str | None = "default",
+                 dtype: str | None = None, placement: str | None = None,
+                 **engine_args: Any) -> None:
+        if placement is not None and placement not in PLACEMENTS:
+            raise PadlmError(f"unknown placement {placement!r}; choose one of "
+                             f"{', '.join(PLACEMENTS)}", param="placement")
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm import LLM
+
+        self.path = resolve_model_path(model)
+        # the HF engine's name for a named model is its directory's (load_model)
+        self.model_name = Path(self.path).name if Path(self.path).is_dir() else model
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.persrm = choose_persrm(persrm, self.model_name)
+        saved = self.persrm.config
+        self.placement = placement or (saved.placement if saved else DEFAULT_PLACEMENT)
+        architecture = padlm_architecture(AutoConfig.from_pretrained(self.path).architectures
+                                          or [])
+        pad_args: dict[str, Any] = {}
+        if self.persrm.path is not None:
+            pad_args = {"additional_config": {ADDITIONAL_CONFIG_KEY: {
+                            "persrm": str(Path(self.persrm.path).resolve())}},
+                        "logits_processors": [PROCESSOR]}
+        self.llm = LLM(model=self.path, dtype=dtype or default_dtype(resolve_device(AUTO)),
+                       hf_overrides={"architectures": [architecture]},
+                       **pad_args, **engine_args)
+
+    @property
+    def persrm_name(self) -> str:
+        """The PersRM PAD runs with, as the HF engine names it (``identity``: none)."""
+        return self.persrm.path or "identity"
+
+    def generate(self, prompts: Sequence, preference: str | None = None,
+                 strategy: str = "pad", config: GenerationConfig | None = None,
+                 ) -> list[Generation]:
+        """Decode every prompt with one strategy (vLLM schedules the batches itself)."""
+        config = config or GenerationConfig()
+        requests = [Request(p, resolve_preference(preference), config) for p in prompts]
+        return self.generate_requests(requests, [strategy] * len(requests))
+
+    def generate_requests(self, requests: Sequence[Request], strategies: Sequence[str]
+                          ) -> list[Generation]:
+        """Decode requests that each name their strategy, all in one vLLM batch (rows with
+        different strategies, preferences and weights side by side)."""
+        params = [self._sampling_params(r, s) for r, s in zip(requests, strategies,
+                                                              strict=True)]
+        prompts = [{"prompt_token_ids": render_lanes(self.tokenizer, request, (LANE[name],),
+                                                     self.placement)[0]}
+                   for request, name in zip(requests, strategies, strict=True)]
+        began = time.perf_counter()
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        seconds = (time.perf_counter() - began) / max(len(requests), 1)
+        return [_as_generation(output.outputs[0], request.config, seconds)
+                for output, request in zip(outputs, requests, strict=True)]
+
+    def _sampling_params(self, request: Request, strategy: str):
+        """padlm's settings as vLLM's, refusing what would not mean the same thing."""
+        from vllm import SamplingParams
+
+        config = request.config
+        check_request(strategy, config)  # unknown strategy, echo guard where it has no use
+        if strategy not in SUPPORTED:
+            needs = ("several contexts decoded in lock-step"
+                     if strategy_class(strategy).spec.level == "token"
+                     else "whole responses scored by padlm's own loop")
+            raise engine_refusal(strategy, f"it needs {needs}; this engine runs "
+                                 f"{', '.join(SUPPORTED)}")
+        if config.no_repeat_ngram_size or config.repetition_penalty != 1.0:
+            raise engine_refusal(strategy, "padlm's repetition control acts on the base "
+                                 "logits before PAD chooses candidates, vLLM's after")
+        extra = None
+        if strategy == "pad":
+            if self.persrm.refusal is not None:
+                raise self.persrm.refusal
+            extra = {EXTRA_KEY: {"weight": config.weight, "top_k": config.top_k,
+                                 "echo_guard": config.echo_guard,
+                                 "preference": request.preference}}
+        return SamplingParams(max_tokens=config.max_new_tokens,
+                              temperature=config.temperature, top_p=config.top_p,
+                              seed=config.seed, stop=list(config.stop) or None,
+                              ignore_eos=config.ignore_eos, extra_args=extra)
+
+
+def _as_generation(completion, config: GenerationConfig, seconds: float) -> Generation:
+    """vLLM's completion as padlm's Generation: the HF engine keeps no EOS token, so one that
+    ended the response is dropped (vLLM reports it with ``stop_reason`` None or its id)."""
+    tokens = list(completion.token_ids)
+    ended_by_token = completion.finish_reason == "stop" and not isinstance(
+        completion.stop_reason, str)
+    if ended_by_token and tokens and not config.ignore_eos:
+        tokens = tokens[:-1]
+    return Generation(completion.text, tokens, completion.finish_reason or "length", seconds)

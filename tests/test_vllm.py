@@ -1,0 +1,162 @@
+"""PAD inside vLLM (padlm.vllm): greedy output equals the HF engine's, token for token.
+
+The engine tests need vLLM's CPU build, which pins a transformers older than the project's,
+so it lives in its own environment: ``make setup-vllm``, then
+``.venv-vllm/bin/python -m pytest tests/test_vllm.py``. In the main environment they skip;
+the request parsing and refusals, which import no vLLM, run everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from padlm.config import GenerationConfig
+from padlm.decoding import Request
+from padlm.engine import Personalizer, default_persrm_dir
+from padlm.errors import PadlmError
+from padlm.persrm import PersonalizedRewardModel
+from padlm.preferences import resolve_preference
+from padlm.vllm.requests import PadArgs, pad_args, padlm_architecture
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM, reason="vLLM is not installed here: make setup-vllm, then "
+    ".venv-vllm/bin/python -m pytest tests/test_vllm.py")
+
+PROMPTS = ("Explain how a rainbow forms.", "Why do cats purr?")
+TOKENS = 24
+
+
+def test_pad_args_nested_and_flat_forms() -> None:
+    assert pad_args(None) is None and pad_args({"other": 1}) is None
+    assert pad_args({"padlm": {"weight": 0.5, "top_k": 4}}) == PadArgs(0.5, 4)
+    # vllm_xargs over HTTP holds flat scalars only
+    assert pad_args({"padlm_weight": 2, "padlm_echo_guard": 1, "padlm_preference": "be brief"}
+                    ) == PadArgs(2, None, True, "be brief")
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"padlm": {"weight": float("nan")}}, "weight"),
+    ({"padlm_top_k": 0}, "top_k"),
+    ({"padlm": {"wieght": 1.0}}, "padlm"),
+    ({"padlm": 1.0}, "padlm"),
+    ({"padlm_echo_guard": True}, "preference"),
+])
+def test_pad_args_refusals_name_the_field(extra, param) -> None:
+    with pytest.raises(PadlmError) as error:
+        pad_args(extra)
+    assert error.value.param == param
+
+
+def test_architectures() -> None:
+    assert padlm_architecture(["LlamaForCausalLM"]) == "PadlmLlamaForCausalLM"
+    assert padlm_architecture(["Qwen2ForCausalLM"]) == "PadlmQwen2ForCausalLM"
+    with pytest.raises(PadlmError, match="vllm engine"):
+        padlm_architecture(["GPT2LMHeadModel"])
+
+
+def test_unconditioned_persrm_refused_for_pad_only() -> None:
+    """The shipped PersRM measures its reward without the preference: pad is refused on
+    this engine (naming both), base and prompt still run."""
+    from padlm.vllm.engine import choose_persrm
+
+    choice = choose_persrm("default", "SmolLM2-135M-Instruct")
+    assert choice.path is None
+    assert "pad cannot run on the vllm engine" in str(choice.refusal)
+    assert "unconditioned" in str(choice.refusal)
+
+
+def test_importing_padlm_vllm_imports_no_vllm() -> None:
+    code = ("import sys, padlm, padlm.vllm, padlm.vllm.requests, padlm.vllm.engine; "
+            "assert 'vllm' not in sys.modules, 'vllm imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the engine, on vLLM's CPU build -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def conditioned_persrm(tmp_path_factory) -> str:
+    """The shipped (trained) head saved with a conditioned reference: a real non-identity
+    head that vLLM can run on the shared backbone."""
+    shipped = PersonalizedRewardModel.load(default_persrm_dir())
+    shipped.config = dataclasses.replace(shipped.config, reference="conditioned")
+    directory = tmp_path_factory.mktemp("persrm") / "conditioned"
+    shipped.save(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def hf_engine(default_lm, conditioned_persrm) -> Personalizer:
+    return Personalizer(default_lm, persrm=conditioned_persrm)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(conditioned_persrm):
+    from padlm.vllm.engine import VllmPersonalizer
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    return VllmPersonalizer("default", persrm=conditioned_persrm, dtype="float32",
+                            max_model_len=1024, seed=0)
+
+
+def _hf_tokens(engine: Personalizer, requests: list[Request], strategies: list[str]
+               ) -> list[list[int]]:
+    """Each strategy's requests as one HF decode batch; tokens in the requests' order."""
+    out: dict[int, list[int]] = {}
+    for name in dict.fromkeys(strategies):
+        chosen = [i for i, s in enumerate(strategies) if s == name]
+        rows = engine.batch(name).run([requests[i] for i in chosen])
+        out.update({i: row.tokens for i, row in zip(chosen, rows, strict=True)})
+    return [out[i] for i in range(len(requests))]
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["base", "prompt", "pad"])
+def test_batch_one_equals_hf_engine(vllm_engine, hf_engine, strategy) -> None:
+    config = GenerationConfig(max_new_tokens=TOKENS)
+    for prompt in PROMPTS:
+        [ours] = vllm_engine.generate([prompt], "P1A", strategy, config)
+        [theirs] = hf_engine.generate([prompt], "P1A", strategy, config, batch_size=1)
+        assert ours.tokens == theirs.tokens, (strategy, prompt)
+        assert ours.text == theirs.text
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_mixed_batch_equals_hf_engine(vllm_engine, hf_engine) -> None:
+    """One vLLM batch holding every strategy, different preferences, weights, top-k and the
+    echo guard; PAD must also change something (a no-op processor would pass the rest)."""
+    rows = [
+        ("base", PROMPTS[0], "P1A", {}),
+        ("prompt", PROMPTS[1], "P2A", {}),
+        ("pad", PROMPTS[0], "P1A", {"weight": 1.0}),
+        ("pad", PROMPTS[1], "P3A", {"weight": 3.0, "top_k": 5}),
+        ("pad", PROMPTS[0], "P1B", {"weight": 2.0, "echo_guard": True}),
+        ("prompt", PROMPTS[0], "P1B", {}),
+        ("pad", PROMPTS[1], "P2A", {"weight": 0.5}),
+    ]
+    requests = [Request(prompt, resolve_preference(pref),
+                        GenerationConfig(max_new_tokens=TOKENS, **settings))
+                for _, prompt, pref, settings in rows]
+    strategies = [row[0] for row in rows]
+    ours = [g.tokens for g in vllm_engine.generate_requests(requests, strategies)]
+    assert ours == _hf_tokens(hf_engine, requests, strategies)
+    assert ours[4] != ours[5], "PAD at weight 2 left the prompted output unchanged"
+
+
+@needs_vllm
+def test_lock_step_strategies_refused(vllm_engine) -> None:
+    request = Request(PROMPTS[0], resolve_preference("P1A"), GenerationConfig(max_new_tokens=4))
+    with pytest.raises(PadlmError, match="linear-alignment cannot run on the vllm engine"):
+        vllm_engine.generate_requests([request], ["linear-alignment"])
+    with pytest.raises(PadlmError, match="best-of-n cannot run on the vllm engine"):
+        vllm_engine.generate_requests([request], ["best-of-n"])
