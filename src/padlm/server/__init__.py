@@ -8,7 +8,7 @@ lazy so that ``padlm --help`` does not pay for FastAPI.
 
 from __future__ import annotations
 
-__all__ = ["BatchWorker", "ServerThread", "create_app"]
+__all__ = ["BatchWorker", "ServerSettings", "ServerThread", "create_app"]
 
 
 def __getattr__(name: str):
@@ -16,6 +16,10 @@ def __getattr__(name: str):
         from padlm.server import app
 
         return getattr(app, name)
+    if name == "ServerSettings":
+        from padlm.server.settings import ServerSettings
+
+        return ServerSettings
     if name == "BatchWorker":
         from padlm.server.worker import BatchWorker
 
