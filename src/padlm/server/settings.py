@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from padlm.errors import PadlmError
 
@@ -33,7 +33,8 @@ class ServerSettings:
     # on SIGTERM running rows may finish for this long; then every open request gets a 503
     # (25 s: inside the 30 s a container orchestrator waits before it kills the process)
     drain_timeout_s: float = 25.0
-    api_key: str | None = None  # then every /v1 route needs "Authorization: Bearer <key>"
+    # then every /v1 route needs "Authorization: Bearer <key>" (kept out of the repr/logs)
+    api_key: str | None = field(default=None, repr=False)
     allowed_hosts: tuple[str, ...] | None = None  # Host header names accepted; None: any
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
     served_model_names: tuple[str, ...] = ()  # names the model answers to; (): its own name
