@@ -84,7 +84,7 @@ def train_experts(
 
         head = HeadTrainingConfig(form=head_form, rank=rank, beta=beta, lr=lr, epochs=epochs,
                                   identity_l2=identity_l2, nll_weight=nll_weight,
-                                  seed=seed).validate()
+                                  seed=seed)
         base = TrainConfig(data=data, out=out, head=head, placement=placement,
                            cache_dir=cache_dir, lora_steps=lora_steps, lora_rank=lora_rank,
                            command=_command())
