@@ -23,7 +23,7 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path):
         "the prompt is empty": ["generate", ""],
         "unknown strategy": ["generate", "hi", "--strategy", "magic"],
         "top-k must be >= 1": ["generate", "hi", "--top-k", "0"],
-        "weight must be a finite number": ["generate", "hi", "--weight", "inf"],
+        "weight must be a number within": ["generate", "hi", "--weight", "inf"],
         "model path": ["generate", "hi", "--model", str(tmp_path / "missing-model")],
         "cannot read prompts file": ["generate", "--prompts-file", str(tmp_path / "nope.txt")],
         "is not valid JSON": ["generate", "--prompts-file", str(unreadable)],

@@ -142,6 +142,14 @@ def request(engine, config: GenerationConfig, prompt="Tell me a story.", prefere
     return engine.request(prompt, preference, config)
 
 
+def unchecked(config: GenerationConfig, **fields) -> GenerationConfig:
+    """A config holding values its own validation refuses: what a bug or a bypassed check
+    would let through to the decode loop."""
+    for name, value in fields.items():
+        object.__setattr__(config, name, value)
+    return config
+
+
 GREEDY = GenerationConfig(max_new_tokens=24, ignore_eos=True)
 SAMPLED = GenerationConfig(max_new_tokens=24, ignore_eos=True, temperature=0.9, seed=5)
 
@@ -149,7 +157,8 @@ SAMPLED = GenerationConfig(max_new_tokens=24, ignore_eos=True, temperature=0.9, 
 @pytest.mark.parametrize("victim_config", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("culprit_config", [
     GenerationConfig(max_new_tokens=4, top_k=VOCAB + 1),  # topk out of range, for the batch
-    GenerationConfig(max_new_tokens=4, weight=1e300, temperature=1.0, seed=1),  # inf scores
+    unchecked(GenerationConfig(max_new_tokens=4, temperature=1.0, seed=1),  # inf scores
+              weight=1e300),
 ], ids=["top_k", "weight"])
 def test_a_failing_step_fails_only_the_row_that_caused_it(tiny, victim_config, culprit_config):
     """Bypassing admission, the culprit row reaches the batch: the step fails, bisection
@@ -287,11 +296,12 @@ def timed_stream(url: str, body: dict) -> float:
 
 
 def test_best_of_n_shares_the_batch_and_leaving_frees_its_rows(tiny):
-    """A 32-token stream next to best_of=16 samples takes about as long as next to 16 plain
-    rows of the same strategy (the cost of sharing the batch), not best-of-n's whole decode
-    on top: the samples are rows of the stream's own batch. Closing the best-of-n client
-    frees its 16 rows within a step or two. Each setting is timed twice, alternating, and the
-    faster run counts (the machine is shared: the minimum is what the server costs)."""
+    """A 32-token stream next to best_of=16 shares its batch with the 16 samples, exactly as
+    it does with 16 plain rows: the samples are rows of the stream's own batch, decoded by the
+    same steps (one step per stream token), not a decode of their own between steps. Closing
+    the best-of-n client frees its 16 rows within a step or two. The time each setting costs
+    is printed (the faster of two alternating runs), not asserted: a timing depends on the
+    machine, the structure does not."""
     server, _, worker, _ = tiny
     stream = {"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 32,
               "ignore_eos": True, "strategy": "prompt", "preference": "P2A"}
@@ -302,8 +312,10 @@ def test_best_of_n_shares_the_batch_and_leaving_frees_its_rows(tiny):
     def beside(body: dict) -> float:
         client = open_request(server.url, body)
         wait_until(lambda: worker.live_rows >= 16)
+        steps_before = worker.stats["steps"]
         seconds = timed_stream(server.url, stream)
         assert len(worker.batches["prompt"].rows) == 16  # the samples decode as rows
+        assert worker.stats["steps"] - steps_before <= 32 + 2  # one shared step per token
         cancelled, steps = worker.stats["rows_cancelled"], worker.stats["steps"]
         client.close()  # the client leaves
         wait_until(lambda: worker.live_rows == 0, timeout=30)
@@ -319,4 +331,3 @@ def test_best_of_n_shares_the_batch_and_leaving_frees_its_rows(tiny):
     print(f"32-token stream: alone {alone:.2f} s, beside 16 plain rows {shared:.2f} s "
           f"({shared / alone:.2f}x), beside best_of=16 {best:.2f} s ({best / alone:.2f}x, "
           f"{best / shared:.2f}x the plain rows); all runs {times}")
-    assert best <= 1.5 * shared

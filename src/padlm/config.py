@@ -12,6 +12,14 @@ from dataclasses import dataclass
 from padlm.errors import PadlmError
 
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
+# Bounds that keep every score finite. A guidance reward is a log-probability ratio over the
+# candidates, a few tens of nats at most; at |weight| = 100 it already outweighs any gap in
+# the base logits (the guidance alone decides), so larger weights only risk overflow: 1e308
+# is inf in float32, and inf scores sample NaN. Scores then stay below ~1e6, and dividing by
+# a temperature >= 1e-3 (or by a repetition penalty >= 1e-2) keeps them far inside float32.
+MAX_WEIGHT = 100.0
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 2.0  # OpenAI's upper bound; 0 means greedy
+MIN_PENALTY, MAX_PENALTY = 1e-2, 1e2
 MIX_MODES = ("pcm", "uniform", "logit")
 
 
@@ -45,15 +53,18 @@ class GenerationConfig:
         _check(self.top_k is None or _is_int(self.top_k), "top_k", "top-k must be an integer")
         _check(self.top_k is None or self.top_k >= 1, "top_k",
                f"top-k must be >= 1, got {self.top_k}")
-        _check(_finite(self.temperature) and self.temperature >= 0, "temperature",
-               f"temperature must be finite and >= 0, got {self.temperature}")
+        _check(_finite(self.temperature) and (
+            self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE),
+            "temperature", f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} "
+                           f"and {MAX_TEMPERATURE:g}, got {self.temperature}")
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p",
                f"top-p must be in (0, 1], got {self.top_p}")
-        _check(self.weight is None or _finite(self.weight), "weight",
-               f"weight must be a finite number, got {self.weight}")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
-               "repetition_penalty",
-               f"repetition penalty must be > 0, got {self.repetition_penalty}")
+        _check(self.weight is None or (_finite(self.weight) and abs(self.weight) <= MAX_WEIGHT),
+               "weight", f"weight must be a number within +-{MAX_WEIGHT:g}, got {self.weight}")
+        _check(_finite(self.repetition_penalty)
+               and MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY, "repetition_penalty",
+               f"repetition penalty must be between {MIN_PENALTY:g} and {MAX_PENALTY:g}, got "
+               f"{self.repetition_penalty}")
         _check(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
                "no_repeat_ngram_size", "no-repeat-ngram size must be >= 0")
         _check(self.seed is None or (_is_int(self.seed) and -SEED_LIMIT <= self.seed

@@ -10,6 +10,7 @@ this loop).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -127,8 +128,9 @@ class DecodeBatch:
             generator = None
             if request.config.temperature > 0:
                 generator = torch.Generator(device=self.device)
+                # no seed: a fresh one, leaving torch's global generator alone
                 generator.manual_seed(request.config.seed if request.config.seed is not None
-                                      else torch.seed())
+                                      else secrets.randbits(63))
             new_rows.append(Row(request, self.strategy.contexts(request), generator))
         if not new_rows:
             return []
@@ -164,19 +166,16 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
-        """Choose one token for every row, append it to every stream, report what changed."""
+        """Choose one token for every row, append it to every stream, report what changed.
+
+        If scoring or choosing fails (a bad row, a numeric blow-up), the batch is left exactly
+        as it was, generators included, so the caller may drop the culprit and step again."""
         if not self.rows:
             return []
-        # 1. scores from the strategy, repetition control applied to its proposal logits
+        # 1-2. scores from the strategy (repetition control applied to its proposal logits),
+        # then greedy or sampled choice, each row with its own settings and generator
+        tokens = self._choose(self._pending, self.rows, restore_on_error=True).tolist()
         self.last_outputs = self._pending
-        scores = self.strategy.scores(self._pending, self.rows, self._process)
-        # 2. greedy or sampled choice, each row with its own settings and generator
-        tokens = guidance.choose_tokens(
-            scores,
-            self.rows.column("temperature", 0.0, scores.device),
-            self.rows.column("top_p", 1.0, scores.device),
-            [row.generator for row in self.rows],
-        ).tolist()
         # 3. bookkeeping: text, stop conditions, streaming deltas
         events = [self._advance(row, token) for row, token in zip(self.rows, tokens,
                                                                   strict=True)]
@@ -189,18 +188,29 @@ class DecodeBatch:
             self._pending = [stream.step(live) for stream in self.streams]
         return events
 
-    def _process(self, logits: torch.Tensor) -> torch.Tensor:
-        """Repetition control, the same for every strategy, on the response tokens only
-        (so the answer may still quote the question)."""
-        penalties = self.rows.column("repetition_penalty", 1.0, logits.device)
-        if any(row.config.repetition_penalty != 1.0 for row in self.rows):
-            logits = guidance.apply_repetition_penalty(
-                logits, [row.tokens for row in self.rows], penalties)
-        sizes = [row.config.no_repeat_ngram_size for row in self.rows]
-        if any(sizes):
-            logits = guidance.apply_no_repeat_ngram(logits, [row.tokens for row in self.rows],
-                                                    sizes)
-        return logits
+    @torch.inference_mode()
+    def probe(self, indices: Sequence[int]) -> torch.Tensor:
+        """The tokens the next step would choose for the rows at ``indices``, computed on
+        their own and changing nothing (generators run on copies): raises what the real step
+        would raise for them, so a server can find the row that breaks a step."""
+        rows = Rows([self.rows[i] for i in indices])
+        outputs = [_select(out, list(indices)) for out in self._pending]
+        return self._choose(outputs, rows, generators=[_copy(row.generator) for row in rows])
+
+    def _choose(self, outputs: list[StreamOutput], rows: Rows, restore_on_error: bool = False,
+                generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+        generators = [row.generator for row in rows] if generators is None else generators
+        saved = ([(g, g.get_state()) for g in generators if g is not None]
+                 if restore_on_error else [])
+        try:
+            scores = self.strategy.scores(outputs, rows, lambda z: _repetition_control(z, rows))
+            return guidance.choose_tokens(
+                scores, rows.column("temperature", 0.0, scores.device),
+                rows.column("top_p", 1.0, scores.device), generators)
+        except Exception:
+            for generator, state in saved:  # a row may have drawn before another failed
+                generator.set_state(state)
+            raise
 
     def _advance(self, row: Row, token: int) -> StepEvent:
         config = row.config
@@ -252,6 +262,25 @@ class DecodeBatch:
         delta = row.text[row.emitted:]
         row.emitted = len(row.text)
         return delta
+
+
+def _repetition_control(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """The same for every strategy, on the response tokens only (so the answer may still
+    quote the question)."""
+    if any(row.config.repetition_penalty != 1.0 for row in rows):
+        logits = guidance.apply_repetition_penalty(
+            logits, [row.tokens for row in rows],
+            rows.column("repetition_penalty", 1.0, logits.device))
+    sizes = [row.config.no_repeat_ngram_size for row in rows]
+    if any(sizes):
+        logits = guidance.apply_no_repeat_ngram(logits, [row.tokens for row in rows], sizes)
+    return logits
+
+
+def _copy(generator: torch.Generator | None) -> torch.Generator | None:
+    if generator is None:
+        return None
+    return torch.Generator(device=generator.device).set_state(generator.get_state())
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

@@ -16,6 +16,7 @@ lane: :func:`reference_lanes` is the one place that says so.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import lru_cache
@@ -367,7 +368,8 @@ class BestOfNStrategy:
         config = request.config
         if config.temperature == 0:
             config = replace(config, temperature=BEST_OF_N_TEMPERATURE)
-        seed = config.seed if config.seed is not None else int(torch.seed() % 2**31)
+        # a fresh seed without touching torch's global generator (other threads use it)
+        seed = config.seed if config.seed is not None else secrets.randbits(31)
         return [Request(request.prompt, request.preference, replace(config, seed=seed + i))
                 for i in range(n)]
 

@@ -26,12 +26,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
-import torch
-
-from padlm import guidance
-from padlm.decoding import DecodeBatch, Request, Row, Rows, _select
+from padlm.decoding import DecodeBatch, Request, Row
 from padlm.engine import Personalizer
 from padlm.errors import PadlmError
 from padlm.server.metrics import ServerMetrics
@@ -108,30 +104,6 @@ class Job:
     def send(self, items: Sequence) -> None:
         if not self.cancelled:
             self.sink(list(items))
-
-
-def probe_step(batch: DecodeBatch, indices: Sequence[int]) -> None:
-    """Score and choose the next token for some of ``batch``'s rows without changing the batch
-    (generators are copied); raises what the real step raises for those rows.
-
-    It repeats the scoring half of ``DecodeBatch.step`` on ``batch.last_outputs`` (the outputs
-    the failed step was scoring) until the engine offers such a probe itself.
-    """
-    rows = Rows([batch.rows[i] for i in indices])
-    view = SimpleNamespace(rows=rows)  # what DecodeBatch._process reads
-    outputs = [_select(out, list(indices)) for out in batch.last_outputs]
-    with torch.inference_mode():
-        scores = batch.strategy.scores(outputs, rows,
-                                       lambda logits: DecodeBatch._process(view, logits))
-        guidance.choose_tokens(scores, rows.column("temperature", 0.0, scores.device),
-                               rows.column("top_p", 1.0, scores.device),
-                               [_copy(row.generator) for row in rows])
-
-
-def _copy(generator: torch.Generator | None) -> torch.Generator | None:
-    if generator is None:
-        return None
-    return torch.Generator(device=generator.device).set_state(generator.get_state())
 
 
 def admissible(waiting: Sequence[Job], free: int, max_overtakes: int) -> list[Job]:
@@ -430,15 +402,9 @@ class BatchWorker:
         """One step of one batch; returns how many tokens it generated."""
         rows = list(batch.rows)
         before = _shape(batch)
-        # a sampled row's generator may have drawn before another row's failure stopped the
-        # step: put it back, so the survivors sample exactly what they would have alone
-        drawn = [(row.generator, row.generator.get_state()) for row in rows
-                 if row.generator is not None]
         try:
-            events = batch.step()
+            events = batch.step()  # a failed scoring/choice leaves the batch as it was
         except Exception as error:
-            for generator, state in drawn:
-                generator.set_state(state)
             self._recover(name, batch, before, error)
             return 0  # the survivors step at the next iteration, unchanged
         self._deliver(batch, rows, events)
@@ -452,8 +418,8 @@ class BatchWorker:
         log.warning("a step of %s with %d rows failed (%s: %s); probing its rows", name,
                     len(batch.rows), type(error).__name__, error)
         culprits: list[int] = []
-        if _shape(batch) == before and batch.last_outputs is not None:
-            culprits = find_culprits(lambda rows: probe_step(batch, rows),
+        if _shape(batch) == before:
+            culprits = find_culprits(batch.probe,
                                      list(range(len(batch.rows))))
         if not culprits:
             self._reset(name, error)
