@@ -422,3 +422,20 @@ def test_the_engine_runs_mix_and_soups_by_name(tiny_lm):
     events = list(engine.stream("Name a fruit.", "P3B", "mix",
                                 GenerationConfig(max_new_tokens=3, mix="uniform")))
     assert events[0].row.trace[0] == {"P3B": 1.0}
+
+
+def test_response_states_are_each_experts_view_of_a_response(tiny_lm):
+    experts = _head_experts(tiny_lm)
+    rows = _decode(MixStrategy(experts), tiny_lm, COMBO, mix="uniform", tokens=5)
+    lanes = [experts.lane_experts(experts.select(COMBO))] * len(rows)
+    states = experts.response_states(PROMPTS, lanes, [row.tokens for row in rows])
+    for prompt, row, (hidden, log_probs) in zip(PROMPTS, rows, states, strict=True):
+        targets = torch.tensor(row.tokens)
+        for lane, dimension in enumerate(lanes[0]):  # brute force: one unbatched forward
+            ids = torch.tensor([experts._render(prompt, dimension) + row.tokens])
+            with torch.no_grad():
+                alone = tiny_lm.model.model(ids).last_hidden_state[0, -len(targets) - 1:-1]
+            logits = experts.head_logits(alone, [dimension] * len(targets))
+            expected = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+            assert torch.allclose(hidden[:, lane], alone, atol=1e-5)
+            assert torch.allclose(log_probs[:, lane], expected, atol=1e-5)

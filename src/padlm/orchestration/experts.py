@@ -184,6 +184,7 @@ class Experts:
         saw it) and ``log p_expert(y_t) [T, lanes]`` for each lane's expert; one batched
         forward per stream, so the PCM can be retrained without running the experts again."""
         contexts = [self.contexts(p, row) for p, row in zip(prompts, lanes, strict=True)]
+        expert_of = [d for row in lanes for d in self.lane_experts(row)]  # per (row, lane)
         states = []  # per stream: per (row, lane) hidden states and log-probs
         for s, model in enumerate(self._stream_models()):
             flat = [(i, lane) for i, ctx in enumerate(contexts) for lane in ctx[s]]
@@ -196,7 +197,6 @@ class Experts:
             else:
                 hidden = response_hidden(model, ids, targets)
             head = model.get_output_embeddings().weight
-            expert_of = [d for row in lanes for d in self.lane_experts(row)]
             log_probs = []
             with torch.inference_mode():
                 for j, (states_j, target) in enumerate(zip(hidden, targets, strict=True)):
