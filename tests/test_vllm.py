@@ -8,11 +8,14 @@ the request parsing and refusals, which import no vLLM, run everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,7 +70,7 @@ def test_unconditioned_persrm_refused_for_pad_only() -> None:
     from padlm.vllm.engine import choose_persrm
 
     choice = choose_persrm("default", "SmolLM2-135M-Instruct")
-    assert choice.path is None
+    assert not choice.runnable
     assert "pad cannot run on the vllm engine" in str(choice.refusal)
     assert "unconditioned" in str(choice.refusal)
 
@@ -97,12 +100,18 @@ def hf_engine(default_lm, conditioned_persrm) -> Personalizer:
     return Personalizer(default_lm, persrm=conditioned_persrm)
 
 
+def _cpu_settings() -> None:
+    """vLLM's CPU build: a KV cache well below free memory, OpenMP on every core (its
+    default keeps one free); inherited by the processes vLLM spawns."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+
+
 @pytest.fixture(scope="module")
 def vllm_engine(conditioned_persrm):
     from padlm.vllm.engine import VllmPersonalizer
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    _cpu_settings()
     return VllmPersonalizer("default", persrm=conditioned_persrm, dtype="float32",
                             max_model_len=1024, seed=0)
 
@@ -153,10 +162,72 @@ def test_mixed_batch_equals_hf_engine(vllm_engine, hf_engine) -> None:
     assert ours[4] != ours[5], "PAD at weight 2 left the prompted output unchanged"
 
 
+def test_refusals_come_before_the_engine_starts(conditioned_persrm) -> None:
+    """What this engine cannot run (or would run with another meaning) is refused naming the
+    strategy and the engine, without starting vLLM (which takes a minute)."""
+    from padlm.vllm.engine import VllmPersonalizer
+
+    engine = VllmPersonalizer("default", persrm=conditioned_persrm)
+    engine.check("pad", GenerationConfig())
+    for strategy, config in [("linear-alignment", GenerationConfig()),
+                             ("best-of-n", GenerationConfig()),
+                             ("pad", GenerationConfig(repetition_penalty=1.2)),
+                             ("base", GenerationConfig(no_repeat_ngram_size=3))]:
+        with pytest.raises(PadlmError, match=f"{strategy} cannot run on the vllm engine"):
+            engine.check(strategy, config)
+    assert "llm" not in vars(engine)  # nothing started
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @needs_vllm
-def test_lock_step_strategies_refused(vllm_engine) -> None:
-    request = Request(PROMPTS[0], resolve_preference("P1A"), GenerationConfig(max_new_tokens=4))
-    with pytest.raises(PadlmError, match="linear-alignment cannot run on the vllm engine"):
-        vllm_engine.generate_requests([request], ["linear-alignment"])
-    with pytest.raises(PadlmError, match="best-of-n cannot run on the vllm engine"):
-        vllm_engine.generate_requests([request], ["best-of-n"])
+@pytest.mark.slow
+def test_vllm_openai_server_runs_pad(conditioned_persrm, hf_engine, tmp_path) -> None:
+    """vLLM's own OpenAI server with the plugin's flags: PAD through ``vllm_xargs`` equals
+    the HF engine, and a bad setting is an HTTP 400 (refused at admission, engine alive)."""
+    import httpx
+
+    from padlm.vllm.engine import VllmPersonalizer
+
+    _cpu_settings()
+    engine = VllmPersonalizer("default", persrm=conditioned_persrm, dtype="float32",
+                              max_model_len=1024)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine.server_args(),
+         "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(2)
+        else:
+            pytest.fail("vLLM's server did not come up in 600 s")
+        request = Request(PROMPTS[1], resolve_preference("P3A"),
+                          GenerationConfig(max_new_tokens=TOKENS, weight=2.0))
+        body = {"model": engine.path, "prompt": engine.prompt_ids(request, "pad"),
+                "max_tokens": TOKENS, "temperature": 0, "return_token_ids": True,
+                "vllm_xargs": {"padlm_weight": 2.0}}
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        tokens = choice["token_ids"][:-1] if choice["finish_reason"] == "stop" else choice[
+            "token_ids"]
+        assert tokens == _hf_tokens(hf_engine, [request], ["pad"])[0]
+        bad = httpx.post(f"{url}/v1/completions", timeout=60,
+                         json={**body, "vllm_xargs": {"padlm_top_k": 0}})
+        assert bad.status_code == 400 and "top-k must be >= 1" in bad.text, bad.text
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+        log.close()

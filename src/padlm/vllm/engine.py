@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,15 @@ LANE = {"base": NEUTRAL, "prompt": PREFERENCE, "pad": PREFERENCE}
 
 @dataclass(frozen=True)
 class PersRMChoice:
-    """The PersRM the vLLM engine loads, or why ``pad`` cannot run on it."""
+    """The PersRM asked for, and why ``pad`` cannot run on it (None: it can)."""
 
-    path: str | None
+    path: str | None  # None: the identity PersRM
     config: PersRMConfig | None
     refusal: PadlmError | None  # raised when a pad request comes
+
+    @property
+    def runnable(self) -> bool:
+        return self.refusal is None
 
 
 def choose_persrm(persrm: str | None, model_name: str) -> PersRMChoice:
@@ -73,7 +78,7 @@ def choose_persrm(persrm: str | None, model_name: str) -> PersRMChoice:
     try:
         check_persrm(config, persrm)
     except PadlmError as refusal:
-        return PersRMChoice(None, config, refusal)
+        return PersRMChoice(persrm, config, refusal)
     return PersRMChoice(persrm, config, None)
 
 
@@ -92,7 +97,6 @@ class VllmPersonalizer:
             raise PadlmError(f"unknown placement {placement!r}; choose one of "
                              f"{', '.join(PLACEMENTS)}", param="placement")
         from transformers import AutoConfig, AutoTokenizer
-        from vllm import LLM
 
         self.path = resolve_model_path(model)
         # the HF engine's name for a named model is its directory's (load_model)
@@ -103,14 +107,22 @@ class VllmPersonalizer:
         self.placement = placement or (saved.placement if saved else DEFAULT_PLACEMENT)
         architecture = padlm_architecture(AutoConfig.from_pretrained(self.path).architectures
                                           or [])
-        pad_args: dict[str, Any] = {}
-        if self.persrm.path is not None:
-            pad_args = {"additional_config": {ADDITIONAL_CONFIG_KEY: {
-                            "persrm": str(Path(self.persrm.path).resolve())}},
-                        "logits_processors": [PROCESSOR]}
-        self.llm = LLM(model=self.path, dtype=dtype or default_dtype(resolve_device(AUTO)),
-                       hf_overrides={"architectures": [architecture]},
-                       **pad_args, **engine_args)
+        self.engine_args = {"model": self.path,
+                            "dtype": dtype or default_dtype(resolve_device(AUTO)),
+                            "hf_overrides": {"architectures": [architecture]}, **engine_args}
+        if self.persrm.runnable:
+            self.engine_args.update(
+                additional_config={ADDITIONAL_CONFIG_KEY: {
+                    "persrm": str(Path(self.persrm.path).resolve())}},
+                logits_processors=[PROCESSOR])
+
+    @cached_property
+    def llm(self):
+        """The vLLM engine, started on first use (about a minute on a CPU), so that
+        :meth:`check` can refuse a request before anything starts."""
+        from vllm import LLM
+
+        return LLM(**self.engine_args)
 
     @property
     def persrm_name(self) -> str:
@@ -131,8 +143,7 @@ class VllmPersonalizer:
         different strategies, preferences and weights side by side)."""
         params = [self._sampling_params(r, s) for r, s in zip(requests, strategies,
                                                               strict=True)]
-        prompts = [{"prompt_token_ids": render_lanes(self.tokenizer, request, (LANE[name],),
-                                                     self.placement)[0]}
+        prompts = [{"prompt_token_ids": self.prompt_ids(request, name)}
                    for request, name in zip(requests, strategies, strict=True)]
         began = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -140,11 +151,32 @@ class VllmPersonalizer:
         return [_as_generation(output.outputs[0], request.config, seconds)
                 for output, request in zip(outputs, requests, strict=True)]
 
-    def _sampling_params(self, request: Request, strategy: str):
-        """padlm's settings as vLLM's, refusing what would not mean the same thing."""
-        from vllm import SamplingParams
+    def prompt_ids(self, request: Request, strategy: str) -> list[int]:
+        """The context's token ids, rendered as the HF engine renders this strategy's lane
+        (vLLM gets ids, not text, so both engines see the same tokens)."""
+        return render_lanes(self.tokenizer, request, (LANE[strategy],), self.placement)[0]
 
-        config = request.config
+    def server_args(self) -> list[str]:
+        """This engine as flags of vLLM's own OpenAI server, for users who run it:
+        ``python -m vllm.entrypoints.openai.api_server $(these flags)``; requests then ask
+        for PAD with ``"vllm_xargs": {"padlm_weight": 0.8}`` and send :meth:`prompt_ids`
+        (or text rendered the same way) as the prompt."""
+        argv: list[str] = []
+        for key, value in self.engine_args.items():
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                argv.append(flag if value else f"--no-{flag[2:]}")
+            elif isinstance(value, dict):
+                argv += [flag, json.dumps(value)]
+            elif isinstance(value, list):
+                argv += [flag, *map(str, value)]
+            else:
+                argv += [flag, str(value)]
+        return argv
+
+    def check(self, strategy: str, config: GenerationConfig) -> None:
+        """Refuse, before any engine starts, what this engine cannot run or would run with a
+        different meaning."""
         check_request(strategy, config)  # unknown strategy, echo guard where it has no use
         if strategy not in SUPPORTED:
             needs = ("several contexts decoded in lock-step"
@@ -153,12 +185,20 @@ class VllmPersonalizer:
             raise engine_refusal(strategy, f"it needs {needs}; this engine runs "
                                  f"{', '.join(SUPPORTED)}")
         if config.no_repeat_ngram_size or config.repetition_penalty != 1.0:
-            raise engine_refusal(strategy, "padlm's repetition control acts on the base "
-                                 "logits before PAD chooses candidates, vLLM's after")
+            raise engine_refusal(strategy, "padlm's repetition control counts the response's "
+                                 "tokens and acts before PAD's candidates are chosen; vLLM's "
+                                 "counts the prompt too and acts after")
+        if strategy == "pad" and not self.persrm.runnable:
+            raise self.persrm.refusal
+
+    def _sampling_params(self, request: Request, strategy: str):
+        """padlm's settings as vLLM's (after :meth:`check`)."""
+        from vllm import SamplingParams
+
+        config = request.config
+        self.check(strategy, config)
         extra = None
         if strategy == "pad":
-            if self.persrm.refusal is not None:
-                raise self.persrm.refusal
             extra = {EXTRA_KEY: {"weight": config.weight, "top_k": config.top_k,
                                  "echo_guard": config.echo_guard,
                                  "preference": request.preference}}
