@@ -299,11 +299,21 @@ def test_label_agreement_counts_unusable_pairs_against_a_mode():
              pair((simple, hard))]
     summary = summarize(pairs)
     assert summary["agreement"] == 0.5 and summary["agreement_usable"] == round(2 / 3, 3)
-    by_mode = {"sample": {"P1": {"agreement": 0.5}, "P2": {"agreement": 0.9}},
-               "rewrite": {"P1": {"agreement": 0.75}, "P2": {"agreement": 0.9}}}
+    assert summary["dropped"] == {"refusal": 1}
+
+    def scores(usable, overall):
+        return {"agreement_usable": usable, "agreement": overall}
+
+    by_mode = {"sample": {"P1": scores(0.7, 0.45), "P2": scores(1.0, 0.9),
+                          "P3": scores(0.9, 0.9)},
+               "rewrite": {"P1": scores(1.0, 0.44), "P2": scores(1.0, 0.7),
+                           "P3": scores(0.9, 0.9)}}
     chosen = choose_modes(by_mode)
-    assert chosen["P1"] == "rewrite" and chosen["P2"] == "sample"  # a tie: the cheaper
-    assert chosen["format"] == "sample"  # unmeasured here: the majority (1 of 2 is no majority)
+    # precision first (P1), then yield (P2), then the cheaper mode (P3)
+    assert (chosen["P1"], chosen["P2"], chosen["P3"]) == ("rewrite", "sample", "sample")
+    assert chosen["format"] == "sample"  # unmeasured: what most measured axes chose
+    by_mode["rewrite"]["P3"] = scores(1.0, 0.5)
+    assert choose_modes(by_mode)["format"] == "rewrite"
 
 
 @pytest.mark.slow

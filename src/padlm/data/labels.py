@@ -7,12 +7,14 @@ Flesch-Kincaid grade lower, P2 fewer words, P3 higher VADER; plus list lines, ex
 marks, hedges and first-person words for four free-text axes) the check reports the
 **directional agreement**: the share of prompts whose pair is usable (no refusal, no
 degenerate side) and points the right way, so a refusal counts against a mode instead of
-flattering it. These measures only choose a mode; they never label or filter a row.
+flattering it, and the agreement among the usable pairs (what training would see). These
+measures only choose a mode; they never label or filter a row.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -68,7 +70,8 @@ def summarize(pairs: Sequence[Pair]) -> dict:
     usable = [p for p in pairs if p.reason is None]
     sampled = [flag for p in pairs if p.sampled for flag in p.refused]
     summary = {"pairs": len(pairs), "usable": len(usable),
-               "refusal_rate": round(sum(sampled) / max(len(sampled), 1), 3)}
+               "refusal_rate": round(sum(sampled) / max(len(sampled), 1), 3),
+               "dropped": dict(Counter(p.reason for p in pairs if p.reason))}
     if pairs and pairs[0].axis.name in MEASURES:
         right = sum(agrees(p) for p in usable)
         summary["agreement"] = round(right / len(pairs), 3)
@@ -98,13 +101,17 @@ def check_sampler(sampler: Sampler, modes: Sequence[str], pool_dir: Path, prompt
 
 
 def choose_modes(by_mode: dict[str, dict[str, dict]]) -> dict[str, str]:
-    """Per axis, the mode with the higher agreement (ties: ``sample``, the cheaper); axes
-    without a measure take the mode that won on most measured axes."""
+    """Per axis, the mode whose usable pairs point the right way more often: the build drops
+    unusable pairs, so their share only costs sampling time, while a wrong-way pair is
+    trained on. Ties go to the higher agreement over every prompt (the better yield), then
+    to ``sample`` (the cheaper); axes without a measure take the mode most measured axes
+    chose."""
     measured = [a for a in AXES if a in MEASURES and all(a in by_mode.get(m, {})
                                                          for m in MODES)]
     chosen = {}
     for axis in measured:
-        scores = {m: by_mode[m][axis]["agreement"] for m in MODES}
+        scores = {m: (by_mode[m][axis]["agreement_usable"], by_mode[m][axis]["agreement"])
+                  for m in MODES}
         chosen[axis] = "rewrite" if scores["rewrite"] > scores["sample"] else "sample"
     wins = sum(mode == "rewrite" for mode in chosen.values())
     majority = "rewrite" if wins * 2 > len(chosen) else "sample"
