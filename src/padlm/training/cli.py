@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -36,17 +35,6 @@ ApiKeyEnvOption = Annotated[str, typer.Option(
 SamplerPlacementOption = Annotated[str | None, typer.Option(
     "--placement", help="Where a local sampler gets its instruction: system | user-prefix | "
                         "bracket; default: the one measured for it (system if unknown).")]
-
-
-def _open_sampler(sampler: str, placement: str | None, dtype: str, sampler_model: str | None,
-                  api_key_env: str):
-    import torch
-
-    from padlm.data.samplers import open_sampler
-
-    if os.environ.get("OMP_NUM_THREADS"):  # a shared machine: honour the thread budget
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    return open_sampler(sampler, placement, dtype, sampler_model, api_key_env)
 
 
 def _parse_modes(spec: str) -> tuple[str, dict[str, str]] | None:
@@ -109,6 +97,7 @@ def data_build(
 
     from padlm.data.build import BuildConfig, build_dataset
     from padlm.data.pools import default_pool_dir
+    from padlm.data.samplers import open_sampler
 
     if batch_size < 2:
         raise PadlmError("--batch-size must be >= 2 (each pair decodes two rows)")
@@ -117,7 +106,7 @@ def data_build(
     axis_names = check_axes(_csv(axes) or DEFAULT_AXES)
     parsed = _parse_modes(mode)
     pools = pool_dir or default_pool_dir()
-    chosen = _open_sampler(sampler, placement, dtype, sampler_model, api_key_env)
+    chosen = open_sampler(sampler, placement, dtype, sampler_model, api_key_env)
     default_mode, modes = parsed or _auto_modes(out, chosen.name)
     config = BuildConfig(
         out=out, pool_dir=pools, limit=limit, seed=seed, batch_size=batch_size,
@@ -166,7 +155,7 @@ def data_label_check(
     from padlm.data.build import record_path
     from padlm.data.labels import CHECK_AXES, MEASURES, check_sampler, choose_modes
     from padlm.data.pools import default_pool_dir
-    from padlm.data.samplers import SamplingSettings
+    from padlm.data.samplers import SamplingSettings, open_sampler
 
     names = _csv(axes) or CHECK_AXES
     unknown = [name for name in names if name not in MEASURES]
@@ -187,7 +176,7 @@ def data_label_check(
     for role, spec, modes in (("baseline", baseline, ("sample",)),
                               ("teacher", sampler, ("sample", "rewrite"))):
         began = time.perf_counter()
-        chosen = _open_sampler(spec, placement if role == "teacher" else None, dtype,
+        chosen = open_sampler(spec, placement if role == "teacher" else None, dtype,
                                sampler_model, api_key_env)
         checked = check_sampler(chosen, modes, pools, prompts, names, seed, settings,
                                 temperature, batch_size)
