@@ -119,15 +119,12 @@ class EndpointSampler:
                     "seed": request.seed,
                     "messages": [{"role": "system", "content": request.instruction},
                                  *request.messages]}
-            choice_data = self._post("/chat/completions", body)
-            choice = choice_data["choices"][0]
-            tokens = (choice_data.get("usage") or {}).get("completion_tokens", 0)
+            answer = self._post("/chat/completions", body)
+            choice = answer["choices"][0]
+            tokens = (answer.get("usage") or {}).get("completion_tokens", 0)
             samples.append(Sample(choice["message"]["content"] or "", tokens,
                                   choice.get("finish_reason") == "length"))
         return samples
-
-    def close(self) -> None:
-        self.client.close()
 
 
 def is_endpoint(spec: str) -> bool:
