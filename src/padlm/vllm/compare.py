@@ -3,7 +3,9 @@
 ``python -m padlm.vllm.compare --persrm DIR`` (in the vLLM environment; DIR a conditioned
 PersRM). Each engine decodes the same ``--batch-size`` prompts once to warm up and then
 ``--repeats`` times, a fixed number of tokens (EOS ignored), greedy, one preference; the
-median tokens/s of each is printed as one JSON line. A ``__main__`` guard is required: vLLM's
+median tokens/s of each is printed as one JSON line. The engines run one after the other, not
+in turns: on a CPU, an idle vLLM engine's worker keeps its OpenMP threads busy, which slowed
+the HF engine beside it 2.5x in a trial here. A ``__main__`` guard is required: vLLM's
 V1 engine spawns its engine core, which re-imports the entry script.
 """
 
