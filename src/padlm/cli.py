@@ -63,7 +63,7 @@ def generate(
                           ] = False,
     mix: Annotated[str | None, typer.Option(
         help="mix / soups: expert weights pcm | uniform | logit | fixed:w1,w2,... "
-             "(default: mix pcm, soups uniform).")] = None,
+             "(default: pcm when the experts have a trained PCM, else uniform).")] = None,
     experts: Annotated[str, typer.Option(
         help="mix / soups: experts directory or 'default'.")] = "default",
     model: ModelOption = "default",
@@ -156,6 +156,9 @@ def _register_subcommands() -> None:
 
     register_bench(app)
     from padlm.training.cli import register as register_training; register_training(app)  # noqa: E702,I001
+    from padlm.orchestration.cli import register as register_orchestration
+
+    register_orchestration(app)
     from padlm.server.cli import register as register_server
 
     register_server(app)

@@ -1,10 +1,7 @@
 """Orchestration (MoPE, Zhou et al. 2024): frozen per-dimension experts mixed per token by a
 Preference Control Model trained with REBEL; Personalized Soups as its baseline.
 
-Importing this package registers the ``mix`` and ``soups`` strategies.
+The package itself imports nothing heavy (``padlm train --help`` must not load torch); the
+``mix`` and ``soups`` strategies register when :func:`padlm.registry.load_registry` imports
+:mod:`padlm.orchestration.strategies`.
 """
-
-from padlm.orchestration import strategies as _strategies  # noqa: F401  (registers)
-from padlm.orchestration.experts import Experts, load_experts
-
-__all__ = ["Experts", "load_experts"]

@@ -78,7 +78,10 @@ class MixStrategy:
 
     def mode(self, request: Request) -> str | tuple[float, ...]:
         """The request's weighting, checked against what it asks for."""
-        mode = mix_weights(request.config.mix or DEFAULT_MIX)
+        # unset: the PCM when these experts have one, else uniform weights (asked for by
+        # name, "pcm" without a PCM is an error, not a quiet fallback)
+        default = DEFAULT_MIX if self.experts.pcm is not None else "uniform"
+        mode = mix_weights(request.config.mix or default)
         if mode == "pcm" and self.experts.pcm is None:
             raise PadlmError("these experts have no trained PCM (padlm train pcm); use mix "
                              "uniform, logit or fixed:w1,w2,...", param="mix")
