@@ -71,6 +71,10 @@ def generate(
     placement: PlacementOption = None,
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
+    engine_name: Annotated[str, typer.Option(
+        "--engine", help="hf: padlm's decode loop; vllm: a vLLM engine (base, prompt, pad with "
+                         "a conditioned PersRM; make setup-vllm, then .venv-vllm/bin/padlm).")
+                           ] = "hf",
     prompts_file: Annotated[Path | None, typer.Option(help="JSON, JSONL or text file.")
                             ] = None,
     batch_size: Annotated[int, typer.Option()] = 8,
@@ -97,11 +101,24 @@ def generate(
     )
     check_request(strategy, config)
     items = load_prompts(prompts_file) if prompts_file else [{"id": "0", "prompt": prompt}]
-    from padlm.engine import Personalizer  # torch and transformers: only once input is valid
+    if engine_name not in ("hf", "vllm"):
+        fail(f"--engine must be hf or vllm, not {engine_name!r}")
+    # torch, transformers (and vLLM): only once the input is valid
+    if engine_name == "vllm":
+        if stream or device != "auto":
+            fail("--stream and --device apply to --engine hf")
+        from padlm.vllm.engine import VllmPersonalizer
 
-    engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                          device=device, experts=experts)
-    meta = {"strategy": strategy, "preference": preference, "model": engine.lm.name,
+        engine = VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)
+        engine.check(strategy, config)  # refuse before vLLM's minute of start-up
+        model_name, extra = engine.model_name, {}
+    else:
+        from padlm.engine import Personalizer
+
+        engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
+                              device=device, experts=experts)
+        model_name, extra = engine.lm.name, {"batch_size": batch_size, "n": n}
+    meta = {"strategy": strategy, "preference": preference, "model": model_name,
             "persrm": engine.persrm_name}
     if stream and spec.level == "token" and prompts_file is None:
         began, count = time.perf_counter(), 0
@@ -113,7 +130,7 @@ def generate(
         err.print(f"[dim]{count} tokens, {count / (time.perf_counter() - began):.1f} tok/s")
         return
     results = engine.generate([i["prompt"] for i in items], preference, strategy, config,
-                              batch_size=batch_size, n=n)
+                              **extra)
     for item, result in zip(items, results, strict=True):
         if as_json or prompts_file:
             record = {"text": result.text, **meta, "new_tokens": result.new_tokens,

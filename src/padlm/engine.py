@@ -104,7 +104,7 @@ class Personalizer:
             return PersonalizedRewardModel.identity(self.lm.name, hidden)
         if persrm == "default":
             shipped = default_persrm_dir()
-            if shipped is None or self.lm.name != _shipped_base(shipped):
+            if shipped is None or self.lm.name != shipped_base(shipped):
                 return PersonalizedRewardModel.identity(self.lm.name, hidden)
             persrm = str(shipped)
         if not Path(persrm).is_dir():
@@ -213,5 +213,5 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _shipped_base(directory: Path) -> str:
+def shipped_base(directory: Path) -> str:
     return json.loads((directory / "config.json").read_text()).get("base_model", "")

@@ -23,7 +23,7 @@ from typing import Any
 from padlm.config import GenerationConfig
 from padlm.decoding import Request
 from padlm.devices import AUTO, default_dtype, resolve_device
-from padlm.engine import Generation, _shipped_base, default_persrm_dir
+from padlm.engine import Generation, default_persrm_dir, shipped_base
 from padlm.errors import PadlmError
 from padlm.models import DEFAULT_MODEL, resolve_model_path
 from padlm.persrm import CONFIG_NAME, PersRMConfig
@@ -69,7 +69,7 @@ def choose_persrm(persrm: str | None, model_name: str) -> PersRMChoice:
             "base model"))
     if persrm == "default":
         shipped = default_persrm_dir()
-        if shipped is None or _shipped_base(shipped) != model_name:
+        if shipped is None or shipped_base(shipped) != model_name:
             return choose_persrm(None, model_name)
         persrm = str(shipped)
     if not (Path(persrm) / CONFIG_NAME).exists():
