@@ -198,7 +198,7 @@ def choose_tokens(
     return chosen
 
 
-# --- Orchestration (MoPE, DESIGN §1): mixing frozen experts, Personalized Soups, REBEL ---
+# --- Orchestration (MoPE, Zhou et al. 2024): mixing frozen experts, Personalized Soups, REBEL ---
 
 
 def mixture_log_probs(expert_log_probs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

@@ -184,7 +184,8 @@ class NamedModel:
     about: str
     dtype: torch.dtype | None = None  # saved dtype; None keeps the converter's float32
     # where a preference instruction works best for it when it writes preference data
-    # (measured: DESIGN section 6; SmolLM2 follows a user prefix better than a system message)
+    # (measured by padlm data label-check: SmolLM2 follows a user prefix better than a system
+    # message)
     placement: str = "system"
 
 

@@ -2,7 +2,7 @@
 
 Before hours of sampling, a few prompts per axis show whether the teacher's ``A`` response
 really is more ``A`` than its ``B`` response, and which mode (sampling or contrastive
-rewriting) gives cleaner pairs. Where a rule measure exists (DESIGN section 6: P1
+rewriting) gives cleaner pairs. Where a rule measure exists (P1
 Flesch-Kincaid grade lower, P2 fewer words, P3 higher VADER; plus list lines, exclamation
 marks, hedges and first-person words for four free-text axes) the check reports the
 **directional agreement**: the share of prompts whose pair is usable (no refusal, no
@@ -56,7 +56,7 @@ MEASURES: dict[str, tuple[Callable[[str], float], int]] = {
     "voice": (first_person, +1),
 }
 
-CHECK_AXES = ("P1", "P2", "P3")  # checked by default: the measures DESIGN section 6 used
+CHECK_AXES = ("P1", "P2", "P3")  # checked by default: the rule-measured axes
 
 
 def agrees(pair: Pair) -> bool:
