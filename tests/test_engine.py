@@ -132,7 +132,7 @@ def test_best_of_n_samples_are_prompt_rows_and_the_scorer_picks(tiny_engine):
     best = tiny_engine.strategy("best-of-n")
     samples = best.sample_requests(tiny_engine.request("Hi", PREFERENCE, config), 3)
     rows = tiny_engine.batch("prompt").run(samples)
-    scores = [best.pick([row])[1] for row in rows]
+    scores = [best.pick_many([row], 1)[0][1] for row in rows]
     assert picked.tokens == rows[max(range(3), key=scores.__getitem__)].tokens
     assert picked.score == pytest.approx(max(scores), abs=1e-5)
     with pytest.raises(PadlmError, match="sequence-level"):

@@ -239,25 +239,26 @@ class DecodeBatch:
         short window instead of the whole response (linear, not quadratic, in its length);
         returns how many characters were added. An incomplete multi-byte character waits
         for the token that completes it."""
-        decode = self.tokenizer.decode
-        before = decode(row.tokens[row.prefix:row.read], skip_special_tokens=True)
-        after = decode(row.tokens[row.prefix:], skip_special_tokens=True)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        added = self._undecoded_text(row)
+        if not added or added.endswith("\ufffd"):
             return 0
-        added = after[len(before):]
         row.text += added
         row.prefix, row.read = row.read, len(row.tokens)
         return len(added)
+
+    def _undecoded_text(self, row: Row) -> str:
+        """The text of ``tokens[read:]``, decoded in the window that starts at ``prefix``."""
+        decode = self.tokenizer.decode
+        before = decode(row.tokens[row.prefix:row.read], skip_special_tokens=True)
+        after = decode(row.tokens[row.prefix:], skip_special_tokens=True)
+        return after[len(before):]
 
     def _flush(self, row: Row, tail: bool = True) -> str:
         """A finishing row's last delta. With ``tail``, tokens still undecoded (an incomplete
         character at EOS or the length limit) are rendered as the tokenizer renders them;
         a stop string's cut drops them instead (they come after it)."""
         if tail and row.read < len(row.tokens):
-            before = self.tokenizer.decode(row.tokens[row.prefix:row.read],
-                                           skip_special_tokens=True)
-            after = self.tokenizer.decode(row.tokens[row.prefix:], skip_special_tokens=True)
-            row.text += after[len(before):]
+            row.text += self._undecoded_text(row)
             row.prefix = row.read = len(row.tokens)
         delta = row.text[row.emitted:]
         row.emitted = len(row.text)

@@ -373,10 +373,6 @@ class BestOfNStrategy:
         return [Request(request.prompt, request.preference, replace(config, seed=seed + i))
                 for i in range(n)]
 
-    def pick(self, samples: Sequence[Row]) -> tuple[Row, float]:
-        """The best finished sample of one request and its score."""
-        return self.pick_many(samples, len(samples))[0]
-
     def pick_many(self, samples: Sequence[Row], n: int) -> list[tuple[Row, float]]:
         """Score ``len(samples) // n`` requests' samples in one scorer call."""
         lanes = [render_lanes(self.lm.tokenizer, row.request, self.lanes, self.placement)
