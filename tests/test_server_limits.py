@@ -352,9 +352,14 @@ def test_no_absolute_path_in_any_response(tiny_lm, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_lm, tmp_path_factory):
+    """The tiny model with an 8k context, so that a request can outlast the drain on a fast
+    machine (RoPE has no learned positions: the weights are the same)."""
     directory = tmp_path_factory.mktemp("models") / "tiny"
     tiny_lm.model.save_pretrained(directory)
     tiny_lm.tokenizer.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["max_position_embeddings"] = 8192
+    (directory / "config.json").write_text(json.dumps(config))
     return directory
 
 
@@ -388,7 +393,7 @@ def test_sigterm_drains_then_ends_every_request_cleanly(tiny_dir):
 
         wait_until(healthy, timeout=240)
         assert chat(url, {"messages": HI, "max_tokens": 2}).status_code == 401
-        body = {"messages": HI, "max_tokens": 900, "ignore_eos": True}
+        body = {"messages": HI, "max_tokens": 4000, "ignore_eos": True}
         streams: list[list[str]] = [[], []]
         results: dict = {}
         with httpx.Client(timeout=120, headers=key) as client:
