@@ -6,6 +6,7 @@ personalized outputs and the reward-colored token view. The screenshot is saved 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,12 +24,13 @@ SCREENSHOT = Path(os.environ.get("PADLM_SCREENSHOT",
                                  Path(__file__).resolve().parents[1] / "out" / "playground.png"))
 
 
-@pytest.mark.slow
-def test_playground_streams_both_outputs_and_the_token_view(default_lm):
-    from playwright.sync_api import expect, sync_playwright
+@contextlib.contextmanager
+def playground(engine: Personalizer):
+    """A live server for ``engine`` and a Chromium page on its playground, allowed to reach
+    loopback only; yields (page, app, errors, outside) and checks the page's own errors."""
+    from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "run scripts/install-system-deps.sh to install chromium"
-    engine = Personalizer(default_lm, persrm="default")  # the shipped PersRM when there is one
     app = create_app(engine, max_batch_size=4, max_queue=8)
     with ServerThread(app) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -48,35 +50,77 @@ def test_playground_streams_both_outputs_and_the_token_view(default_lm):
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(server.url + "/")
-            expect(page.locator("#presets .chip")).to_have_count(9)  # P-Soups + PAD presets
-            page.fill("#prompt", "Explain how a rainbow forms.")
-            page.locator("#presets .chip", has_text="P1A").click()
-            page.locator("#preference").press("End")
-            page.locator("#preference").type("+P2A")
-            expect(page.locator("#presets .chip[aria-pressed=true]")).to_have_count(2)
-            page.select_option("#strategy", "pad")
-            page.fill("#weight", "1.0")
-            page.fill("#max-tokens", "12")
-            page.click("#generate")
-
-            for pane in ("base", "personalized"):
-                expect(page.locator(f"#{pane}-status")).to_have_attribute(
-                    "data-state", "done", timeout=180_000)
-                assert page.locator(f"#{pane}-output").inner_text().strip()
-            tokens = page.locator("#token-view span")
-            assert 1 <= tokens.count() <= 12
-            rewards = tokens.evaluate_all("spans => spans.map(s => s.dataset.reward)")
-            assert all(r != "" and abs(float(r)) < 1e3 for r in rewards)
-            joined = "".join(tokens.all_inner_texts())
-            assert joined.strip() and joined.strip()[:5] in page.locator(
-                "#personalized-output").inner_text()
-            assert all(tokens.evaluate_all("spans => spans.map(s => !!s.style.background)"))
-            assert "tokens/s" in page.locator("#personalized-status").inner_text()
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            yield page, app
         finally:
             browser.close()
-    assert SCREENSHOT.stat().st_size > 10_000
     assert not errors, errors
     assert not outside, f"the page reached beyond loopback: {outside}"
     assert app.state.service.worker.live_rows == 0
+
+
+def wait_for_both_panes(page) -> None:
+    from playwright.sync_api import expect
+
+    for pane in ("base", "personalized"):
+        expect(page.locator(f"#{pane}-status")).to_have_attribute(
+            "data-state", "done", timeout=180_000)
+        assert page.locator(f"#{pane}-output").inner_text().strip()
+
+
+@pytest.mark.slow
+def test_playground_streams_both_outputs_and_the_token_view(default_lm):
+    from playwright.sync_api import expect
+
+    engine = Personalizer(default_lm, persrm="default")  # the shipped PersRM when there is one
+    with playground(engine) as (page, app):
+        expect(page.locator("#presets .chip")).to_have_count(9)  # P-Soups + PAD presets
+        page.fill("#prompt", "Explain how a rainbow forms.")
+        page.locator("#presets .chip", has_text="P1A").click()
+        page.locator("#preference").press("End")
+        page.locator("#preference").type("+P2A")
+        expect(page.locator("#presets .chip[aria-pressed=true]")).to_have_count(2)
+        page.select_option("#strategy", "pad")
+        expect(page.locator("#mix-field")).to_be_hidden()
+        page.fill("#weight", "1.0")
+        page.fill("#max-tokens", "12")
+        page.click("#generate")
+        wait_for_both_panes(page)
+        tokens = page.locator("#token-view span")
+        assert 1 <= tokens.count() <= 12
+        rewards = tokens.evaluate_all("spans => spans.map(s => s.dataset.reward)")
+        assert all(r != "" and abs(float(r)) < 1e3 for r in rewards)
+        joined = "".join(tokens.all_inner_texts())
+        assert joined.strip() and joined.strip()[:5] in page.locator(
+            "#personalized-output").inner_text()
+        assert all(tokens.evaluate_all("spans => spans.map(s => !!s.style.background)"))
+        assert "tokens/s" in page.locator("#personalized-status").inner_text()
+        expect(page.locator("#mix-section")).to_be_hidden()  # no experts, no weight bar
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_playground_mix_shows_each_tokens_expert_weights(default_lm):
+    """Strategy mix with uniform weights over three experts: one stacked column per token,
+    its three segments summing to one, and a legend naming the experts."""
+    from playwright.sync_api import expect
+
+    with playground(Personalizer(default_lm, persrm="identity")) as (page, _):
+        page.fill("#prompt", "Explain how a rainbow forms.")
+        page.fill("#preference", "P1A+P2B+P3A")
+        page.select_option("#strategy", "mix")
+        expect(page.locator("#mix-field")).to_be_visible()
+        page.select_option("#mix", "uniform")
+        page.fill("#max-tokens", "8")
+        page.click("#generate")
+        wait_for_both_panes(page)
+        expect(page.locator("#mix-section")).to_be_visible()
+        columns = page.locator("#mix-bar .column")
+        assert columns.count() == page.locator("#token-view span").count() >= 1
+        weights = columns.evaluate_all(
+            "cols => cols.map(c => [...c.children].map(s => Number(s.dataset.weight)))")
+        assert all(len(w) == 3 and abs(sum(w) - 1) < 1e-4 and max(w) - min(w) < 1e-4
+                   for w in weights)
+        assert page.locator("#mix-legend").inner_text().split() == ["P1A", "P2B", "P3A"]
+        page.screenshot(path=str(SCREENSHOT.with_name("playground-mix.png")), full_page=True)

@@ -308,6 +308,24 @@ ERROR_CASES = [
      openai.BadRequestError, "stop"),
     ({"messages": [{"role": "user", "content": "hi"}], "strategy": "best-of-n",
       "stream": True}, openai.BadRequestError, "stream"),
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "prompt",
+      "mix": {"weights": "uniform"}}, openai.BadRequestError, "mix.weights"),
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "mix", "preference": "P1A",
+      "mix": {"weights": "telepathy"}}, openai.BadRequestError, "mix.weights"),
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "mix",
+      "preference": "P1A+P2B", "mix": {"weights": [1.0]}}, openai.BadRequestError,
+     "mix.weights"),
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "mix",
+      "preference": "P1A+P2B", "mix": {"weights": [1, -1]}}, openai.BadRequestError,
+     "mix.weights"),
+    # prompted experts (the tiny model has no shipped ones) have no PCM to ask for
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "mix", "preference": "P1A",
+      "mix": {"weights": "pcm"}}, openai.BadRequestError, "mix.weights"),
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "mix"},
+     openai.BadRequestError, "preference"),
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "soups",
+      "preference": "P1A+P2B", "mix": {"weights": "logit"}}, openai.BadRequestError,
+     "mix.weights"),
 ]
 
 
@@ -322,6 +340,50 @@ def test_bad_requests_get_openai_errors(tiny, body, error, param):
     assert caught.value.param == param
     assert caught.value.type == "invalid_request_error"
     assert caught.value.message
+
+
+def test_mix_weights_reach_the_decoder_and_come_back_per_token(tiny):
+    """``strategy: mix`` with fixed weights answers what the library answers with the same
+    ``mix`` setting; the stream's ``padlm.mix_weights`` gives each token's expert weights
+    and the non-streaming body all of them, per choice."""
+    server, engine, _ = tiny
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6,
+            "ignore_eos": True, "strategy": "mix", "preference": "P1A+P2B",
+            "mix": {"weights": [3, 1]}}
+    expected = engine.generate([PROMPT], "P1A+P2B", "mix", GenerationConfig(
+        max_new_tokens=6, ignore_eos=True, mix="fixed:3,1"))[0]
+    full = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
+    assert full["choices"][0]["message"]["content"] == expected.text
+    assert full["padlm"]["mix_weights"] == [[{"P1A": 0.75, "P2B": 0.25}] * 6]
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions",
+                      json={**body, "stream": True}, timeout=120) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    weights = [e["padlm"]["mix_weights"] for e in events if "padlm" in e]
+    assert weights == [{"P1A": 0.75, "P2B": 0.25}] * 6
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                   if e["choices"]) == expected.text
+
+
+def test_mix_on_the_default_model_streams_like_the_library(real):
+    """The default model's experts (shipped, else prompted) mixed with the default weights:
+    the server's text equals the library's, and every token's weights sum to one."""
+    server, engine, _ = real
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8,
+            "strategy": "mix", "preference": "P1A+P2B+P3A", "stream": True, "ignore_eos": True}
+    expected = engine.generate([PROMPT], "P1A+P2B+P3A", "mix",
+                               GenerationConfig(max_new_tokens=8, ignore_eos=True))[0]
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                      timeout=120) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                   if e["choices"]) == expected.text
+    weights = [e["padlm"]["mix_weights"] for e in events if "padlm" in e]
+    assert len(weights) == expected.new_tokens
+    assert all(set(w) == {"P1A", "P2B", "P3A"} and math.isclose(sum(w.values()), 1.0,
+                                                                 rel_tol=1e-5)
+               for w in weights)
 
 
 def test_malformed_json_and_unknown_routes(tiny):

@@ -18,6 +18,7 @@ from rich.console import Console
 from padlm.cli_options import (
     DeviceOption,
     DtypeOption,
+    ExpertsOption,
     ModelOption,
     PersRMOption,
     PlacementOption,
@@ -64,8 +65,7 @@ def generate(
     mix: Annotated[str | None, typer.Option(
         help="mix / soups: expert weights pcm | uniform | logit | fixed:w1,w2,... "
              "(default: pcm when the experts have a trained PCM, else uniform).")] = None,
-    experts: Annotated[str, typer.Option(
-        help="mix / soups: experts directory or 'default'.")] = "default",
+    experts: ExpertsOption = "default",
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
     placement: PlacementOption = None,

@@ -8,6 +8,9 @@ import typer
 
 ModelOption = Annotated[str, typer.Option(help="'default', a HF model id or a directory.")]
 PersRMOption = Annotated[str, typer.Option(help="PersRM directory, 'default' or 'identity'.")]
+ExpertsOption = Annotated[str, typer.Option(
+    help="mix / soups: experts directory, or 'default' (the shipped experts and PCM, else "
+         "prompted experts).")]
 PlacementOption = Annotated[str | None, typer.Option(
     help="Where the preference goes: system | user-prefix | bracket; default: the PersRM's "
          "saved placement (user-prefix for the identity PersRM).")]

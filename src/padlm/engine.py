@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ class Personalizer:
         self.eos_ids = _eos_ids(self.lm)
         self._experts = experts
         self._strategies: dict[str, object] = {}
+        # the server's handlers and its decode thread may ask for a strategy first at once
+        self._building = threading.RLock()
 
     @property
     def device(self) -> torch.device:
@@ -90,10 +93,11 @@ class Personalizer:
         """The orchestration experts (and PCM), loaded on first use: only ``mix`` and
         ``soups`` read them. A path, ``"default"`` (the shipped ones, else prompted experts
         of this model), or an ``Experts`` object."""
-        if isinstance(self._experts, str):
-            from padlm.orchestration.experts import load_experts
+        with self._building:
+            if isinstance(self._experts, str):
+                from padlm.orchestration.experts import load_experts
 
-            self._experts = load_experts(self._experts, self.lm)
+                self._experts = load_experts(self._experts, self.lm)
         return self._experts
 
     def _load_persrm(self, persrm) -> PersonalizedRewardModel:
@@ -124,9 +128,10 @@ class Personalizer:
 
     def strategy(self, name: str):
         """The strategy called ``name`` (stateless: built once, then shared by every batch)."""
-        if name not in self._strategies:
-            self._strategies[name] = strategy_class(name).build(self)
-        return self._strategies[name]
+        with self._building:
+            if name not in self._strategies:
+                self._strategies[name] = strategy_class(name).build(self)
+            return self._strategies[name]
 
     def batch(self, strategy: str | Strategy) -> DecodeBatch:
         """A new, empty decode batch that requests can join (the server's entry point).

@@ -76,6 +76,10 @@ class MixStrategy:
     def new_streams(self) -> list[KVStream]:
         return self.experts.new_streams()
 
+    def reward_lanes(self) -> None:
+        """No PersRM lane: the playground shows the expert weights instead."""
+        return None
+
     def mode(self, request: Request) -> str | tuple[float, ...]:
         """The request's weighting, checked against what it asks for."""
         # unset: the PCM when these experts have one, else uniform weights (asked for by
@@ -168,6 +172,10 @@ class SoupsStrategy:
                              f"weights, not {mode}", param="mix")
         weights = row_weights(mode, len(ids), len(ids))
         return ids, tuple(weights.tolist())
+
+    def reward_lanes(self) -> None:
+        """No PersRM lane: a soup is one averaged model."""
+        return None
 
     def new_streams(self) -> list[KVStream]:
         if self.experts.config.form == "lora":

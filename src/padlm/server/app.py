@@ -40,7 +40,6 @@ from padlm.decoding import Request as DecodeRequest
 from padlm.engine import Personalizer, available_strategies
 from padlm.errors import PadlmError
 from padlm.preferences import PRESETS, resolve_preference
-from padlm.prompting import render
 from padlm.registry import check_request, strategy_class
 from padlm.server.gate import Gate, error_response
 from padlm.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -63,7 +62,7 @@ SHUTDOWN_FLUSH_S = 5  # after the drain, connections get this long to send their
 
 # GenerationConfig's field names where the request's field is named differently
 _PARAM_OF = {"max_new_tokens": "max_tokens", "top_k": "pad.top_k", "weight": "pad.weight",
-             "echo_guard": "pad.echo_guard"}
+             "echo_guard": "pad.echo_guard", "mix": "mix.weights"}
 
 
 @dataclass
@@ -160,9 +159,11 @@ class Service:
         config = self._config(body, stop)
         self._check_bounds(config, body.n * best_of)
         picker = self.engine.strategy(body.strategy) if spec.level == "sequence" else None
+        batch = picker.sampler if picker else body.strategy
         requests, prompt_tokens = [], 0
         for prompt in prompts:
-            length = self._prompt_length(prompt, preference, body.strategy, prompt_param)
+            length = self._prompt_length(DecodeRequest(prompt, preference, config), batch,
+                                         prompt_param)
             room = self.context_length - length
             wanted = max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, room,
                                                                    cap)
@@ -178,8 +179,8 @@ class Service:
                                         replace(config, max_new_tokens=wanted, seed=seed))
                 requests.extend(picker.sample_requests(request, best_of) if picker
                                 else [request])
-        return Plan(requests, len(prompts) * body.n, prompt_tokens, body.strategy,
-                    picker.sampler if picker else body.strategy, preference, best_of, picker)
+        return Plan(requests, len(prompts) * body.n, prompt_tokens, body.strategy, batch,
+                    preference, best_of, picker)
 
     def _check_bounds(self, config: GenerationConfig, samples: int) -> None:
         """What a valid config may still break in this model: a top-k beyond the vocabulary
@@ -206,19 +207,23 @@ class Service:
                                     else body.repetition_penalty),
                 weight=pad.weight if pad else None, top_k=pad.top_k if pad else None,
                 echo_guard=bool(pad and pad.echo_guard), ignore_eos=body.ignore_eos,
+                mix=body.mix.setting() if body.mix else None,
             )
             check_request(body.strategy, config)
         except PadlmError as error:
             raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param)) from None
         return config
 
-    def _prompt_length(self, prompt, preference: str, strategy: str, param: str) -> int:
+    def _prompt_length(self, request: DecodeRequest, strategy: str, param: str) -> int:
+        """The longest context the strategy builds for this request (its lanes' own
+        preference texts and placements), which is also where a request the strategy
+        cannot serve (an unknown expert, a bad mix) is refused before it is queued."""
         try:
-            ids = render(self.tokenizer, prompt, "" if strategy == "base" else preference,
-                         self.engine.placement)
+            streams = self.engine.strategy(strategy).contexts(request)
         except PadlmError as error:
-            raise ApiError(400, str(error), param) from None
-        return len(ids)
+            raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param or param)
+                           ) from None
+        return max(len(lane) for lanes in streams for lane in lanes)
 
 
 def _chunk(kind: str, rid: str, created: int, model: str, choice: dict, **extra) -> str:
@@ -388,6 +393,7 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
     async def _collect(request: Request, job: Job, reply: Reply) -> Response:
         count = reply.plan.choices
         texts, finishes, tokens = [""] * count, ["length"] * count, [0] * count
+        traces: list[list | None] = [None] * count
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             while True:
@@ -404,6 +410,7 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
                         texts[item.index] = item.text or ""
                         finishes[item.index] = item.finish_reason
                         tokens[item.index] = item.completion_tokens
+                        traces[item.index] = item.trace
                 if any(isinstance(item, JobDone) for item in items):
                     break
         finally:
@@ -417,6 +424,8 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
                         "finish_reason": finishes[i]} for i in range(count)]
         meta = {"strategy": reply.plan.strategy, "preference": reply.plan.preference or None,
                 "persrm": service.persrm_label}
+        if any(traces):  # mix: each choice's expert weights, token by token
+            meta["mix_weights"] = traces
         return JSONResponse({
             "id": reply.rid, "object": "chat.completion" if reply.kind == "chat"
             else "text_completion", "created": reply.created, "model": reply.model,
@@ -439,10 +448,14 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
                     if isinstance(item, JobDone):
                         done = True
                         continue
-                    extra = {}
+                    extra, padlm = {}, {}
                     if item.token is not None and job.token_rewards:
-                        extra["padlm"] = {"index": item.index, "token": item.token,
-                                          "text": item.piece, "reward": item.reward}
+                        padlm = {"index": item.index, "token": item.token,
+                                 "text": item.piece, "reward": item.reward}
+                    if item.mix_weights is not None:
+                        padlm.update(index=item.index, mix_weights=item.mix_weights)
+                    if padlm:
+                        extra["padlm"] = padlm
                     if item.delta or extra:
                         yield reply.chunk(_choice(reply.kind, item.index, item.delta, None),
                                           **extra)

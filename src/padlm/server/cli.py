@@ -10,6 +10,7 @@ import typer
 from padlm.cli_options import (
     DeviceOption,
     DtypeOption,
+    ExpertsOption,
     ModelOption,
     PersRMOption,
     PlacementOption,
@@ -35,6 +36,7 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
+    experts: ExpertsOption = "default",
     placement: PlacementOption = None,
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
@@ -91,7 +93,7 @@ def serve(
         logging.basicConfig(level=log_level.upper(),
                             format="%(levelname)s %(name)s: %(message)s")
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                          device=device)
+                          device=device, experts=experts)
     make_server(create_app(engine, settings), host, port, log_level).run()
 
 

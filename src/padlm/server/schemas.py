@@ -68,6 +68,20 @@ class PadOptions(_Strict):
     echo_guard: bool = False
 
 
+class MixOptions(_Strict):
+    """``mix: {weights}`` for the ``mix`` and ``soups`` strategies: ``"pcm"``, ``"uniform"``,
+    ``"logit"`` (MOD's logit-space mixture), or one non-negative weight per requested
+    expert."""
+
+    weights: str | list[float]
+
+    def setting(self) -> str:
+        """As :attr:`padlm.config.GenerationConfig.mix` spells it."""
+        if isinstance(self.weights, str):
+            return self.weights
+        return "fixed:" + ",".join(repr(float(w)) for w in self.weights)
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -111,6 +125,7 @@ class _Common(_Strict):
     preference: str | None = None
     strategy: str = "pad"
     pad: PadOptions | None = None
+    mix: MixOptions | None = None
     best_of: int | None = None
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None

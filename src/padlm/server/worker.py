@@ -50,8 +50,10 @@ class TokenEvent:
     token: int | None = None  # None: nothing was appended (an end-of-sequence token)
     piece: str | None = None  # the token's own text (only when rewards were asked for)
     reward: float | None = None
+    mix_weights: dict[str, float] | None = None  # this token's expert weights (mix)
     finish_reason: str | None = None
     text: str | None = None  # the full final text, on the finishing event
+    trace: list | None = None  # every token's expert weights, on the finishing event
     completion_tokens: int = 0
 
 
@@ -445,9 +447,12 @@ class BatchWorker:
             if job.token_rewards and appended:
                 item.piece = batch.tokenizer.decode([event.token])
                 item.reward = None if rewards is None else rewards[i]
+            if appended and event.row.trace:
+                item.mix_weights = event.row.trace[-1]
             if event.finished:
                 item.finish_reason = event.row.finish_reason
                 item.text = event.row.text
+                item.trace = event.row.trace or None
                 item.completion_tokens = len(event.row.tokens)
             outgoing.setdefault(id(job), (job, []))[1].append(item)
         complete: list[Job] = []
