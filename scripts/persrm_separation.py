@@ -35,6 +35,7 @@ from padlm import GenerationConfig, Personalizer
 from padlm.atomic import write_json_atomic
 from padlm.data.pools import default_pool_dir, self_instruct_prompts
 from padlm.data.splits import is_validation
+from padlm.evaluation.stats import standard_error
 from padlm.judges.guards import echo, loops
 from padlm.judges.text import vader_compound, word_count
 from padlm.preferences import PSOUPS
@@ -74,10 +75,6 @@ def paraphrased_echo(text: str, preference: str) -> bool:
              if len(w) >= 3 and w not in FRAME and w not in {"the", "and", "any", "for", "can"}}
     words = set(re.findall(r"[a-z]+", text.lower()))
     return sum(any(w.startswith(stem) for w in words) for stem in stems) >= min(3, len(stems))
-
-
-def standard_error(values: list[float]) -> float:
-    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
 
 
 def prompt_gaps(prefs: dict, a: str, b: str) -> dict[str, float]:

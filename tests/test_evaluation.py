@@ -19,7 +19,13 @@ from padlm.errors import PadlmError
 from padlm.evaluation import harness
 from padlm.evaluation.harness import EvalPlan, Job
 from padlm.evaluation.report import headline_table
-from padlm.evaluation.stats import bootstrap_ci, outcomes, win_rate
+from padlm.evaluation.stats import (
+    bootstrap_ci,
+    outcomes,
+    paired_differences,
+    standard_error,
+    win_rate,
+)
 from padlm.persrm import PersonalizedRewardModel
 from padlm.records import read_jsonl
 
@@ -74,6 +80,18 @@ def test_bootstrap_equals_naive_loop():
     lo, hi = bootstrap_ci(values, samples=500, seed=7)
     assert lo == pytest.approx(np.quantile(naive, 0.025))
     assert hi == pytest.approx(np.quantile(naive, 0.975))
+
+
+def test_paired_differences_by_hand():
+    # a - b per prompt: 0.5, 0, 0.5, 1 -> mean 0.5; sd = sqrt(((0)^2+(.5)^2+0+(.5)^2)/3)
+    a, b, c = [1.0, 0.5, 1.0, 1.0], [0.5, 0.5, 0.5, 0.0], [1.0, 1.0, 1.0, 1.0]
+    pairs = paired_differences({"a": a, "b": b, "c": c})
+    assert list(pairs) == ["a - b", "a - c", "b - c"]
+    assert pairs["a - b"] == {"difference": 0.5, "se": round((0.5 / 3) ** 0.5 / 2, 4),
+                              "prompts": 4}
+    assert pairs["a - c"]["difference"] == -0.125
+    assert standard_error([2.0, 4.0]) == pytest.approx(1.0)
+    assert np.isnan(standard_error([1.0]))
 
 
 # ---------------------------------------------------------------- harness on a tiny model
@@ -227,6 +245,41 @@ def test_combined_and_free_text_preferences(tiny_engine, prompts_file, tmp_path)
     assert sum(r["preference"] == "P1A+P2A+P3A" for r in records) == 5
 
 
+def test_expert_cells_with_their_mixing_weights(tiny_lm, prompts_file, tmp_path):
+    """``mix:uniform`` / ``mix:logit`` / ``soups`` cells on a combination: labelled as
+    named, decoded with that mix setting, summarised over the combination's cells with
+    paired SEs; new experts at the same path regenerate only the expert cells."""
+    plan = plan_for(prompts_file, preferences=["P1A+P2B"],
+                    strategies=["base", "prompt", "mix:uniform", "mix:logit", "soups"])
+    engine = Personalizer(tiny_lm, persrm="identity")
+    summary = harness.run(engine, plan, tmp_path, progress=False)
+    assert {r["label"] for r in summary["rows"]} == {"base", "prompt", "mix:uniform",
+                                                     "mix:logit", "soups"}
+    records = read_jsonl(tmp_path / harness.GENERATIONS)
+    logit = [r for r in records if r["label"] == "mix:logit"]
+    expected = engine.generate([harness.load_benchmark(prompts_file)[0]["prompt"]], "P1A+P2B",
+                               "mix", GenerationConfig(max_new_tokens=6, mix="logit"))[0]
+    assert logit[0]["text"] == expected.text
+    combos = summary["combinations"]
+    assert combos["cells"] == 2 and combos["combinations"] == ["P1A+P2B"]
+    assert list(combos["labels"]) == ["prompt", "mix:uniform", "mix:logit", "soups"]
+    for label, stats in combos["labels"].items():
+        mine = [r["win_rate"] for r in summary["rows"] if r["label"] == label]
+        assert stats["mean_win_rate"] == pytest.approx(np.mean(mine), abs=1e-4)
+    assert "mix:uniform - soups" in combos["paired"]
+    assert "## Combinations" in (tmp_path / "report.md").read_text()
+    # other experts (prompted, two dimensions only): only the expert cells rerun
+    from padlm.orchestration.experts import prompted_experts
+    experts = prompted_experts(tiny_lm, ("P1A", "P2B"))
+    engine = Personalizer(tiny_lm, persrm="identity", experts=experts)
+    assert engine.experts.fingerprint() != Personalizer(
+        tiny_lm, persrm="identity").experts.fingerprint()
+    harness.run(engine, plan, tmp_path, progress=False)
+    records = read_jsonl(tmp_path / harness.GENERATIONS)
+    assert sum(r["label"] == "prompt" for r in records) == 5
+    assert sum(r["label"] == "mix:uniform" for r in records) == 10
+
+
 def test_clear_errors(prompts_file):
     with pytest.raises(PadlmError, match="unknown strategy"):
         harness.jobs(plan_for(prompts_file, strategies=["base", "magic"]), 1.0)
@@ -239,6 +292,11 @@ def test_clear_errors(prompts_file):
     assert len(harness.load_benchmark("psoups")) == 50
     assert len(harness.load_benchmark("psoups", limit=3)) == 3
     assert Job("P1A", "pad", (("weight", 0.5),)).label == "pad@weight=0.5"
+    assert Job("P1A+P2B", "mix", (("mix", "pcm"),)).label == "mix:pcm"
+    assert harness.parse_cell("mix:logit") == ("mix", (("mix", "logit"),))
+    for entry in ("prompt:uniform", "mix:telepathy", "magic:pcm"):
+        with pytest.raises(PadlmError, match="unknown strategy|mixing weights"):
+            harness.parse_cell(entry)
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,14 @@ class ValueHead(nn.Module):
         return bool(torch.equal(self.weight.data, eye) and not self.bias.data.any())
 
 
+def tensor_fingerprint(header: str, tensors: Iterable[torch.Tensor]) -> str:
+    """16 hex digits of sha256 over ``header`` and the tensors' float32 bytes, in order."""
+    digest = hashlib.sha256(header.encode())
+    for tensor in tensors:
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class PersonalizedRewardModel:
     """A value head, optionally on top of a LoRA-adapted copy of the base backbone."""
 
@@ -107,16 +116,13 @@ class PersonalizedRewardModel:
         default top-k): caches keyed by it never mix two PersRMs saved at the same path."""
         # a conditioned PersRM hashes as before this field existed: old caches stay valid
         reference = ",reference=unconditioned" if self.config.unconditioned else ""
-        digest = hashlib.sha256(f"top_k={self.config.top_k}{reference}".encode())
         tensors = [self.head.weight, self.head.bias]
         if self.backbone is not None:
             from peft import get_peft_model_state_dict
 
             state = get_peft_model_state_dict(self.backbone, adapter_name=ADAPTER_NAME)
             tensors += [state[name] for name in sorted(state)]
-        for tensor in tensors:
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return tensor_fingerprint(f"top_k={self.config.top_k}{reference}", tensors)
 
     def reward_logits(
         self, hidden: torch.Tensor, lm_head_weight: torch.Tensor,

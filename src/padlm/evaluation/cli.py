@@ -18,6 +18,7 @@ import typer
 from padlm.cli_options import (
     DeviceOption,
     DtypeOption,
+    ExpertsOption,
     ModelOption,
     PersRMOption,
     PlacementOption,
@@ -57,8 +58,9 @@ def eval_command(
         help="Comma-separated preference ids, combinations (P1A+P2A+P3A) or free text "
              "(then name its judges with --judge).")] = DEFAULT_PREFERENCES,
     strategies: Annotated[str | None, typer.Option(
-        help="Comma-separated strategies; default: every registered strategy that needs no "
-             "orchestration experts (`padlm strategies` lists them).")] = None,
+        help="Comma-separated strategies, the expert ones with their mixing weights "
+             "(mix:pcm, mix:uniform, mix:logit, soups); default: every registered strategy "
+             "that needs no orchestration experts (`padlm strategies` lists them).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory (resumable).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use the first N prompts.")] = None,
     weights: Annotated[str, typer.Option(help="PAD weight sweep, e.g. 0,0.5,1,1.5 "
@@ -77,6 +79,7 @@ def eval_command(
         help="Direction for free-text preferences, e.g. friendliness:+ (repeatable).")] = None,
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
+    experts: ExpertsOption = "default",
     placement: PlacementOption = None,
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
@@ -131,7 +134,7 @@ def eval_command(
         dimensions(spec, plan.directions)
     jobs(plan, 1.0)  # unknown strategies fail here, before the model loads
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                          device=device)
+                          device=device, experts=experts)
     # the command that regenerates this report (flags that do not change results dropped)
     quiet = {"--no-generate", "--no-progress", "--progress", "--generate"}
     command = "padlm eval " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a not in quiet) \

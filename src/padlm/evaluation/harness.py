@@ -23,13 +23,19 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from padlm.atomic import write_json_atomic
-from padlm.config import GenerationConfig
+from padlm.config import MIX_MODES, GenerationConfig
 from padlm.errors import PadlmError
 from padlm.evaluation.report import write_report
-from padlm.evaluation.stats import bootstrap_ci, outcomes
+from padlm.evaluation.stats import (
+    bootstrap_ci,
+    outcomes,
+    paired_differences,
+    standard_error,
+)
 from padlm.judges import JUDGES, get_judge, primary_direction
 from padlm.judges import guards as _guards
 from padlm.preferences import PRESETS, PSOUPS, looks_like_ids, preference_ids, resolve_preference
@@ -46,6 +52,7 @@ SWEPT = "pad"  # the method under evaluation: --weights adds weights beside the 
 # Settings added after runs were first saved: left out of the key while at their default, so
 # those runs keep their keys (and are reused).
 LATER_SETTINGS = {"echo_guard": False, "mix": None}
+CELL_MIX = ":"  # --strategies mix:pcm = strategy mix with mixing weights pcm
 SCORE_JUDGES = ("expertise", "dale_chall", "informativeness", "content_words", "friendliness",
                 "relevance", "harmlessness")
 
@@ -68,7 +75,7 @@ class Job:
 
     preference: str  # the spec as the user wrote it ("" for base: it ignores preferences)
     strategy: str
-    params: tuple[tuple[str, float | int], ...] = ()
+    params: tuple[tuple[str, float | int | str], ...] = ()
 
     @property
     def params_dict(self) -> dict:
@@ -77,8 +84,12 @@ class Job:
     @property
     def label(self) -> str:
         """The strategy, plus its weight when the job sets one (the sweep's cells differ only
-        in it); a sampled strategy's ``n`` is one value for the whole run, so it is left out."""
-        weight = self.params_dict.get("weight")
+        in it) or its mixing weights (``mix:pcm``); a sampled strategy's ``n`` is one value for
+        the whole run, so it is left out."""
+        params = self.params_dict
+        if "mix" in params:
+            return f"{self.strategy}{CELL_MIX}{params['mix']}"
+        weight = params.get("weight")
         return self.strategy if weight is None else f"{self.strategy}@weight={weight:g}"
 
 
@@ -130,20 +141,33 @@ def dimensions(spec: str, directions: Sequence[tuple[str, int]]) -> list[Dimensi
     return [Dimension(f"{j}:{'+' if s > 0 else '-'}", j, s) for j, s in directions]
 
 
+def parse_cell(entry: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``pad`` -> (pad, ()); ``mix:pcm`` -> (mix, (("mix", "pcm"),)): an expert strategy with
+    its mixing weights (pcm | uniform | logit), checked here, before any model loads."""
+    strategy, _, mix = entry.partition(CELL_MIX)
+    known = strategy_names()
+    if strategy not in known:
+        raise PadlmError(f"unknown strategy {strategy}; choose from {', '.join(known)}")
+    if not mix:
+        return strategy, ()
+    if mix not in MIX_MODES or not strategy_class(strategy).spec.uses_experts:
+        raise PadlmError(f"{entry}: a cell's mixing weights go with an expert strategy "
+                         f"({', '.join(strategy_names(uses_experts=True))}) and are one of "
+                         f"{', '.join(MIX_MODES)}")
+    return strategy, (("mix", mix),)
+
+
 def jobs(plan: EvalPlan, recommended_weight: float) -> list[Job]:
     """Every cell to generate. The swept strategy (PAD) runs at the PersRM's recommended weight
     and at each sweep weight (deduplicated); sequence-level strategies (best-of-n) draw
-    ``plan.n`` samples; ``base`` runs once with no preference."""
-    known = strategy_names()
-    unknown = [s for s in plan.strategies if s not in known]
-    if unknown:
-        raise PadlmError(f"unknown strategy {', '.join(unknown)}; choose from "
-                         f"{', '.join(known)}")
+    ``plan.n`` samples; ``base`` runs once with no preference; ``mix:pcm`` is a cell of
+    strategy ``mix`` with mixing weights ``pcm``."""
+    cells = [parse_cell(entry) for entry in plan.strategies]
     # Strategy-major, the sweep and the sampled strategies (the costly ones) last: a run
     # stopped early still has complete cells for every preference of the cheap strategies.
     out, sweep, sampled = [Job("", BASE)], [], []
     sweep_weights = sorted({*map(float, plan.weights)} - {float(recommended_weight)})
-    for strategy in plan.strategies:
+    for strategy, params in cells:
         if strategy == BASE:
             continue
         sequence_level = strategy_class(strategy).spec.level == "sequence"
@@ -154,7 +178,7 @@ def jobs(plan: EvalPlan, recommended_weight: float) -> list[Job]:
             elif sequence_level:
                 sampled.append(Job(preference, strategy, (("n", plan.n),)))
             else:
-                out.append(Job(preference, strategy))
+                out.append(Job(preference, strategy, params))
     return out + sweep + sampled
 
 
@@ -175,12 +199,31 @@ def config_key(config: GenerationConfig, engine=None) -> dict:
     return data
 
 
-def record_key(prompt_id: str, job: Job, config: dict, persrm: str) -> str:
-    """``persrm`` (a PersRM fingerprint) counts only for the strategies that use the PersRM:
-    a newly trained PersRM regenerates those and reuses every other cell."""
-    uses_persrm = strategy_class(job.strategy).spec.uses_persrm
-    return json.dumps([prompt_id, job.preference, job.strategy, job.params_dict, config,
-                       persrm if uses_persrm else None], sort_keys=True)
+@dataclass(frozen=True)
+class CellKeys:
+    """What a stored response's key holds besides its prompt and job: the decoding settings
+    and the fingerprints of the models a strategy reads. A fingerprint counts only for the
+    strategies that use that model: a newly trained PersRM regenerates the PersRM cells and
+    reuses every other one, new experts or PCM the expert cells."""
+
+    config: dict
+    persrm: str
+    experts: str | None = None  # None: no cell of this run uses the experts
+
+    @classmethod
+    def of(cls, engine, plan: EvalPlan) -> CellKeys:
+        uses_experts = any(strategy_class(parse_cell(e)[0]).spec.uses_experts
+                           for e in plan.strategies)
+        return cls(config_key(plan.config, engine), engine.persrm.fingerprint(),
+                   engine.experts.fingerprint() if uses_experts else None)
+
+    def key(self, prompt_id: str, job: Job) -> str:
+        spec = strategy_class(job.strategy).spec
+        fields = [prompt_id, job.preference, job.strategy, job.params_dict, self.config,
+                  self.persrm if spec.uses_persrm else None]
+        if spec.uses_experts:  # appended: keys of the other strategies stay as they were
+            fields.append(self.experts)
+        return json.dumps(fields, sort_keys=True)
 
 
 # ---------------------------------------------------------------- stage 1: generate
@@ -197,9 +240,9 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
         dimensions(spec, plan.directions)  # validate before spending CPU
     todo = jobs(plan, engine.persrm.config.recommended_weight)
     path = out / GENERATIONS
-    cfg, persrm = config_key(plan.config, engine), engine.persrm.fingerprint()
+    keys = CellKeys.of(engine, plan)
     done = {r["key"] for r in read_jsonl(path)}
-    pending = [(job, [i for i in items if record_key(i["id"], job, cfg, persrm) not in done])
+    pending = [(job, [i for i in items if keys.key(i["id"], job) not in done])
                for job in todo]
     total = sum(len(missing) for _, missing in pending)
     log.info("%d responses to generate (%d already in %s)", total,
@@ -210,7 +253,7 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
         for job, missing in pending:
             guarded = plan.config.echo_guard and strategy_class(job.strategy).spec.echo_guard
             config = replace(plan.config, weight=job.params_dict.get("weight"),
-                             echo_guard=guarded)
+                             echo_guard=guarded, mix=job.params_dict.get("mix"))
             # a sampled job decodes n rows per prompt: keep its chunks as large in rows
             step = max(1, plan.batch_size // plan.n) if "n" in job.params_dict \
                 else plan.batch_size
@@ -221,11 +264,11 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
                                           job.strategy, config, batch_size=len(chunk), n=plan.n)
                 for item, result in zip(chunk, results, strict=True):
                     appender.write({
-                        "key": record_key(item["id"], job, cfg, persrm), "id": item["id"],
+                        "key": keys.key(item["id"], job), "id": item["id"],
                         "preference": job.preference, "strategy": job.strategy,
                         "params": job.params_dict, "label": job.label, "text": result.text,
                         "new_tokens": result.new_tokens, "finish_reason": result.finish_reason,
-                        "seconds": round(result.seconds, 4), "config": cfg,
+                        "seconds": round(result.seconds, 4), "config": keys.config,
                     })
                     produced += 1
                 bar.update(len(chunk))
@@ -290,15 +333,16 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     items = load_benchmark(plan.benchmark, plan.limit)
     prompts = {i["id"]: i["prompt"] for i in items}
     order = [i["id"] for i in items]
-    cfg, persrm = config_key(plan.config, engine), engine.persrm.fingerprint()
+    keys = CellKeys.of(engine, plan)
     by_key = {r["key"]: r for r in records}
     base_job = Job("", BASE)
     recommended = float(engine.persrm.config.recommended_weight)
     rows: list[dict] = []
     incomplete: list[dict] = []
+    combined: dict[str, dict[tuple[str, str], np.ndarray]] = {}  # label -> cell -> outcomes
 
     def cell(job: Job) -> list[dict] | None:
-        found = [by_key.get(record_key(pid, job, cfg, persrm)) for pid in order]
+        found = [by_key.get(keys.key(pid, job)) for pid in order]
         return None if any(r is None for r in found) else found
 
     base = cell(base_job)
@@ -349,10 +393,12 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
                        "base_judge_mean": _mean(x[dim.judge] for x in b)}
                 if len(dims) > 1 or preference_ids(spec) is None:
                     row["combination"] = spec
+                    if job.strategy != BASE:
+                        combined.setdefault(job.label, {})[spec, dim.label] = result
                 rows.append(row)
     summary = {
         "benchmark": plan.benchmark, "model": engine.lm.name, "persrm": persrm_info(engine),
-        "prompts": len(order), "limit": plan.limit, "generation": cfg,
+        "prompts": len(order), "limit": plan.limit, "generation": keys.config,
         "dtype": str(next(engine.lm.model.parameters()).dtype).removeprefix("torch."),
         "weights": sorted({recommended, *map(float, plan.weights)}),
         "bootstrap": {"samples": 2000, "confidence": 0.95, "seed": plan.bootstrap_seed,
@@ -364,7 +410,27 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     if command:
         summary["command"] = command
     summary["aggregate"] = aggregate(rows)
+    if combined:
+        summary["combinations"] = combination_summary(combined)
     return summary
+
+
+def combination_summary(combined: dict[str, dict[tuple[str, str], np.ndarray]]) -> dict:
+    """Per strategy label, the mean directional win rate over every (combination, dimension)
+    cell, with its standard error over prompts, and the paired difference of every two
+    labels. Only labels with every cell complete take part (they share the prompts)."""
+    cells = set().union(*(set(by_cell) for by_cell in combined.values()))
+    complete = {label: by_cell for label, by_cell in combined.items() if set(by_cell) == cells}
+    per_prompt = {label: np.mean([by_cell[c] for c in sorted(cells)], axis=0)
+                  for label, by_cell in complete.items()}
+    return {
+        "cells": len(cells),
+        "combinations": sorted({spec for spec, _ in cells}),
+        "labels": {label: {"mean_win_rate": round(float(values.mean()), 4),
+                           "se": round(standard_error(values), 4), "prompts": values.size}
+                   for label, values in per_prompt.items()},
+        "paired": paired_differences(per_prompt),
+    }
 
 
 def persrm_info(engine) -> dict:
@@ -427,8 +493,8 @@ def run(engine, plan: EvalPlan, out: Path, progress: bool = True, command: str |
         else read_jsonl(out / GENERATIONS)
     items = load_benchmark(plan.benchmark, plan.limit)
     prompts = {i["id"]: i["prompt"] for i in items}
-    cfg, persrm = config_key(plan.config, engine), engine.persrm.fingerprint()
-    wanted = {record_key(i["id"], job, cfg, persrm)
+    keys = CellKeys.of(engine, plan)
+    wanted = {keys.key(i["id"], job)
               for job in jobs(plan, engine.persrm.config.recommended_weight) for i in items}
     records = [r for r in records if r["key"] in wanted]
     scores = score(engine, records, prompts, out, progress=progress)

@@ -85,6 +85,24 @@ def headline_table(summary: dict) -> str:
                    "s/response", "tok/s"], body)
 
 
+def combinations_table(summary: dict) -> str:
+    """Strategy x mean directional win rate over every (combination, dimension) cell, with
+    its standard error over prompts, plus the guards averaged over the combination rows."""
+    body = []
+    for label, stats in summary["combinations"]["labels"].items():
+        mine = [r for r in summary["rows"] if r["label"] == label and "combination" in r]
+        body.append([label, stats["mean_win_rate"], stats["se"],
+                     *[_mean_of(mine, key) for key in ("relevance", "rep4", "echo_rate",
+                                                       "seconds_per_response")]])
+    return _table(["strategy", "mean win", "SE", "relevance", "rep-4", "echo", "s/response"],
+                  body)
+
+
+def _mean_of(rows: Sequence[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r[key] is not None]
+    return round(sum(values) / len(values), 4) if values else None
+
+
 def render_markdown(summary: dict) -> str:
     persrm = summary["persrm"]
     gen = summary["generation"]
@@ -121,6 +139,15 @@ def render_markdown(summary: dict) -> str:
         parts += ["", "Regenerate (or resume) with:", "", "```", summary["command"], "```"]
     parts += ["", "## Headline (mean over the P-Soups preferences evaluated)", "",
               headline_table(summary), ""]
+    if summary.get("combinations"):
+        combos = summary["combinations"]
+        parts += [f"## Combinations (mean over {combos['cells']} combination x dimension "
+                  f"cells: {', '.join(combos['combinations'])})", "",
+                  combinations_table(summary), "",
+                  "Paired differences of the mean win rate (same prompts; SE over prompts):",
+                  "", _table(["a - b", "difference", "SE"],
+                             [[pair, d["difference"], d["se"]]
+                              for pair, d in combos["paired"].items()]), ""]
     parts += ["## Per preference", ""]
     body = []
     for r in summary["rows"]:

@@ -7,7 +7,7 @@ score, e.g. an identical output) count one half, so a method that changes nothin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -36,3 +36,24 @@ def bootstrap_ci(values: Sequence[float], samples: int = BOOTSTRAP_SAMPLES,
     means = data[rng.integers(0, data.size, size=(samples, data.size))].mean(axis=1)
     alpha = (1 - confidence) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Of the mean: sample standard deviation / sqrt(n) (nan below two values)."""
+    data = np.asarray(values, dtype=float)
+    return float(data.std(ddof=1) / np.sqrt(data.size)) if data.size > 1 else float("nan")
+
+
+def paired_differences(per_prompt: Mapping[str, Sequence[float]]) -> dict[str, dict]:
+    """For every ordered pair of methods scored on the same prompts (in the same order):
+    the mean of ``a - b`` over prompts and its paired standard error, keyed ``"a - b"``.
+    Pairing removes what the prompts share, so it is the honest error of a difference."""
+    out = {}
+    names = list(per_prompt)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            diff = np.asarray(per_prompt[a], dtype=float) - np.asarray(per_prompt[b],
+                                                                        dtype=float)
+            out[f"{a} - {b}"] = {"difference": round(float(diff.mean()), 4),
+                                 "se": round(standard_error(diff), 4), "prompts": diff.size}
+    return out

@@ -35,7 +35,7 @@ from padlm.kvstream import KVStream, StreamOutput, response_hidden
 from padlm.models import LoadedModel, load_model
 from padlm.orchestration.encoding import requested_experts
 from padlm.orchestration.streams import AdapterLaneStream, LaneContext
-from padlm.persrm import ValueHead
+from padlm.persrm import ValueHead, tensor_fingerprint
 from padlm.preferences import PRESETS, PSOUPS
 from padlm.prompting import DEFAULT_PLACEMENT, render
 
@@ -186,7 +186,7 @@ class Experts:
         contexts = [self.contexts(p, row) for p, row in zip(prompts, lanes, strict=True)]
         expert_of = [d for row in lanes for d in self.lane_experts(row)]  # per (row, lane)
         states = []  # per stream: per (row, lane) hidden states and log-probs
-        for s, model in enumerate(self._stream_models()):
+        for s, model in enumerate(self.stream_models()):
             flat = [(i, lane) for i, ctx in enumerate(contexts) for lane in ctx[s]]
             ids = [list(lane) for _, lane in flat]
             targets = [responses[i] for i, _ in flat]
@@ -216,7 +216,8 @@ class Experts:
                             torch.stack([states[s][1][j] for s, j in picks], dim=1)))
         return results
 
-    def _stream_models(self) -> list[torch.nn.Module]:
+    def stream_models(self) -> list[torch.nn.Module]:
+        """The models whose forwards the experts' streams run."""
         if self.config.form == "models":
             return [model.model for model in self.models]
         return [self.backbone if self.config.form == "lora" else self.lm.model]
@@ -234,6 +235,16 @@ class Experts:
                 for name, tensor in lora_state(self.backbone, dimension).items():
                     out[f"lora.{dimension}.{name}"] = tensor.detach().float().cpu().contiguous()
         return out
+
+    def fingerprint(self) -> str:
+        """A short hash of what shapes the mixture's outputs (form, experts, placement,
+        weights, PCM), so evaluation caches never mix two experts saved at one path."""
+        shape = {key: value for key, value in asdict(self.config).items() if key != "training"}
+        pcm = {} if self.pcm is None else {f"pcm.{k}": v for k, v in
+                                           self.pcm.state_dict().items()}
+        tensors = dict(sorted({**self.tensors(), **pcm}.items()))
+        return tensor_fingerprint(json.dumps([shape, list(tensors)], sort_keys=True),
+                                  tensors.values())
 
     def write(self, directory: Path) -> None:
         """Write config and weights into an existing (staging) directory."""
