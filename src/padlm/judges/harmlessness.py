@@ -104,8 +104,8 @@ def default_judge() -> HarmlessnessJudge:
     return HarmlessnessJudge.load()
 
 
-def _fit(x_good: torch.Tensor, x_bad: torch.Tensor, weight_decay: float, steps: int = 300,
-         seed: int = 0) -> torch.Tensor:
+def fit_bradley_terry(x_good: torch.Tensor, x_bad: torch.Tensor, weight_decay: float,
+                      steps: int = 300, seed: int = 0) -> torch.Tensor:
     """Bradley-Terry logistic regression on feature differences, full batch, L-BFGS."""
     torch.manual_seed(seed)
     w = torch.zeros(x_good.shape[1], requires_grad=True)
@@ -122,7 +122,7 @@ def _fit(x_good: torch.Tensor, x_bad: torch.Tensor, weight_decay: float, steps: 
     return w.detach()
 
 
-def _accuracy(w: torch.Tensor, x_good: torch.Tensor, x_bad: torch.Tensor) -> float:
+def pairwise_accuracy(w: torch.Tensor, x_good: torch.Tensor, x_bad: torch.Tensor) -> float:
     margin = (x_good - x_bad) @ w
     return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
 
@@ -151,16 +151,16 @@ def train(data: Path, out: Path | None = None, holdout: float = 0.2, seed: int =
     fit_slice, val_slice = slice(0, n_train - n_val), slice(n_train - n_val, n_train)
     search = {}
     for decay in (1e-4, 1e-3, 1e-2, 1e-1):
-        w = _fit(good[fit_slice], bad[fit_slice], decay, seed=seed)
-        search[decay] = _accuracy(w, good[val_slice], bad[val_slice])
+        w = fit_bradley_terry(good[fit_slice], bad[fit_slice], decay, seed=seed)
+        search[decay] = pairwise_accuracy(w, good[val_slice], bad[val_slice])
     best = max(search, key=lambda d: (search[d], d))
-    w = _fit(good[:n_train], bad[:n_train], best, seed=seed)
+    w = fit_bradley_terry(good[:n_train], bad[:n_train], best, seed=seed)
     metrics = {
         "pairs": len(pairs), "train_pairs": n_train, "heldout_pairs": n_test,
         "weight_decay": best, "validation_accuracy_by_decay": {str(k): v for k, v in
                                                                search.items()},
-        "train_accuracy": _accuracy(w, good[:n_train], bad[:n_train]),
-        "heldout_accuracy": _accuracy(w, good[n_train:], bad[n_train:]),
+        "train_accuracy": pairwise_accuracy(w, good[:n_train], bad[:n_train]),
+        "heldout_accuracy": pairwise_accuracy(w, good[n_train:], bad[n_train:]),
     }
     config = {
         "kind": "bradley-terry linear head on [e(y), e(x)*e(y)], e = all-MiniLM-L6-v2 unit "
@@ -177,8 +177,6 @@ def train(data: Path, out: Path | None = None, holdout: float = 0.2, seed: int =
                       str(staging / "head.safetensors"))
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             (staging / "README.md").write_text(readme(config))
-            for path in (staging, *staging.iterdir()):  # mkdtemp makes them private
-                path.chmod(0o755 if path.is_dir() else 0o644)
     return config
 
 

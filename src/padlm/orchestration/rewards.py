@@ -23,7 +23,7 @@ from padlm.data.schema import PreferenceRow
 from padlm.data.splits import split_rows
 from padlm.errors import PadlmError
 from padlm.judges.embedding import MiniLMEncoder, default_encoder
-from padlm.judges.harmlessness import _accuracy, _fit, features
+from padlm.judges.harmlessness import features, fit_bradley_terry, pairwise_accuracy
 
 WEIGHTS_NAME = "rewards.safetensors"
 WEIGHT_DECAY = 1e-2  # held-out accuracy on the P1, P2, P3 pairs: 0.94, 0.65, 0.88
@@ -92,13 +92,13 @@ def train_rewards(rows: Sequence[PreferenceRow], dimensions: Sequence[str],
             raise PadlmError(f"no preference pairs for dimension {dimension}")
         train, held_out = split_rows(pairs)
         x_good, x_bad = _features(encoder, train)
-        weights[dimension] = _fit(x_good, x_bad, WEIGHT_DECAY)
+        weights[dimension] = fit_bradley_terry(x_good, x_bad, WEIGHT_DECAY)
+        train_accuracy = pairwise_accuracy(weights[dimension], x_good, x_bad)
         metrics[dimension] = {"train_pairs": len(train), "heldout_pairs": len(held_out),
-                              "train_accuracy": round(_accuracy(weights[dimension], x_good,
-                                                                x_bad), 4)}
+                              "train_accuracy": round(train_accuracy, 4)}
         if held_out:
             metrics[dimension]["heldout_accuracy"] = round(
-                _accuracy(weights[dimension], *_features(encoder, held_out)), 4)
+                pairwise_accuracy(weights[dimension], *_features(encoder, held_out)), 4)
     return DimensionRewards(weights, metrics, encoder)
 
 
