@@ -14,10 +14,11 @@ def test_every_bench_strategy_runs_and_counts_its_forwards(tiny_engine):
         # one backbone forward per step for every cached strategy, the LoRA PersRM included
         # (base and PersRM lanes share one batched forward); the released pattern runs two
         # full recomputations per token
-        # (a PersRM with an unconditioned reference adds a preference-free lane, not a pass)
+        # (a PersRM with an unconditioned reference adds a preference-free lane, not a pass;
+        # mix runs its three experts as three lanes of one forward, soups as one lane)
         assert passes == {"base": 1.0, "prompt": 1.0, "pad": 1.0, "pad-echo-guard": 1.0,
                           "pad-conditioned": 1.0,
                           "pad-unconditioned": 1.0, "pad-lora": 1.0, "linear-alignment": 1.0,
-                          "args": 1.0}
+                          "args": 1.0, "mix": 1.0, "soups": 1.0}
         assert rows["base", batch_size]["overhead_vs_base"] == 1.0
     assert "| reference-pad | 1 |" in markdown_table(result)

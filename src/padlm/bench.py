@@ -23,6 +23,7 @@ from padlm.errors import PadlmError
 from padlm.kvstream import decoder_of
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.prompting import render
+from padlm.registry import strategy_class
 from padlm.strategies import PadStrategy
 
 BENCH_PROMPT = (
@@ -34,8 +35,10 @@ BENCH_PROMPT = (
     "water, a torch and a little milk to see the same effect."
 )
 BENCH_PREFERENCE = "P1A"
+BENCH_COMBINATION = "P1A+P2B+P3A"  # mix and soups: three experts
 BENCH_STRATEGIES = ("base", "prompt", "pad", "pad-echo-guard", "pad-conditioned",
-                    "pad-unconditioned", "pad-lora", "linear-alignment", "args", "reference-pad")
+                    "pad-unconditioned", "pad-lora", "linear-alignment", "args", "mix",
+                    "soups", "reference-pad")
 
 
 def lora_persrm(engine: Personalizer) -> PersonalizedRewardModel:
@@ -114,8 +117,12 @@ def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens:
         return (lambda: engine.batch(pad).run(
             [engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), models)
     engine.strategy(strategy)  # fail early on a bad name
-    return (lambda: engine.generate(prompts, BENCH_PREFERENCE, strategy, config,
-                                    batch_size=batch_size), [engine.lm.model])
+    if strategy_class(strategy).spec.uses_experts:  # the engine's experts (and PCM)
+        preference, models = BENCH_COMBINATION, engine.experts.stream_models()
+    else:
+        preference, models = BENCH_PREFERENCE, [engine.lm.model]
+    return (lambda: engine.generate(prompts, preference, strategy, config,
+                                    batch_size=batch_size), models)
 
 
 def bench(engine: Personalizer, strategies: list[str], batch_sizes: list[int],

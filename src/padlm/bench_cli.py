@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from padlm.cli_options import DeviceOption, DtypeOption, ModelOption
+from padlm.cli_options import DeviceOption, DtypeOption, ExpertsOption, ModelOption
 from padlm.errors import PadlmError
 
 bench_app = typer.Typer(help="Benchmarks: decoding strategies (default) and the server.",
@@ -29,6 +29,7 @@ def bench_command(
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     repeats: Annotated[int, typer.Option()] = 3,
     model: ModelOption = "default",
+    experts: ExpertsOption = "default",
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -48,7 +49,7 @@ def bench_command(
     if min(sizes) < 1 or repeats < 1 or max_new_tokens < 1:
         raise PadlmError("--batch-size, --repeats and --max-new-tokens must be >= 1")
     console = Console(stderr=True)
-    engine = Personalizer(model, dtype=dtype, device=device)
+    engine = Personalizer(model, dtype=dtype, device=device, experts=experts)
     chosen = (list(BENCH_STRATEGIES) if strategies == "all"
               else [s.strip() for s in strategies.split(",") if s.strip()])
     result = bench(engine, chosen, sizes,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import product
+
 from padlm.errors import PadlmError
 
 PSOUPS: dict[str, str] = {
@@ -22,6 +24,10 @@ PAD_DIMENSIONS: dict[str, str] = {
 }
 
 PRESETS: dict[str, str] = {**PSOUPS, **PAD_DIMENSIONS}
+
+# P-Soups' eight combinations: one pole of each of the three axes
+PSOUPS_COMBINATIONS: tuple[str, ...] = tuple("+".join(c) for c in product(
+    ("P1A", "P1B"), ("P2A", "P2B"), ("P3A", "P3B")))
 
 OPPOSITE: dict[str, str] = {"P1A": "P1B", "P1B": "P1A", "P2A": "P2B", "P2B": "P2A",
                             "P3A": "P3B", "P3B": "P3A"}

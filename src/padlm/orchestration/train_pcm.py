@@ -46,12 +46,10 @@ from padlm.orchestration.experts import PCM_DIR, Experts
 from padlm.orchestration.pcm import PCMConfig, PreferenceControlModel
 from padlm.orchestration.rewards import DimensionRewards, train_rewards
 from padlm.orchestration.strategies import MixStrategy, pcm_weights
-from padlm.preferences import resolve_preference
+from padlm.preferences import PSOUPS_COMBINATIONS, resolve_preference
 from padlm.strategies import NEUTRAL, BaseStrategy
 
 log = logging.getLogger(__name__)
-COMBINATIONS = tuple("+".join(c) for c in product(("P1A", "P1B"), ("P2A", "P2B"),
-                                                   ("P3A", "P3B")))
 
 
 @dataclass
@@ -134,7 +132,7 @@ class PCMTrainer:
         self.train_prompts, held_out = prompt_pools(config.pool_dir or default_pool_dir())
         order = random.Random(config.seed).sample(held_out, len(held_out))
         self.eval_set = [(order[i].prompt, combo) for i, (combo, _) in enumerate(
-            product(COMBINATIONS, range(config.eval_per_combination)))]
+            product(PSOUPS_COMBINATIONS, range(config.eval_per_combination)))]
         self.rewards = rewards or train_rewards(load_rows(config.data)[0], experts.dimensions)
         self.references: dict[str, str] = {}
         torch.manual_seed(config.seed)
@@ -175,8 +173,9 @@ class PCMTrainer:
         """Two samples of the mixture for each of this step's (prompt, combination) pairs."""
         rng = random.Random(f"{self.config.seed}:{step}")
         count = self.config.prompts_per_step
+        combinations = PSOUPS_COMBINATIONS
         pairs = [(rng.choice(self.train_prompts).prompt,
-                  COMBINATIONS[(step * count + i) % len(COMBINATIONS)]) for i in range(count)]
+                  combinations[(step * count + i) % len(combinations)]) for i in range(count)]
         doubled = [pair for pair in pairs for _ in range(2)]
         seeds = [rng.randrange(2**31) for _ in doubled]
         rows = self.decode(doubled, 1.0, seeds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -29,6 +30,8 @@ import typer
 
 from padlm.cli_options import DtypeOption, ModelOption, PersRMOption
 from padlm.errors import PadlmError
+from padlm.preferences import PSOUPS_COMBINATIONS
+from padlm.registry import strategy_class
 
 BENCH_PROMPTS = (
     "Explain why the sky is blue.",
@@ -87,12 +90,21 @@ def summarize(clients: int, samples: Sequence[Sample], wall: float) -> dict:
     }
 
 
+@functools.cache
+def bench_preferences(strategy: str) -> tuple[str, ...]:
+    """The expert strategies get P-Soups' eight combinations (three experts each), the
+    others the single preferences and one pair."""
+    return PSOUPS_COMBINATIONS if strategy_class(strategy).spec.uses_experts \
+        else BENCH_PREFERENCES
+
+
 async def one_request(client: httpx.AsyncClient, url: str, index: int, max_tokens: int,
                       strategy: str) -> Sample:
     """A streaming chat request; time to first token = first chunk carrying content."""
+    preferences = bench_preferences(strategy)
     body = {"stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": BENCH_PROMPTS[index % len(BENCH_PROMPTS)]}],
-            "preference": BENCH_PREFERENCES[index % len(BENCH_PREFERENCES)],
+            "preference": preferences[index % len(preferences)],
             "strategy": strategy, "max_tokens": max_tokens, "ignore_eos": True}
     began = time.perf_counter()
     ttft, tokens = None, 0
@@ -239,8 +251,9 @@ def bench_serve(
         raise PadlmError(f"--clients must be integers, got {clients!r}") from None
     if not levels or min(levels) < 1 or requests < 1 or max_tokens < 1 or time_limit <= 0:
         raise PadlmError("--clients, --requests and --max-tokens must be >= 1, --time-limit > 0")
-    if strategy == "best-of-n":
-        raise PadlmError("bench serve streams; best-of-n cannot stream")
+    if strategy_class(strategy).spec.level == "sequence":
+        raise PadlmError(f"bench serve streams; {strategy} picks whole sequences and cannot "
+                         "stream")
     console = Console(stderr=True)
 
     def progress(line: str) -> None:
