@@ -424,3 +424,20 @@ def test_echo_guard_stops_linear_alignment_quoting_the_preference(default_engine
             reference.append(token)
     assert guarded.tokens == reference
     assert capped > 0  # the guard really acted on this decode
+
+
+def test_a_stream_without_logits_gives_the_same_hidden_states(tiny_lm):
+    """``KVStream(logits=False)`` runs only the transformer body: its last hidden states
+    equal those of the stream that also makes logits, at the prefill and at every step."""
+    from padlm.kvstream import KVStream
+
+    contexts = [render(tiny_lm.tokenizer, p, "", "user-prefix")
+                for p in ("Hi there.", "Tell me a long story about a cat.")]
+    full, bare = KVStream(tiny_lm.model, lanes=2), KVStream(tiny_lm.model, lanes=2, logits=False)
+    outs = [full.join(contexts), bare.join(contexts)]
+    assert outs[1].logits is None
+    for token in (5, 17, 3):
+        assert torch.allclose(outs[0].hidden, outs[1].hidden, atol=1e-5)
+        outs = [full.step(torch.tensor([token])), bare.step(torch.tensor([token]))]
+    with pytest.raises(ValueError, match="adapter"):
+        KVStream(tiny_lm.model, lanes=1, adapters=["a"], logits=False)

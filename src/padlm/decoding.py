@@ -297,9 +297,10 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 def _concat(old: StreamOutput, new: StreamOutput) -> StreamOutput:
-    return StreamOutput(torch.cat([old.logits, new.logits]), torch.cat([old.hidden, new.hidden]))
+    logits = None if old.logits is None else torch.cat([old.logits, new.logits])
+    return StreamOutput(logits, torch.cat([old.hidden, new.hidden]))
 
 
 def _select(out: StreamOutput, keep: Sequence[int]) -> StreamOutput:
     index = torch.tensor(keep, dtype=torch.long)
-    return StreamOutput(out.logits[index], out.hidden[index])
+    return StreamOutput(None if out.logits is None else out.logits[index], out.hidden[index])

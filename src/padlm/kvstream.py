@@ -19,7 +19,7 @@ from transformers import DynamicCache, PreTrainedModel
 class StreamOutput:
     """Last-position results of a forward: ``[requests, lanes, ...]``."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None: a stream built with ``logits=False``
     hidden: torch.Tensor
 
 
@@ -53,11 +53,18 @@ class KVStream:
     """Runs one causal LM over a growing batch, one token per row per step."""
 
     def __init__(
-        self, model: PreTrainedModel, lanes: int = 1, adapters: Sequence[str] | None = None
+        self, model: PreTrainedModel, lanes: int = 1, adapters: Sequence[str] | None = None,
+        logits: bool = True,
     ) -> None:
+        """``logits=False``: run the transformer body only and return hidden states, for
+        strategies that make their own logits from them (head experts, soups): the base
+        lm_head product per lane would be computed and thrown away."""
         if adapters is not None and len(adapters) != lanes:
             raise ValueError("one adapter name per lane")
+        if adapters is not None and not logits:
+            raise ValueError("adapter lanes run through the PEFT model, which makes logits")
         self.model = model
+        self.logits = logits
         self.lanes = lanes
         self.adapters = list(adapters) if adapters is not None else None
         self.device = next(model.parameters()).device
@@ -74,6 +81,12 @@ class KVStream:
         self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
         cache: DynamicCache,
     ) -> StreamOutput:
+        if not self.logits:
+            with torch.inference_mode():
+                hidden = self._decoder(input_ids=input_ids, attention_mask=mask,
+                                       position_ids=positions, past_key_values=cache,
+                                       use_cache=True).last_hidden_state[:, -1]
+            return StreamOutput(None, hidden.view(-1, self.lanes, hidden.shape[-1]))
         kwargs = {}
         if self.adapters is not None:
             kwargs["adapter_names"] = self.adapters * (input_ids.shape[0] // self.lanes)

@@ -127,7 +127,8 @@ class Experts:
             return [KVStream(model.model) for model in self.models]
         if self.config.form == "lora":
             return [AdapterLaneStream(self.backbone, self.lanes)]
-        return [KVStream(self.lm.model, lanes=self.lanes)]
+        # head experts make their logits from the hidden states (head_logits)
+        return [KVStream(self.lm.model, lanes=self.lanes, logits=self.config.form != "head")]
 
     def contexts(self, prompt, experts: Sequence[str]) -> list[list[list[int]]]:
         """Per stream, per lane: the prompt with that expert's preference text in context."""

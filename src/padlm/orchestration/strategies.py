@@ -180,7 +180,8 @@ class SoupsStrategy:
     def new_streams(self) -> list[KVStream]:
         if self.experts.config.form == "lora":
             return [AdapterLaneStream(self.experts.backbone, 1)]
-        return [KVStream(self.lm.model)]
+        # a head soup makes its logits from the hidden state
+        return [KVStream(self.lm.model, logits=self.experts.config.form != "head")]
 
     def contexts(self, request: Request) -> list[list[list[int]]]:
         ids, weights = self.soup(request)

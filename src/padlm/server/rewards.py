@@ -62,6 +62,8 @@ class TokenRewards:
         if batch.last_outputs is None or not rows:
             return None
         out = batch.last_outputs[0]
+        if out.logits is None:
+            return None  # a stream that makes no base logits (head experts, soups)
         lanes = batch.strategy.reward_lanes()
         if lanes is None and self.persrm.shares_backbone and not self.persrm.config.unconditioned:
             lanes = (0, 0)  # the head reads the hidden state this stream saw
