@@ -23,7 +23,6 @@ from padlm.errors import PadlmError
 from padlm.kvstream import decoder_of
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.prompting import render
-from padlm.registry import strategy_class
 from padlm.strategies import PadStrategy
 
 BENCH_PROMPT = (
@@ -116,8 +115,7 @@ def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens:
         models = [persrm.backbone or engine.lm.model]
         return (lambda: engine.batch(pad).run(
             [engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), models)
-    engine.strategy(strategy)  # fail early on a bad name
-    if strategy_class(strategy).spec.uses_experts:  # the engine's experts (and PCM)
+    if engine.strategy(strategy).spec.uses_experts:  # (a bad name fails here, early)
         preference, models = BENCH_COMBINATION, engine.experts.stream_models()
     else:
         preference, models = BENCH_PREFERENCE, [engine.lm.model]
