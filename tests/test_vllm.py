@@ -100,18 +100,11 @@ def hf_engine(default_lm, conditioned_persrm) -> Personalizer:
     return Personalizer(default_lm, persrm=conditioned_persrm)
 
 
-def _cpu_settings() -> None:
-    """vLLM's CPU build: a KV cache well below free memory, OpenMP on every core (its
-    default keeps one free); inherited by the processes vLLM spawns."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
-
-
 @pytest.fixture(scope="module")
 def vllm_engine(conditioned_persrm):
     from padlm.vllm.engine import VllmPersonalizer
 
-    _cpu_settings()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # beside the HF engine
     return VllmPersonalizer("default", persrm=conditioned_persrm, dtype="float32",
                             max_model_len=1024, seed=0)
 
@@ -162,6 +155,30 @@ def test_mixed_batch_equals_hf_engine(vllm_engine, hf_engine) -> None:
     assert ours[4] != ours[5], "PAD at weight 2 left the prompted output unchanged"
 
 
+@needs_vllm
+@pytest.mark.slow
+def test_repetition_control_equals_hf_engine(vllm_engine, hf_engine) -> None:
+    """padlm's response-only repetition penalty and no-repeat-ngram ban, applied before PAD's
+    candidates, in a mixed batch; each must change the greedy output (or the test could pass
+    on a processor that does nothing)."""
+    rows = [
+        ("base", PROMPTS[0], {"no_repeat_ngram_size": 2}),
+        ("prompt", PROMPTS[1], {"repetition_penalty": 1.5}),
+        ("pad", PROMPTS[0], {"weight": 1.0, "no_repeat_ngram_size": 2,
+                             "repetition_penalty": 1.3}),
+        ("base", PROMPTS[0], {}),
+        ("prompt", PROMPTS[1], {}),
+        ("pad", PROMPTS[0], {"weight": 1.0}),
+    ]
+    requests = [Request(prompt, resolve_preference("P1A"),
+                        GenerationConfig(max_new_tokens=48, **settings))
+                for _, prompt, settings in rows]
+    strategies = [row[0] for row in rows]
+    ours = [g.tokens for g in vllm_engine.generate_requests(requests, strategies)]
+    assert ours == _hf_tokens(hf_engine, requests, strategies)
+    assert all(ours[i] != ours[i + 3] for i in range(3)), "repetition control changed nothing"
+
+
 def test_refusals_come_before_the_engine_starts(conditioned_persrm) -> None:
     """What this engine cannot run (or would run with another meaning) is refused naming the
     strategy and the engine, without starting vLLM (which takes a minute)."""
@@ -170,9 +187,7 @@ def test_refusals_come_before_the_engine_starts(conditioned_persrm) -> None:
     engine = VllmPersonalizer("default", persrm=conditioned_persrm)
     engine.check("pad", GenerationConfig())
     for strategy, config in [("linear-alignment", GenerationConfig()),
-                             ("best-of-n", GenerationConfig()),
-                             ("pad", GenerationConfig(repetition_penalty=1.2)),
-                             ("base", GenerationConfig(no_repeat_ngram_size=3))]:
+                             ("best-of-n", GenerationConfig())]:
         with pytest.raises(PadlmError, match=f"{strategy} cannot run on the vllm engine"):
             engine.check(strategy, config)
     assert "llm" not in vars(engine)  # nothing started
@@ -191,9 +206,10 @@ def test_vllm_openai_server_runs_pad(conditioned_persrm, hf_engine, tmp_path) ->
     the HF engine, and a bad setting is an HTTP 400 (refused at admission, engine alive)."""
     import httpx
 
-    from padlm.vllm.engine import VllmPersonalizer
+    from padlm.vllm.engine import VllmPersonalizer, cpu_environment
 
-    _cpu_settings()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # beside the HF engine
+    cpu_environment()  # the server is vLLM's own: padlm's engine does not start it
     engine = VllmPersonalizer("default", persrm=conditioned_persrm, dtype="float32",
                               max_model_len=1024)
     port = _free_port()

@@ -18,6 +18,7 @@ from rich.console import Console
 from padlm.cli_options import (
     DeviceOption,
     DtypeOption,
+    EngineOption,
     ExpertsOption,
     ModelOption,
     PersRMOption,
@@ -71,10 +72,7 @@ def generate(
     placement: PlacementOption = None,
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
-    engine_name: Annotated[str, typer.Option(
-        "--engine", help="hf: padlm's decode loop; vllm: a vLLM engine (base, prompt, pad with "
-                         "a conditioned PersRM; make setup-vllm, then .venv-vllm/bin/padlm).")
-                           ] = "hf",
+    engine_name: EngineOption = "hf",
     prompts_file: Annotated[Path | None, typer.Option(help="JSON, JSONL or text file.")
                             ] = None,
     batch_size: Annotated[int, typer.Option()] = 8,
@@ -101,8 +99,9 @@ def generate(
     )
     check_request(strategy, config)
     items = load_prompts(prompts_file) if prompts_file else [{"id": "0", "prompt": prompt}]
-    if engine_name not in ("hf", "vllm"):
-        fail(f"--engine must be hf or vllm, not {engine_name!r}")
+    from padlm.devices import check_engine
+
+    check_engine(engine_name)
     # torch, transformers (and vLLM): only once the input is valid
     if engine_name == "vllm":
         if stream or device != "auto":

@@ -18,3 +18,7 @@ DtypeOption = Annotated[str | None, typer.Option(
     help="float32 | bfloat16 | float16; default: bfloat16 on CUDA, float32 on the CPU.")]
 DeviceOption = Annotated[str, typer.Option(
     help="auto | cpu | cuda | cuda:N; auto = CUDA when present.")]
+EngineOption = Annotated[str, typer.Option(
+    "--engine", help="hf: padlm's decode loop (every strategy); vllm: a vLLM engine (base, "
+                     "prompt, pad with a conditioned PersRM; make setup-vllm, then "
+                     ".venv-vllm/bin/padlm).")]

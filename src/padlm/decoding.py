@@ -268,14 +268,10 @@ class DecodeBatch:
 def _repetition_control(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
     """The same for every strategy, on the response tokens only (so the answer may still
     quote the question)."""
-    if any(row.config.repetition_penalty != 1.0 for row in rows):
-        logits = guidance.apply_repetition_penalty(
-            logits, [row.tokens for row in rows],
-            rows.column("repetition_penalty", 1.0, logits.device))
-    sizes = [row.config.no_repeat_ngram_size for row in rows]
-    if any(sizes):
-        logits = guidance.apply_no_repeat_ngram(logits, [row.tokens for row in rows], sizes)
-    return logits
+    return guidance.repetition_control(
+        logits, [row.tokens for row in rows],
+        [row.config.repetition_penalty for row in rows],
+        [row.config.no_repeat_ngram_size for row in rows])
 
 
 def _copy(generator: torch.Generator | None) -> torch.Generator | None:

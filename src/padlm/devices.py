@@ -1,7 +1,7 @@
-"""Which device and dtype to run on: ``auto`` means CUDA when present, else the CPU.
+"""Which engine, device and dtype to run on: ``auto`` means CUDA when present, else the CPU.
 
 One place decides, so the CLI, the server, the library and the trainers agree on what
-``--device auto`` and the default dtype mean.
+``--engine``, ``--device auto`` and the default dtype mean.
 """
 
 from __future__ import annotations
@@ -11,6 +11,15 @@ import torch
 from padlm.errors import PadlmError
 
 AUTO = "auto"
+# hf: padlm's own decode loop (every strategy); vllm: a vLLM engine (padlm.vllm)
+ENGINES = ("hf", "vllm")
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise PadlmError(f"--engine must be {' or '.join(ENGINES)}, not {engine!r}",
+                         param="engine")
+    return engine
 
 
 def resolve_device(device: str | torch.device = AUTO) -> torch.device:

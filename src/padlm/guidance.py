@@ -153,6 +153,20 @@ def apply_no_repeat_ngram(
     return out
 
 
+def repetition_control(
+    logits: torch.Tensor, previous: Sequence[Sequence[int]], penalties: Sequence[float],
+    ngram_sizes: Sequence[int],
+) -> torch.Tensor:
+    """Repetition penalty, then the no-repeat-ngram ban, on each row's own ``previous``
+    tokens: one definition for both engines (padlm's loop and its vLLM processor)."""
+    if any(penalty != 1.0 for penalty in penalties):
+        logits = apply_repetition_penalty(
+            logits, previous, torch.tensor(penalties, device=logits.device))
+    if any(ngram_sizes):
+        logits = apply_no_repeat_ngram(logits, previous, ngram_sizes)
+    return logits
+
+
 def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor, probe: int = 256) -> torch.Tensor:
     """Nucleus filtering per row; the most likely token always survives.
 

@@ -13,6 +13,7 @@ vLLM is imported when an engine is made, never at padlm import time.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,12 +39,24 @@ from padlm.vllm.requests import (
     check_persrm,
     engine_refusal,
     padlm_architecture,
+    repetition_extra_args,
 )
 
 PROCESSOR = "padlm.vllm.processor:PadLogitsProcessor"
+# before PAD's, so PAD takes its candidates from the controlled logits, as the HF loop does
+REPETITION_PROCESSOR = "padlm.vllm.repetition:RepetitionLogitsProcessor"
 # the one lane each supported strategy decodes (as their classes' build() choose on the HF
 # engine): base ignores the preference, prompt and pad see it
 LANE = {"base": NEUTRAL, "prompt": PREFERENCE, "pad": PREFERENCE}
+
+
+def cpu_environment() -> None:
+    """Defaults for vLLM's CPU build where the user set none (inherited by the processes
+    vLLM spawns): a KV cache of a quarter of the free memory (vLLM's own default can exceed
+    it on a small machine) and OpenMP on every core (vLLM's default leaves one idle)."""
+    free_gib = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(free_gib / 4))))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
 
 
 @dataclass(frozen=True)
@@ -86,8 +99,8 @@ class VllmPersonalizer:
     """A vLLM engine (``vllm.LLM``) serving padlm's ``base``, ``prompt`` and ``pad``.
 
     ``engine_args`` go to ``vllm.LLM`` unchanged (``max_model_len``, ``enforce_eager``,
-    ``tensor_parallel_size``, ...). On vLLM's CPU build set ``VLLM_CPU_KVCACHE_SPACE``
-    (GiB, below free memory) and, to use every core, ``VLLM_CPU_OMP_THREADS_BIND``.
+    ``tensor_parallel_size``, ...). On vLLM's CPU build :func:`cpu_environment` fills in
+    ``VLLM_CPU_KVCACHE_SPACE`` and ``VLLM_CPU_OMP_THREADS_BIND`` where they are unset.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, persrm: str | None = "default",
@@ -109,17 +122,20 @@ class VllmPersonalizer:
                                           or [])
         self.engine_args = {"model": self.path,
                             "dtype": dtype or default_dtype(resolve_device(AUTO)),
-                            "hf_overrides": {"architectures": [architecture]}, **engine_args}
+                            "hf_overrides": {"architectures": [architecture]},
+                            "logits_processors": [REPETITION_PROCESSOR], **engine_args}
         if self.persrm.runnable:
             self.engine_args.update(
                 additional_config={ADDITIONAL_CONFIG_KEY: {
                     "persrm": str(Path(self.persrm.path).resolve())}},
-                logits_processors=[PROCESSOR])
+                logits_processors=[REPETITION_PROCESSOR, PROCESSOR])
 
     @cached_property
     def llm(self):
         """The vLLM engine, started on first use (about a minute on a CPU), so that
         :meth:`check` can refuse a request before anything starts."""
+        if resolve_device(AUTO).type == "cpu":
+            cpu_environment()
         from vllm import LLM
 
         return LLM(**self.engine_args)
@@ -184,10 +200,6 @@ class VllmPersonalizer:
                      else "whole responses scored by padlm's own loop")
             raise engine_refusal(strategy, f"it needs {needs}; this engine runs "
                                  f"{', '.join(SUPPORTED)}")
-        if config.no_repeat_ngram_size or config.repetition_penalty != 1.0:
-            raise engine_refusal(strategy, "padlm's repetition control counts the response's "
-                                 "tokens and acts before PAD's candidates are chosen; vLLM's "
-                                 "counts the prompt too and acts after")
         if strategy == "pad" and not self.persrm.runnable:
             raise self.persrm.refusal
 
@@ -197,15 +209,15 @@ class VllmPersonalizer:
 
         config = request.config
         self.check(strategy, config)
-        extra = None
+        extra = repetition_extra_args(config)  # padlm's own, not vLLM's repetition_penalty
         if strategy == "pad":
-            extra = {EXTRA_KEY: {"weight": config.weight, "top_k": config.top_k,
-                                 "echo_guard": config.echo_guard,
-                                 "preference": request.preference}}
+            extra[EXTRA_KEY] = {"weight": config.weight, "top_k": config.top_k,
+                                "echo_guard": config.echo_guard,
+                                "preference": request.preference}
         return SamplingParams(max_tokens=config.max_new_tokens,
                               temperature=config.temperature, top_p=config.top_p,
                               seed=config.seed, stop=list(config.stop) or None,
-                              ignore_eos=config.ignore_eos, extra_args=extra)
+                              ignore_eos=config.ignore_eos, extra_args=extra or None)
 
 
 def _as_generation(completion, config: GenerationConfig, seconds: float) -> Generation:

@@ -15,10 +15,11 @@ for the PersRM logits at those k rows of the lm_head (:mod:`padlm.vllm.model` ke
 and writes PAD's scores back (``-inf`` off the candidates): the math is
 :mod:`padlm.guidance`'s, as on the HF engine. Other rows are untouched.
 
-Order against vLLM's own stages: V1 applies it before penalties, V2 after them (so a request
-combining vLLM's repetition penalty with PAD differs between the runners and from padlm's HF
-engine, which penalises the base logits before choosing candidates); temperature, top-p and
-min-p come after it in both, as on the HF engine.
+padlm's repetition control (``padlm_no_repeat_ngram_size``, ``padlm_repetition_penalty``)
+of a PAD row happens here, as on the HF engine: the candidates and the proposal come from the
+controlled logits, the reward from the raw ones. (vLLM's own repetition penalty counts the
+prompt and runs before this processor on V1, after it on V2: padlm never sets it.)
+Temperature, top-p and min-p come after it in both runners, as on the HF engine.
 """
 
 from __future__ import annotations
@@ -28,18 +29,18 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
-from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
-from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from padlm import guidance
 from padlm.errors import PadlmError
-from padlm.vllm.requests import ARCHITECTURES, pad_args
+from padlm.vllm.repetition import controlled
+from padlm.vllm.requests import ARCHITECTURES, RepetitionArgs, pad_args, repetition_args
+from padlm.vllm.rows import ActiveRow, TrackedRowsProcessor
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.sampling_params import SamplingParams
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
+
 
 @dataclass(frozen=True)
 class PadRow:
@@ -48,13 +49,13 @@ class PadRow:
     weight: float
     top_k: int
     guarded: torch.Tensor | None  # the echo guard's token ids, None without the guard
+    repetition: RepetitionArgs | None = None
 
 
-class PadLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
+class PadLogitsProcessor(TrackedRowsProcessor[PadRow]):
     """PAD for the rows that ask for it (see the module docstring for the two runners)."""
 
     def __init__(self, vllm_config: VllmConfig, *runner_args: Any) -> None:
-        # V1 passes (device, is_pin_memory), V2 (req_states): neither is needed
         from padlm.vllm.model import persrm_dir
 
         padlm_architectures = set(ARCHITECTURES.values())
@@ -65,13 +66,13 @@ class PadLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         if persrm_dir(vllm_config) is None:
             raise PadlmError("padlm's PAD logits processor needs a PersRM: start vLLM with "
                              'additional_config={"padlm": {"persrm": DIR}}')
-        self.vllm_config = vllm_config
-        self.rows: dict[int, PadRow] = {}  # V1: batch index; V2: request slot
+        super().__init__(vllm_config, *runner_args)
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         """Runs in the frontend at admission: a bad setting is an HTTP 400, not a crash."""
         pad_args(sampling_params.extra_args)
+        repetition_args(sampling_params.extra_args)
 
     @cached_property
     def _tokenizer(self):
@@ -83,7 +84,7 @@ class PadLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         return AutoTokenizer.from_pretrained(config.tokenizer,
                                              trust_remote_code=config.trust_remote_code)
 
-    def _row(self, params: SamplingParams) -> PadRow | None:
+    def settings_of(self, params: SamplingParams) -> PadRow | None:
         args = pad_args(params.extra_args)
         if args is None:
             return None
@@ -97,65 +98,20 @@ class PadLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             guarded = torch.tensor(preference_token_ids(self._tokenizer, args.preference),
                                    dtype=torch.long)
         return PadRow(saved.recommended_weight if args.weight is None else args.weight,
-                      args.top_k or saved.top_k or DEFAULT_TOP_K, guarded)
-
-    def _set(self, key: int, params: SamplingParams) -> bool:
-        row = self._row(params)
-        if row is None:
-            self.rows.pop(key, None)
-        else:
-            self.rows[key] = row
-        return row is not None
-
-    # --- V1 interface -------------------------------------------------------------------
-
-    def is_argmax_invariant(self) -> bool:
-        return False  # it changes the greedy choice: vLLM must apply it to greedy rows too
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        """Follow the persistent batch: removals, then additions, then moves (V1's order)."""
-        if batch_update is None:
-            return
-        for index in batch_update.removed:
-            self.rows.pop(index, None)
-        for index, params, _prompt, _output in batch_update.added:
-            self._set(index, params)
-        for source, target, direction in batch_update.moved:
-            moving, displaced = self.rows.pop(source, None), self.rows.pop(target, None)
-            if moving is not None:
-                self.rows[target] = moving
-            if direction == MoveDirectionality.SWAP and displaced is not None:
-                self.rows[source] = displaced
-
-    # --- V2 interface -------------------------------------------------------------------
-
-    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
-        return self._set(req_idx, sampling_params)
-
-    # --- both ---------------------------------------------------------------------------
+                      args.top_k or saved.top_k or DEFAULT_TOP_K, guarded,
+                      repetition_args(params.extra_args))
 
     def apply(self, logits: torch.Tensor, ctx: LogitsContext | None = None) -> torch.Tensor:
         """PAD's scores in place for the PAD rows (V1: row = batch index; V2: row ->
         request slot through ``ctx.idx_mapping_np``)."""
-        if not self.rows:
-            return logits
-        if ctx is None:
-            picked = sorted(self.rows)
-            settings = [self.rows[index] for index in picked]
-        else:
-            slots = ctx.idx_mapping_np.tolist()
-            if len(slots) != logits.shape[0]:
-                raise PadlmError("PAD on vLLM needs one logits row per request (no "
-                                 "speculative decoding)")
-            picked = [row for row, slot in enumerate(slots) if slot in self.rows]
-            settings = [self.rows[slots[row]] for row in picked]
-        if picked:
-            apply_pad(logits, picked, settings)
+        rows = self.active_rows(logits.shape[0], ctx)
+        if rows:
+            apply_pad(logits, rows)
         return logits
 
 
-def apply_pad(logits: torch.Tensor, picked: list[int], settings: list[PadRow]) -> None:
-    """Replace the ``picked`` rows of ``logits`` with PAD's scores, in place."""
+def apply_pad(logits: torch.Tensor, rows: list[ActiveRow[PadRow]]) -> None:
+    """Replace the PAD rows of ``logits`` with PAD's scores, in place."""
     from padlm.vllm.model import active_model
 
     model = active_model()
@@ -163,16 +119,18 @@ def apply_pad(logits: torch.Tensor, picked: list[int], settings: list[PadRow]) -
         raise PadlmError("PAD on vLLM needs the hidden state of every logits row (no "
                          "speculative decoding or batch-sharded sampling)")
     device = logits.device
-    rows = torch.tensor(picked, device=device)
-    base = logits[rows]
-    k = torch.tensor([row.top_k for row in settings], device=device)
-    candidates, valid = guidance.top_k_candidates(base, k)
+    settings = [row.settings for row in rows]
+    index = torch.tensor([row.index for row in rows], device=device)
+    base = logits[index]
+    proposal = controlled(base, rows, [s.repetition for s in settings])
+    k = torch.tensor([s.top_k for s in settings], device=device)
+    candidates, valid = guidance.top_k_candidates(proposal, k)
     echo = None
-    if any(row.guarded is not None for row in settings):
+    if any(s.guarded is not None for s in settings):
         echo = guidance.echo_candidates(candidates, [
-            None if row.guarded is None else row.guarded.to(device) for row in settings])
+            None if s.guarded is None else s.guarded.to(device) for s in settings])
     scores = guidance.pad_scores(
-        base.gather(1, candidates), model.reward_logits(rows, candidates),
-        torch.tensor([row.weight for row in settings], device=device, dtype=base.dtype),
-        valid, echo=echo)
-    logits[rows] = guidance.scatter_to_vocab(candidates, scores, logits.shape[-1])
+        base.gather(1, candidates), model.reward_logits(index, candidates),
+        torch.tensor([s.weight for s in settings], device=device, dtype=base.dtype),
+        valid, proposal.gather(1, candidates), echo=echo)
+    logits[index] = guidance.scatter_to_vocab(candidates, scores, logits.shape[-1])

@@ -19,6 +19,9 @@ ENGINE = "vllm"
 EXTRA_KEY = "padlm"  # SamplingParams.extra_args["padlm"] = {"weight": ..., "top_k": ..., ...}
 FLAT_PREFIX = "padlm_"  # vllm_xargs over HTTP holds no nested objects: padlm_weight=0.8, ...
 FIELDS = ("weight", "top_k", "echo_guard", "preference")
+# padlm's response-only repetition control (padlm.vllm.repetition), flat keys only:
+# extra_args={"padlm_no_repeat_ngram_size": 3}; any request may ask, PAD or not
+REPETITION_FIELDS = ("no_repeat_ngram_size", "repetition_penalty")
 # strategies this engine runs: the ones whose every context is one sequence that vLLM can
 # schedule alone (pad only with a conditioned PersRM on the shared backbone)
 SUPPORTED = ("base", "prompt", "pad")
@@ -49,7 +52,8 @@ def pad_args(extra_args: Mapping[str, Any] | None) -> PadArgs | None:
         return None
     nested = extra_args.get(EXTRA_KEY)
     flat = {key.removeprefix(FLAT_PREFIX): value for key, value in extra_args.items()
-            if key.startswith(FLAT_PREFIX)}
+            if key.startswith(FLAT_PREFIX)
+            and key.removeprefix(FLAT_PREFIX) not in REPETITION_FIELDS}
     if nested is None and not flat:
         return None
     if nested is not None and not isinstance(nested, Mapping):
@@ -72,6 +76,28 @@ def pad_args(extra_args: Mapping[str, Any] | None) -> PadArgs | None:
     checked = GenerationConfig(weight=settings.get("weight"), top_k=settings.get("top_k"),
                                echo_guard=bool(echo_guard))
     return PadArgs(checked.weight, checked.top_k, checked.echo_guard, preference)
+
+
+@dataclass(frozen=True)
+class RepetitionArgs:
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+
+
+def repetition_args(extra_args: Mapping[str, Any] | None) -> RepetitionArgs | None:
+    """The repetition control a request asks for, or None when it asks for none; validated
+    as GenerationConfig validates it, so errors read as on the HF engine."""
+    settings = {name: (extra_args or {})[FLAT_PREFIX + name] for name in REPETITION_FIELDS
+                if FLAT_PREFIX + name in (extra_args or {})}
+    checked = GenerationConfig(**settings)
+    args = RepetitionArgs(checked.no_repeat_ngram_size, checked.repetition_penalty)
+    return None if args == RepetitionArgs() else args
+
+
+def repetition_extra_args(config: GenerationConfig) -> dict[str, Any]:
+    """``config``'s repetition control as ``extra_args`` entries (empty when off)."""
+    return {FLAT_PREFIX + name: getattr(config, name) for name in REPETITION_FIELDS
+            if getattr(config, name) != getattr(GenerationConfig, name)}
 
 
 def engine_refusal(strategy: str, why: str) -> PadlmError:
