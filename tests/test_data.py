@@ -167,6 +167,7 @@ class FakeTeacher:
 
     name = "fake-teacher"
     placement = "system"
+    engine_name = "fake"
 
     def __init__(self, refuse: tuple[str, ...] = ()) -> None:
         self.refuse = refuse

@@ -179,6 +179,47 @@ def test_repetition_control_equals_hf_engine(vllm_engine, hf_engine) -> None:
     assert all(ours[i] != ours[i + 3] for i in range(3)), "repetition control changed nothing"
 
 
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_sampler_rows_depend_on_their_seed_only(vllm_engine) -> None:
+    """A teacher response is a function of its own seed, not of the chunk it was sampled in
+    (what makes a resumed build reproducible)."""
+    from padlm.data.samplers import SampleRequest, SamplingSettings, VllmSampler
+
+    sampler = VllmSampler(vllm_engine)
+    requests = [SampleRequest([{"role": "user", "content": prompt}], "Be brief.", seed, 0.9)
+                for seed, prompt in enumerate((*PROMPTS, "Name three rivers."))]
+    settings = SamplingSettings(max_new_tokens=16)
+    together = sampler.sample(requests, settings)
+    alone = sampler.sample(requests[2:], settings)
+    assert together[2] == alone[0]
+    assert together[0].text != sampler.sample([dataclasses.replace(
+        requests[0], seed=99)], settings)[0].text
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_data_build_on_the_vllm_engine(tmp_path) -> None:
+    """``padlm data build --engine vllm`` end to end on the default model: rows name their
+    sampler, the build record names the engine, and a rerun resumes without sampling."""
+    import json
+
+    out = tmp_path / "pairs.jsonl"
+    args = [sys.executable, "-m", "padlm", "data", "build", "--out", str(out), "--engine",
+            "vllm", "--axes", "P2", "--limit", "2", "--batch-size", "4", "--max-new-tokens",
+            "24", "--mode", "sample"]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    generated = [row for row in rows if row["dimension"] in ("P2A", "P2B")]
+    assert generated and all(row["meta"]["sampler"] == "SmolLM2-135M-Instruct"
+                             for row in generated)
+    [run] = json.loads((tmp_path / "pairs.build.json").read_text())["runs"]
+    assert run["engine"] == "vllm" and run["generated_tokens"] > 0
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 0 and out.read_text().count("\n") == len(rows)
+
+
 def test_refusals_come_before_the_engine_starts(conditioned_persrm) -> None:
     """What this engine cannot run (or would run with another meaning) is refused naming the
     strategy and the engine, without starting vLLM (which takes a minute)."""

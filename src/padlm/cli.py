@@ -171,7 +171,9 @@ def _register_subcommands() -> None:
     from padlm.bench_cli import register as register_bench
 
     register_bench(app)
-    from padlm.training.cli import register as register_training; register_training(app)  # noqa: E702,I001
+    from padlm.training.cli import register as register_training
+
+    register_training(app)
     from padlm.orchestration.cli import register as register_orchestration
 
     register_orchestration(app)

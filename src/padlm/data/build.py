@@ -346,7 +346,8 @@ class _Record:
         self.path = record_path(config.out)
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.run = {"command": config.command, "started": _now(), "sampler": sampler.name,
-                    "placement": sampler.placement, "seed": config.seed,
+                    "engine": sampler.engine_name, "placement": sampler.placement,
+                    "seed": config.seed,
                     "modes": {a: config.mode_of(a) for a in config.axes if a in AXES},
                     "max_new_tokens": config.max_new_tokens,
                     "temperature": config.temperature, "top_p": config.top_p,

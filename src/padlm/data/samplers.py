@@ -15,8 +15,10 @@ from typing import Protocol
 
 import httpx
 
-from padlm.decoding import GenerationConfig
+from padlm.decoding import GenerationConfig, Request
+from padlm.devices import check_engine
 from padlm.errors import PadlmError
+from padlm.preferences import resolve_preference
 from padlm.prompting import Message
 
 API_KEY_ENV = "PADLM_SAMPLER_API_KEY"
@@ -49,6 +51,7 @@ class SamplingSettings:
 class Sampler(Protocol):
     name: str  # recorded in every row it wrote
     placement: str
+    engine_name: str  # what decoded: hf, vllm, or the endpoint's own server
 
     def sample(self, requests: Sequence[SampleRequest], settings: SamplingSettings
                ) -> list[Sample]: ...
@@ -59,6 +62,8 @@ class LocalSampler:
     strategy: every row has its own seeded generator, so a response depends on its seed
     only, not on which rows shared its batch."""
 
+    engine_name = "hf"
+
     def __init__(self, engine) -> None:
         self.engine = engine
         self.name = engine.lm.name
@@ -66,13 +71,36 @@ class LocalSampler:
 
     def sample(self, requests: Sequence[SampleRequest], settings: SamplingSettings
                ) -> list[Sample]:
-        batch = [self.engine.request(r.messages, r.instruction, GenerationConfig(
-            max_new_tokens=settings.max_new_tokens, temperature=r.temperature,
-            top_p=settings.top_p, seed=r.seed,
-            no_repeat_ngram_size=settings.no_repeat_ngram_size)) for r in requests]
+        return self._decode([Request(r.messages, resolve_preference(r.instruction),
+                                     GenerationConfig(
+                                         max_new_tokens=settings.max_new_tokens,
+                                         temperature=r.temperature, top_p=settings.top_p,
+                                         seed=r.seed,
+                                         no_repeat_ngram_size=settings.no_repeat_ngram_size))
+                             for r in requests])
+
+    def _decode(self, batch: list[Request]) -> list[Sample]:
         rows = self.engine.batch("prompt").run(batch)
         return [Sample(row.text, len(row.tokens), row.finish_reason == "length")
                 for row in rows]
+
+
+class VllmSampler(LocalSampler):
+    """The same model and contexts on a vLLM engine (``--engine vllm``): vLLM schedules the
+    whole chunk at once, continuously batched. Seeded per row too, but with vLLM's own random
+    numbers, so its samples differ from the HF engine's for the same seed."""
+
+    engine_name = "vllm"
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.name = engine.model_name
+        self.placement = engine.placement
+
+    def _decode(self, batch: list[Request]) -> list[Sample]:
+        outputs = self.engine.generate_requests(batch, ["prompt"] * len(batch))
+        return [Sample(out.text, len(out.tokens), out.finish_reason == "length")
+                for out in outputs]
 
 
 class EndpointSampler:
@@ -81,6 +109,7 @@ class EndpointSampler:
     requested one at a time (the server batches concurrent users itself)."""
 
     placement = "system"
+    engine_name = "endpoint"
 
     def __init__(self, base_url: str, model: str | None = None, api_key_env: str = API_KEY_ENV,
                  timeout: float = 600.0) -> None:
@@ -132,16 +161,28 @@ def is_endpoint(spec: str) -> bool:
 
 
 def open_sampler(spec: str, placement: str | None = None, dtype: str | None = None,
-                 endpoint_model: str | None = None, api_key_env: str = API_KEY_ENV
-                 ) -> Sampler:
+                 endpoint_model: str | None = None, api_key_env: str = API_KEY_ENV,
+                 engine: str = "hf") -> Sampler:
     """``spec`` is a URL (an endpoint) or anything ``--model`` takes (alias, directory, hub
-    id). A local model's placement defaults to the one measured to work for it."""
+    id), decoded by padlm's loop (``engine="hf"``) or vLLM (``"vllm"``). A local model's
+    placement defaults to the one measured to work for it."""
+    check_engine(engine)
     if is_endpoint(spec):
+        if engine != "hf":
+            raise PadlmError(f"--engine {engine} applies to a local sampler; the endpoint "
+                             f"{spec} decodes on its own server")
         if not spec.rstrip("/").endswith("/v1"):
             raise PadlmError(f"sampler URL {spec} must end in /v1 (an OpenAI-compatible API)")
         return EndpointSampler(spec, endpoint_model, api_key_env)
-    from padlm.engine import Personalizer
     from padlm.models import preferred_placement
 
+    placement = placement or preferred_placement(spec)
+    if engine == "vllm":
+        from padlm.vllm.engine import VllmPersonalizer
+
+        return VllmSampler(VllmPersonalizer(spec, persrm="identity", dtype=dtype,
+                                            placement=placement))
+    from padlm.engine import Personalizer
+
     return LocalSampler(Personalizer(spec, persrm="identity", dtype=dtype,
-                                     placement=placement or preferred_placement(spec)))
+                                     placement=placement))

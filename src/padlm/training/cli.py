@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from padlm.cli_options import ModelOption, PlacementOption
+from padlm.cli_options import EngineOption, ModelOption, PlacementOption
 from padlm.data.axes import DEFAULT_AXES, check_axes
 from padlm.errors import PadlmError
 
@@ -91,6 +91,7 @@ def data_build(
     placement: SamplerPlacementOption = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (faster sampling).")
                      ] = "bfloat16",
+    engine: EngineOption = "hf",
 ) -> None:
     """Build a multi-preference dataset offline (a sampler's contrastive pairs + HH-RLHF)."""
     from tqdm import tqdm
@@ -106,7 +107,7 @@ def data_build(
     axis_names = check_axes(_csv(axes) or DEFAULT_AXES)
     parsed = _parse_modes(mode)
     pools = pool_dir or default_pool_dir()
-    chosen = open_sampler(sampler, placement, dtype, sampler_model, api_key_env)
+    chosen = open_sampler(sampler, placement, dtype, sampler_model, api_key_env, engine)
     default_mode, modes = parsed or _auto_modes(out, chosen.name)
     config = BuildConfig(
         out=out, pool_dir=pools, limit=limit, seed=seed, batch_size=batch_size,
