@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from padlm.config import GenerationConfig
 from padlm.decoding import Request
 from padlm.devices import AUTO, default_dtype, resolve_device
-from padlm.engine import Generation, default_persrm_dir, shipped_base
+from padlm.engine import Generation, ServedModel, default_persrm_dir, eos_ids, shipped_base
 from padlm.errors import PadlmError
 from padlm.models import DEFAULT_MODEL, resolve_model_path
 from padlm.persrm import CONFIG_NAME, PersRMConfig
@@ -34,6 +34,7 @@ from padlm.registry import check_request, strategy_class
 from padlm.strategies import NEUTRAL, PREFERENCE, render_lanes
 from padlm.vllm.requests import (
     ADDITIONAL_CONFIG_KEY,
+    ENGINE,
     EXTRA_KEY,
     SUPPORTED,
     check_persrm,
@@ -41,6 +42,9 @@ from padlm.vllm.requests import (
     padlm_architecture,
     repetition_extra_args,
 )
+
+if TYPE_CHECKING:
+    from padlm.vllm.batch import VllmBatch, VllmRouter
 
 PROCESSOR = "padlm.vllm.processor:PadLogitsProcessor"
 # before PAD's, so PAD takes its candidates from the controlled logits, as the HF loop does
@@ -109,21 +113,32 @@ class VllmPersonalizer:
         if placement is not None and placement not in PLACEMENTS:
             raise PadlmError(f"unknown placement {placement!r}; choose one of "
                              f"{', '.join(PLACEMENTS)}", param="placement")
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         self.path = resolve_model_path(model)
         # the HF engine's name for a named model is its directory's (load_model)
         self.model_name = Path(self.path).name if Path(self.path).is_dir() else model
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.hf_config = AutoConfig.from_pretrained(self.path)
+        try:
+            generation = GenerationConfig.from_pretrained(self.path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            generation = None
+        self.eos_ids = eos_ids(self.tokenizer, generation)
         self.persrm = choose_persrm(persrm, self.model_name)
         saved = self.persrm.config
         self.placement = placement or (saved.placement if saved else DEFAULT_PLACEMENT)
-        architecture = padlm_architecture(AutoConfig.from_pretrained(self.path).architectures
-                                          or [])
+        architecture = padlm_architecture(self.hf_config.architectures or [])
         self.engine_args = {"model": self.path,
                             "dtype": dtype or default_dtype(resolve_device(AUTO)),
                             "hf_overrides": {"architectures": [architecture]},
                             "logits_processors": [REPETITION_PROCESSOR], **engine_args}
+        if resolve_device(AUTO).type == "cpu" and "enable_chunked_prefill" not in engine_args:
+            # vLLM's CPU build fails a whole step ("CPU Generator does not use offset") when a
+            # seeded request's prefill is split across steps: prefill whole prompts instead
+            length = engine_args.get("max_model_len") or self.hf_config.max_position_embeddings
+            self.engine_args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(
+                int(length), int(engine_args.get("max_num_batched_tokens") or 0)))
         if self.persrm.runnable:
             self.engine_args.update(
                 additional_config={ADDITIONAL_CONFIG_KEY: {
@@ -157,7 +172,7 @@ class VllmPersonalizer:
                           ) -> list[Generation]:
         """Decode requests that each name their strategy, all in one vLLM batch (rows with
         different strategies, preferences and weights side by side)."""
-        params = [self._sampling_params(r, s) for r, s in zip(requests, strategies,
+        params = [self.sampling_params(r, s) for r, s in zip(requests, strategies,
                                                               strict=True)]
         prompts = [{"prompt_token_ids": self.prompt_ids(request, name)}
                    for request, name in zip(requests, strategies, strict=True)]
@@ -203,9 +218,12 @@ class VllmPersonalizer:
         if strategy == "pad" and not self.persrm.runnable:
             raise self.persrm.refusal
 
-    def _sampling_params(self, request: Request, strategy: str):
-        """padlm's settings as vLLM's (after :meth:`check`)."""
+    def sampling_params(self, request: Request, strategy: str, stream: bool = False):
+        """padlm's settings as vLLM's (after :meth:`check`). ``stream``: for a
+        :class:`~padlm.vllm.batch.VllmBatch`, which reads each step's new token ids and
+        applies padlm's own stop rules to them (vLLM neither detokenizes nor stops on text)."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         config = request.config
         self.check(strategy, config)
@@ -214,10 +232,44 @@ class VllmPersonalizer:
             extra[EXTRA_KEY] = {"weight": config.weight, "top_k": config.top_k,
                                 "echo_guard": config.echo_guard,
                                 "preference": request.preference}
+        text = {"output_kind": RequestOutputKind.DELTA, "detokenize": False} if stream else {
+            "stop": list(config.stop) or None}
         return SamplingParams(max_tokens=config.max_new_tokens,
                               temperature=config.temperature, top_p=config.top_p,
-                              seed=config.seed, stop=list(config.stop) or None,
-                              ignore_eos=config.ignore_eos, extra_args=extra or None)
+                              seed=config.seed, ignore_eos=config.ignore_eos,
+                              extra_args=extra or None, **text)
+
+    # --- serving: padlm serve --engine vllm ----------------------------------------------
+
+    @cached_property
+    def router(self) -> VllmRouter:
+        from padlm.vllm.batch import VllmRouter
+
+        return VllmRouter(self.llm.llm_engine)
+
+    def batch(self, strategy: str) -> VllmBatch:
+        """A view on the shared engine for one strategy's rows (the server's worker keeps
+        one per strategy; vLLM batches them all together)."""
+        from padlm.vllm.batch import VllmBatch
+
+        self.check(strategy, GenerationConfig())
+        return VllmBatch(self, self.router, strategy)
+
+    def contexts(self, strategy: str, request: Request) -> list[list[list[int]]]:
+        """The one context this engine decodes for ``request`` (one stream, one lane)."""
+        return [[self.prompt_ids(request, strategy)]]
+
+    def served_model(self) -> ServedModel:
+        """Starts the engine (the server needs its context length)."""
+        import copy
+
+        strategies = SUPPORTED if self.persrm.runnable else tuple(
+            s for s in SUPPORTED if s != "pad")
+        return ServedModel(
+            self.model_name, copy.deepcopy(self.tokenizer),
+            int(self.llm.llm_engine.model_config.max_model_len),
+            int(self.hf_config.get_text_config().vocab_size), self.persrm.path,
+            self.persrm.config, strategies, ENGINE, False)
 
 
 def _as_generation(completion, config: GenerationConfig, seconds: float) -> Generation:
