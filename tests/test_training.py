@@ -225,6 +225,24 @@ def test_train_save_load_round_trip_gives_identical_logits(tiny_lm, tmp_path):
     assert not list(tmp_path.glob("*.checkpoint.pt"))
 
 
+def test_held_out_axis_rows_are_never_trained_and_all_validate(tiny_lm, tmp_path):
+    """Rows of a held-out axis (the unseen-preference test) stay out of training whatever
+    their prompt's split, and every one of them is in the validation set."""
+    from padlm.training.pipeline import prepare
+
+    rows = tiny_rows()
+    for row in rows:
+        if row.dimension == "P2B":
+            row.meta["held_out"] = True
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(r.to_json() + "\n" for r in rows))
+    prepared = prepare(tiny_lm, TrainConfig(data=data, out=tmp_path / "out",
+                                            cache_dir=tmp_path / "cache",
+                                            validation_fraction=0.3, label_filter="none"))
+    assert {r.dimension for r in prepared.train_rows} == {"P2A"}
+    assert sum(r.dimension == "P2B" for r in prepared.val_rows) == len(PROMPTS)
+
+
 def test_unconditioned_training_saves_its_reference_and_reports_the_untrained_head(
         tiny_lm, tmp_path):
     data = tmp_path / "d.jsonl"

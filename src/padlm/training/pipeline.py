@@ -165,7 +165,10 @@ def prepare(lm: LoadedModel, config: TrainConfig, backbone=None, model_sha: str 
     train_rows, val_rows = split_rows(rows, config.validation_fraction, config.fold)
     val_ids = {id(r) for r in val_rows}
     for i, row in enumerate(rows):
-        (val_idx if id(row) in val_ids else train_idx).append(i)
+        # a held-out axis (the unseen-preference test) is never trained on, whatever its
+        # prompt's split: all of its pairs validate
+        held_out = bool((row.meta or {}).get("held_out"))
+        (val_idx if id(row) in val_ids or held_out else train_idx).append(i)
     holdout = set(config.holdout_dimensions)
     train_idx = [i for i in train_idx if rows[i].dimension not in holdout]
     dropped = 0
