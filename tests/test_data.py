@@ -11,6 +11,7 @@ import pytest
 from padlm.data.axes import AXES, HELD_OUT_AXES, SIDES, generation_text
 from padlm.data.build import (
     NEUTRAL_INSTRUCTION,
+    REWRITE_INSTRUCTION,
     BuildConfig,
     Pair,
     build_dataset,
@@ -177,8 +178,9 @@ class FakeTeacher:
         self.requests += requests
         samples = []
         for request in requests:
-            side = next((s for s in SIDES if generation_text(s) == request.instruction),
-                        "neutral")
+            # a sampled side is told its goal as the instruction, a rewrite in its content
+            told = request.instruction + "\n" + request.messages[-1]["content"]
+            side = next((s for s in SIDES if generation_text(s) in told), "neutral")
             text = ("I'm sorry, but I can't assist with that." if side in self.refuse
                     else f"A {side} answer number {request.seed % 997} in a few words.")
             samples.append(Sample(text, 7, False))
@@ -208,6 +210,11 @@ def test_rewrite_mode_refusals_held_out_axes_and_the_build_record(tmp_path):
     assert len(neutral) == 3 and all(r.temperature == 0.0 for r in neutral)
     rewrites = [r for r in teacher.requests if "Rewrite the answer" in r.messages[0]["content"]]
     assert len(rewrites) == 3 * 2 and "A neutral answer" in rewrites[0].messages[0]["content"]
+    # every side of a prompt shares its context up to the side's goal (prefix caching)
+    assert {r.instruction for r in rewrites} == {REWRITE_INSTRUCTION}
+    first, second = (r.messages[0]["content"] for r in rewrites[:2])
+    shared = first.index(generation_text("P3A"))
+    assert first[:shared] == second[:shared] and generation_text("P3B") in second[shared:]
     assert len((tmp_path / "t.jsonl.neutral.jsonl").read_text().splitlines()) == 3
     dropped = [json.loads(x) for x in (tmp_path / "t.jsonl.done").read_text().splitlines()]
     assert sum(d.get("dropped") == "refusal" for d in dropped) == 3 * 2

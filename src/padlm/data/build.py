@@ -68,6 +68,10 @@ REWRITE_REQUEST = (
     "Rewrite the answer following this instruction: {goal} Keep every fact correct and "
     "answer the same request. Reply with the rewritten answer only."
 )
+# the instruction of every rewrite request: the same for all sides of a prompt, so their
+# contexts share everything up to the side's goal (the last lines), and an engine with prefix
+# caching (vLLM) prefills the request and its neutral answer once for all 30 sides
+REWRITE_INSTRUCTION = "You rewrite answers exactly as asked."
 
 
 @dataclass
@@ -231,12 +235,13 @@ class PairSampler:
                                         "sampler": self.sampler.name})
 
     def _request(self, prompt: PoolPrompt, side_id: str, mode: str) -> SampleRequest:
-        instruction = generation_text(side_id)
+        goal = generation_text(side_id)
         if mode == "sample":
-            content = prompt.prompt
+            content, instruction = prompt.prompt, goal
         else:
             content = REWRITE_REQUEST.format(prompt=prompt.prompt,
-                                             answer=self.neutrals[prompt.id], goal=instruction)
+                                             answer=self.neutrals[prompt.id], goal=goal)
+            instruction = REWRITE_INSTRUCTION
         return SampleRequest([{"role": "user", "content": content}], instruction,
                              row_seed(self.seed, prompt.id, side_id), self.temperature)
 
