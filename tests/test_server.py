@@ -489,3 +489,19 @@ def test_bench_serve_end_to_end():
         assert level["tokens_per_second"] > 0
         assert 0 < level["p50_ttft_s"] <= level["p50_latency_s"] <= level["p95_latency_s"]
     assert result["levels"][0]["speedup_vs_1_client"] == 1.0
+
+
+def test_engines_table_ratios_come_from_one_run():
+    """bench serve --engine hf,vllm: each engine's tokens/s over the first one's, per level."""
+    from padlm.server.bench import engines_table
+
+    def levels(*rates):
+        return {"levels": [{"clients": c, "tokens_per_second": r, "p50_latency_s": 1.0}
+                           for c, r in zip((1, 8), rates, strict=True)]}
+
+    table = engines_table({"hf": levels(10.0, 40.0), "vllm": levels(15.0, 100.0)})
+    lines = table.splitlines()
+    assert lines[0] == ("| clients | hf tokens/s | hf p50 latency s | vllm tokens/s | "
+                        "vllm p50 latency s | vllm / hf |")
+    assert lines[2] == "| 1 | 10.0 | 1.0 | 15.0 | 1.0 | 1.50x |"
+    assert lines[3] == "| 8 | 40.0 | 1.0 | 100.0 | 1.0 | 2.50x |"

@@ -288,3 +288,66 @@ def test_vllm_openai_server_runs_pad(conditioned_persrm, hf_engine, tmp_path) ->
         server.terminate()
         server.wait(timeout=120)
         log.close()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_padlm_server_on_the_vllm_engine(vllm_engine, hf_engine) -> None:
+    """``padlm serve --engine vllm``: padlm's own API on vLLM, driven with the official
+    client. Concurrent requests of different strategies (streamed or not, with a stop
+    string and repetition control) get the HF engine's text, and what this engine cannot run
+    is a 400 naming it, with the server still serving."""
+    import concurrent.futures
+
+    import httpx
+    import openai
+
+    from padlm.server.app import ServerThread, create_app
+
+    cases = [
+        ("pad", "P1A", {"pad": {"weight": 1.0}}, False),
+        ("prompt", "P2A", {}, True),
+        ("pad", "P3A", {"pad": {"weight": 2.0, "top_k": 5}, "no_repeat_ngram_size": 2}, True),
+        ("base", "P1B", {"stop": ["."]}, False),
+    ]
+
+    def expected(strategy, preference, extra) -> str:
+        settings = {"weight": extra.get("pad", {}).get("weight"),
+                    "top_k": extra.get("pad", {}).get("top_k"),
+                    "no_repeat_ngram_size": extra.get("no_repeat_ngram_size", 0),
+                    "stop": tuple(extra.get("stop", ()))}
+        request = Request([{"role": "user", "content": PROMPTS[0]}],
+                          resolve_preference(preference),
+                          GenerationConfig(max_new_tokens=TOKENS, **settings))
+        return hf_engine.batch(strategy).run([request])[0].text
+
+    with ServerThread(create_app(vllm_engine, max_batch_size=8)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                               timeout=300)
+
+        def ask(strategy, preference, extra, stream) -> str:
+            body = {"preference": preference, "strategy": strategy,
+                    **{k: v for k, v in extra.items() if k != "stop"}}
+            kwargs = {"model": "SmolLM2-135M-Instruct", "max_tokens": TOKENS,
+                      "temperature": 0, "stop": extra.get("stop"), "extra_body": body,
+                      "messages": [{"role": "user", "content": PROMPTS[0]}]}
+            if not stream:
+                return client.chat.completions.create(**kwargs).choices[0].message.content
+            chunks = client.chat.completions.create(stream=True, **kwargs)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+            answers = list(pool.map(lambda case: ask(*case), cases))
+        for case, answer in zip(cases, answers, strict=True):
+            assert answer == expected(*case[:3]), case
+        with pytest.raises(openai.BadRequestError, match="linear-alignment cannot run on the "
+                                                         "vllm engine"):
+            ask("linear-alignment", "P1A", {}, False)
+        with pytest.raises(openai.BadRequestError, match="token_rewards"):
+            client.chat.completions.create(
+                model="SmolLM2-135M-Instruct", max_tokens=4,
+                messages=[{"role": "user", "content": "hi"}],
+                extra_body={"strategy": "pad", "preference": "P1A", "token_rewards": True})
+        presets = httpx.get(f"{server.url}/v1/padlm/presets", timeout=30).json()
+        assert presets["engine"] == "vllm" and "pad" in presets["strategies"]
+        assert ask(*cases[1]) == answers[1]  # still serving after the refusals

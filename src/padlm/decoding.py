@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -99,7 +99,69 @@ class StepEvent:
     finished: bool
 
 
-class DecodeBatch:
+class RowText:
+    """A row's text from its tokens, whoever chose them: end-of-sequence, stop strings, the
+    length limit, incremental detokenization and the streamed deltas (which hold back what
+    may still become a stop string). padlm's decode loop and its vLLM batch share it, so both
+    engines end and stream a response identically. Needs ``tokenizer`` and ``eos_ids``."""
+
+    tokenizer: Any
+    eos_ids: set[int]
+
+    def _advance(self, row: Row, token: int) -> StepEvent:
+        config = row.config
+        if token in self.eos_ids and not config.ignore_eos:
+            row.finish_reason = "stop"
+            return StepEvent(row, token, self._flush(row), True)
+        row.tokens.append(token)
+        grown = self._detokenize(row)
+        for stop in config.stop:
+            # a new match can only start within the last len(stop) - 1 old characters
+            at = row.text.find(stop, max(0, len(row.text) - grown - len(stop) + 1))
+            if at >= 0:
+                row.text = row.text[:at]
+                row.finish_reason = "stop"
+                return StepEvent(row, token, self._flush(row, tail=False), True)
+        if len(row.tokens) >= config.max_new_tokens:
+            row.finish_reason = "length"
+            return StepEvent(row, token, self._flush(row), True)
+        visible = len(row.text) - _held_back(row.text, config.stop)
+        delta = row.text[row.emitted:visible]
+        row.emitted = max(row.emitted, visible)
+        return StepEvent(row, token, delta, False)
+
+    def _detokenize(self, row: Row) -> int:
+        """Extend ``row.text`` by the characters the newest token completes, decoding only a
+        short window instead of the whole response (linear, not quadratic, in its length);
+        returns how many characters were added. An incomplete multi-byte character waits
+        for the token that completes it."""
+        added = self._undecoded_text(row)
+        if not added or added.endswith("\ufffd"):
+            return 0
+        row.text += added
+        row.prefix, row.read = row.read, len(row.tokens)
+        return len(added)
+
+    def _undecoded_text(self, row: Row) -> str:
+        """The text of ``tokens[read:]``, decoded in the window that starts at ``prefix``."""
+        decode = self.tokenizer.decode
+        before = decode(row.tokens[row.prefix:row.read], skip_special_tokens=True)
+        after = decode(row.tokens[row.prefix:], skip_special_tokens=True)
+        return after[len(before):]
+
+    def _flush(self, row: Row, tail: bool = True) -> str:
+        """A finishing row's last delta. With ``tail``, tokens still undecoded (an incomplete
+        character at EOS or the length limit) are rendered as the tokenizer renders them;
+        a stop string's cut drops them instead (they come after it)."""
+        if tail and row.read < len(row.tokens):
+            row.text += self._undecoded_text(row)
+            row.prefix = row.read = len(row.tokens)
+        delta = row.text[row.emitted:]
+        row.emitted = len(row.text)
+        return delta
+
+
+class DecodeBatch(RowText):
     """Rows decoding together under one strategy; rows join and leave between steps.
 
     The batch owns its KV streams (the strategy only says how to score), so any number of
@@ -211,58 +273,6 @@ class DecodeBatch:
             for generator, state in saved:  # a row may have drawn before another failed
                 generator.set_state(state)
             raise
-
-    def _advance(self, row: Row, token: int) -> StepEvent:
-        config = row.config
-        if token in self.eos_ids and not config.ignore_eos:
-            row.finish_reason = "stop"
-            return StepEvent(row, token, self._flush(row), True)
-        row.tokens.append(token)
-        grown = self._detokenize(row)
-        for stop in config.stop:
-            # a new match can only start within the last len(stop) - 1 old characters
-            at = row.text.find(stop, max(0, len(row.text) - grown - len(stop) + 1))
-            if at >= 0:
-                row.text = row.text[:at]
-                row.finish_reason = "stop"
-                return StepEvent(row, token, self._flush(row, tail=False), True)
-        if len(row.tokens) >= config.max_new_tokens:
-            row.finish_reason = "length"
-            return StepEvent(row, token, self._flush(row), True)
-        visible = len(row.text) - _held_back(row.text, config.stop)
-        delta = row.text[row.emitted:visible]
-        row.emitted = max(row.emitted, visible)
-        return StepEvent(row, token, delta, False)
-
-    def _detokenize(self, row: Row) -> int:
-        """Extend ``row.text`` by the characters the newest token completes, decoding only a
-        short window instead of the whole response (linear, not quadratic, in its length);
-        returns how many characters were added. An incomplete multi-byte character waits
-        for the token that completes it."""
-        added = self._undecoded_text(row)
-        if not added or added.endswith("\ufffd"):
-            return 0
-        row.text += added
-        row.prefix, row.read = row.read, len(row.tokens)
-        return len(added)
-
-    def _undecoded_text(self, row: Row) -> str:
-        """The text of ``tokens[read:]``, decoded in the window that starts at ``prefix``."""
-        decode = self.tokenizer.decode
-        before = decode(row.tokens[row.prefix:row.read], skip_special_tokens=True)
-        after = decode(row.tokens[row.prefix:], skip_special_tokens=True)
-        return after[len(before):]
-
-    def _flush(self, row: Row, tail: bool = True) -> str:
-        """A finishing row's last delta. With ``tail``, tokens still undecoded (an incomplete
-        character at EOS or the length limit) are rendered as the tokenizer renders them;
-        a stop string's cut drops them instead (they come after it)."""
-        if tail and row.read < len(row.tokens):
-            row.text += self._undecoded_text(row)
-            row.prefix = row.read = len(row.tokens)
-        delta = row.text[row.emitted:]
-        row.emitted = len(row.text)
-        return delta
 
 
 def _repetition_control(logits: torch.Tensor, rows: Rows) -> torch.Tensor:

@@ -23,7 +23,7 @@ from padlm.decoding import DecodeBatch, Request, Row, StepEvent, Strategy
 from padlm.devices import AUTO, resolve_device
 from padlm.errors import PadlmError
 from padlm.models import DEFAULT_MODEL, LoadedModel, load_model
-from padlm.persrm import PersonalizedRewardModel
+from padlm.persrm import PersonalizedRewardModel, PersRMConfig
 from padlm.preferences import resolve_preference
 from padlm.prompting import PLACEMENTS
 from padlm.registry import check_request, load_registry, strategy_class
@@ -43,6 +43,21 @@ class Generation:
     @property
     def new_tokens(self) -> int:
         return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What a server needs to know of an engine's model, whichever engine decodes."""
+
+    name: str
+    tokenizer: object  # a copy for the server's event loop (tokenizers are not thread-safe)
+    context_length: int
+    vocab_size: int
+    persrm_path: str | None  # None: the identity PersRM (or none, on vLLM)
+    persrm: PersRMConfig | None
+    strategies: tuple[str, ...]
+    engine: str  # hf | vllm
+    token_rewards: bool  # whether per-token PersRM rewards can be reported
 
 
 def default_persrm_dir() -> Path | None:
@@ -78,7 +93,7 @@ class Personalizer:
         # the user's placement, else the one the PersRM was trained with
         self.placement = placement or self.persrm.config.placement
         self.scorer = scorer or ImplicitRewardScorer(self.lm, self.persrm)
-        self.eos_ids = _eos_ids(self.lm)
+        self.eos_ids = eos_ids(self.lm.tokenizer, self.lm.model.generation_config)
         self._experts = experts
         self._strategies: dict[str, object] = {}
         # the server's handlers and its decode thread may ask for a strategy first at once
@@ -125,6 +140,23 @@ class Personalizer:
     @property
     def persrm_name(self) -> str:
         return self.persrm.path or "identity"
+
+    def served_model(self) -> ServedModel:
+        config = self.lm.model.config
+        return ServedModel(
+            self.lm.name, copy.deepcopy(self.lm.tokenizer),
+            int(getattr(config, "max_position_embeddings", 0) or 2048),
+            int(self.lm.model.get_output_embeddings().weight.shape[0]), self.persrm.path,
+            self.persrm.config, available_strategies(), "hf", True)
+
+    def check(self, strategy: str, config: GenerationConfig) -> None:
+        """Refuse what ``strategy`` cannot run with ``config`` (the vLLM engine refuses more)."""
+        check_request(strategy, config)
+
+    def contexts(self, strategy: str, request: Request) -> list[list[list[int]]]:
+        """The token ids of every context ``strategy`` decodes for ``request`` (per stream,
+        per lane); refuses what the strategy cannot serve (an unknown expert, a bad mix)."""
+        return self.strategy(strategy).contexts(request)
 
     def strategy(self, name: str):
         """The strategy called ``name`` (stateless: built once, then shared by every batch)."""
@@ -208,9 +240,11 @@ def _as_generation(row: Row, seconds: float, score: float | None = None) -> Gene
                       score)
 
 
-def _eos_ids(lm: LoadedModel) -> list[int]:
-    ids = {lm.tokenizer.eos_token_id}
-    configured = getattr(lm.model.generation_config, "eos_token_id", None)
+def eos_ids(tokenizer, generation_config) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS and the generation config's
+    (chat models often end turns with another token); both engines use this one set."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:

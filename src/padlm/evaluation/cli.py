@@ -18,6 +18,7 @@ import typer
 from padlm.cli_options import (
     DeviceOption,
     DtypeOption,
+    EngineOption,
     ExpertsOption,
     ModelOption,
     PersRMOption,
@@ -92,10 +93,12 @@ def eval_command(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     generate: Annotated[bool, typer.Option(
         help="--no-generate: only score and summarise the cells already generated.")] = True,
+    engine_name: EngineOption = "hf",
 ) -> None:
     """Generate (resumable), score with offline judges, write summary.json, report.md, plots."""
     if ctx.invoked_subcommand is not None:
         return
+    from padlm.devices import check_engine
     from padlm.engine import Personalizer
     from padlm.evaluation.harness import (
         SWEPT,
@@ -133,6 +136,14 @@ def eval_command(
     for spec in plan.preferences:
         dimensions(spec, plan.directions)
     jobs(plan, 1.0)  # unknown strategies fail here, before the model loads
+    check_engine(engine_name)
+    decoder = None
+    if engine_name == "vllm":  # generates; the HF engine still scores (perplexity, PersRM)
+        from padlm.vllm.engine import VllmPersonalizer
+
+        decoder = VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)
+        for job in jobs(plan, 1.0):
+            decoder.check(job.strategy, plan.config)  # before either engine loads
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
                           device=device, experts=experts)
     # the command that regenerates this report (flags that do not change results dropped)
@@ -148,7 +159,7 @@ def eval_command(
         judge_summary(llm, summary, out, plan)
 
     summary = run(engine, plan, out, progress=progress, command=command,
-                  on_summary=with_llm_judge, generate_missing=generate)
+                  on_summary=with_llm_judge, generate_missing=generate, decoder=decoder)
     print(headline_table(summary))
     print(f"\nwrote {out / 'summary.json'}, {out / 'report.md'} and plots")
 

@@ -211,10 +211,15 @@ class CellKeys:
     experts: str | None = None  # None: no cell of this run uses the experts
 
     @classmethod
-    def of(cls, engine, plan: EvalPlan) -> CellKeys:
+    def of(cls, engine, plan: EvalPlan, decoder=None) -> CellKeys:
+        """``decoder``: another engine that generates (vLLM); its cells get keys of their
+        own, so they never stand in for the HF engine's (their sampling differs)."""
         uses_experts = any(strategy_class(parse_cell(e)[0]).spec.uses_experts
                            for e in plan.strategies)
-        return cls(config_key(plan.config, engine), engine.persrm.fingerprint(),
+        config = config_key(plan.config, engine)
+        if decoder is not None:
+            config["engine"] = decoder.engine_name
+        return cls(config, engine.persrm.fingerprint(),
                    engine.experts.fingerprint() if uses_experts else None)
 
     def key(self, prompt_id: str, job: Job) -> str:
@@ -230,17 +235,19 @@ class CellKeys:
 
 
 def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
-             stop_after: int | None = None) -> list[dict]:
+             stop_after: int | None = None, decoder=None) -> list[dict]:
     """Generate every missing (prompt, job) into ``out/generations.jsonl``; return all records.
 
     ``stop_after`` stops after that many new responses (tests use it to simulate a crash).
+    ``decoder`` generates instead of ``engine`` (``--engine vllm``); ``engine`` still scores.
     """
     items = load_benchmark(plan.benchmark, plan.limit)
     for spec in plan.preferences:
         dimensions(spec, plan.directions)  # validate before spending CPU
     todo = jobs(plan, engine.persrm.config.recommended_weight)
     path = out / GENERATIONS
-    keys = CellKeys.of(engine, plan)
+    keys = CellKeys.of(engine, plan, decoder)
+    decoder = decoder or engine
     done = {r["key"] for r in read_jsonl(path)}
     pending = [(job, [i for i in items if keys.key(i["id"], job) not in done])
                for job in todo]
@@ -260,8 +267,9 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
             for start in range(0, len(missing), step):
                 chunk = missing[start:start + step]
                 bar.set_postfix_str(f"{job.label} {job.preference or '-'}", refresh=False)
-                results = engine.generate([i["prompt"] for i in chunk], job.preference or None,
-                                          job.strategy, config, batch_size=len(chunk), n=plan.n)
+                results = decoder.generate([i["prompt"] for i in chunk],
+                                           job.preference or None, job.strategy, config,
+                                           batch_size=len(chunk), n=plan.n)
                 for item, result in zip(chunk, results, strict=True):
                     appender.write({
                         "key": keys.key(item["id"], job), "id": item["id"],
@@ -480,20 +488,21 @@ def _median(values: Iterable[float | None]) -> float | None:
 
 def run(engine, plan: EvalPlan, out: Path, progress: bool = True, command: str | None = None,
         on_summary: Callable[[dict], None] | None = None,
-        generate_missing: bool = True) -> dict:
+        generate_missing: bool = True, decoder=None) -> dict:
     """Generate what is missing, score, write summary.json, report.md and the plots.
-    ``generate_missing=False`` summarises only the cells already complete."""
+    ``generate_missing=False`` summarises only the cells already complete; ``decoder``
+    generates instead of ``engine`` (see :func:`generate`)."""
     for spec in plan.preferences:
         if spec not in PRESETS and preference_ids(spec) is None:
             dimensions(spec, plan.directions)
     for name, _ in plan.directions:
         get_judge(name)
     out.mkdir(parents=True, exist_ok=True)
-    records = generate(engine, plan, out, progress) if generate_missing \
+    records = generate(engine, plan, out, progress, decoder=decoder) if generate_missing \
         else read_jsonl(out / GENERATIONS)
     items = load_benchmark(plan.benchmark, plan.limit)
     prompts = {i["id"]: i["prompt"] for i in items}
-    keys = CellKeys.of(engine, plan)
+    keys = CellKeys.of(engine, plan, decoder)
     wanted = {keys.key(i["id"], job)
               for job in jobs(plan, engine.persrm.config.recommended_weight) for i in items}
     records = [r for r in records if r["key"] in wanted]

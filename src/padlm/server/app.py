@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import threading
@@ -37,10 +36,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from padlm.config import SEED_LIMIT, GenerationConfig
 from padlm.decoding import Request as DecodeRequest
-from padlm.engine import Personalizer, available_strategies
+from padlm.engine import Personalizer
 from padlm.errors import PadlmError
 from padlm.preferences import PRESETS, resolve_preference
-from padlm.registry import check_request, strategy_class
+from padlm.registry import strategy_class
 from padlm.server.gate import Gate, error_response
 from padlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from padlm.server.schemas import (
@@ -85,18 +84,19 @@ class Service:
     def __init__(self, engine: Personalizer, settings: ServerSettings) -> None:
         self.engine = engine
         self.settings = settings
+        self.served = engine.served_model()
         # a model loaded from a directory is named by its path: answer to the last part only
         # (no response may show the server's file system)
-        own = engine.lm.name
+        own = self.served.name
         self.names = settings.served_model_names or (
             Path(own).name if Path(own).is_absolute() else own,)
         self.metrics = ServerMetrics(self.names[0])
         self.worker = BatchWorker(engine, settings, self.metrics)
-        self.tokenizer = copy.deepcopy(engine.lm.tokenizer)  # the event loop's own copy
-        self.context_length = int(getattr(engine.lm.model.config, "max_position_embeddings",
-                                          0) or 2048)
-        self.vocab_size = int(engine.lm.model.get_output_embeddings().weight.shape[0])
-        self.persrm_label = Path(engine.persrm.path).name if engine.persrm.path else "identity"
+        self.tokenizer = self.served.tokenizer  # the event loop's own copy
+        self.context_length = self.served.context_length
+        self.vocab_size = self.served.vocab_size
+        self.persrm_label = (Path(self.served.persrm_path).name if self.served.persrm_path
+                             else "identity")
         snapshot = self.worker.snapshot
         self.metrics.gauges({
             "vllm:num_requests_running": ("Requests decoding.",
@@ -158,6 +158,10 @@ class Service:
             raise ApiError(400, f"stop takes at most {MAX_STOP} non-empty strings", "stop")
         config = self._config(body, stop)
         self._check_bounds(config, body.n * best_of)
+        if body.token_rewards and not self.served.token_rewards:
+            raise ApiError(400, f"token_rewards cannot be reported by the {self.served.engine} "
+                           "engine (the PersRM runs inside it); use padlm serve --engine hf",
+                           "token_rewards")
         picker = self.engine.strategy(body.strategy) if spec.level == "sequence" else None
         batch = picker.sampler if picker else body.strategy
         requests, prompt_tokens = [], 0
@@ -194,8 +198,7 @@ class Service:
                            f"request's {samples} samples uses seed + i, a signed 64-bit "
                            "value", "seed")
 
-    @staticmethod
-    def _config(body, stop: list[str]) -> GenerationConfig:
+    def _config(self, body, stop: list[str]) -> GenerationConfig:
         pad = body.pad
         try:
             config = GenerationConfig(
@@ -209,7 +212,7 @@ class Service:
                 echo_guard=bool(pad and pad.echo_guard), ignore_eos=body.ignore_eos,
                 mix=body.mix.setting() if body.mix else None,
             )
-            check_request(body.strategy, config)
+            self.engine.check(body.strategy, config)
         except PadlmError as error:
             raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param)) from None
         return config
@@ -219,7 +222,7 @@ class Service:
         preference texts and placements), which is also where a request the strategy
         cannot serve (an unknown expert, a bad mix) is refused before it is queued."""
         try:
-            streams = self.engine.strategy(strategy).contexts(request)
+            streams = self.engine.contexts(strategy, request)
         except PadlmError as error:
             raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param or param)
                            ) from None
@@ -338,12 +341,13 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
 
     @app.get("/v1/padlm/presets")
     async def presets() -> dict:
-        persrm = engine.persrm
+        persrm = service.served.persrm
         return {"presets": [{"id": key, "text": text} for key, text in PRESETS.items()],
-                "strategies": list(available_strategies()), "default_strategy": "pad",
-                "recommended_weight": persrm.config.recommended_weight,
-                "top_k": persrm.config.top_k, "persrm": service.persrm_label,
-                "model": service.names[0]}
+                "strategies": list(service.served.strategies),
+                "default_strategy": "pad" if "pad" in service.served.strategies else "prompt",
+                "recommended_weight": persrm.recommended_weight if persrm else None,
+                "top_k": persrm.top_k if persrm else None, "persrm": service.persrm_label,
+                "model": service.names[0], "engine": service.served.engine}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -42,7 +42,7 @@ BENCH_PROMPTS = (
     "Why do we dream?",
 )
 BENCH_PREFERENCES = ("P1A", "P2A", "P3A", "P1B", "P2B+P3A", "P3B")
-START_TIMEOUT_S = 300
+START_TIMEOUT_S = 900  # vLLM compiles the model at every start: minutes on a CPU
 
 
 @dataclass
@@ -161,14 +161,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def local_server(model: str, persrm: str, dtype: str, max_batch_size: int) -> Iterator[str]:
+def local_server(model: str, persrm: str, dtype: str, max_batch_size: int,
+                 engine: str = "hf") -> Iterator[str]:
     """``python -m padlm.server`` on a free loopback port; yields its URL once healthy."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "padlm.server", "--host", "127.0.0.1", "--port", str(port),
                "--model", model, "--persrm", persrm, "--dtype", dtype, "--max-batch-size",
                str(max_batch_size), "--max-queue", "4096", "--max-queue-tokens", str(1 << 30),
-               "--log-level", "warning"]
+               "--log-level", "warning", "--engine", engine]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -208,6 +209,28 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def engines_table(results: dict[str, dict]) -> str:
+    """Tokens/s per engine and level, measured in one run, with each engine's ratio to the
+    first one named."""
+    names = list(results)
+    first = {r["clients"]: r for r in results[names[0]]["levels"]}
+    head = " | ".join(f"{name} tokens/s | {name} p50 latency s" for name in names)
+    ratios = " | ".join(f"{name} / {names[0]}" for name in names[1:])
+    lines = [f"| clients | {head} | {ratios} |",
+             "|---|" + "---|" * (2 * len(names) + len(names) - 1)]
+    for level in results[names[0]]["levels"]:
+        clients = level["clients"]
+        rows = [{r["clients"]: r for r in results[name]["levels"]}.get(clients)
+                for name in names]
+        cells = " | ".join(f"{r['tokens_per_second']} | {r['p50_latency_s']}" if r else " | "
+                           for r in rows)
+        base = first[clients]["tokens_per_second"]
+        shares = " | ".join(f"{r['tokens_per_second'] / base:.2f}x" if r and base else ""
+                            for r in rows[1:])
+        lines.append(f"| {clients} | {cells} | {shares} |")
+    return "\n".join(lines)
+
+
 def run_bench(url: str, levels: Sequence[int], requests: int, max_tokens: int, strategy: str,
               time_limit: float, progress=lambda line: None) -> dict:
     """Warm up, then measure every level against a running server."""
@@ -240,6 +263,9 @@ def bench_serve(
     max_batch_size: Annotated[int | None, typer.Option(
         help="Of the server started here (default: the largest level).")] = None,
     time_limit: Annotated[float, typer.Option(help="Seconds per level at most.")] = 300.0,
+    engine: Annotated[str, typer.Option(
+        help="Engine(s) of the server started here, e.g. hf,vllm: each is started in turn, "
+             "with the same clients, and compared in one table.")] = "hf",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Throughput, latency and time to first token of `padlm serve` per concurrency level."""
@@ -251,6 +277,11 @@ def bench_serve(
         raise PadlmError(f"--clients must be integers, got {clients!r}") from None
     if not levels or min(levels) < 1 or requests < 1 or max_tokens < 1 or time_limit <= 0:
         raise PadlmError("--clients, --requests and --max-tokens must be >= 1, --time-limit > 0")
+    from padlm.devices import check_engine
+
+    engines = [check_engine(name.strip()) for name in engine.split(",") if name.strip()]
+    if not engines or (url is not None and len(engines) > 1):
+        raise PadlmError("--engine names one engine or more (hf,vllm), and one only with --url")
     if strategy_class(strategy).spec.level == "sequence":
         raise PadlmError(f"bench serve streams; {strategy} picks whole sequences and cannot "
                          "stream")
@@ -259,11 +290,20 @@ def bench_serve(
     def progress(line: str) -> None:
         console.print(line, highlight=False, soft_wrap=True)
 
-    with contextlib.ExitStack() as stack:
-        if url is None:
-            progress("starting padlm serve on loopback ...")
-            url = stack.enter_context(local_server(model, persrm, dtype,
-                                                   max_batch_size or max(levels)))
-        result = run_bench(url.rstrip("/"), levels, requests, max_tokens, strategy,
-                           time_limit, progress)
-    print(json.dumps(result, indent=2) if as_json else markdown_table(result))
+    results = {}
+    for name in engines:
+        with contextlib.ExitStack() as stack:
+            target = url
+            if target is None:
+                progress(f"starting padlm serve --engine {name} on loopback ...")
+                target = stack.enter_context(local_server(model, persrm, dtype,
+                                                          max_batch_size or max(levels), name))
+            results[name] = {"engine": name, **run_bench(target.rstrip("/"), levels, requests,
+                                                         max_tokens, strategy, time_limit,
+                                                         progress)}
+    if as_json:
+        print(json.dumps(results[engines[0]] if len(engines) == 1 else results, indent=2))
+    elif len(engines) == 1:
+        print(markdown_table(results[engines[0]]))
+    else:
+        print(engines_table(results))

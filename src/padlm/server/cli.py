@@ -10,6 +10,7 @@ import typer
 from padlm.cli_options import (
     DeviceOption,
     DtypeOption,
+    EngineOption,
     ExpertsOption,
     ModelOption,
     PersRMOption,
@@ -70,11 +71,12 @@ def serve(
     served_model_name: Annotated[list[str] | None, typer.Option(
         help="A name the model answers to (repeatable); default: the model's own.")] = None,
     log_level: Annotated[str, typer.Option()] = "info",
+    engine_name: EngineOption = "hf",
 ) -> None:
     """Serve the OpenAI API with per-request preferences (and a playground page at /)."""
     import logging
 
-    from padlm.engine import Personalizer
+    from padlm.devices import check_engine
     from padlm.server.app import create_app, make_server
     from padlm.server.settings import default_allowed_hosts, split_list
 
@@ -88,12 +90,23 @@ def serve(
                        else split_list(allowed_hosts)),
         cors_origins=split_list(cors_origins),
         served_model_names=tuple(served_model_name or ()))
+    check_engine(engine_name)
+    if engine_name == "vllm" and (device != "auto" or experts != "default"):
+        raise PadlmError("--device and --experts apply to --engine hf (vLLM places the model "
+                         "itself; mix and soups run on padlm's own loop)")
     check_port(host, port)
     if not logging.getLogger().handlers:  # the access log and the worker's warnings
         logging.basicConfig(level=log_level.upper(),
                             format="%(levelname)s %(name)s: %(message)s")
-    engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                          device=device, experts=experts)
+    if engine_name == "vllm":
+        from padlm.vllm.engine import VllmPersonalizer
+
+        engine = VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)
+    else:
+        from padlm.engine import Personalizer
+
+        engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
+                              device=device, experts=experts)
     make_server(create_app(engine, settings), host, port, log_level).run()
 
 

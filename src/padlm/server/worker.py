@@ -20,12 +20,14 @@ others step on. Every job ends with exactly one final message (``JobDone`` or ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from padlm.decoding import DecodeBatch, Request, Row
 from padlm.engine import Personalizer
@@ -167,11 +169,16 @@ class BatchWorker:
         self._drained = threading.Event()
         self._rate = 0.0  # tokens/s, smoothed: how fast the queue empties
         self.fatal: str | None = None  # set when the thread died
-        self._rewards = TokenRewards(engine.persrm,
-                                     engine.lm.model.get_output_embeddings().weight)
         self.stats = {"steps": 0, "rows_finished": 0, "rows_cancelled": 0, "jobs_failed": 0,
                       "jobs_done": 0, "max_live_rows": 0, "steps_recovered": 0}
         self._thread = threading.Thread(target=self._run, name="padlm-decode", daemon=True)
+
+    @cached_property
+    def _rewards(self) -> TokenRewards:
+        """Built on the first request that asks (the server refuses such requests on an
+        engine whose PersRM runs out of reach)."""
+        return TokenRewards(self.engine.persrm,
+                            self.engine.lm.model.get_output_embeddings().weight)
 
     # ---- called from other threads -------------------------------------------------------
     def start(self) -> BatchWorker:
@@ -540,7 +547,10 @@ class BatchWorker:
         batch = self.batches.pop(name, None)
         if batch is None:
             return
-        for row in [*batch.rows, *batch.finished]:
+        rows = [*batch.rows, *batch.finished]
+        with contextlib.suppress(Exception):  # an engine of its own (vLLM) frees the rows
+            batch.leave(list(batch.rows))
+        for row in rows:
             owner = self._owners.pop(id(row), None)
             if owner is not None:
                 self._fail(owner[0], _job_error(error, "decoding"))

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from padlm.vllm.batch import VllmBatch, VllmRouter
 
 PROCESSOR = "padlm.vllm.processor:PadLogitsProcessor"
+CPU_MAX_MODEL_LEN = 4096  # default context on vLLM's CPU build (see VllmPersonalizer)
 # before PAD's, so PAD takes its candidates from the controlled logits, as the HF loop does
 REPETITION_PROCESSOR = "padlm.vllm.repetition:RepetitionLogitsProcessor"
 # the one lane each supported strategy decodes (as their classes' build() choose on the HF
@@ -107,6 +108,8 @@ class VllmPersonalizer:
     ``VLLM_CPU_KVCACHE_SPACE`` and ``VLLM_CPU_OMP_THREADS_BIND`` where they are unset.
     """
 
+    engine_name = ENGINE
+
     def __init__(self, model: str = DEFAULT_MODEL, persrm: str | None = "default",
                  dtype: str | None = None, placement: str | None = None,
                  **engine_args: Any) -> None:
@@ -135,10 +138,15 @@ class VllmPersonalizer:
                             "logits_processors": [REPETITION_PROCESSOR], **engine_args}
         if resolve_device(AUTO).type == "cpu" and "enable_chunked_prefill" not in engine_args:
             # vLLM's CPU build fails a whole step ("CPU Generator does not use offset") when a
-            # seeded request's prefill is split across steps: prefill whole prompts instead
-            length = engine_args.get("max_model_len") or self.hf_config.max_position_embeddings
-            self.engine_args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(
-                int(length), int(engine_args.get("max_num_batched_tokens") or 0)))
+            # seeded request's prefill is split across steps: prefill whole prompts instead.
+            # A step then holds a whole context, and vLLM profiles one at start-up, so the
+            # context is capped (32k tokens took 5 minutes to profile on 2 cores)
+            length = int(engine_args.get("max_model_len") or min(
+                self.hf_config.max_position_embeddings, CPU_MAX_MODEL_LEN))
+            self.engine_args.update(
+                enable_chunked_prefill=False, max_model_len=length,
+                max_num_batched_tokens=max(length, int(engine_args.get(
+                    "max_num_batched_tokens") or 0)))
         if self.persrm.runnable:
             self.engine_args.update(
                 additional_config={ADDITIONAL_CONFIG_KEY: {
@@ -162,8 +170,10 @@ class VllmPersonalizer:
 
     def generate(self, prompts: Sequence, preference: str | None = None,
                  strategy: str = "pad", config: GenerationConfig | None = None,
-                 ) -> list[Generation]:
-        """Decode every prompt with one strategy (vLLM schedules the batches itself)."""
+                 batch_size: int | None = None, n: int | None = None) -> list[Generation]:
+        """Decode every prompt with one strategy. The HF engine's ``batch_size`` and ``n``
+        are accepted so callers need not know the engine: vLLM schedules its own batches,
+        and ``n`` serves only best-of-n, which this engine refuses."""
         config = config or GenerationConfig()
         requests = [Request(p, resolve_preference(preference), config) for p in prompts]
         return self.generate_requests(requests, [strategy] * len(requests))
@@ -269,7 +279,7 @@ class VllmPersonalizer:
             self.model_name, copy.deepcopy(self.tokenizer),
             int(self.llm.llm_engine.model_config.max_model_len),
             int(self.hf_config.get_text_config().vocab_size), self.persrm.path,
-            self.persrm.config, strategies, ENGINE, False)
+            self.persrm.config, strategies, self.engine_name, False)
 
 
 def _as_generation(completion, config: GenerationConfig, seconds: float) -> Generation:
