@@ -56,10 +56,10 @@ lint: setup
 system-deps:
 	bash scripts/install-system-deps.sh
 
-# then the vLLM engine's tests, where `make setup-vllm` has made their environment
-test: setup lint system-deps
+# then the vLLM engine's tests, in their own environment
+test: setup setup-vllm lint system-deps
 	$(PY) -m pytest -q
-	if [ -x $(VLLM_PY) ]; then $(VLLM_PY) -m pytest -q tests/test_vllm.py; fi
+	$(VLLM_PY) -m pytest -q tests/test_vllm.py
 
 bench: setup
 	$(PADLM) bench --batch-size 1 --max-new-tokens 64 --repeats 3
