@@ -134,6 +134,17 @@ def test_batch_one_equals_hf_engine(vllm_engine, hf_engine, strategy) -> None:
 
 @needs_vllm
 @pytest.mark.slow
+def test_stream_equals_hf_engine_stream(vllm_engine, hf_engine) -> None:
+    """``padlm generate --stream --engine vllm``: the same tokens and deltas as the HF
+    engine's stream (a stop string included, which padlm applies itself)."""
+    config = GenerationConfig(max_new_tokens=TOKENS, stop=(",",))
+    ours = [(e.token, e.delta) for e in vllm_engine.stream(PROMPTS[0], "P1A", "pad", config)]
+    theirs = [(e.token, e.delta) for e in hf_engine.stream(PROMPTS[0], "P1A", "pad", config)]
+    assert ours == theirs and "".join(delta for _, delta in ours)
+
+
+@needs_vllm
+@pytest.mark.slow
 def test_mixed_batch_equals_hf_engine(vllm_engine, hf_engine) -> None:
     """One vLLM batch holding every strategy, different preferences, weights, top-k and the
     echo guard; PAD must also change something (a no-op processor would pass the rest)."""

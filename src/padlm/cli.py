@@ -104,8 +104,8 @@ def generate(
     check_engine(engine_name)
     # torch, transformers (and vLLM): only once the input is valid
     if engine_name == "vllm":
-        if stream or device != "auto":
-            fail("--stream and --device apply to --engine hf")
+        if device != "auto":
+            fail("--device applies to --engine hf (vLLM places the model itself)")
         from padlm.vllm.engine import VllmPersonalizer
 
         engine = VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from padlm.config import GenerationConfig
-from padlm.decoding import Request
+from padlm.decoding import Request, StepEvent
 from padlm.devices import AUTO, default_dtype, resolve_device
 from padlm.engine import Generation, ServedModel, default_persrm_dir, eos_ids, shipped_base
 from padlm.errors import PadlmError
@@ -264,6 +264,15 @@ class VllmPersonalizer:
 
         self.check(strategy, GenerationConfig())
         return VllmBatch(self, self.router, strategy)
+
+    def stream(self, prompt, preference: str | None = None, strategy: str = "pad",
+               config: GenerationConfig | None = None) -> Iterator[StepEvent]:
+        """Yield one event per generated token of a single prompt, as the HF engine does."""
+        batch = self.batch(strategy)
+        batch.join([Request(prompt, resolve_preference(preference),
+                            config or GenerationConfig())])
+        while batch.rows:
+            yield from batch.step()
 
     def contexts(self, strategy: str, request: Request) -> list[list[list[int]]]:
         """The one context this engine decodes for ``request`` (one stream, one lane)."""
