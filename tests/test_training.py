@@ -352,12 +352,15 @@ def test_cli_train_rejects_bad_input(tmp_path):
     assert isinstance(result.exception, PadlmError) and "head form" in str(result.exception)
 
 
-def test_shipped_default_persrm_is_trained_for_the_default_model():
+@pytest.mark.parametrize(("name", "reference"), [("default", "unconditioned"),
+                                                ("conditioned", "conditioned")])
+def test_shipped_persrms_are_trained_for_the_default_model(name, reference):
     from padlm.engine import default_persrm_dir
 
-    directory = default_persrm_dir()
+    directory = default_persrm_dir(name)
     assert directory is not None
     persrm = PersonalizedRewardModel.load(directory)
+    assert persrm.config.reference == reference
     assert persrm.config.base_model == "SmolLM2-135M-Instruct"
     assert persrm.config.hidden_size == 576 and not persrm.head.is_identity()
     training = persrm.config.training

@@ -23,7 +23,6 @@ from padlm.config import GenerationConfig
 from padlm.decoding import Request
 from padlm.engine import Personalizer, default_persrm_dir
 from padlm.errors import PadlmError
-from padlm.persrm import PersonalizedRewardModel
 from padlm.preferences import resolve_preference
 from padlm.vllm.requests import PadArgs, pad_args, padlm_architecture
 
@@ -65,14 +64,20 @@ def test_architectures() -> None:
 
 
 def test_unconditioned_persrm_refused_for_pad_only() -> None:
-    """The shipped PersRM measures its reward without the preference: pad is refused on
-    this engine (naming both), base and prompt still run."""
+    """The shipped default PersRM measures its reward without the preference: pad is refused
+    on this engine (naming both), base and prompt still run; ``default`` on this engine picks
+    the shipped one-lane PersRM instead."""
     from padlm.vllm.engine import choose_persrm
 
-    choice = choose_persrm("default", "SmolLM2-135M-Instruct")
+    choice = choose_persrm(str(default_persrm_dir()), "SmolLM2-135M-Instruct")
     assert not choice.runnable
     assert "pad cannot run on the vllm engine" in str(choice.refusal)
     assert "unconditioned" in str(choice.refusal)
+    default = choose_persrm("default", "SmolLM2-135M-Instruct")
+    assert default.runnable and default.path == str(default_persrm_dir("conditioned"))
+    assert default.config.reference == "conditioned"
+    with pytest.raises(PadlmError, match="made for SmolLM2-135M-Instruct, not Qwen"):
+        choose_persrm("conditioned", "Qwen2.5-Coder-1.5B-Instruct")
 
 
 def test_importing_padlm_vllm_imports_no_vllm() -> None:
@@ -85,14 +90,10 @@ def test_importing_padlm_vllm_imports_no_vllm() -> None:
 
 
 @pytest.fixture(scope="module")
-def conditioned_persrm(tmp_path_factory) -> str:
-    """The shipped (trained) head saved with a conditioned reference: a real non-identity
-    head that vLLM can run on the shared backbone."""
-    shipped = PersonalizedRewardModel.load(default_persrm_dir())
-    shipped.config = dataclasses.replace(shipped.config, reference="conditioned")
-    directory = tmp_path_factory.mktemp("persrm") / "conditioned"
-    shipped.save(directory)
-    return str(directory)
+def conditioned_persrm() -> str:
+    """The shipped one-lane PersRM: a real, trained, non-identity head that vLLM runs on the
+    shared backbone."""
+    return str(default_persrm_dir("conditioned"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ from typing import Annotated
 import typer
 
 ModelOption = Annotated[str, typer.Option(help="'default', a HF model id or a directory.")]
-PersRMOption = Annotated[str, typer.Option(help="PersRM directory, 'default' or 'identity'.")]
+PersRMOption = Annotated[str, typer.Option(
+    help="PersRM directory, 'default', 'conditioned' (the shipped one-lane PersRM; what "
+         "'default' means on --engine vllm) or 'identity'.")]
 ExpertsOption = Annotated[str, typer.Option(
     help="mix / soups: experts directory, or 'default' (the shipped experts and PCM, else "
          "prompted experts).")]

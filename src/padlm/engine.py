@@ -60,10 +60,30 @@ class ServedModel:
     token_rewards: bool  # whether per-token PersRM rewards can be reported
 
 
-def default_persrm_dir() -> Path | None:
-    """The PersRM shipped inside the package for the default model, if this build has one."""
-    path = Path(str(resources.files("padlm") / "assets" / "persrm-default"))
+# PersRMs shipped for the default model, as ``--persrm`` names them: ``default`` (the most
+# accurate, with a preference-free reference lane) and ``conditioned`` (one lane, so it also
+# runs on vLLM)
+SHIPPED_PERSRMS = ("default", "conditioned")
+
+
+def default_persrm_dir(name: str = "default") -> Path | None:
+    """The PersRM shipped inside the package under ``name``, if this build has one."""
+    path = Path(str(resources.files("padlm") / "assets" / f"persrm-{name}"))
     return path if (path / "config.json").exists() else None
+
+
+def shipped_persrm(name: str, model_name: str) -> Path | None:
+    """The shipped PersRM ``name`` when it was made for ``model_name``. ``default`` quietly
+    falls back (None: the identity PersRM); asking for ``conditioned`` by name for another
+    model is an error."""
+    shipped = default_persrm_dir(name)
+    if shipped is not None and shipped_base(shipped) == model_name:
+        return shipped
+    if name == "default":
+        return None
+    raise PadlmError(f"the shipped PersRM {name!r} was made for "
+                     f"{shipped_base(shipped) if shipped else 'no model in this build'}, not "
+                     f"{model_name}: pass --persrm DIR", param="persrm")
 
 
 class Personalizer:
@@ -121,9 +141,9 @@ class Personalizer:
         hidden = self.lm.model.config.hidden_size
         if persrm is None or persrm == "identity":
             return PersonalizedRewardModel.identity(self.lm.name, hidden)
-        if persrm == "default":
-            shipped = default_persrm_dir()
-            if shipped is None or self.lm.name != shipped_base(shipped):
+        if persrm in SHIPPED_PERSRMS:
+            shipped = shipped_persrm(persrm, self.lm.name)
+            if shipped is None:
                 return PersonalizedRewardModel.identity(self.lm.name, hidden)
             persrm = str(shipped)
         if not Path(persrm).is_dir():

@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 from padlm.config import GenerationConfig
 from padlm.decoding import Request, StepEvent
 from padlm.devices import AUTO, default_dtype, resolve_device
-from padlm.engine import Generation, ServedModel, default_persrm_dir, eos_ids, shipped_base
+from padlm.engine import (
+    SHIPPED_PERSRMS,
+    Generation,
+    ServedModel,
+    default_persrm_dir,
+    eos_ids,
+    shipped_base,
+    shipped_persrm,
+)
 from padlm.errors import PadlmError
 from padlm.models import DEFAULT_MODEL, resolve_model_path
 from padlm.persrm import CONFIG_NAME, PersRMConfig
@@ -78,18 +86,22 @@ class PersRMChoice:
 
 
 def choose_persrm(persrm: str | None, model_name: str) -> PersRMChoice:
-    """Resolve ``--persrm`` as the HF engine does (``default``: the shipped PersRM when it was
-    made for this model), keeping a PersRM vLLM cannot run as a refusal for ``pad`` only, so
-    ``base`` and ``prompt`` still run."""
+    """Resolve ``--persrm`` as the HF engine does, except that ``default`` means the shipped
+    PersRM this engine can run (``conditioned``, else ``default``) when it was made for this
+    model; a PersRM vLLM cannot run is kept as a refusal for ``pad`` only, so ``base`` and
+    ``prompt`` still run."""
     if persrm in (None, "identity"):
         return PersRMChoice(None, None, engine_refusal(
             "pad", "it needs a PersRM directory (--persrm DIR); the identity PersRM is the "
             "base model"))
     if persrm == "default":
-        shipped = default_persrm_dir()
-        if shipped is None or shipped_base(shipped) != model_name:
+        fitting = [shipped for shipped in map(default_persrm_dir, ("conditioned", "default"))
+                   if shipped is not None and shipped_base(shipped) == model_name]
+        if not fitting:
             return choose_persrm(None, model_name)
-        persrm = str(shipped)
+        persrm = str(fitting[0])
+    elif persrm in SHIPPED_PERSRMS:
+        persrm = str(shipped_persrm(persrm, model_name))
     if not (Path(persrm) / CONFIG_NAME).exists():
         raise PadlmError(f"PersRM directory {persrm} does not exist or has no {CONFIG_NAME}")
     config = PersRMConfig.from_dict(json.loads((Path(persrm) / CONFIG_NAME).read_text()))
