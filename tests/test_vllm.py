@@ -80,6 +80,15 @@ def test_unconditioned_persrm_refused_for_pad_only() -> None:
         choose_persrm("conditioned", "Qwen2.5-Coder-1.5B-Instruct")
 
 
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
+def test_without_vllm_the_engine_says_how_to_get_it() -> None:
+    from padlm.vllm.engine import VllmPersonalizer
+
+    engine = VllmPersonalizer("default", persrm="identity")
+    with pytest.raises(PadlmError, match="make setup-vllm"):
+        engine.generate(["hi"], None, "base")
+
+
 def test_importing_padlm_vllm_imports_no_vllm() -> None:
     code = ("import sys, padlm, padlm.vllm, padlm.vllm.requests, padlm.vllm.engine; "
             "assert 'vllm' not in sys.modules, 'vllm imported'")

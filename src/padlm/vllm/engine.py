@@ -63,6 +63,16 @@ REPETITION_PROCESSOR = "padlm.vllm.repetition:RepetitionLogitsProcessor"
 LANE = {"base": NEUTRAL, "prompt": PREFERENCE, "pad": PREFERENCE}
 
 
+def require_vllm():
+    """The ``vllm`` module, or a one-line error saying where it is installed."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise PadlmError(f"--engine vllm needs vLLM, which this environment lacks ({error}): "
+                         "make setup-vllm, then use .venv-vllm/bin/padlm") from None
+    return vllm
+
+
 def cpu_environment() -> None:
     """Defaults for vLLM's CPU build where the user set none (inherited by the processes
     vLLM spawns): a KV cache of a quarter of the free memory (vLLM's own default can exceed
@@ -171,9 +181,7 @@ class VllmPersonalizer:
         :meth:`check` can refuse a request before anything starts."""
         if resolve_device(AUTO).type == "cpu":
             cpu_environment()
-        from vllm import LLM
-
-        return LLM(**self.engine_args)
+        return require_vllm().LLM(**self.engine_args)
 
     @property
     def persrm_name(self) -> str:
@@ -244,7 +252,7 @@ class VllmPersonalizer:
         """padlm's settings as vLLM's (after :meth:`check`). ``stream``: for a
         :class:`~padlm.vllm.batch.VllmBatch`, which reads each step's new token ids and
         applies padlm's own stop rules to them (vLLM neither detokenizes nor stops on text)."""
-        from vllm import SamplingParams
+        vllm = require_vllm()
         from vllm.sampling_params import RequestOutputKind
 
         config = request.config
@@ -256,10 +264,10 @@ class VllmPersonalizer:
                                 "preference": request.preference}
         text = {"output_kind": RequestOutputKind.DELTA, "detokenize": False} if stream else {
             "stop": list(config.stop) or None}
-        return SamplingParams(max_tokens=config.max_new_tokens,
-                              temperature=config.temperature, top_p=config.top_p,
-                              seed=config.seed, ignore_eos=config.ignore_eos,
-                              extra_args=extra or None, **text)
+        return vllm.SamplingParams(max_tokens=config.max_new_tokens,
+                                   temperature=config.temperature, top_p=config.top_p,
+                                   seed=config.seed, ignore_eos=config.ignore_eos,
+                                   extra_args=extra or None, **text)
 
     # --- serving: padlm serve --engine vllm ----------------------------------------------
 
