@@ -351,3 +351,57 @@ def test_endpoint_sampler_against_padlm_serve(default_lm, tmp_path):
         open_sampler("http://127.0.0.1:9/api")
     with pytest.raises(PadlmError, match="sampler endpoint"):
         open_sampler("http://127.0.0.1:9/v1")  # nothing listens there
+
+
+def test_bench_sampler_requests_are_the_builds_own():
+    """The benchmark decodes a build's sample-mode requests, seeded as the build seeds them."""
+    from padlm.data.build import generation_pool, row_seed
+    from padlm.data.sampler_bench import bench_requests
+
+    requests = bench_requests(POOLS, 5, seed=3, temperature=0.7)
+    prompts = generation_pool(POOLS, 3, 0.3, limit=3)
+    assert len(requests) == 5
+    assert [r.messages[0]["content"] for r in requests] == [
+        p.prompt for p in prompts for _ in range(2)][:5]
+    assert [r.instruction for r in requests[:2]] == [generation_text("P2A"),
+                                                      generation_text("P2B")]
+    assert requests[1].seed == row_seed(3, prompts[0].id, "P2B")
+
+
+def test_bench_sampler_ratios_and_table():
+    from padlm.data.sampler_bench import comparison_table, with_ratios
+
+    results = with_ratios([
+        {"engine": "hf", "requests": 4, "generated_tokens": 40, "seconds": 4.0,
+         "tokens_per_second": 10.0, "startup_seconds": 2.0},
+        {"engine": "vllm", "requests": 4, "generated_tokens": 44, "seconds": 1.1,
+         "tokens_per_second": 40.0, "startup_seconds": 90.0}])
+    assert [r["vs_hf"] for r in results] == [1.0, 4.0]
+    last = comparison_table(results).splitlines()[-1]
+    assert last == "| vllm | 4 | 44 | 1.1 | 40.0 | 4.00x | 90.0 |"
+
+
+def test_bench_sampler_on_the_default_model_keeps_the_build_record(tmp_path):
+    """`padlm bench sampler --record` adds its comparison to a build record and keeps the
+    runs already there (real default model, HF engine)."""
+    from typer.testing import CliRunner
+
+    from padlm.cli import _register_subcommands, app
+
+    _register_subcommands()
+    out = tmp_path / "t.jsonl"
+    (tmp_path / "t.build.json").write_text(json.dumps({"runs": [{"engine": "hf"}]}))
+    result = CliRunner().invoke(app, [
+        "bench", "sampler", "--sampler", "default", "--engine", "hf", "--requests", "3",
+        "--max-new-tokens", "4", "--record", str(out), "--pool-dir", str(POOLS), "--json"])
+    assert result.exit_code == 0, result.output
+    [timed] = json.loads(result.stdout)
+    assert timed["engine"] == "hf" and timed["requests"] == 3 and timed["vs_hf"] == 1.0
+    assert 0 < timed["generated_tokens"] <= 3 * 4 and timed["tokens_per_second"] > 0
+    record = json.loads((tmp_path / "t.build.json").read_text())
+    assert record["runs"] == [{"engine": "hf"}]
+    comparison = record["engine_comparison"]
+    assert comparison["engines"] == [timed] and comparison["max_new_tokens"] == 4
+    assert comparison["command"].startswith("padlm ")
+    bad = CliRunner().invoke(app, ["bench", "sampler", "--sampler", "http://x/v1"])
+    assert isinstance(bad.exception, PadlmError) and "bench serve --url" in str(bad.exception)

@@ -126,6 +126,24 @@ def row_seed(seed: int, prompt_id: str, side_id: str) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
+def sample_request(prompt: PoolPrompt, side_id: str, seed: int, temperature: float
+                   ) -> SampleRequest:
+    """Sample mode's request: the prompt as asked, the side's generation text as the
+    instruction, the row's own seed."""
+    return SampleRequest([{"role": "user", "content": prompt.prompt}], generation_text(side_id),
+                         row_seed(seed, prompt.id, side_id), temperature)
+
+
+def update_record(out: Path, key: str, value: dict) -> Path:
+    """Set one entry of ``<out>.build.json`` (a label check, an engine comparison), keeping
+    the rest; atomic, so an interrupted write leaves the old record."""
+    path = record_path(out)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    write_json_atomic(path, data)
+    return path
+
+
 _SENTENCE_END = re.compile(r"[.!?)\]\"'](?=\s)|\n")
 # The openings of a model declining: the sampler refused instead of taking the side.
 _REFUSAL = re.compile(
@@ -235,14 +253,11 @@ class PairSampler:
                                         "sampler": self.sampler.name})
 
     def _request(self, prompt: PoolPrompt, side_id: str, mode: str) -> SampleRequest:
-        goal = generation_text(side_id)
         if mode == "sample":
-            content, instruction = prompt.prompt, goal
-        else:
-            content = REWRITE_REQUEST.format(prompt=prompt.prompt,
-                                             answer=self.neutrals[prompt.id], goal=goal)
-            instruction = REWRITE_INSTRUCTION
-        return SampleRequest([{"role": "user", "content": content}], instruction,
+            return sample_request(prompt, side_id, self.seed, self.temperature)
+        content = REWRITE_REQUEST.format(prompt=prompt.prompt, answer=self.neutrals[prompt.id],
+                                         goal=generation_text(side_id))
+        return SampleRequest([{"role": "user", "content": content}], REWRITE_INSTRUCTION,
                              row_seed(self.seed, prompt.id, side_id), self.temperature)
 
     def _unusable_neutral(self, prompt: PoolPrompt, mode: str) -> bool:

@@ -152,8 +152,7 @@ def data_label_check(
     import time
     from datetime import UTC, datetime
 
-    from padlm.atomic import write_json_atomic
-    from padlm.data.build import record_path
+    from padlm.data.build import update_record
     from padlm.data.labels import CHECK_AXES, MEASURES, check_sampler, choose_modes
     from padlm.data.pools import default_pool_dir
     from padlm.data.samplers import SamplingSettings, open_sampler
@@ -189,10 +188,7 @@ def data_label_check(
         del chosen
     result["sampler"] = result["teacher"]["sampler"]
     result["chosen_modes"] = choose_modes(result["teacher"]["modes"])
-    path = record_path(record)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data["label_check"] = result
-    write_json_atomic(path, data)
+    path = update_record(record, "label_check", result)
     typer.echo(json.dumps({role: {m: {a: s.get("agreement") for a, s in axes_.items()}
                                   for m, axes_ in result[role]["modes"].items()}
                            for role in ("baseline", "teacher")}, indent=1))
@@ -278,6 +274,63 @@ def train_persrm(
                                persrm.config.training["head_training_seconds"]}, indent=1))
 
 
+def bench_sampler(
+    sampler: SamplerOption = "qwen2.5-coder-1.5b-instruct",
+    engine: Annotated[str, typer.Option(
+        help="Engines to time in turn, e.g. hf,vllm; ratios are to the first.")] = "hf,vllm",
+    requests: Annotated[int, typer.Option(help="Build requests decoded together.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option()] = 128,
+    temperature: Annotated[float, typer.Option()] = 0.7,
+    seed: Annotated[int, typer.Option()] = 0,
+    record: Annotated[Path | None, typer.Option(
+        help="A build's output JSONL: its build record (<stem>.build.json) keeps the result "
+             "as engine_comparison.")] = None,
+    pool_dir: Annotated[Path | None, typer.Option(help="Directory with the prompt pools.")
+                        ] = None,
+    placement: SamplerPlacementOption = None,
+    dtype: Annotated[str, typer.Option()] = "bfloat16",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A local sampler's tokens/s on each engine, the same build requests, in one run."""
+    from padlm.data.build import update_record
+    from padlm.data.pools import default_pool_dir
+    from padlm.data.sampler_bench import (
+        bench_requests,
+        comparison_record,
+        comparison_table,
+        time_sampler,
+        with_ratios,
+    )
+    from padlm.data.samplers import SamplingSettings, is_endpoint, open_sampler
+    from padlm.devices import check_engine
+
+    engines = [check_engine(name) for name in _csv(engine)]
+    if not engines:
+        raise PadlmError("--engine names one engine or more, e.g. hf,vllm")
+    if is_endpoint(sampler):
+        raise PadlmError("bench sampler times local engines; an endpoint's speed is its "
+                         "server's (padlm bench serve --url)")
+    if requests < 1 or max_new_tokens < 1:
+        raise PadlmError("--requests and --max-new-tokens must be >= 1")
+    settings = SamplingSettings(max_new_tokens=max_new_tokens)
+    batch = bench_requests(pool_dir or default_pool_dir(), requests, seed, temperature)
+    results = []
+    for name in engines:
+        log.info("timing %s on the %s engine (%d requests)", sampler, name, len(batch))
+        results.append(time_sampler(
+            lambda name=name: open_sampler(sampler, placement, dtype, engine=name), batch,
+            settings))
+    results = with_ratios(results)
+    if record is not None:
+        path = update_record(record, "engine_comparison", comparison_record(
+            results, "padlm " + shlex.join(sys.argv[1:]), settings, temperature))
+        log.info("recorded in %s", path)
+    typer.echo(json.dumps(results, indent=2) if as_json else comparison_table(results))
+
+
 def register(app: typer.Typer) -> None:
+    from padlm.bench_cli import bench_app
+
     app.add_typer(data_app, name="data")
     app.add_typer(train_app, name="train")
+    bench_app.command("sampler")(bench_sampler)
