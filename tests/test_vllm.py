@@ -8,14 +8,11 @@ the request parsing and refusals, which import no vLLM, run everywhere.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -87,6 +84,43 @@ def test_without_vllm_the_engine_says_how_to_get_it() -> None:
     engine = VllmPersonalizer("default", persrm="identity")
     with pytest.raises(PadlmError, match="make setup-vllm"):
         engine.generate(["hi"], None, "base")
+
+
+def test_replicas_split_the_cores_and_the_kv_cache(monkeypatch) -> None:
+    from padlm.vllm.scaleout import replica_binding, replica_environment
+
+    assert replica_binding(1, [0, 1]) == "0-1"
+    assert replica_binding(2, [1, 0]) == "0|1"
+    assert replica_binding(2, [0, 1, 2, 3, 4]) == "0-1|2-3"  # equal shares; the rest idle
+    with pytest.raises(PadlmError, match="3 replicas need as many CPU cores"):
+        replica_binding(3, [0, 1])
+    assert replica_environment(2, on_cpu=False) == {}
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    env = replica_environment(2, on_cpu=True)
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env  # the user's binding stands
+    assert int(env["VLLM_CPU_KVCACHE_SPACE"]) >= 1
+
+
+def test_vllm_args_prints_the_server_flags_shell_quoted(conditioned_persrm) -> None:
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from padlm.cli import _register_subcommands, app
+    from padlm.vllm.engine import VllmPersonalizer
+
+    _register_subcommands()
+    result = CliRunner().invoke(app, ["vllm-args", "--persrm", conditioned_persrm,
+                                      "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    flags = shlex.split(result.stdout)
+    assert flags == VllmPersonalizer("default", persrm=conditioned_persrm,
+                                     dtype="float32").server_args()
+    assert "padlm.vllm.processor:PadLogitsProcessor" in flags
+    refused = CliRunner().invoke(app, ["vllm-args", "--persrm", "identity"])
+    assert isinstance(refused.exception, PadlmError)
+    assert "needs a PersRM directory" in str(refused.exception)
 
 
 def test_importing_padlm_vllm_imports_no_vllm() -> None:
@@ -255,60 +289,43 @@ def test_refusals_come_before_the_engine_starts(conditioned_persrm) -> None:
     assert "llm" not in vars(engine)  # nothing started
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @needs_vllm
 @pytest.mark.slow
-def test_vllm_openai_server_runs_pad(conditioned_persrm, hf_engine, tmp_path) -> None:
-    """vLLM's own OpenAI server with the plugin's flags: PAD through ``vllm_xargs`` equals
-    the HF engine, and a bad setting is an HTTP 400 (refused at admission, engine alive)."""
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_vllm_openai_server_runs_pad(conditioned_persrm, hf_engine, replicas) -> None:
+    """vLLM's own OpenAI server with the plugin's flags, alone and with two data-parallel
+    engine replicas (each on its own core here): PAD through ``vllm_xargs`` equals the HF
+    engine for rows of different preferences and weights, and a bad setting is an HTTP 400
+    (refused at admission, engine alive)."""
+    import asyncio
+
     import httpx
 
-    from padlm.vllm.engine import VllmPersonalizer, cpu_environment
+    from padlm.server.bench import free_port, running_server
+    from padlm.vllm.engine import VllmPersonalizer
+    from padlm.vllm.scaleout import (
+        completion_body,
+        pad_requests,
+        replica_environment,
+        run_completions,
+        server_command,
+    )
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # beside the HF engine
-    cpu_environment()  # the server is vLLM's own: padlm's engine does not start it
     engine = VllmPersonalizer("default", persrm=conditioned_persrm, dtype="float32",
                               max_model_len=1024)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine.server_args(),
-         "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            time.sleep(2)
-        else:
-            pytest.fail("vLLM's server did not come up in 600 s")
-        request = Request(PROMPTS[1], resolve_preference("P3A"),
-                          GenerationConfig(max_new_tokens=TOKENS, weight=2.0))
-        body = {"model": engine.path, "prompt": engine.prompt_ids(request, "pad"),
-                "max_tokens": TOKENS, "temperature": 0, "return_token_ids": True,
-                "vllm_xargs": {"padlm_weight": 2.0}}
-        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
-        assert reply.status_code == 200, reply.text
-        choice = reply.json()["choices"][0]
-        tokens = choice["token_ids"][:-1] if choice["finish_reason"] == "stop" else choice[
-            "token_ids"]
-        assert tokens == _hf_tokens(hf_engine, [request], ["pad"])[0]
+    port = free_port()
+    env = {**replica_environment(replicas, on_cpu=True), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with running_server(server_command(engine, replicas, port), f"http://127.0.0.1:{port}",
+                        env) as url:
+        requests = pad_requests(4, TOKENS)  # two preferences, two weights
+        bodies = [completion_body(engine, request) for request in requests]
+        summary, outputs = asyncio.run(run_completions(url, bodies, clients=4))
+        assert summary["errors"] == 0, summary["first_error"]
+        assert outputs == _hf_tokens(hf_engine, requests, ["pad"] * 4)
         bad = httpx.post(f"{url}/v1/completions", timeout=60,
-                         json={**body, "vllm_xargs": {"padlm_top_k": 0}})
+                         json={**bodies[0], "vllm_xargs": {"padlm_top_k": 0}})
         assert bad.status_code == 400 and "top-k must be >= 1" in bad.text, bad.text
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
-    finally:
-        server.terminate()
-        server.wait(timeout=120)
-        log.close()
 
 
 @needs_vllm

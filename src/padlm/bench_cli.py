@@ -8,7 +8,13 @@ from typing import Annotated
 
 import typer
 
-from padlm.cli_options import DeviceOption, DtypeOption, ExpertsOption, ModelOption
+from padlm.cli_options import (
+    DeviceOption,
+    DtypeOption,
+    ExpertsOption,
+    ModelOption,
+    PersRMOption,
+)
 from padlm.errors import PadlmError
 
 bench_app = typer.Typer(help="Benchmarks: decoding strategies (default) and the server.",
@@ -55,3 +61,42 @@ def bench_command(
     result = bench(engine, chosen, sizes,
                    max_new_tokens, repeats, progress=lambda line: console.print(line))
     print(json.dumps(result, indent=2) if as_json else markdown_table(result))
+
+
+@bench_app.command("vllm-dp")
+def bench_vllm_dp(
+    replicas: Annotated[str, typer.Option(
+        help="Engine replica counts to run in turn (vLLM's --data-parallel-size), e.g. 1,2.")
+                        ] = "1,2",
+    clients: Annotated[int, typer.Option(help="Concurrent clients.")] = 8,
+    requests: Annotated[int, typer.Option(help="Requests per replica count.")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per request (EOS ignored).")
+                          ] = 32,
+    model: ModelOption = "default",
+    persrm: PersRMOption = "default",
+    dtype: DtypeOption = "float32",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """PAD on vLLM's own OpenAI server with 1..N data-parallel engine replicas: tokens/s and
+    latency per count, in one run, and whether every count returned the same tokens."""
+    from rich.console import Console
+
+    from padlm.devices import AUTO, resolve_device
+    from padlm.vllm.engine import VllmPersonalizer, require_vllm
+    from padlm.vllm.scaleout import bench_replicas, replicas_table
+
+    try:
+        counts = [int(r) for r in replicas.split(",") if r.strip()]
+    except ValueError:
+        raise PadlmError(f"--replicas must be integers, got {replicas!r}") from None
+    if not counts or min(counts) < 1 or clients < 1 or requests < 1 or max_tokens < 1:
+        raise PadlmError("--replicas, --clients, --requests and --max-tokens must be >= 1")
+    require_vllm()
+    engine = VllmPersonalizer(model, persrm=persrm, dtype=dtype)
+    if not engine.persrm.runnable:
+        raise engine.persrm.refusal
+    console = Console(stderr=True)
+    result = bench_replicas(engine, counts, clients, requests, max_tokens,
+                            resolve_device(AUTO).type == "cpu",
+                            progress=lambda line: console.print(line, highlight=False))
+    print(json.dumps(result, indent=2) if as_json else replicas_table(result))

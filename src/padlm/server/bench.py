@@ -161,18 +161,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def local_server(model: str, persrm: str, dtype: str, max_batch_size: int,
-                 engine: str = "hf") -> Iterator[str]:
-    """``python -m padlm.server`` on a free loopback port; yields its URL once healthy."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "padlm.server", "--host", "127.0.0.1", "--port", str(port),
-               "--model", model, "--persrm", persrm, "--dtype", dtype, "--max-batch-size",
-               str(max_batch_size), "--max-queue", "4096", "--max-queue-tokens", str(1 << 30),
-               "--log-level", "warning", "--engine", engine]
+def running_server(command: Sequence[str], url: str, env: dict[str, str] | None = None
+                   ) -> Iterator[str]:
+    """Run a server command (padlm's or vLLM's own) until the block ends; yields ``url`` once
+    its ``/health`` answers. A server that exits first is an error quoting its last line."""
     with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while True:
@@ -191,10 +186,23 @@ def local_server(model: str, persrm: str, dtype: str, max_batch_size: int,
         finally:
             process.terminate()
             try:
-                process.wait(30)
+                process.wait(60)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextlib.contextmanager
+def local_server(model: str, persrm: str, dtype: str, max_batch_size: int,
+                 engine: str = "hf") -> Iterator[str]:
+    """``python -m padlm.server`` on a free loopback port; yields its URL once healthy."""
+    port = free_port()
+    command = [sys.executable, "-m", "padlm.server", "--host", "127.0.0.1", "--port", str(port),
+               "--model", model, "--persrm", persrm, "--dtype", dtype, "--max-batch-size",
+               str(max_batch_size), "--max-queue", "4096", "--max-queue-tokens", str(1 << 30),
+               "--log-level", "warning", "--engine", engine]
+    with running_server(command, f"http://127.0.0.1:{port}") as url:
+        yield url
 
 
 def markdown_table(result: dict) -> str:

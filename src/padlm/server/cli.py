@@ -110,10 +110,31 @@ def serve(
     make_server(create_app(engine, settings), host, port, log_level).run()
 
 
+def vllm_args(
+    model: ModelOption = "default",
+    persrm: PersRMOption = "default",
+    dtype: DtypeOption = None,
+    placement: PlacementOption = None,
+) -> None:
+    """The flags that make vLLM's own OpenAI server run padlm's PAD (plugin model class,
+    PersRM, logits processors), shell-quoted: `eval "python -m
+    vllm.entrypoints.openai.api_server $(padlm vllm-args) --tensor-parallel-size 4"`
+    (dtype default: this machine's)."""
+    import shlex
+
+    from padlm.vllm.engine import VllmPersonalizer
+
+    engine = VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)
+    if not engine.persrm.runnable:
+        raise engine.persrm.refusal
+    print(shlex.join(engine.server_args()))
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``padlm serve`` and ``padlm bench serve``."""
+    """Add ``padlm serve``, ``padlm vllm-args`` and ``padlm bench serve``."""
     from padlm.bench_cli import bench_app
     from padlm.server.bench import bench_serve
 
     app.command("serve")(serve)
+    app.command("vllm-args")(vllm_args)
     bench_app.command("serve")(bench_serve)

@@ -228,7 +228,7 @@ class VllmPersonalizer:
             if isinstance(value, bool):
                 argv.append(flag if value else f"--no-{flag[2:]}")
             elif isinstance(value, dict):
-                argv += [flag, json.dumps(value)]
+                argv += [flag, json.dumps(value, separators=(",", ":"))]  # one word
             elif isinstance(value, list):
                 argv += [flag, *map(str, value)]
             else:
