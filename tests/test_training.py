@@ -144,6 +144,36 @@ def test_cached_states_match_a_plain_forward(tiny_lm):
     assert torch.allclose(again.base_logp, states.base_logp, atol=1e-4)
 
 
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_shared_context_prefill_equals_a_whole_sequence_forward(which, tiny_lm, default_lm):
+    """Each distinct context prefilled once (its KV cache shared by the responses after it)
+    gives the states of one whole-sequence forward, padding and repeats included."""
+    from padlm.kvstream import response_hidden, shared_context_hidden
+
+    model = (tiny_lm if which == "tiny" else default_lm).model
+    contexts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [7, 8]]
+    responses = [[20, 21, 22], [30], [40, 41, 42, 43, 44], [50, 51], [60, 61]]
+    shared = shared_context_hidden(model, contexts, responses)
+    for got, expected in zip(shared, response_hidden(model, contexts, responses), strict=True):
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_cache_batches_keep_a_rows_two_sequences_together(tiny_lm, tmp_path, monkeypatch):
+    """Chosen and rejected share their context's prefill only in one batch."""
+    seen = []
+    real = cache_module.shared_context_hidden
+
+    def spy(model, contexts, responses):
+        seen.append([tuple(c) for c in contexts])
+        return real(model, contexts, responses)
+
+    monkeypatch.setattr(cache_module, "shared_context_hidden", spy)
+    HiddenStateCache(tmp_path, tiny_lm, tiny_rows(), "user-prefix", 5, "sha").build(batch_size=4)
+    assert seen and all(len(batch) % 2 == 0 for batch in seen)
+    assert all(batch[i] == batch[i + 1] for batch in seen for i in range(0, len(batch), 2))
+
+
 def test_reference_cache_matches_a_preference_free_forward_and_resumes(tiny_lm, tmp_path,
                                                                      monkeypatch):
     monkeypatch.setattr(cache_module, "SHARD_ROWS", 4)

@@ -35,18 +35,53 @@ def response_hidden(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
     states): ONE right-padded batched forward over ``context + response`` rows; returns each
     response's final hidden states ``[len(response), d]`` (the state at ``t`` predicts
     ``response[t]``). Right padding leaves every real position's output unchanged."""
-    lengths = [len(c) + len(r) for c, r in zip(contexts, responses, strict=True)]
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (context, response) in enumerate(zip(contexts, responses, strict=True)):
-        ids[i, :lengths[i]] = torch.tensor([*context, *response])
-        mask[i, :lengths[i]] = 1
-    device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = _right_padded([[*c, *r] for c, r in zip(contexts, responses, strict=True)],
+                              next(model.parameters()).device)
     with torch.inference_mode():
         hidden = decoder_of(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     return [hidden[i, len(context) - 1:len(context) - 1 + len(response)]
             for i, (context, response) in enumerate(zip(contexts, responses, strict=True))]
+
+
+def _right_padded(rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def shared_context_hidden(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
+                          responses: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """:func:`response_hidden` with each distinct context prefilled once: a preference
+    pair's chosen and rejected responses follow the same context (an HH-RLHF dialogue, a
+    prompt with its preference), often longer than either response, so their rows share one
+    KV cache of it. Two forwards: the distinct contexts (right-padded, cached), then every
+    response after its context's cache (the padding between them masked, positions
+    continuing from the context's real length). Equal to :func:`response_hidden` up to
+    float rounding."""
+    distinct: dict[tuple[int, ...], int] = {}
+    owner = [distinct.setdefault(tuple(c), len(distinct)) for c in contexts]
+    device = next(model.parameters()).device
+    decoder = decoder_of(model)
+    context_ids, context_mask = _right_padded(list(distinct), device)
+    context_lengths = torch.tensor([len(c) for c in distinct], device=device)
+    rows = torch.tensor(owner, device=device)
+    response_ids, response_mask = _right_padded(responses, device)
+    with torch.inference_mode():
+        first = decoder(input_ids=context_ids, attention_mask=context_mask, use_cache=True)
+        last = first.last_hidden_state[torch.arange(len(distinct)), context_lengths - 1]
+        cache = first.past_key_values
+        cache.batch_select_indices(rows)
+        positions = context_lengths[rows, None] + torch.arange(response_ids.shape[1],
+                                                                device=device)
+        hidden = decoder(input_ids=response_ids, position_ids=positions, past_key_values=cache,
+                         attention_mask=torch.cat([context_mask[rows], response_mask], dim=1)
+                         ).last_hidden_state
+    return [torch.cat([last[owner[i], None], hidden[i, :len(response) - 1]])
+            for i, response in enumerate(responses)]
 
 
 class KVStream:

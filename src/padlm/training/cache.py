@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from padlm.atomic import write_json_atomic
 from padlm.data.schema import PreferenceRow
 from padlm.errors import PadlmError
-from padlm.kvstream import response_hidden
+from padlm.kvstream import shared_context_hidden
 from padlm.models import LoadedModel, padlm_home
 from padlm.prompting import render
 
@@ -78,16 +78,16 @@ def response_logits(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
     """Full-vocabulary float32 logits ``[T, V]`` at each response's positions."""
     lm_head = model.get_output_embeddings().weight
     return [(states @ lm_head.T).float()
-            for states in response_hidden(model, contexts, responses)]
+            for states in shared_context_hidden(model, contexts, responses)]
 
 
 @torch.no_grad()
 def response_states(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
                     responses: Sequence[Sequence[int]], top_k: int) -> list[SequenceStates]:
-    """One batched forward; returns the states at the response positions."""
+    """The states at the response positions (each distinct context prefilled once)."""
     lm_head = model.get_output_embeddings().weight
     results = []
-    for states, response in zip(response_hidden(model, contexts, responses), responses,
+    for states, response in zip(shared_context_hidden(model, contexts, responses), responses,
                                 strict=True):
         logits = (states @ lm_head.T).float()
         targets = torch.tensor(response, dtype=torch.long)
@@ -149,7 +149,8 @@ class HiddenStateCache:
 
     def build(self, batch_size: int = 8,
               progress: Callable[[int], None] | None = None) -> int:
-        """Compute every missing row; returns how many were computed (0 = fully cached)."""
+        """Compute every missing row; returns how many were computed (0 = fully cached).
+        ``batch_size`` counts sequences; an even one keeps each row's two in one batch."""
         self.directory.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.directory / "key.json", self.key)
         todo = self.missing()
@@ -158,7 +159,11 @@ class HiddenStateCache:
             # sequence 2i is row i's chosen response, 2i + 1 its rejected one
             sequences = [2 * i + side for i in indexes for side in (0, 1)]
             encoded = [self._encode(self.rows[s // 2], s % 2) for s in sequences]
-            order = sorted(range(len(encoded)), key=lambda j: sum(map(len, encoded[j])))
+            # by length, a row's two sequences side by side (batches hold whole rows, so
+            # chosen and rejected share their context's prefill)
+            pair_length = [max(sum(map(len, encoded[j])), sum(map(len, encoded[j ^ 1])))
+                           for j in range(len(encoded))]
+            order = sorted(range(len(encoded)), key=lambda j: (pair_length[j], j))
             outputs: list = [None] * len(encoded)
             for begin in range(0, len(order), batch_size):
                 chunk = order[begin:begin + batch_size]
