@@ -102,6 +102,18 @@ def test_replicas_split_the_cores_and_the_kv_cache(monkeypatch) -> None:
     assert int(env["VLLM_CPU_KVCACHE_SPACE"]) >= 1
 
 
+def test_replicas_table() -> None:
+    from padlm.vllm.scaleout import replicas_table
+
+    level = {"requests": 4, "errors": 0, "p50_latency_s": 1.0, "p95_latency_s": 2.0,
+             "startup_seconds": 60.0}
+    table = replicas_table({"same_tokens": True, "levels": [
+        {**level, "replicas": 1, "tokens_per_second": 10.0, "vs_first": 1.0},
+        {**level, "replicas": 2, "tokens_per_second": 19.0, "vs_first": 1.9}]})
+    assert "| 2 | 4 | 0 | 19.0 | 1.9x | 1.0 | 2.0 | 60.0 |" in table
+    assert table.endswith("same tokens at every replica count: True")
+
+
 def test_vllm_args_prints_the_server_flags_shell_quoted(conditioned_persrm) -> None:
     import shlex
 

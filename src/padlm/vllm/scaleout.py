@@ -146,7 +146,8 @@ def bench_replicas(engine, replicas: Sequence[int], clients: int, requests: int,
             startup = time.perf_counter() - began
             asyncio.run(run_completions(url, bodies[:2], 2))  # warm-up
             summary, tokens = asyncio.run(run_completions(url, bodies, clients))
-        levels.append({"replicas": count, "startup_seconds": round(startup, 1), **summary})
+        timed = {k: v for k, v in summary.items() if "ttft" not in k}  # not streamed
+        levels.append({"replicas": count, "startup_seconds": round(startup, 1), **timed})
         outputs.append(tokens)
         progress(str(levels[-1]))
     first = levels[0]["tokens_per_second"]
