@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from padlm.config import GenerationConfig
 from padlm.decoding import Request
@@ -30,6 +31,10 @@ needs_vllm = pytest.mark.skipif(
 
 PROMPTS = ("Explain how a rainbow forms.", "Why do cats purr?")
 TOKENS = 24
+# on a GPU (scripts/gpu-check.sh) each engine of a test takes a share of the memory, so the
+# HF engine and a second vLLM engine fit beside it; vLLM's CPU build sizes its KV cache from
+# VLLM_CPU_KVCACHE_SPACE instead
+GPU_SHARE = {"gpu_memory_utilization": 0.25} if torch.cuda.is_available() else {}
 
 
 def test_pad_args_nested_and_flat_forms() -> None:
@@ -162,7 +167,7 @@ def vllm_engine(conditioned_persrm):
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # beside the HF engine
     return VllmPersonalizer("default", persrm=conditioned_persrm, dtype="float32",
-                            max_model_len=1024, seed=0)
+                            max_model_len=1024, seed=0, **GPU_SHARE)
 
 
 def _hf_tokens(engine: Personalizer, requests: list[Request], strategies: list[str]
@@ -220,6 +225,25 @@ def test_mixed_batch_equals_hf_engine(vllm_engine, hf_engine) -> None:
     ours = [g.tokens for g in vllm_engine.generate_requests(requests, strategies)]
     assert ours == _hf_tokens(hf_engine, requests, strategies)
     assert ours[4] != ours[5], "PAD at weight 2 left the prompted output unchanged"
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="tensor parallelism needs two GPUs (scripts/gpu-check.sh)")
+def test_tensor_parallel_pad_equals_hf_engine(conditioned_persrm, hf_engine) -> None:
+    """Two-way tensor parallelism shards the lm_head: PAD's candidate rows are summed across
+    the shards, and the output equals the HF engine's."""
+    from padlm.vllm.engine import VllmPersonalizer
+
+    engine = VllmPersonalizer("default", persrm=conditioned_persrm, dtype="float32",
+                              max_model_len=1024, seed=0, tensor_parallel_size=2, **GPU_SHARE)
+    requests = [Request(prompt, resolve_preference(preference),
+                        GenerationConfig(max_new_tokens=TOKENS, weight=weight))
+                for prompt, preference, weight in ((PROMPTS[0], "P1A", 1.0),
+                                                   (PROMPTS[1], "P3B", 2.0))]
+    ours = [g.tokens for g in engine.generate_requests(requests, ["pad", "pad"])]
+    assert ours == _hf_tokens(hf_engine, requests, ["pad", "pad"])
 
 
 @needs_vllm
