@@ -491,6 +491,23 @@ def test_bench_serve_end_to_end():
     assert result["levels"][0]["speedup_vs_1_client"] == 1.0
 
 
+def test_a_dead_servers_error_is_the_line_that_names_it():
+    """bench serve / vllm-dp: shutdown warnings after the error do not hide it."""
+    import sys
+
+    from padlm.errors import PadlmError
+    from padlm.server.bench import failure_line, running_server
+
+    assert failure_line("loading\nRuntimeError: no port\n  warnings.warn('x')\n") == \
+        "RuntimeError: no port"
+    assert failure_line("just this\n") == "just this" and failure_line("") == ""
+    dying = [sys.executable, "-c", "import sys; print('KeyError: boom'); print('bye'); "
+                                   "sys.exit(3)"]
+    with (pytest.raises(PadlmError, match="exited with code 3: KeyError: boom"),
+          running_server(dying, "http://127.0.0.1:9")):
+        pass
+
+
 def test_engines_table_ratios_come_from_one_run():
     """bench serve --engine hf,vllm: each engine's tokens/s over the first one's, per level."""
     from padlm.server.bench import engines_table

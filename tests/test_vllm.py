@@ -100,11 +100,17 @@ def test_replicas_split_the_cores_and_the_kv_cache(monkeypatch) -> None:
     with pytest.raises(PadlmError, match="3 replicas need as many CPU cores"):
         replica_binding(3, [0, 1])
     assert replica_environment(2, on_cpu=False) == {}
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     env = replica_environment(2, on_cpu=True)
     assert "VLLM_CPU_OMP_THREADS_BIND" not in env  # the user's binding stands
     assert int(env["VLLM_CPU_KVCACHE_SPACE"]) >= 1
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # one engine's binding
+    with pytest.raises(PadlmError, match="binds 1 engine.s. but 2 replicas need"):
+        replica_environment(2, on_cpu=True)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    assert replica_environment(1, on_cpu=True)["VLLM_CPU_OMP_THREADS_BIND"] == \
+        replica_binding(1, sorted(os.sched_getaffinity(0)))
 
 
 def test_replicas_table() -> None:
@@ -328,7 +334,8 @@ def test_refusals_come_before_the_engine_starts(conditioned_persrm) -> None:
 @needs_vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("replicas", [1, 2])
-def test_vllm_openai_server_runs_pad(conditioned_persrm, hf_engine, replicas) -> None:
+def test_vllm_openai_server_runs_pad(conditioned_persrm, hf_engine, replicas,
+                                     monkeypatch) -> None:
     """vLLM's own OpenAI server with the plugin's flags, alone and with two data-parallel
     engine replicas (each on its own core here): PAD through ``vllm_xargs`` equals the HF
     engine for rows of different preferences and weights, and a bad setting is an HTTP 400
@@ -350,6 +357,8 @@ def test_vllm_openai_server_runs_pad(conditioned_persrm, hf_engine, replicas) ->
     engine = VllmPersonalizer("default", persrm=conditioned_persrm, dtype="float32",
                               max_model_len=1024)
     port = free_port()
+    # the in-process engine of the other tests bound its OpenMP threads for one engine
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     env = {**replica_environment(replicas, on_cpu=True), "VLLM_CPU_KVCACHE_SPACE": "1"}
     with running_server(server_command(engine, replicas, port), f"http://127.0.0.1:{port}",
                         env) as url:

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -160,6 +161,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def failure_line(log: str) -> str:
+    """The line of a dead server's log that says why: the last one naming an error (shutdown
+    warnings often follow it), else the last line.
+
+    >>> failure_line("ValueError: port 29550 in use\\nwarnings.warn('resource_tracker')")
+    'ValueError: port 29550 in use'
+    """
+    lines = [line.strip() for line in log.strip().splitlines() if line.strip()]
+    named = [line for line in lines if re.search(r"\b\w*(Error|Exception)\b", line)]
+    return (named or lines or [""])[-1]
+
+
 @contextlib.contextmanager
 def running_server(command: Sequence[str], url: str, env: dict[str, str] | None = None
                    ) -> Iterator[str]:
@@ -173,9 +186,8 @@ def running_server(command: Sequence[str], url: str, env: dict[str, str] | None 
             while True:
                 if process.poll() is not None:
                     log.seek(0)
-                    tail = log.read()[-2000:]
                     raise PadlmError(f"the server exited with code {process.returncode}: "
-                                     f"{tail.strip().splitlines()[-1] if tail.strip() else ''}")
+                                     f"{failure_line(log.read())}")
                 if time.monotonic() > deadline:
                     raise PadlmError(f"the server did not start within {START_TIMEOUT_S} s")
                 with contextlib.suppress(httpx.HTTPError):

@@ -63,9 +63,16 @@ def replica_environment(replicas: int, on_cpu: bool) -> dict[str, str]:
     if not on_cpu:
         return {}
     env = {}
-    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    bound = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    if bound is None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = replica_binding(replicas,
                                                            sorted(os.sched_getaffinity(0)))
+    elif bound not in ("auto", "nobind") and bound.count("|") + 1 != replicas:
+        # vLLM gives each replica one '|'-separated list; a list short is an engine that
+        # dies at start-up with an index error
+        raise PadlmError(f"VLLM_CPU_OMP_THREADS_BIND={bound!r} binds {bound.count('|') + 1} "
+                         f"engine(s) but {replicas} replicas need one core list each, "
+                         "separated by '|'; unset it to split this machine's cores")
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         free_gib = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(free_gib / 4 / replicas)))
