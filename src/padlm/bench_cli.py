@@ -81,6 +81,7 @@ def bench_vllm_dp(
     latency per count, in one run, and whether every count returned the same tokens."""
     from rich.console import Console
 
+    from padlm.config import GenerationConfig
     from padlm.devices import AUTO, resolve_device
     from padlm.vllm.engine import VllmPersonalizer, require_vllm
     from padlm.vllm.scaleout import bench_replicas, replicas_table
@@ -93,8 +94,7 @@ def bench_vllm_dp(
         raise PadlmError("--replicas, --clients, --requests and --max-tokens must be >= 1")
     require_vllm()
     engine = VllmPersonalizer(model, persrm=persrm, dtype=dtype)
-    if not engine.persrm.runnable:
-        raise engine.persrm.refusal
+    engine.check("pad", GenerationConfig())  # a PersRM this engine cannot run is refused
     console = Console(stderr=True)
     result = bench_replicas(engine, counts, clients, requests, max_tokens,
                             resolve_device(AUTO).type == "cpu",

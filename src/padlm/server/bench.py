@@ -177,7 +177,8 @@ def failure_line(log: str) -> str:
 def running_server(command: Sequence[str], url: str, env: dict[str, str] | None = None
                    ) -> Iterator[str]:
     """Run a server command (padlm's or vLLM's own) until the block ends; yields ``url`` once
-    its ``/health`` answers. A server that exits first is an error quoting its last line."""
+    its ``/health`` answers. A server that exits first is an error quoting
+    :func:`failure_line` of its log."""
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})

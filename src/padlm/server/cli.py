@@ -122,11 +122,11 @@ def vllm_args(
     (dtype default: this machine's)."""
     import shlex
 
+    from padlm.config import GenerationConfig
     from padlm.vllm.engine import VllmPersonalizer
 
     engine = VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)
-    if not engine.persrm.runnable:
-        raise engine.persrm.refusal
+    engine.check("pad", GenerationConfig())  # a PersRM this engine cannot run is refused
     print(shlex.join(engine.server_args()))
 
 

@@ -73,12 +73,18 @@ def require_vllm():
     return vllm
 
 
+def cpu_kv_cache_gib(engines: int = 1) -> int:
+    """``VLLM_CPU_KVCACHE_SPACE`` for each of ``engines`` engines: together a quarter of the
+    free memory (vLLM's own default can exceed it on a small machine), at least 1 GiB each."""
+    free_gib = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return max(1, int(free_gib / 4 / engines))
+
+
 def cpu_environment() -> None:
     """Defaults for vLLM's CPU build where the user set none (inherited by the processes
-    vLLM spawns): a KV cache of a quarter of the free memory (vLLM's own default can exceed
-    it on a small machine) and OpenMP on every core (vLLM's default leaves one idle)."""
-    free_gib = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(free_gib / 4))))
+    vLLM spawns): the KV cache of :func:`cpu_kv_cache_gib` and OpenMP on every core (vLLM's
+    default leaves one idle)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib()))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
 
 

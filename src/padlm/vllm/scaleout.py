@@ -35,6 +35,7 @@ from padlm.server.bench import (
     running_server,
     summarize,
 )
+from padlm.vllm.engine import cpu_kv_cache_gib
 
 WEIGHTS = (1.0, 2.0)  # per-request PAD weights, alternating: rows differ in more than text
 
@@ -74,8 +75,7 @@ def replica_environment(replicas: int, on_cpu: bool) -> dict[str, str]:
                          f"engine(s) but {replicas} replicas need one core list each, "
                          "separated by '|'; unset it to split this machine's cores")
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-        free_gib = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(free_gib / 4 / replicas)))
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_gib(replicas))
     return env
 
 
