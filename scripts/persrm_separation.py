@@ -13,9 +13,16 @@ prompt) so strategies can run at different times and the script resumes; the sum
 only the chosen prompts' records. Each separation comes with its standard error over prompts
 and the paired difference (and its standard error) to prompting and to Linear Alignment.
 
+``--unseen`` adds the axes no PersRM is trained on (``sassy`` vs ``earnest``, ``sarcastic``
+vs ``sincere``). No rule measures them, so their judge is learned: a Bradley-Terry head on
+MiniLM embeddings (the per-dimension reward models' recipe) fitted on the teacher data's pairs
+of that axis from the *training* split of prompts only (the evaluation prompts are validation
+prompts, so the judge never saw them); its held-out pairwise accuracy is in the summary.
+
     .venv/bin/python scripts/persrm_separation.py --strategies prompt,linear-alignment
     .venv/bin/python scripts/persrm_separation.py --strategies pad --persrm DIR --weight 1.0
     .venv/bin/python scripts/persrm_separation.py --strategies pad,linear-alignment --echo-guard
+    .venv/bin/python scripts/persrm_separation.py --unseen --strategies prompt,linear-alignment,pad
 """
 
 from __future__ import annotations
@@ -33,16 +40,24 @@ import torch
 
 from padlm import GenerationConfig, Personalizer
 from padlm.atomic import write_json_atomic
+from padlm.data.axes import AXES, HELD_OUT_AXES, SIDES
 from padlm.data.pools import default_pool_dir, self_instruct_prompts
+from padlm.data.schema import load_rows
 from padlm.data.splits import is_validation
 from padlm.evaluation.stats import standard_error
 from padlm.judges.guards import echo, loops
 from padlm.judges.text import vader_compound, word_count
+from padlm.orchestration.rewards import train_rewards
 from padlm.preferences import PSOUPS
 from padlm.records import JsonlAppender, read_jsonl
 from padlm.registry import strategy_class
 
 PAIRS = (("P1A", "P1B"), ("P2A", "P2B"), ("P3A", "P3B"))
+UNSEEN_PAIRS = tuple((AXES[name].a.id, AXES[name].b.id) for name in HELD_OUT_AXES)
+
+
+def preference_text(pid: str) -> str:
+    return PSOUPS[pid] if pid in PSOUPS else SIDES[pid].text
 
 
 def held_out_prompts(count: int) -> list[dict]:
@@ -58,9 +73,34 @@ def syllables_per_word(text: str) -> float:
     return textstat.syllable_count(text) / len(words) if words else 0.0
 
 
-MEASURES = {"P1": ("syllables_per_word", syllables_per_word, -1),  # A should be LOWER
-            "P2": ("words", word_count, -1),
-            "P3": ("vader_compound", vader_compound, +1)}  # A should be HIGHER
+def text_measure(measure):
+    return lambda record: measure(record["text"])
+
+
+# per pair, keyed by its A side: (summary key, name, measure of a record, sign)
+MEASURES = {"P1A": ("P1", "syllables_per_word", text_measure(syllables_per_word), -1),
+            "P2A": ("P2", "words", text_measure(word_count), -1),  # A should be LOWER
+            "P3A": ("P3", "vader_compound", text_measure(vader_compound), +1)}
+
+
+def add_unseen_judges(data: Path, records: list[dict], prompts: dict[str, str]) -> dict:
+    """Fit each unseen axis's judge (see the module docstring), score every record of that
+    axis into ``record["judge"]``, register its measure; returns the judges' accuracies."""
+    rows, _ = load_rows(data)
+    sides = [a for a, _ in UNSEEN_PAIRS]
+    judges = train_rewards(rows, sides)
+    scored = [r for r in records if r["preference"] in SIDES and r["prompt_id"] in prompts
+              and r["preference"] not in PSOUPS]
+    if scored:
+        scores = judges.scores([prompts[r["prompt_id"]] for r in scored],
+                               [r["text"] for r in scored])
+        for record, row in zip(scored, scores.tolist(), strict=True):
+            record["judge"] = dict(zip(judges.dimensions, row, strict=True))
+    for name in HELD_OUT_AXES:
+        side = AXES[name].a.id
+        MEASURES[side] = (name, f"judge_{side}", lambda record, side=side: record["judge"][side],
+                          +1)
+    return judges.metrics
 
 
 FRAME = {"generate", "response", "that", "only", "could", "without", "being", "very", "like",
@@ -79,8 +119,8 @@ def paraphrased_echo(text: str, preference: str) -> bool:
 
 def prompt_gaps(prefs: dict, a: str, b: str) -> dict[str, float]:
     """Per prompt: how far the A output sits from the B output, signed so > 0 is right."""
-    _, measure, sign = MEASURES[a[:2]]
-    return {i: sign * (measure(prefs[a][i]["text"]) - measure(prefs[b][i]["text"]))
+    _, _, measure, sign = MEASURES[a]
+    return {i: sign * (measure(prefs[a][i]) - measure(prefs[b][i]))
             for i in sorted(set(prefs[a]) & set(prefs[b]))}
 
 
@@ -102,7 +142,7 @@ def summarize(records: list[dict], prompt_ids: set[str]) -> dict:
     summary = {}
     for run, prefs in by.items():
         entry = {}
-        texts = [r for p in prefs.values() for r in p.values()]
+        texts = [r for pid, p in prefs.items() if pid in PSOUPS for r in p.values()]
         if len(texts) < len(PSOUPS) * len(prompt_ids):  # run on fewer prompts: not comparable
             continue
         entry["outputs"] = len(texts)
@@ -112,30 +152,29 @@ def summarize(records: list[dict], prompt_ids: set[str]) -> dict:
         entry["loops"] = sum(loops(r["text"]) for r in texts)
         entry["hit_token_limit"] = sum(r["finish_reason"] == "length" for r in texts)
         entry["mean_words"] = round(statistics.mean(word_count(r["text"]) for r in texts), 1)
-        for a, b in PAIRS:
-            if a not in prefs or b not in prefs:
+        for a, b in (*PAIRS, *UNSEEN_PAIRS):
+            if a not in MEASURES or any(len(prefs.get(s, ())) < len(prompt_ids)
+                                        for s in (a, b)):
                 continue
-            name, measure, _ = MEASURES[a[:2]]
+            key, name, measure, _ = MEASURES[a]
             gaps = prompt_gaps(prefs, a, b)
             pair = {"measure": name,
-                    f"mean_{a}": round(statistics.mean(measure(prefs[a][i]["text"])
-                                                       for i in gaps), 3),
-                    f"mean_{b}": round(statistics.mean(measure(prefs[b][i]["text"])
-                                                       for i in gaps), 3),
+                    f"mean_{a}": round(statistics.mean(measure(prefs[a][i]) for i in gaps), 3),
+                    f"mean_{b}": round(statistics.mean(measure(prefs[b][i]) for i in gaps), 3),
                     "separation": round(statistics.mean(gaps.values()), 4),
                     "separation_se": round(standard_error(list(gaps.values())), 4),
                     "right_direction": sum(g > 0 for g in gaps.values()),
                     "prompts": len(gaps)}
             for other in comparison_runs(run):
                 theirs = by.get(other, {})
-                if a not in theirs or b not in theirs:
+                if any(len(theirs.get(s, ())) < len(prompt_ids) for s in (a, b)):
                     continue
                 their_gaps = prompt_gaps(theirs, a, b)
                 diffs = [gaps[i] - their_gaps[i] for i in gaps if i in their_gaps]
                 pair[f"minus {other}"] = {"mean": round(statistics.mean(diffs), 4),
                                           "se": round(standard_error(diffs), 4),
                                           "prompts": len(diffs)}
-            entry[a[:2]] = pair
+            entry[key] = pair
         summary[run] = entry
     return summary
 
@@ -154,11 +193,17 @@ def main() -> None:
                         default=Path("reports/persrm_separation_outputs.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("reports/persrm_separation.json"))
     parser.add_argument("--summarize-only", action="store_true")
+    parser.add_argument("--unseen", action="store_true",
+                        help="also the held-out axes, scored by a judge fitted on --data")
+    parser.add_argument("--data", type=Path, default=Path("data/teacher_pairs.jsonl"),
+                        help="preference JSONL the unseen axes' judges are fitted on")
     args = parser.parse_args()
     torch.set_num_threads(2)
     records = read_jsonl(args.outputs)
     done = {(r["run"], r["preference"], r["prompt_id"]) for r in records}
     prompts = held_out_prompts(args.prompts)
+    unseen = [side for pair in UNSEEN_PAIRS for side in pair] if args.unseen else []
+    preferences = [*PSOUPS, *unseen]
     if not args.summarize_only:
         engine = Personalizer("default", persrm=args.persrm)
         config = GenerationConfig(max_new_tokens=args.max_new_tokens,
@@ -177,12 +222,13 @@ def main() -> None:
                 guard = args.echo_guard and strategy_class(strategy).spec.echo_guard
                 if guard:
                     run += "+echo-guard"
-                for pid in PSOUPS:
+                for pid in preferences:
                     todo = [p for p in prompts if (run, pid, p["id"]) not in done]
                     if not todo:
                         continue
                     began = time.perf_counter()
-                    outs = engine.generate([p["prompt"] for p in todo], pid, strategy,
+                    outs = engine.generate([p["prompt"] for p in todo], preference_text(pid),
+                                           strategy,
                                            replace(config, echo_guard=guard),
                                            batch_size=len(todo))
                     print(f"{run} {pid}: {len(todo)} in {time.perf_counter() - began:.0f} s",
@@ -194,8 +240,11 @@ def main() -> None:
                         appender.write(record)
                         records.append(record)
     summary = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-               "decoding": f"greedy, no_repeat_ngram_size={args.no_repeat_ngram_size}",
-               "runs": summarize(records, {p["id"] for p in prompts})}
+               "decoding": f"greedy, no_repeat_ngram_size={args.no_repeat_ngram_size}"}
+    if args.unseen:
+        summary["unseen_judges"] = add_unseen_judges(
+            args.data, records, {p["id"]: p["prompt"] for p in prompts})
+    summary["runs"] = summarize(records, {p["id"] for p in prompts})
     write_json_atomic(args.out, summary)
     print(json.dumps(summary, indent=1))
 
