@@ -16,7 +16,7 @@ import pytest
 from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
 from padlm.evaluation import harness
-from padlm.evaluation.pairwise import judge_directory
+from padlm.evaluation.pairwise import judge_directory, rule_agreement
 from padlm.judges.llm import LLMJudge, build_messages, parse_verdict
 
 
@@ -133,3 +133,51 @@ def test_judge_a_finished_eval_directory(stub_url, tiny_engine, tmp_path):
     assert rows["prompt"]["llm_win_rate"] == 0.5
     assert len(StubOpenAI.requests) == 3
     assert (tmp_path / "run" / "llm_judge.json").exists()
+
+
+def test_both_orders_cancel_and_measure_position_bias(stub_url, tmp_path):
+    judge = LLMJudge(stub_url, "judge", cache=tmp_path / "cache.jsonl")
+    items = [("q", "P3A", "pad says banana", "other says hello"),
+             ("r", "P3A", "pad says hello", "other says banana")]
+    assert judge.compare_both_orders(items) == [(1.0, 1.0), (0.0, 0.0)]
+    assert len(StubOpenAI.requests) == 4  # each pair asked once per order
+    StubOpenAI.reply_override = "A"  # a judge that always picks the first response shown
+    biased = LLMJudge(stub_url, "other-judge")
+    assert biased.compare_both_orders(items) == [(1.0, 0.0), (1.0, 0.0)]
+    # the random-order judge would have credited whichever side it happened to show first
+    assert set(biased.compare_many(items * 6)) <= {0.0, 1.0}
+
+
+def test_rule_agreement_counts_only_pairs_both_judges_decide():
+    verdicts = [1.0, 0.0, 0.75, 0.5, 1.0, 0.0]
+    gaps = [2.0, 1.0, 0.5, 3.0, 0.0, None]
+    # decided by both: (1.0, 2.0) agree, (0.0, 1.0) disagree, (0.75, 0.5) agree
+    assert rule_agreement(verdicts, gaps) == (round(2 / 3, 4), 3)
+    assert rule_agreement([0.5], [1.0]) == (None, 0)
+
+
+def test_judge_one_strategy_against_another_in_both_orders(stub_url, tiny_engine, tmp_path):
+    """`padlm eval llm-judge DIR --against prompt --labels linear-alignment --both-orders`."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Why is the sky blue?\nName a fruit.\nWhat is 2+2?\n")
+    plan = harness.EvalPlan(benchmark=str(prompts), preferences=["P2A", "P3B"],
+                            strategies=["base", "prompt", "linear-alignment"],
+                            config=GenerationConfig(max_new_tokens=4), batch_size=3)
+    harness.run(tiny_engine, plan, tmp_path / "run", progress=False)
+    judge = LLMJudge(stub_url, "judge", cache=tmp_path / "run" / "c.jsonl")
+    with pytest.raises(PadlmError, match="no strategy labelled nope"):
+        judge_directory(judge, tmp_path / "run", against="nope")
+    result = judge_directory(judge, tmp_path / "run", against="prompt",
+                             labels=["linear-alignment"], both_orders=True)
+    rows = {(r["label"], r["preference"]): r for r in result["rows"]}
+    assert set(rows) == {("linear-alignment", "P2A"), ("linear-alignment", "P3B")}
+    for row in rows.values():  # no "banana" anywhere: a tie in both orders, every time
+        assert row["llm_against"] == "prompt"
+        assert row["llm_win_rate"] == 0.5 and row["llm_position_consistency"] == 1.0
+        assert row["llm_rule_agreement"] is None and row["llm_rule_agreement_pairs"] == 0
+    asked = [r["body"]["messages"][-1]["content"] for r in StubOpenAI.requests]
+    # 2 preferences x 3 prompts x 2 orders, each distinct question asked once (the tiny
+    # model's responses can coincide, and then both orders are one question)
+    assert len(asked) == len(set(asked)) and 6 <= len(asked) <= 12
+    assert result["judge"]["orders"] == "both"
+    assert (tmp_path / "run" / "llm_judge_vs_prompt.json").exists()

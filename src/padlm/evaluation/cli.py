@@ -202,13 +202,22 @@ def llm_judge_command(
     judge_model: Annotated[str, typer.Option()],
     judge_key_env: Annotated[str, typer.Option(help="Env var holding the API key.")
                              ] = "OPENAI_API_KEY",
+    against: Annotated[str, typer.Option(
+        help="The label every other row is compared with (e.g. linear-alignment).")] = "base",
+    labels: Annotated[str | None, typer.Option(
+        help="Only these labels, comma-separated (e.g. 'pad@weight=1').")] = None,
+    both_orders: Annotated[bool, typer.Option(
+        help="Ask every pair in both orders (cancels position bias; reports consistency).")
+    ] = False,
 ) -> None:
-    """Pairwise LLM judgement (P-Soups criteria) of every strategy vs base in DIR; verdicts
-    are cached in DIR/llm_judge_cache.jsonl and written to DIR/llm_judge.json."""
+    """Pairwise LLM judgement (P-Soups criteria) of the strategies in DIR against one of them
+    (base by default); verdicts are cached in DIR/llm_judge_cache.jsonl and written to
+    DIR/llm_judge.json (or DIR/llm_judge_vs_<against>.json)."""
     from padlm.evaluation.pairwise import judge_directory
     from padlm.judges.llm import LLMJudge
 
     llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
                             cache=out / "llm_judge_cache.jsonl")
-    result = judge_directory(llm, out)
+    result = judge_directory(llm, out, against, _split(labels) if labels else None,
+                             both_orders)
     print(json.dumps(result["rows"], indent=2))

@@ -1,10 +1,13 @@
 """Optional pairwise LLM judge over any OpenAI-compatible chat endpoint.
 
-For one prompt and preference it shows two responses (a method's and ``base``'s) and asks
-which one better follows the preference, with the P-Soups criteria spelled out.
-The order is randomised per comparison (seeded by its content, so reruns ask the same
-question) to cancel position bias, TIE is allowed, and every verdict is cached on disk keyed
-by (model, prompt, preference, shown order), so an interrupted run never pays twice.
+For one prompt and preference it shows two responses (a method's and another's, by default
+``base``'s) and asks which one better follows the preference, with the P-Soups criteria
+spelled out. The order is randomised per comparison (seeded by its content, so reruns ask the same
+question) to cancel position bias on average, or, with :meth:`LLMJudge.compare_both_orders`,
+each pair is asked in both orders (small judges are strongly position-biased, and the two
+orders' disagreement measures by how much). TIE is allowed, and every verdict is cached on
+disk keyed by (model, prompt, preference, shown order), so an interrupted run never pays
+twice.
 
 Uses plain HTTP (``httpx``, a core dependency): ``POST {base_url}/chat/completions`` with a
 bearer key read from an environment variable, i.e. what the official ``openai`` client sends.
@@ -18,6 +21,8 @@ import logging
 import os
 import random
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,32 +119,61 @@ class LLMJudge:
         """``compare`` for many ``(prompt, preference, method, base)``; ``cache`` (from
         ``load_cache``) lets several calls share one read of the cache file."""
         cache = self.load_cache() if cache is None else cache
-        appender = JsonlAppender(self.cache) if self.cache else None
-        out = []
-        try:
+        with self._appender() as appender:
+            out = []
             for prompt, preference, method, base in items:
                 digest = hashlib.sha256(json.dumps([prompt, preference, method, base])
                                         .encode()).digest()
                 method_first = random.Random(self.seed * 7919 + digest[0] * 256 + digest[1]
                                              ).random() < 0.5
                 first, second = (method, base) if method_first else (base, method)
-                key = hashlib.sha256(json.dumps([self.model, prompt, preference, first, second])
-                                     .encode()).hexdigest()
-                verdict = cache.get(key)
-                if verdict is None:
-                    reply = self._ask(build_messages(prompt, preference, first, second))
-                    verdict = parse_verdict(reply)
-                    if verdict is None:
-                        log.warning("unparseable judge reply %r counted as TIE", reply)
-                        verdict = "TIE"
-                    cache[key] = verdict
-                    if appender:
-                        appender.write({"key": key, "verdict": verdict})
-                if verdict == "TIE":
-                    out.append(0.5)
-                else:
-                    out.append(1.0 if (verdict == "A") == method_first else 0.0)
+                verdict = self._verdict(prompt, preference, first, second, cache, appender)
+                out.append(method_score(verdict, method_first))
+        return out
+
+    def compare_both_orders(self, items: list[tuple[str, str, str, str]],
+                            cache: dict[str, str] | None = None
+                            ) -> list[tuple[float, float]]:
+        """Every ``(prompt, preference, method, other)`` asked twice, ``method`` shown first
+        and then second: per item the method's score in each order. Averaging the two
+        cancels position bias exactly; their disagreement measures it."""
+        cache = self.load_cache() if cache is None else cache
+        with self._appender() as appender:
+            return [(method_score(self._verdict(prompt, preference, method, other, cache,
+                                                appender), True),
+                     method_score(self._verdict(prompt, preference, other, method, cache,
+                                                appender), False))
+                    for prompt, preference, method, other in items]
+
+    @contextmanager
+    def _appender(self) -> Iterator[JsonlAppender | None]:
+        appender = JsonlAppender(self.cache) if self.cache else None
+        try:
+            yield appender
         finally:
             if appender:
                 appender.close()
-        return out
+
+    def _verdict(self, prompt: str, preference: str, first: str, second: str,
+                 cache: dict[str, str], appender: JsonlAppender | None) -> str:
+        """'A', 'B' or 'TIE' for the responses in the order shown, asked at most once."""
+        key = hashlib.sha256(json.dumps([self.model, prompt, preference, first, second])
+                             .encode()).hexdigest()
+        verdict = cache.get(key)
+        if verdict is None:
+            reply = self._ask(build_messages(prompt, preference, first, second))
+            verdict = parse_verdict(reply)
+            if verdict is None:
+                log.warning("unparseable judge reply %r counted as TIE", reply)
+                verdict = "TIE"
+            cache[key] = verdict
+            if appender:
+                appender.write({"key": key, "verdict": verdict})
+        return verdict
+
+
+def method_score(verdict: str, method_first: bool) -> float:
+    """The method's score from a verdict on the order shown: 1 won, 0 lost, 0.5 TIE."""
+    if verdict == "TIE":
+        return 0.5
+    return 1.0 if (verdict == "A") == method_first else 0.0
