@@ -295,11 +295,16 @@ def text_key(prompt: str, text: str) -> str:
     return hashlib.sha256(json.dumps([prompt, text]).encode()).hexdigest()[:24]
 
 
+def read_scores(out: Path) -> dict[str, dict]:
+    """Every response's judge scores cached in ``out/scores.jsonl``, by :func:`text_key`."""
+    return {r["key"]: r["scores"] for r in read_jsonl(out / SCORES)}
+
+
 def score(engine, records: Sequence[dict], prompts: dict[str, str], out: Path,
           batch_size: int = 16, progress: bool = True) -> dict[str, dict]:
     """Judge every distinct (prompt, response); cached in ``out/scores.jsonl``."""
     path = out / SCORES
-    cache = {r["key"]: r["scores"] for r in read_jsonl(path)}
+    cache = read_scores(out)
     todo: dict[str, tuple[str, str]] = {}
     for record in records:
         prompt = prompts[record["id"]]

@@ -17,10 +17,10 @@ from padlm.errors import PadlmError
 from padlm.evaluation.harness import (
     BASE,
     GENERATIONS,
-    SCORES,
     SUMMARY,
     EvalPlan,
     load_benchmark,
+    read_scores,
     text_key,
 )
 from padlm.evaluation.stats import bootstrap_ci
@@ -33,7 +33,7 @@ def judge_summary(llm: LLMJudge, summary: dict, out: Path, plan: EvalPlan) -> di
     """Add ``llm_win_rate`` (+ CI) to every single-preference row of ``summary``."""
     prompts = {i["id"]: i["prompt"] for i in load_benchmark(plan.benchmark, plan.limit)}
     return _judge_rows(llm, summary["rows"], _records(out, summary, prompts), prompts,
-                       _scores(out))
+                       read_scores(out))
 
 
 def judge_directory(llm: LLMJudge, out: Path, against: str = BASE,
@@ -53,7 +53,7 @@ def judge_directory(llm: LLMJudge, out: Path, against: str = BASE,
                                                             summary["limit"])}
     rows = [r for r in summary["rows"] if r["preference"] in PSOUPS
             and (labels is None or r["label"] in labels)]
-    result = _judge_rows(llm, rows, _records(out, summary, prompts), prompts, _scores(out),
+    result = _judge_rows(llm, rows, _records(out, summary, prompts), prompts, read_scores(out),
                          against, both_orders)
     result["judge"] = {"url": llm.base_url, "model": llm.model, "against": against,
                        "orders": "both" if both_orders else "random"}
@@ -67,10 +67,6 @@ def _records(out: Path, summary: dict, prompts: dict[str, str]) -> list[dict]:
     cfg = summary["generation"]
     return [r for r in read_jsonl(out / GENERATIONS) if r["config"] == cfg
             and r["id"] in prompts]
-
-
-def _scores(out: Path) -> dict[str, dict]:
-    return {r["key"]: r["scores"] for r in read_jsonl(out / SCORES)}
 
 
 def rule_agreement(verdicts: Sequence[float], rule_gaps: Sequence[float | None]
