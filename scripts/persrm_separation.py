@@ -40,7 +40,7 @@ import torch
 
 from padlm import GenerationConfig, Personalizer
 from padlm.atomic import write_json_atomic
-from padlm.data.axes import AXES, HELD_OUT_AXES, SIDES
+from padlm.data.axes import AXES, HELD_OUT_AXES, HELD_OUT_DIMENSIONS, SIDES
 from padlm.data.pools import default_pool_dir, self_instruct_prompts
 from padlm.data.schema import load_rows
 from padlm.data.splits import is_validation
@@ -89,8 +89,8 @@ def add_unseen_judges(data: Path, records: list[dict], prompts: dict[str, str]) 
     rows, _ = load_rows(data)
     sides = [a for a, _ in UNSEEN_PAIRS]
     judges = train_rewards(rows, sides)
-    scored = [r for r in records if r["preference"] in SIDES and r["prompt_id"] in prompts
-              and r["preference"] not in PSOUPS]
+    scored = [r for r in records if r["preference"] in HELD_OUT_DIMENSIONS
+              and r["prompt_id"] in prompts]
     if scored:
         scores = judges.scores([prompts[r["prompt_id"]] for r in scored],
                                [r["text"] for r in scored])
