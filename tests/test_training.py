@@ -16,6 +16,7 @@ from padlm.errors import PadlmError
 from padlm.persrm import PersonalizedRewardModel
 from padlm.training import cache as cache_module
 from padlm.training.cache import (
+    MAX_RESPONSE_TOKENS,
     HiddenStateCache,
     ReferenceCache,
     encode_sequence,
@@ -125,6 +126,19 @@ def test_cache_is_addressed_by_row_content(tiny_lm, tmp_path, monkeypatch):
     with pytest.raises(PadlmError, match="lacks a row"):
         HiddenStateCache(tmp_path, tiny_lm, [replace(new, rejected="Maybe.")], "user-prefix",
                          5, "sha").load()
+
+
+def test_a_response_cut_at_the_limit_gets_no_end_of_turn_target(tiny_lm):
+    tokenizer = tiny_lm.tokenizer
+    fits = " ".join(["word"] * 8)
+    _, short = encode_sequence(tokenizer, "Hi", "", fits, "user-prefix")
+    assert short == [*tokenizer(fits, add_special_tokens=False)["input_ids"],
+                     tokenizer.eos_token_id]
+    long_text = " ".join(["word"] * (2 * MAX_RESPONSE_TOKENS))
+    _, cut = encode_sequence(tokenizer, "Hi", "", long_text, "user-prefix")
+    assert cut == tokenizer(long_text, add_special_tokens=False)["input_ids"][
+        :MAX_RESPONSE_TOKENS]
+    assert tokenizer.eos_token_id not in cut
 
 
 def test_cached_states_match_a_plain_forward(tiny_lm):

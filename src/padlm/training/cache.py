@@ -2,7 +2,9 @@
 
 For each sequence ``(x, p, y)`` the cache keeps, at every response position ``t`` (the state
 that predicts ``y_t``; the end-of-turn token is the last target, so a head learns when to
-stop): the final normed hidden state ``h_t`` (fp16), the target ``y_t``, the base model's
+stop, unless the response was cut at ``MAX_RESPONSE_TOKENS``: a cut answer did not end there,
+and an end-of-turn target after it would teach a head to stop mid-sentence): the final normed
+hidden state ``h_t`` (fp16), the target ``y_t``, the base model's
 top-k candidates at ``t`` (what decoding re-ranks) and the base log-prob of ``y_t`` over the
 full vocabulary (for the untrained baseline and the self-consistency filter).
 
@@ -53,9 +55,12 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 def encode_sequence(tokenizer, prompt, preference: str, response: str, placement: str,
                     ) -> tuple[list[int], list[int]]:
-    """Context ids (chat template, preference placed) and response ids ending in end-of-turn."""
+    """Context ids (chat template, preference placed) and response ids: ending in end-of-turn
+    when the whole response fits, cut without one when it does not."""
     context = render(tokenizer, prompt, preference, placement)[-MAX_CONTEXT_TOKENS:]
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"][:MAX_RESPONSE_TOKENS]
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if len(ids) > MAX_RESPONSE_TOKENS:
+        return context, ids[:MAX_RESPONSE_TOKENS]
     return context, [*ids, tokenizer.eos_token_id]
 
 
@@ -120,7 +125,7 @@ class HiddenStateCache:
         self._set_key(root or padlm_home() / "persrm-cache", {
             "model_sha256": model_sha256, "placement": placement, "top_k": top_k,
             "max_response": MAX_RESPONSE_TOKENS, "max_context": MAX_CONTEXT_TOKENS,
-            "version": 2})
+            "version": 3})
 
     def _set_key(self, root: Path, key: dict) -> None:
         """A cache lives in a directory named by everything that shapes its contents."""
