@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from padlm.training.head import (
     HeadParam,
     HeadTrainingConfig,
     collate,
+    dimension_weights,
+    dpo_loss,
     evaluate,
     restricted_log_probs,
     token_log_probs,
@@ -247,6 +250,44 @@ def test_dpo_loss_decreases_and_consistency_is_mirrored(tiny_lm, tmp_path):
         _, history = train_head(pairs, lm_head, config, pairs, [r.dimension for r in rows])
         assert history[-1]["loss"] < history[0]["loss"] - 0.01, vocab
         assert history[-1]["validation"]["margin"] > history[0]["validation"]["margin"]
+
+
+def test_dimension_weights_interpolate_from_every_pair_to_every_dimension():
+    dims = ["hh", "hh", "hh", "P2A"]
+    assert dimension_weights(dims, 0.0).tolist() == [1.0] * 4
+    # balance 1: weights 1/3, 1/3, 1/3, 1 scaled to mean 1 -> each dimension sums to 2
+    assert dimension_weights(dims, 1.0).tolist() == pytest.approx([2 / 3] * 3 + [2.0])
+    # balance 0.5: 3^-0.5 thrice and 1, scaled to mean 1
+    raw = [3 ** -0.5] * 3 + [1.0]
+    expected = [4 * w / sum(raw) for w in raw]
+    assert dimension_weights(dims, 0.5).tolist() == pytest.approx(expected)
+
+
+def test_weighted_dpo_loss_matches_a_hand_computation():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    beta, weights = 0.5, torch.tensor([0.5, 1.5])
+    terms = [math.log1p(math.exp(-1.0)), math.log1p(math.exp(0.5))]  # -log sigmoid(beta*m)
+    assert float(dpo_loss(chosen, rejected, beta)) == pytest.approx(sum(terms) / 2)
+    assert float(dpo_loss(chosen, rejected, beta, weights)) == pytest.approx(
+        (0.5 * terms[0] + 1.5 * terms[1]) / 2)
+
+
+def test_a_balanced_head_trains_on_each_pairs_dimension(tiny_lm, tmp_path):
+    # 8 P2A pairs and 3 P2B: unequal, so balancing changes the weights
+    rows = [r for i, r in enumerate(tiny_rows()) if r.dimension == "P2A" or i < 6]
+    cache = HiddenStateCache(tmp_path, tiny_lm, rows, "user-prefix", 5, "sha")
+    cache.build()
+    pairs = cache.load()
+    lm_head = tiny_lm.model.get_output_embeddings().weight.detach().float()
+    config = HeadTrainingConfig(rank=4, lr=5e-2, epochs=2, batch_pairs=4,
+                                dimension_balance=1.0, nll_weight=0.1)
+    with pytest.raises(PadlmError, match="each training pair's dimension"):
+        train_head(pairs, lm_head, config)
+    balanced, _ = train_head(pairs, lm_head, config, dimensions=[r.dimension for r in rows])
+    plain, _ = train_head(pairs, lm_head, replace(config, dimension_balance=0.0))
+    assert not torch.equal(balanced.v, plain.v)  # the weights reached the gradient
+    with pytest.raises(PadlmError, match="between 0 and 1"):
+        HeadTrainingConfig(dimension_balance=1.5)
 
 
 def test_train_save_load_round_trip_gives_identical_logits(tiny_lm, tmp_path):

@@ -228,6 +228,9 @@ def train_persrm(
     rank: Annotated[int, typer.Option()] = 16,
     identity_l2: Annotated[float, typer.Option(help="L2 pull of W, b toward I, 0.")] = 0.0,
     nll_weight: Annotated[float, typer.Option(help="Weight of an NLL term (chosen).")] = 0.0,
+    dimension_balance: Annotated[float, typer.Option(
+        help="Per-pair loss weight n_dim^-b, 0..1: 0 every pair alike, 1 every dimension "
+             "alike (human pairs then stop outweighing each teacher axis).")] = 0.0,
     vocab: Annotated[str, typer.Option(help="topk | full (log-prob normalisation)")] = "topk",
     reference: Annotated[str, typer.Option(
         help="conditioned (the reward's reference base model sees the preference, as in "
@@ -259,7 +262,8 @@ def train_persrm(
         raise PadlmError(f"data file {data} does not exist")
     head = HeadTrainingConfig(form=form, rank=rank, beta=beta, lr=lr, epochs=epochs,
                               identity_l2=identity_l2, nll_weight=nll_weight, vocab=vocab,
-                              reference=reference, seed=seed)
+                              reference=reference, dimension_balance=dimension_balance,
+                              seed=seed)
     config = TrainConfig(
         data=data, out=out, stage=stage, head=head,
         holdout_dimensions=_csv(holdout_dimensions), dimensions=_csv(dimensions),

@@ -13,7 +13,9 @@ plus the actual token (the set PAD's decoding re-ranks, so training matches use)
 "full"`` uses the whole vocabulary. The head can be ``full`` (``W = I + D``), ``lowrank``
 (``W = I + U V^T``) or ``diagonal`` (``W = diag(1 + s)``); all export to the ``d x d`` W of
 :class:`padlm.persrm.ValueHead`. Optional terms: an NLL term on the chosen response (keeps the
-head a good language model, e.g. it must still end answers) and an L2 pull toward identity.
+head a good language model, e.g. it must still end answers), an L2 pull toward identity, and
+a per-dimension balance of the loss (``dimension_balance``): without it a dataset whose human
+pairs outnumber each teacher axis thirty to one trains a head mostly on the human pairs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -46,6 +49,7 @@ class HeadTrainingConfig:
     nll_weight: float = 0.0
     vocab: str = "topk"  # "topk" (candidates + target) or "full"
     reference: str = "conditioned"  # the base model with or without the preference
+    dimension_balance: float = 0.0  # 0: every pair weighs alike; 1: every dimension alike
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,6 +62,9 @@ class HeadTrainingConfig:
             raise PadlmError(f"reference must be one of {', '.join(REFERENCES)}")
         if not (self.beta > 0 and self.lr > 0 and self.epochs >= 1 and self.batch_pairs >= 1):
             raise PadlmError("beta and lr must be > 0, epochs and batch size >= 1")
+        if not 0 <= self.dimension_balance <= 1:
+            raise PadlmError("dimension balance must be between 0 and 1, not "
+                             f"{self.dimension_balance}")
 
 
 class HeadParam(nn.Module):
@@ -195,10 +202,21 @@ def sequence_sums(values: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def dpo_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
-             beta: float) -> torch.Tensor:
+             beta: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """DPO: ``-log sigmoid(beta * (r_chosen - r_rejected))`` with ``r = log pi - log pi_ref``
-    summed over the response."""
-    return -nn.functional.logsigmoid(beta * (reward_chosen - reward_rejected)).mean()
+    summed over the response; ``weights`` (per pair) scale each pair's term in the mean."""
+    losses = -nn.functional.logsigmoid(beta * (reward_chosen - reward_rejected))
+    return losses.mean() if weights is None else (weights * losses).mean()
+
+
+def dimension_weights(dimensions: Sequence[str], balance: float) -> torch.Tensor:
+    """Per-pair weights ``n_d ** -balance`` (``n_d``: the pairs of that pair's dimension),
+    scaled to mean 1 so the loss keeps its scale: 0 weighs every pair alike, 1 gives every
+    dimension the same total pull, values between interpolate (the temperature of
+    multilingual data sampling)."""
+    counts = Counter(dimensions)
+    raw = torch.tensor([counts[d] ** -balance for d in dimensions], dtype=torch.float64)
+    return (raw * len(raw) / raw.sum()).float()
 
 
 def pair_rewards(head, pairs: Sequence[tuple[SequenceStates, SequenceStates]],
@@ -270,10 +288,17 @@ def train_head(
     validation_dimensions: Sequence[str] = (),
     state: dict | None = None,
     on_epoch: Callable[[dict, HeadParam, torch.optim.Optimizer], None] | None = None,
+    dimensions: Sequence[str] = (),
 ) -> tuple[HeadParam, list[dict]]:
-    """Train a head; ``state`` (from a checkpoint) resumes after its last finished epoch."""
+    """Train a head; ``state`` (from a checkpoint) resumes after its last finished epoch.
+    ``dimensions`` (one per training pair) are needed for a ``dimension_balance`` above 0."""
     if not pairs:
         raise PadlmError("no training pairs")
+    weights = None
+    if config.dimension_balance:
+        if len(dimensions) != len(pairs):
+            raise PadlmError("a dimension balance needs each training pair's dimension")
+        weights = dimension_weights(dimensions, config.dimension_balance).to(lm_head.device)
     torch.manual_seed(config.seed)
     lm_head = lm_head.detach().float()  # the head trains on the device of the lm_head
     head = HeadParam(lm_head.shape[1], config.form, config.rank, config.seed).to(lm_head.device)
@@ -291,12 +316,15 @@ def train_head(
         random.Random(config.seed * 1000 + epoch).shuffle(order)
         losses = []
         for start in range(0, len(order), config.batch_pairs):
-            chunk = [pairs[i] for i in order[start:start + config.batch_pairs]]
+            indexes = order[start:start + config.batch_pairs]
+            chunk = [pairs[i] for i in indexes]
             chosen, rejected, chosen_logp = pair_rewards(head, chunk, lm_head, config.vocab,
                                                          config.reference)
-            loss = dpo_loss(chosen, rejected, config.beta)
+            batch_weights = None if weights is None else weights[indexes]
+            loss = dpo_loss(chosen, rejected, config.beta, batch_weights)
             if config.nll_weight:
-                loss = loss - config.nll_weight * chosen_logp.mean()
+                nll = -chosen_logp if batch_weights is None else -batch_weights * chosen_logp
+                loss = loss + config.nll_weight * nll.mean()
             if config.identity_l2:
                 loss = loss + config.identity_l2 * head.distance_from_identity()
             optimizer.zero_grad()

@@ -289,7 +289,8 @@ def run_training(lm: LoadedModel, config: TrainConfig) -> PersonalizedRewardMode
 
     train_began = time.perf_counter()
     head, history = train_head(data.train_states, lm_head, config.head, val_pairs, val_dims,
-                               state=state, on_epoch=on_epoch)
+                               state=state, on_epoch=on_epoch,
+                               dimensions=[r.dimension for r in data.train_rows])
     train_seconds = time.perf_counter() - train_began
     reports = validation_reports(head, data, lm_head, config.head)
     value_head = ValueHead(lm_head.shape[1])
