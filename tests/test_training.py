@@ -30,6 +30,7 @@ from padlm.training.head import (
     collate,
     dimension_weights,
     dpo_loss,
+    end_of_turn_report,
     evaluate,
     restricted_log_probs,
     token_log_probs,
@@ -290,6 +291,25 @@ def test_a_balanced_head_trains_on_each_pairs_dimension(tiny_lm, tmp_path):
         HeadTrainingConfig(dimension_balance=1.5)
 
 
+def test_end_of_turn_report_averages_the_real_ends_only(tiny_lm, tmp_path):
+    rows = tiny_rows()[:3]
+    cut = " ".join(["word"] * (2 * MAX_RESPONSE_TOKENS))  # cut at the limit: no end there
+    rows.append(replace(rows[0], chosen=cut, meta={"key": ["cut"]}))
+    cache = HiddenStateCache(tmp_path, tiny_lm, rows, "user-prefix", 5, "sha")
+    cache.build()
+    pairs = cache.load()
+    lm_head = tiny_lm.model.get_output_embeddings().weight.detach().float()
+    eos = tiny_lm.tokenizer.eos_token_id
+    expected = []
+    for sequence in (seq for pair in pairs for seq in pair):
+        if sequence.targets[-1] == eos:
+            one = collate([sequence])
+            expected.append(float(token_log_probs(None, one, lm_head, "topk")[-1]))
+    report = end_of_turn_report(None, pairs, lm_head, "topk", eos, chunk=2)
+    assert report["sequences"] == len(expected) == 7  # 8 sequences, one of them cut
+    assert report["mean_logp"] == pytest.approx(sum(expected) / 7, abs=1e-4)
+
+
 def test_train_save_load_round_trip_gives_identical_logits(tiny_lm, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(r.to_json() + "\n" for r in tiny_rows()))
@@ -344,6 +364,9 @@ def test_unconditioned_training_saves_its_reference_and_reports_the_untrained_he
     report = trained.config.training["validation"]["all"]
     assert {"head", "untrained_head", "baseline_mean_logprob"} <= set(report)
     assert report["untrained_head"]["margin"] != 0  # PMI, not the zero of W = I
+    ends = trained.config.training["validation"]["end_of_turn"]
+    assert ends["head"]["sequences"] == ends["untrained_head"]["sequences"] > 0
+    assert ends["head"]["mean_logp"] != ends["untrained_head"]["mean_logp"]
 
 
 def test_training_resumes_from_checkpoint(tiny_lm, tmp_path):

@@ -253,6 +253,25 @@ def evaluate(head, pairs, dimensions: Sequence[str], lm_head: torch.Tensor, voca
                            dimensions)
 
 
+@torch.no_grad()
+def end_of_turn_report(head, pairs, lm_head: torch.Tensor, vocab: str, end_token: int,
+                       chunk: int = 64) -> dict:
+    """Mean log-prob the head gives end-of-turn where a response really ends (every chosen
+    and rejected sequence whose last target is ``end_token``): pairwise accuracy cannot see a
+    head that has stopped ending answers, since both responses of a pair end once each."""
+    values = []
+    for start in range(0, len(pairs), chunk):
+        sequences = [seq for pair in pairs[start:start + chunk] for seq in pair]
+        batch = collate(sequences, lm_head.device)
+        logp = token_log_probs(head, batch, lm_head, vocab)
+        last = torch.cumsum(torch.tensor([len(seq.targets) for seq in sequences]), 0) - 1
+        ends = batch.targets[last.to(batch.targets.device)] == end_token
+        values.append(logp[last.to(logp.device)][ends])
+    ended = torch.cat(values) if values else torch.zeros(0)
+    return {"mean_logp": round(float(ended.mean()), 4) if len(ended) else None,
+            "sequences": len(ended)}
+
+
 def accuracy_report(margins: torch.Tensor, dimensions: Sequence[str]) -> dict:
     margins = margins.cpu()
     wins = (margins > 0).float() + 0.5 * (margins == 0).float()

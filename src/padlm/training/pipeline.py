@@ -41,6 +41,7 @@ from padlm.training.cache import (
 from padlm.training.head import (
     HeadTrainingConfig,
     baseline_report,
+    end_of_turn_report,
     evaluate,
     train_head,
 )
@@ -213,11 +214,14 @@ def _count(items) -> dict:
 
 
 def validation_reports(head, data: PreparedData, lm_head: torch.Tensor,
-                       config: HeadTrainingConfig) -> dict:
+                       config: HeadTrainingConfig, end_token: int) -> dict:
     """Accuracy on all validation pairs and on the clean ones: the trained head, the same
     head untrained (``W = I``: 0.5 with a conditioned reference, the preference's PMI with an
-    unconditioned one) and the mean-log-prob baseline."""
-    reports = {}
+    unconditioned one) and the mean-log-prob baseline; and, trained vs untrained, the
+    log-prob of end-of-turn where validation responses end (does the head still stop?)."""
+    reports: dict = {"end_of_turn": {
+        name: end_of_turn_report(candidate, data.val_states, lm_head, config.vocab, end_token)
+        for name, candidate in (("head", head), ("untrained_head", None))}}
     for name, keep in (("all", [True] * len(data.val_rows)), ("clean", data.val_clean)):
         pairs = [s for s, k in zip(data.val_states, keep, strict=True) if k]
         dims = [r.dimension for r, k in zip(data.val_rows, keep, strict=True) if k]
@@ -292,7 +296,7 @@ def run_training(lm: LoadedModel, config: TrainConfig) -> PersonalizedRewardMode
                                state=state, on_epoch=on_epoch,
                                dimensions=[r.dimension for r in data.train_rows])
     train_seconds = time.perf_counter() - train_began
-    reports = validation_reports(head, data, lm_head, config.head)
+    reports = validation_reports(head, data, lm_head, config.head, lm.tokenizer.eos_token_id)
     value_head = ValueHead(lm_head.shape[1])
     with torch.no_grad():
         value_head.weight.copy_(head.weight())
