@@ -458,6 +458,11 @@ def test_cli_train_rejects_bad_input(tmp_path):
     result = runner.invoke(app, ["train", "persrm", "--data", str(data), "--out",
                                  str(tmp_path / "o"), "--form", "cubic"])
     assert isinstance(result.exception, PadlmError) and "head form" in str(result.exception)
+    result = runner.invoke(app, ["train", "persrm", "--data", str(data), "--out",
+                                 str(tmp_path / "o"), "--dimension-balance", "2"])
+    assert isinstance(result.exception, PadlmError) and "between 0 and 1" in str(
+        result.exception)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(("name", "reference"), [("default", "unconditioned"),
