@@ -305,7 +305,7 @@ def test_end_of_turn_report_averages_the_real_ends_only(tiny_lm, tmp_path):
         if sequence.targets[-1] == eos:
             one = collate([sequence])
             expected.append(float(token_log_probs(None, one, lm_head, "topk")[-1]))
-    report = end_of_turn_report(None, pairs, lm_head, "topk", eos, chunk=2)
+    report = end_of_turn_report(None, pairs, lm_head, "topk", eos)
     assert report["sequences"] == len(expected) == 7  # 8 sequences, one of them cut
     assert report["mean_logp"] == pytest.approx(sum(expected) / 7, abs=1e-4)
 

@@ -255,21 +255,18 @@ def evaluate(head, pairs, dimensions: Sequence[str], lm_head: torch.Tensor, voca
 
 @torch.no_grad()
 def end_of_turn_report(head, pairs, lm_head: torch.Tensor, vocab: str, end_token: int,
-                       chunk: int = 64) -> dict:
+                       ) -> dict:
     """Mean log-prob the head gives end-of-turn where a response really ends (every chosen
     and rejected sequence whose last target is ``end_token``): pairwise accuracy cannot see a
-    head that has stopped ending answers, since both responses of a pair end once each."""
-    values = []
-    for start in range(0, len(pairs), chunk):
-        sequences = [seq for pair in pairs[start:start + chunk] for seq in pair]
-        batch = collate(sequences, lm_head.device)
-        logp = token_log_probs(head, batch, lm_head, vocab)
-        last = torch.cumsum(torch.tensor([len(seq.targets) for seq in sequences]), 0) - 1
-        ends = batch.targets[last.to(batch.targets.device)] == end_token
-        values.append(logp[last.to(logp.device)][ends])
-    ended = torch.cat(values) if values else torch.zeros(0)
-    return {"mean_logp": round(float(ended.mean()), 4) if len(ended) else None,
-            "sequences": len(ended)}
+    head that has stopped ending answers, since both responses of a pair end once each. Only
+    those final positions are scored."""
+    finals = [SequenceStates(seq.hidden[-1:], seq.targets[-1:], seq.candidates[-1:],
+                             seq.base_logp[-1:])
+              for pair in pairs for seq in pair if int(seq.targets[-1]) == end_token]
+    if not finals:
+        return {"mean_logp": None, "sequences": 0}
+    logp = token_log_probs(head, collate(finals, lm_head.device), lm_head, vocab)
+    return {"mean_logp": round(float(logp.mean()), 4), "sequences": len(finals)}
 
 
 def accuracy_report(margins: torch.Tensor, dimensions: Sequence[str]) -> dict:
