@@ -330,6 +330,30 @@ def test_train_save_load_round_trip_gives_identical_logits(tiny_lm, tmp_path):
     assert not list(tmp_path.glob("*.checkpoint.pt"))
 
 
+def test_a_bfloat16_backbone_caches_apart_and_its_head_scores_float32_states(tiny_lm,
+                                                                             tmp_path):
+    """``train persrm --dtype bfloat16`` (the fast cache on a CPU with bf16 units): the record
+    says which dtype made the states, the cache is not shared with float32's, and the saved
+    head is plain float32, usable on a float32 backbone's states."""
+    import copy
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(r.to_json() + "\n" for r in tiny_rows()))
+    half = replace(tiny_lm, model=copy.deepcopy(tiny_lm.model).to(torch.bfloat16))
+    trained = {}
+    for name, lm in (("float32", tiny_lm), ("bfloat16", half)):
+        config = TrainConfig(data=data, out=tmp_path / name, cache_dir=tmp_path / "cache",
+                             head=HeadTrainingConfig(epochs=1, rank=4),
+                             validation_fraction=0.3, label_filter="none")
+        trained[name] = run_training(lm, config)
+        assert trained[name].config.training["base_model_dtype"] == name
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    loaded = PersonalizedRewardModel.load(tmp_path / "bfloat16")
+    lm_head = tiny_lm.model.get_output_embeddings().weight
+    rewards = loaded.reward_logits(torch.randn(3, 32), lm_head)
+    assert rewards.dtype == torch.float32 and torch.isfinite(rewards).all()
+
+
 def test_held_out_axis_rows_are_never_trained_and_all_validate(tiny_lm, tmp_path):
     """Rows of a held-out axis (the unseen-preference test) stay out of training whatever
     their prompt's split, and every one of them is in the validation set."""

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from padlm.cli_options import EngineOption, ModelOption, PlacementOption
+from padlm.cli_options import DtypeOption, EngineOption, ModelOption, PlacementOption
 from padlm.data.axes import DEFAULT_AXES, check_axes
 from padlm.errors import PadlmError
 
@@ -248,6 +248,7 @@ def train_persrm(
     lora_rank: Annotated[int, typer.Option()] = 16,
     cache_dir: Annotated[Path | None, typer.Option(help="Hidden-state cache root.")] = None,
     model: ModelOption = "default",
+    dtype: DtypeOption = None,
     strict: Annotated[bool, typer.Option(help="Any bad data row is fatal.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -271,7 +272,7 @@ def train_persrm(
         recommended_weight=weight, cache_dir=cache_dir, strict=strict, lora_steps=lora_steps,
         lora_rank=lora_rank, command="padlm " + shlex.join(sys.argv[1:]),
     )
-    persrm = run_training(load_model(model), config)
+    persrm = run_training(load_model(model, dtype=dtype), config)
     summary = persrm.config.training["validation"]
     typer.echo(json.dumps({"out": str(out), "validation": summary,
                            "head_training_seconds":

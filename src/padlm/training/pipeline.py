@@ -303,6 +303,8 @@ def run_training(lm: LoadedModel, config: TrainConfig) -> PersonalizedRewardMode
         value_head.bias.copy_(head.bias)
     training = {
         "stage": config.stage, "base_model": lm.name, "base_model_sha256": model_sha,
+        # the cache's states come from the backbone in this dtype (its sha256 covers it too)
+        "base_model_dtype": str(lm.model.dtype).removeprefix("torch."),
         "head": asdict(config.head), "dimensions": sorted({r.dimension for r in
                                                            data.train_rows}),
         "holdout_dimensions": list(config.holdout_dimensions),
