@@ -340,13 +340,11 @@ def test_a_bfloat16_backbone_caches_apart_and_its_head_scores_float32_states(tin
     data = tmp_path / "d.jsonl"
     data.write_text("".join(r.to_json() + "\n" for r in tiny_rows()))
     half = replace(tiny_lm, model=copy.deepcopy(tiny_lm.model).to(torch.bfloat16))
-    trained = {}
     for name, lm in (("float32", tiny_lm), ("bfloat16", half)):
         config = TrainConfig(data=data, out=tmp_path / name, cache_dir=tmp_path / "cache",
                              head=HeadTrainingConfig(epochs=1, rank=4),
                              validation_fraction=0.3, label_filter="none")
-        trained[name] = run_training(lm, config)
-        assert trained[name].config.training["base_model_dtype"] == name
+        assert run_training(lm, config).config.training["base_model_dtype"] == name
     assert len(list((tmp_path / "cache").iterdir())) == 2
     loaded = PersonalizedRewardModel.load(tmp_path / "bfloat16")
     lm_head = tiny_lm.model.get_output_embeddings().weight

@@ -65,6 +65,11 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype_name(self) -> str:
+        """The parameters' dtype as records and ``--dtype`` spell it (``bfloat16``)."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):

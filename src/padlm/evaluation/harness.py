@@ -195,7 +195,7 @@ def config_key(config: GenerationConfig, engine=None) -> dict:
             data.pop(name, None)
     if engine is not None:
         data.update(model=engine.lm.name, placement=engine.placement,
-                    dtype=str(next(engine.lm.model.parameters()).dtype).removeprefix("torch."))
+                    dtype=engine.lm.dtype_name)
     return data
 
 
@@ -412,7 +412,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     summary = {
         "benchmark": plan.benchmark, "model": engine.lm.name, "persrm": persrm_info(engine),
         "prompts": len(order), "limit": plan.limit, "generation": keys.config,
-        "dtype": str(next(engine.lm.model.parameters()).dtype).removeprefix("torch."),
+        "dtype": engine.lm.dtype_name,
         "weights": sorted({recommended, *map(float, plan.weights)}),
         "bootstrap": {"samples": 2000, "confidence": 0.95, "seed": plan.bootstrap_seed,
                       "unit": "prompt"},

@@ -304,7 +304,7 @@ def run_training(lm: LoadedModel, config: TrainConfig) -> PersonalizedRewardMode
     training = {
         "stage": config.stage, "base_model": lm.name, "base_model_sha256": model_sha,
         # the cache's states come from the backbone in this dtype (its sha256 covers it too)
-        "base_model_dtype": str(lm.model.dtype).removeprefix("torch."),
+        "base_model_dtype": lm.dtype_name,
         "head": asdict(config.head), "dimensions": sorted({r.dimension for r in
                                                            data.train_rows}),
         "holdout_dimensions": list(config.holdout_dimensions),
