@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -294,9 +295,25 @@ def test_untrained_pcm_is_uniform_and_masks_filler_lanes():
 
 
 def _pcm_config(out, **overrides):
-    settings = dict(out=out, data=DATA, steps=3, prompts_per_step=2, max_new_tokens=4,
+    settings = dict(out=out, data=(DATA,), steps=3, prompts_per_step=2, max_new_tokens=4,
                     updates_per_step=2, checkpoint_every=1, eval_per_combination=1)
     return PCMTrainConfig(**{**settings, **overrides})
+
+
+def test_pcm_reward_models_are_fitted_on_every_data_file_given(tiny_lm, tmp_path):
+    lines = DATA.read_text().splitlines()
+    by_axis = {axis: [line for line in lines if json.loads(line)["dimension"][:2] == axis][:24]
+               for axis in ("P1", "P2", "P3")}
+    first, second = tmp_path / "p1p2.jsonl", tmp_path / "p3.jsonl"
+    first.write_text("\n".join(by_axis["P1"] + by_axis["P2"]) + "\n")
+    second.write_text("\n".join(by_axis["P3"]) + "\n")
+    experts = prompted_experts(tiny_lm)
+    with pytest.raises(PadlmError, match="no preference pairs for dimension P3A"):
+        PCMTrainer(experts, _pcm_config(tmp_path / "one", data=(first,)))
+    trainer = PCMTrainer(experts, _pcm_config(tmp_path / "both", data=(first, second)))
+    metrics = trainer.rewards.metrics
+    assert set(metrics) == set(PSOUPS)
+    assert sum(m["train_pairs"] + m["heldout_pairs"] for m in metrics.values()) == 3 * 24
 
 
 def test_pcm_training_resumes_after_an_interruption(tiny_lm, tmp_path):

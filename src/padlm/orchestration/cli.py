@@ -100,8 +100,9 @@ def train_pcm(
     experts: Annotated[Path, typer.Option(help="Experts directory (padlm train experts).")],
     out: Annotated[Path, typer.Option(help="Output: the experts plus the PCM in pcm/.")],
     steps: Annotated[int, typer.Option(help="REBEL steps.")] = 100,
-    data: Annotated[Path, typer.Option(help="Preference JSONL for the reward models.")
-                    ] = DEFAULT_DATA,
+    data: Annotated[list[Path] | None, typer.Option(
+        help="Preference JSONL for the reward models; repeat to fit them on several files "
+             f"(default {DEFAULT_DATA}).")] = None,
     prompts_per_step: Annotated[int, typer.Option(help="Prompts per step (2 samples each).")
                                 ] = 4,
     max_new_tokens: Annotated[int, typer.Option()] = 48,
@@ -123,10 +124,12 @@ def train_pcm(
     from padlm.orchestration.experts import load_experts
     from padlm.orchestration.train_pcm import PCMTrainConfig, PCMTrainer
 
-    if not data.exists():
-        raise PadlmError(f"data file {data} does not exist")
+    data_files = tuple(data or [DEFAULT_DATA])
+    for path in data_files:
+        if not path.exists():
+            raise PadlmError(f"data file {path} does not exist")
     config = PCMTrainConfig(
-        out=out, data=data, steps=steps, prompts_per_step=prompts_per_step,
+        out=out, data=data_files, steps=steps, prompts_per_step=prompts_per_step,
         max_new_tokens=max_new_tokens, eta=eta, lr=lr, updates_per_step=updates_per_step,
         width=width, eval_per_combination=eval_per_combination,
         checkpoint_every=checkpoint_every, pool_dir=pool_dir, seed=seed,

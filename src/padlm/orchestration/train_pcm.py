@@ -48,6 +48,7 @@ from padlm.orchestration.rewards import DimensionRewards, train_rewards
 from padlm.orchestration.strategies import MixStrategy, pcm_weights
 from padlm.preferences import PSOUPS_COMBINATIONS, resolve_preference
 from padlm.strategies import NEUTRAL, BaseStrategy
+from padlm.training.pipeline import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PCMTrainConfig:
     out: Path
-    data: Path  # preference pairs: the per-dimension reward models are fitted on them
+    data: tuple[Path, ...]  # preference pair files: the reward models are fitted on them all
     steps: int = 100
     prompts_per_step: int = 4  # (prompt, combination) pairs per step, two samples each
     max_new_tokens: int = 48
@@ -133,7 +134,8 @@ class PCMTrainer:
         order = random.Random(config.seed).sample(held_out, len(held_out))
         self.eval_set = [(order[i].prompt, combo) for i, (combo, _) in enumerate(
             product(PSOUPS_COMBINATIONS, range(config.eval_per_combination)))]
-        self.rewards = rewards or train_rewards(load_rows(config.data)[0], experts.dimensions)
+        self.rewards = rewards or train_rewards(
+            [row for path in config.data for row in load_rows(path)[0]], experts.dimensions)
         self.references: dict[str, str] = {}
         torch.manual_seed(config.seed)
         pcm = PreferenceControlModel(PCMConfig(self.lm.model.config.hidden_size, config.width))
@@ -293,6 +295,7 @@ class PCMTrainer:
             "config": self.config.signature(), "steps": self.config.steps,
             "history": history, "before": before, "after": after,
             "reward_models": self.rewards.metrics,
+            "data_sha256": {str(path): file_sha256(path) for path in self.config.data},
             "seconds": round(time.perf_counter() - began + resumed_seconds, 1),
             "command": self.config.command}
         self.pcm.eval()
