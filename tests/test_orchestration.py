@@ -329,13 +329,13 @@ def test_pcm_training_resumes_after_an_interruption(tiny_lm, tmp_path):
         if record["step"] == 2:
             raise Interrupted
 
-    interrupted = PCMTrainer(prompted_experts(tiny_lm), _pcm_config(tmp_path / "resumed"),
-                             rewards)
+    # the output's parent does not exist yet: the first checkpoint creates it
+    out = tmp_path / "runs" / "resumed"
+    interrupted = PCMTrainer(prompted_experts(tiny_lm), _pcm_config(out), rewards)
     with pytest.raises(Interrupted):
         interrupted.train(stop_after_two)
-    assert interrupted.checkpoint_path().exists() and not (tmp_path / "resumed").exists()
-    resumed = PCMTrainer(prompted_experts(tiny_lm), _pcm_config(tmp_path / "resumed"),
-                         rewards)
+    assert interrupted.checkpoint_path().exists() and not out.exists()
+    resumed = PCMTrainer(prompted_experts(tiny_lm), _pcm_config(out), rewards)
     resumed.train()
     assert not resumed.checkpoint_path().exists()
     for name, tensor in full.pcm.state_dict().items():
@@ -347,10 +347,10 @@ def test_pcm_training_resumes_after_an_interruption(tiny_lm, tmp_path):
     # the PCM learned something: its weights are no longer uniform
     assert not torch.equal(full.pcm.expert.weight, torch.zeros_like(full.pcm.expert.weight))
     # experts + PCM round-trip to identical outputs
-    loaded = load_experts(tmp_path / "resumed", tiny_lm)
+    loaded = load_experts(out, tiny_lm)
     assert loaded.pcm.config.training["parameters"] == resumed.pcm.parameter_count()
     for name in ("reward.png", "entropy.png", "rewards.safetensors"):
-        assert (tmp_path / "resumed" / "pcm" / name).exists()
+        assert (out / "pcm" / name).exists()
     before = _decode(MixStrategy(resumed.experts), tiny_lm, COMBO, mix="pcm")
     after = _decode(MixStrategy(loaded), tiny_lm, COMBO, mix="pcm")
     assert [r.tokens for r in before] == [r.tokens for r in after]

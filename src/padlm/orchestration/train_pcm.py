@@ -243,6 +243,7 @@ class PCMTrainer:
 
     def save_checkpoint(self, state: dict) -> None:
         path = self.checkpoint_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(".tmp")
         torch.save({**state, "signature": self.signature(), "pcm": self.pcm.state_dict(),
                     "optimizer": self.optimizer.state_dict(), "references": self.references},
