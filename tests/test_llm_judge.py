@@ -18,11 +18,13 @@ from padlm.errors import PadlmError
 from padlm.evaluation import harness
 from padlm.evaluation.pairwise import judge_directory, rule_agreement
 from padlm.judges.llm import LLMJudge, build_messages, parse_verdict
+from padlm.records import read_jsonl
 
 
 class StubOpenAI(BaseHTTPRequestHandler):
     requests: list[dict] = []
     reply_override: str | None = None
+    fail_on: str | None = None  # a text whose questions get a 500
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -36,6 +38,11 @@ class StubOpenAI(BaseHTTPRequestHandler):
             self.end_headers()
             return
         user = body["messages"][-1]["content"]
+        if StubOpenAI.fail_on and StubOpenAI.fail_on in user:
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         a = user.split("[Response A]")[1].split("[Response B]")[0]
         b = user.split("[Response B]")[1]
         verdict = "TIE" if ("banana" in a) == ("banana" in b) else ("A" if "banana" in a
@@ -59,6 +66,7 @@ class StubOpenAI(BaseHTTPRequestHandler):
 def stub_url():
     StubOpenAI.requests = []
     StubOpenAI.reply_override = None
+    StubOpenAI.fail_on = None
     server = ThreadingHTTPServer(("127.0.0.1", 0), StubOpenAI)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -146,6 +154,30 @@ def test_both_orders_cancel_and_measure_position_bias(stub_url, tmp_path):
     assert biased.compare_both_orders(items) == [(1.0, 0.0), (1.0, 0.0)]
     # the random-order judge would have credited whichever side it happened to show first
     assert set(biased.compare_many(items * 6)) <= {0.0, 1.0}
+
+
+def test_concurrent_questions_agree_with_serial_ones_and_resume_after_a_failure(stub_url,
+                                                                               tmp_path):
+    items = [(f"question {i}", "P3A", "pad says " + ("banana" if i % 3 else "hello"),
+              "other says " + ("hello" if i % 3 else "banana")) for i in range(12)]
+    serial = LLMJudge(stub_url, "judge").compare_both_orders(items)
+    assert serial == [((1.0, 1.0) if i % 3 else (0.0, 0.0)) for i in range(12)]
+    cache = tmp_path / "cache.jsonl"
+    StubOpenAI.requests = []
+    StubOpenAI.fail_on = "question 7\n"
+    with pytest.raises(PadlmError, match="answered 500"):
+        LLMJudge(stub_url, "judge", cache=cache, concurrency=4).compare_both_orders(items)
+    answered = [r for r in StubOpenAI.requests
+                if "question 7\n" not in r["body"]["messages"][-1]["content"]]
+    # every answer that arrived is on disk, the failed question is not
+    assert len(read_jsonl(cache)) == len(answered) < 24
+    StubOpenAI.requests = []
+    StubOpenAI.fail_on = None
+    resumed = LLMJudge(stub_url, "judge", cache=cache, concurrency=4)
+    assert resumed.compare_both_orders(items) == serial
+    assert len(StubOpenAI.requests) == 24 - len(answered)  # only the unanswered questions
+    with pytest.raises(PadlmError, match="at least 1"):
+        LLMJudge.from_env(stub_url, "judge", concurrency=0)
 
 
 def test_rule_agreement_counts_only_pairs_both_judges_decide():

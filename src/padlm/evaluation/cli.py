@@ -34,6 +34,9 @@ eval_app = typer.Typer(help="Evaluate strategies on P-Soups (default) and tools 
 
 DEFAULT_PREFERENCES = "P1A,P1B,P2A,P2B,P3A,P3B"
 
+JudgeConcurrencyOption = Annotated[int, typer.Option(
+    help="LLM judge questions in flight at once (a batching server answers them together).")]
+
 
 def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
@@ -90,6 +93,7 @@ def eval_command(
     judge_model: Annotated[str | None, typer.Option()] = None,
     judge_key_env: Annotated[str, typer.Option(help="Env var holding the API key.")
                              ] = "OPENAI_API_KEY",
+    judge_concurrency: JudgeConcurrencyOption = 1,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     generate: Annotated[bool, typer.Option(
         help="--no-generate: only score and summarise the cells already generated.")] = True,
@@ -155,7 +159,8 @@ def eval_command(
         if judge_url is None:
             return
         llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
-                                cache=out / "llm_judge_cache.jsonl")
+                                cache=out / "llm_judge_cache.jsonl",
+                                concurrency=judge_concurrency)
         judge_summary(llm, summary, out, plan)
 
     summary = run(engine, plan, out, progress=progress, command=command,
@@ -209,6 +214,7 @@ def llm_judge_command(
     both_orders: Annotated[bool, typer.Option(
         help="Ask every pair in both orders (cancels position bias; reports consistency).")
     ] = False,
+    judge_concurrency: JudgeConcurrencyOption = 1,
 ) -> None:
     """Pairwise LLM judgement (P-Soups criteria) of the strategies in DIR against one of them
     (base by default); verdicts are cached in DIR/llm_judge_cache.jsonl and written to
@@ -217,7 +223,7 @@ def llm_judge_command(
     from padlm.judges.llm import LLMJudge
 
     llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
-                            cache=out / "llm_judge_cache.jsonl")
+                            cache=out / "llm_judge_cache.jsonl", concurrency=judge_concurrency)
     result = judge_directory(llm, out, against, _split(labels) if labels else None,
                              both_orders)
     print(json.dumps(result["rows"], indent=2))

@@ -22,11 +22,13 @@ import os
 import random
 import re
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from tqdm.auto import tqdm
 
 from padlm.errors import PadlmError
 from padlm.preferences import preference_ids, resolve_preference
@@ -81,24 +83,28 @@ class LLMJudge:
     cache: Path | None = None
     timeout: float = 60.0
     seed: int = 0
+    concurrency: int = 1  # questions in flight at once
 
     @classmethod
     def from_env(cls, base_url: str, model: str, key_env: str = "OPENAI_API_KEY",
-                 cache: Path | None = None) -> LLMJudge:
+                 cache: Path | None = None, concurrency: int = 1) -> LLMJudge:
         if not base_url.startswith(("http://", "https://")):
             raise PadlmError(f"--judge-url must be an http(s) URL, got {base_url!r}")
-        return cls(base_url.rstrip("/"), model, os.environ.get(key_env), cache)
+        if concurrency < 1:
+            raise PadlmError(f"--judge-concurrency must be at least 1, got {concurrency}")
+        return cls(base_url.rstrip("/"), model, os.environ.get(key_env), cache,
+                   concurrency=concurrency)
 
     def load_cache(self) -> dict[str, str]:
         """Every verdict cached so far, by question key (empty without a cache file)."""
         return {r["key"]: r["verdict"] for r in read_jsonl(self.cache)} if self.cache else {}
 
-    def _ask(self, messages: list[dict]) -> str:
+    def _ask(self, messages: list[dict], client: httpx.Client | None = None) -> str:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 4}
         try:
-            reply = httpx.post(f"{self.base_url}/chat/completions", json=body,
-                               headers=headers, timeout=self.timeout)
+            reply = (client or httpx).post(f"{self.base_url}/chat/completions", json=body,
+                                           headers=headers, timeout=self.timeout)
             reply.raise_for_status()
             return reply.json()["choices"][0]["message"]["content"] or ""
         except httpx.HTTPStatusError as error:
@@ -118,18 +124,11 @@ class LLMJudge:
                      cache: dict[str, str] | None = None) -> list[float]:
         """``compare`` for many ``(prompt, preference, method, base)``; ``cache`` (from
         ``load_cache``) lets several calls share one read of the cache file."""
-        cache = self.load_cache() if cache is None else cache
-        with self._appender() as appender:
-            out = []
-            for prompt, preference, method, base in items:
-                digest = hashlib.sha256(json.dumps([prompt, preference, method, base])
-                                        .encode()).digest()
-                method_first = random.Random(self.seed * 7919 + digest[0] * 256 + digest[1]
-                                             ).random() < 0.5
-                first, second = (method, base) if method_first else (base, method)
-                verdict = self._verdict(prompt, preference, first, second, cache, appender)
-                out.append(method_score(verdict, method_first))
-        return out
+        orders = [self._method_first(item) for item in items]
+        questions = [(p, pref, m, b) if first else (p, pref, b, m)
+                     for (p, pref, m, b), first in zip(items, orders, strict=True)]
+        verdicts = self._verdicts(questions, cache)
+        return [method_score(v, first) for v, first in zip(verdicts, orders, strict=True)]
 
     def compare_both_orders(self, items: list[tuple[str, str, str, str]],
                             cache: dict[str, str] | None = None
@@ -137,13 +136,60 @@ class LLMJudge:
         """Every ``(prompt, preference, method, other)`` asked twice, ``method`` shown first
         and then second: per item the method's score in each order. Averaging the two
         cancels position bias exactly; their disagreement measures it."""
+        questions = [q for p, pref, m, o in items for q in ((p, pref, m, o), (p, pref, o, m))]
+        verdicts = self._verdicts(questions, cache)
+        return [(method_score(verdicts[2 * i], True), method_score(verdicts[2 * i + 1], False))
+                for i in range(len(items))]
+
+    def _method_first(self, item: tuple[str, str, str, str]) -> bool:
+        """The shown order of one comparison, seeded by its content so reruns ask the same."""
+        digest = hashlib.sha256(json.dumps(list(item)).encode()).digest()
+        return random.Random(self.seed * 7919 + digest[0] * 256 + digest[1]).random() < 0.5
+
+    def _key(self, question: tuple[str, str, str, str]) -> str:
+        return hashlib.sha256(json.dumps([self.model, *question]).encode()).hexdigest()
+
+    def _verdicts(self, questions: list[tuple[str, str, str, str]],
+                  cache: dict[str, str] | None) -> list[str]:
+        """'A', 'B' or 'TIE' per ``(prompt, preference, first, second)`` as shown, each
+        distinct question asked at most once, ``concurrency`` at a time (a batching server
+        answers them in one batch). Every verdict is cached the moment it arrives, so a
+        failed or interrupted run resumes with only the unanswered questions."""
         cache = self.load_cache() if cache is None else cache
-        with self._appender() as appender:
-            return [(method_score(self._verdict(prompt, preference, method, other, cache,
-                                                appender), True),
-                     method_score(self._verdict(prompt, preference, other, method, cache,
-                                                appender), False))
-                    for prompt, preference, method, other in items]
+        keys = [self._key(q) for q in questions]
+        todo = {k: q for k, q in zip(keys, questions, strict=True) if k not in cache}
+        if todo:
+            with (self._appender() as appender, httpx.Client(timeout=self.timeout) as client,
+                  ThreadPoolExecutor(self.concurrency) as pool,
+                  tqdm(total=len(todo), desc="llm judge", unit="q") as bar):
+                futures = {pool.submit(self._ask_verdict, client, q): k
+                           for k, q in todo.items()}
+
+                def keep(future: Future) -> None:
+                    cache[futures[future]] = future.result()
+                    if appender:
+                        appender.write({"key": futures[future], "verdict": cache[futures[future]]})
+                    bar.update()
+
+                try:
+                    for future in as_completed(futures):
+                        keep(future)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    for future, key in futures.items():  # answers that arrived meanwhile
+                        if (key not in cache and future.done() and not future.cancelled()
+                                and future.exception() is None):
+                            keep(future)
+                    raise
+        return [cache[k] for k in keys]
+
+    def _ask_verdict(self, client: httpx.Client, question: tuple[str, str, str, str]) -> str:
+        reply = self._ask(build_messages(*question), client)
+        verdict = parse_verdict(reply)
+        if verdict is None:
+            log.warning("unparseable judge reply %r counted as TIE", reply)
+            verdict = "TIE"
+        return verdict
 
     @contextmanager
     def _appender(self) -> Iterator[JsonlAppender | None]:
@@ -153,23 +199,6 @@ class LLMJudge:
         finally:
             if appender:
                 appender.close()
-
-    def _verdict(self, prompt: str, preference: str, first: str, second: str,
-                 cache: dict[str, str], appender: JsonlAppender | None) -> str:
-        """'A', 'B' or 'TIE' for the responses in the order shown, asked at most once."""
-        key = hashlib.sha256(json.dumps([self.model, prompt, preference, first, second])
-                             .encode()).hexdigest()
-        verdict = cache.get(key)
-        if verdict is None:
-            reply = self._ask(build_messages(prompt, preference, first, second))
-            verdict = parse_verdict(reply)
-            if verdict is None:
-                log.warning("unparseable judge reply %r counted as TIE", reply)
-                verdict = "TIE"
-            cache[key] = verdict
-            if appender:
-                appender.write({"key": key, "verdict": verdict})
-        return verdict
 
 
 def method_score(verdict: str, method_first: bool) -> float:
