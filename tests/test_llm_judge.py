@@ -16,7 +16,7 @@ import pytest
 from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
 from padlm.evaluation import harness
-from padlm.evaluation.pairwise import judge_directory, rule_agreement
+from padlm.evaluation.pairwise import judge_directory, pooled, rule_agreement
 from padlm.judges.llm import LLMJudge, build_messages, parse_verdict
 from padlm.records import read_jsonl
 
@@ -188,6 +188,19 @@ def test_rule_agreement_counts_only_pairs_both_judges_decide():
     assert rule_agreement([0.5], [1.0]) == (None, 0)
 
 
+def test_pooled_win_rate_resamples_prompts_not_pairs():
+    pairs = [("p1", 1.0, 2.0, True), ("p1", 0.5, -1.0, False),
+             ("p2", 0.0, -3.0, True), ("p2", 1.0, None, True)]
+    row = pooled("pad", "linear-alignment", pairs)
+    assert row["llm_win_rate"] == 0.625 and row["pairs"] == 4 and row["prompts"] == 2
+    # two prompt means, 0.75 and 0.5: every resample's mean lies between them
+    assert row["llm_win_rate_ci"][0] >= 0.5 and row["llm_win_rate_ci"][1] <= 0.75
+    assert row["llm_position_consistency"] == 0.75
+    # decided by both: (1.0, +2) agree, (0.0, -3) agree; 0.5 is undecided, None unscored
+    assert (row["llm_rule_agreement"], row["llm_rule_agreement_pairs"]) == (1.0, 2)
+    assert pooled("pad", "base", [("p1", 1.0, None, None)])["llm_position_consistency"] is None
+
+
 def test_judge_one_strategy_against_another_in_both_orders(stub_url, tiny_engine, tmp_path):
     """`padlm eval llm-judge DIR --against prompt --labels linear-alignment --both-orders`."""
     prompts = tmp_path / "prompts.txt"
@@ -212,4 +225,7 @@ def test_judge_one_strategy_against_another_in_both_orders(stub_url, tiny_engine
     # model's responses can coincide, and then both orders are one question)
     assert len(asked) == len(set(asked)) and 6 <= len(asked) <= 12
     assert result["judge"]["orders"] == "both"
+    (overall,) = result["pooled"]  # both preferences' pairs together
+    assert overall["label"] == "linear-alignment" and overall["pairs"] == 6
+    assert overall["prompts"] == 3 and overall["llm_win_rate"] == 0.5
     assert (tmp_path / "run" / "llm_judge_vs_prompt.json").exists()

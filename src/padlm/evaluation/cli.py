@@ -226,4 +226,4 @@ def llm_judge_command(
                             cache=out / "llm_judge_cache.jsonl", concurrency=judge_concurrency)
     result = judge_directory(llm, out, against, _split(labels) if labels else None,
                              both_orders)
-    print(json.dumps(result["rows"], indent=2))
+    print(json.dumps({"rows": result["rows"], "pooled": result["pooled"]}, indent=2))

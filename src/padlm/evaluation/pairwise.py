@@ -82,6 +82,7 @@ def _judge_rows(llm: LLMJudge, rows: list[dict], records: list[dict],
                 prompts: dict[str, str], scores: dict[str, dict], against: str = BASE,
                 both_orders: bool = False) -> dict:
     cache = llm.load_cache()
+    judged: dict[str, list[tuple[str, float, float | None, bool | None]]] = {}
     for row in rows:
         if row["label"] in (against, BASE) or "combination" in row:
             continue
@@ -93,15 +94,18 @@ def _judge_rows(llm: LLMJudge, rows: list[dict], records: list[dict],
             continue
         items = [(prompts[r["id"]], row["preference"], r["text"], theirs[r["id"]]["text"])
                  for r in mine]
+        consistent: list[bool | None] = [None] * len(items)
         if both_orders:
             pairs = llm.compare_both_orders(items, cache)
             verdicts = [(first + second) / 2 for first, second in pairs]
-            row["llm_position_consistency"] = round(
-                sum(first == second for first, second in pairs) / len(pairs), 4)
+            consistent = [first == second for first, second in pairs]
+            row["llm_position_consistency"] = round(sum(consistent) / len(pairs), 4)
         else:
             verdicts = llm.compare_many(items, cache)
         judge, sign = row["direction"]["judge"], row["direction"]["sign"]
         gaps = [_gap(scores, prompts[r["id"]], r, theirs[r["id"]], judge, sign) for r in mine]
+        judged.setdefault(row["label"], []).extend(
+            zip([r["id"] for r in mine], verdicts, gaps, consistent, strict=True))
         lo, hi = bootstrap_ci(verdicts)
         row["llm_win_rate"] = round(sum(verdicts) / len(verdicts), 4)
         row["llm_win_rate_ci"] = [round(lo, 4), round(hi, 4)]
@@ -112,7 +116,29 @@ def _judge_rows(llm: LLMJudge, rows: list[dict], records: list[dict],
     keys = ("label", "preference", "llm_against", "llm_win_rate", "llm_win_rate_ci",
             "llm_position_consistency", "llm_rule_agreement", "llm_rule_agreement_pairs")
     return {"rows": [{k: r[k] for k in keys if k in r} for r in rows
-                     if r.get("llm_against") == against]}
+                     if r.get("llm_against") == against],
+            "pooled": [pooled(label, against, pairs) for label, pairs in judged.items()]}
+
+
+def pooled(label: str, against: str,
+           pairs: Sequence[tuple[str, float, float | None, bool | None]]) -> dict:
+    """One label's verdicts over all its preferences, ``(prompt id, verdict, rule gap,
+    same verdict in both orders)`` per pair. The interval resamples prompts, not pairs: a
+    prompt's pairs under different preferences share its responses' quirks, so treating them
+    as independent would make the interval too narrow."""
+    by_prompt: dict[str, list[float]] = {}
+    for prompt_id, verdict, _, _ in pairs:
+        by_prompt.setdefault(prompt_id, []).append(verdict)
+    lo, hi = bootstrap_ci([sum(v) / len(v) for v in by_prompt.values()])
+    agreement, decided = rule_agreement([p[1] for p in pairs], [p[2] for p in pairs])
+    consistent = [p[3] for p in pairs if p[3] is not None]
+    return {"label": label, "llm_against": against, "pairs": len(pairs),
+            "prompts": len(by_prompt),
+            "llm_win_rate": round(sum(p[1] for p in pairs) / len(pairs), 4),
+            "llm_win_rate_ci": [round(lo, 4), round(hi, 4)],
+            "llm_position_consistency": (round(sum(consistent) / len(consistent), 4)
+                                         if consistent else None),
+            "llm_rule_agreement": agreement, "llm_rule_agreement_pairs": decided}
 
 
 def _gap(scores: dict[str, dict], prompt: str, mine: dict, theirs: dict, judge: str,
