@@ -397,6 +397,23 @@ def test_malformed_json_and_unknown_routes(tiny):
     assert missing.status_code == 404 and "error" in missing.json()
 
 
+def test_a_request_naming_no_strategy_gets_base_without_a_preference_and_pad_with_one(tiny):
+    """What a plain OpenAI client (an LLM judge, say) sends must mean the base model, on every
+    engine; with a preference the server's default personalizes."""
+    server, engine, _ = tiny
+    config = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    for preference, strategy in ((None, "base"), ("P1A", "pad")):
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6,
+                "ignore_eos": True, **({"preference": preference} if preference else {})}
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+        assert reply["padlm"]["strategy"] == strategy
+        expected = engine.generate([PROMPT], preference, strategy, config)[0].text
+        assert reply["choices"][0]["message"]["content"] == expected
+    # base and pad must differ here, or the two cases above could not tell them apart
+    assert (engine.generate([PROMPT], None, "base", config)[0].text
+            != engine.generate([PROMPT], "P1A", "pad", config)[0].text)
+
+
 def test_server_keeps_serving_after_errors_and_streams_rewards(tiny):
     server, _, worker = tiny
     client = client_for(server)

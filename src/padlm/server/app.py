@@ -121,13 +121,14 @@ class Service:
         """Check everything a client can get wrong before any decoding starts, against the
         loaded model and the server's limits, so no request can fail in the decode loop."""
         try:
-            spec = strategy_class(body.strategy).spec
-        except PadlmError as error:
-            raise ApiError(400, str(error), "strategy", "unknown_strategy") from None
-        try:
             preference = resolve_preference(body.preference)
         except PadlmError as error:
             raise ApiError(400, str(error), "preference", "unknown_preference") from None
+        strategy = self.strategy_of(body, preference)
+        try:
+            spec = strategy_class(strategy).spec
+        except PadlmError as error:
+            raise ApiError(400, str(error), "strategy", "unknown_strategy") from None
         limit = self.settings.n_limit
         if not 1 <= body.n <= limit:
             raise ApiError(400, f"n must be between 1 and the server's limit {limit}", "n")
@@ -156,14 +157,14 @@ class Service:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise ApiError(400, f"stop takes at most {MAX_STOP} non-empty strings", "stop")
-        config = self._config(body, stop)
+        config = self._config(body, strategy, stop)
         self._check_bounds(config, body.n * best_of)
         if body.token_rewards and not self.served.token_rewards:
             raise ApiError(400, f"token_rewards cannot be reported by the {self.served.engine} "
                            "engine (the PersRM runs inside it); use padlm serve --engine hf",
                            "token_rewards")
-        picker = self.engine.strategy(body.strategy) if spec.level == "sequence" else None
-        batch = picker.sampler if picker else body.strategy
+        picker = self.engine.strategy(strategy) if spec.level == "sequence" else None
+        batch = picker.sampler if picker else strategy
         requests, prompt_tokens = [], 0
         for prompt in prompts:
             length = self._prompt_length(DecodeRequest(prompt, preference, config), batch,
@@ -183,7 +184,7 @@ class Service:
                                         replace(config, max_new_tokens=wanted, seed=seed))
                 requests.extend(picker.sample_requests(request, best_of) if picker
                                 else [request])
-        return Plan(requests, len(prompts) * body.n, prompt_tokens, body.strategy, batch,
+        return Plan(requests, len(prompts) * body.n, prompt_tokens, strategy, batch,
                     preference, best_of, picker)
 
     def _check_bounds(self, config: GenerationConfig, samples: int) -> None:
@@ -198,7 +199,20 @@ class Service:
                            f"request's {samples} samples uses seed + i, a signed 64-bit "
                            "value", "seed")
 
-    def _config(self, body, stop: list[str]) -> GenerationConfig:
+    @property
+    def default_strategy(self) -> str:
+        """What a request with a preference and no strategy gets."""
+        return "pad" if "pad" in self.served.strategies else "prompt"
+
+    def strategy_of(self, body, preference: str) -> str:
+        """The request's strategy; one that names none gets the server's default, or
+        ``base`` without a preference: a plain OpenAI client (an LLM judge, say) gets the
+        base model on every engine, not PAD toward an empty preference."""
+        if "strategy" in body.model_fields_set:
+            return body.strategy
+        return self.default_strategy if preference else "base"
+
+    def _config(self, body, strategy: str, stop: list[str]) -> GenerationConfig:
         pad = body.pad
         try:
             config = GenerationConfig(
@@ -212,7 +226,7 @@ class Service:
                 echo_guard=bool(pad and pad.echo_guard), ignore_eos=body.ignore_eos,
                 mix=body.mix.setting() if body.mix else None,
             )
-            self.engine.check(body.strategy, config)
+            self.engine.check(strategy, config)
         except PadlmError as error:
             raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param)) from None
         return config
@@ -344,7 +358,7 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
         persrm = service.served.persrm
         return {"presets": [{"id": key, "text": text} for key, text in PRESETS.items()],
                 "strategies": list(service.served.strategies),
-                "default_strategy": "pad" if "pad" in service.served.strategies else "prompt",
+                "default_strategy": service.default_strategy,
                 "recommended_weight": persrm.recommended_weight if persrm else None,
                 "top_k": persrm.top_k if persrm else None, "persrm": service.persrm_label,
                 "model": service.names[0], "engine": service.served.engine}

@@ -123,7 +123,9 @@ class _Common(_Strict):
     logit_bias: dict[str, float] | None = None
     # padlm's extensions
     preference: str | None = None
-    strategy: str = "pad"
+    strategy: str = Field(default="pad", description=(
+        "unset: pad with a preference (prompt where this server cannot run pad), base "
+        "without one"))
     pad: PadOptions | None = None
     mix: MixOptions | None = None
     best_of: int | None = None
