@@ -180,6 +180,20 @@ def test_concurrent_questions_agree_with_serial_ones_and_resume_after_a_failure(
         LLMJudge.from_env(stub_url, "judge", concurrency=0)
 
 
+def test_a_forced_choice_judge_offers_no_tie_and_asks_afresh(stub_url, tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    items = [("q", "P3A", "pad says banana", "other says hello")]
+    assert LLMJudge(stub_url, "judge", cache=cache).compare_both_orders(items) == [(1.0, 1.0)]
+    forced = LLMJudge.from_env(stub_url, "judge", cache=cache, ties=False)
+    assert forced.compare_both_orders(items) == [(1.0, 1.0)]
+    assert len(StubOpenAI.requests) == 4  # another conversation is another question
+    system, user = StubOpenAI.requests[-1]["body"]["messages"]
+    assert "TIE" not in system["content"] + user["content"]
+    assert user["content"].endswith("Reply A or B.")
+    assert StubOpenAI.requests[0]["body"]["messages"][1]["content"].endswith(
+        "Reply A, B or TIE.")
+
+
 def test_rule_agreement_counts_only_pairs_both_judges_decide():
     verdicts = [1.0, 0.0, 0.75, 0.5, 1.0, 0.0]
     gaps = [2.0, 1.0, 0.5, 3.0, 0.0, None]

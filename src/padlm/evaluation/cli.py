@@ -36,6 +36,8 @@ DEFAULT_PREFERENCES = "P1A,P1B,P2A,P2B,P3A,P3B"
 
 JudgeConcurrencyOption = Annotated[int, typer.Option(
     help="LLM judge questions in flight at once (a batching server answers them together).")]
+JudgeTiesOption = Annotated[bool, typer.Option(
+    help="--judge-no-ties: answers are A or B only (small judges answer TIE to nearly all).")]
 
 
 def register(app: typer.Typer) -> None:
@@ -94,6 +96,7 @@ def eval_command(
     judge_key_env: Annotated[str, typer.Option(help="Env var holding the API key.")
                              ] = "OPENAI_API_KEY",
     judge_concurrency: JudgeConcurrencyOption = 1,
+    judge_ties: JudgeTiesOption = True,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     generate: Annotated[bool, typer.Option(
         help="--no-generate: only score and summarise the cells already generated.")] = True,
@@ -160,7 +163,7 @@ def eval_command(
             return
         llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
                                 cache=out / "llm_judge_cache.jsonl",
-                                concurrency=judge_concurrency)
+                                concurrency=judge_concurrency, ties=judge_ties)
         judge_summary(llm, summary, out, plan)
 
     summary = run(engine, plan, out, progress=progress, command=command,
@@ -215,6 +218,7 @@ def llm_judge_command(
         help="Ask every pair in both orders (cancels position bias; reports consistency).")
     ] = False,
     judge_concurrency: JudgeConcurrencyOption = 1,
+    judge_ties: JudgeTiesOption = True,
 ) -> None:
     """Pairwise LLM judgement (P-Soups criteria) of the strategies in DIR against one of them
     (base by default); verdicts are cached in DIR/llm_judge_cache.jsonl and written to
@@ -223,7 +227,8 @@ def llm_judge_command(
     from padlm.judges.llm import LLMJudge
 
     llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
-                            cache=out / "llm_judge_cache.jsonl", concurrency=judge_concurrency)
+                            cache=out / "llm_judge_cache.jsonl", concurrency=judge_concurrency,
+                            ties=judge_ties)
     result = judge_directory(llm, out, against, _split(labels) if labels else None,
                              both_orders)
     print(json.dumps({"rows": result["rows"], "pooled": result["pooled"]}, indent=2))

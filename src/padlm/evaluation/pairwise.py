@@ -40,7 +40,8 @@ def judge_directory(llm: LLMJudge, out: Path, against: str = BASE,
                     labels: Sequence[str] | None = None, both_orders: bool = False) -> dict:
     """Judge a finished ``padlm eval`` directory: each row's responses (``labels`` only, when
     given) against the ``against`` row's on the same prompts; writes ``llm_judge.json``
-    (against ``base``) or ``llm_judge_vs_<against>.json``."""
+    (against ``base``) or ``llm_judge_vs_<against>.json``, with ``_no_ties`` before the
+    suffix for a forced-choice judge."""
     if not (out / SUMMARY).exists():
         raise PadlmError(f"{out / SUMMARY} does not exist: run `padlm eval` first")
     summary = json.loads((out / SUMMARY).read_text())
@@ -56,8 +57,9 @@ def judge_directory(llm: LLMJudge, out: Path, against: str = BASE,
     result = _judge_rows(llm, rows, _records(out, summary, prompts), prompts, read_scores(out),
                          against, both_orders)
     result["judge"] = {"url": llm.base_url, "model": llm.model, "against": against,
-                       "orders": "both" if both_orders else "random"}
-    name = "llm_judge.json" if against == BASE else f"llm_judge_vs_{against}.json"
+                       "orders": "both" if both_orders else "random", "ties": llm.ties}
+    name = ("llm_judge" + ("" if against == BASE else f"_vs_{against}")
+            + ("" if llm.ties else "_no_ties") + ".json")
     write_json_atomic(out / name, result)
     return result
 

@@ -5,9 +5,9 @@ For one prompt and preference it shows two responses (a method's and another's, 
 spelled out. The order is randomised per comparison (seeded by its content, so reruns ask the same
 question) to cancel position bias on average, or, with :meth:`LLMJudge.compare_both_orders`,
 each pair is asked in both orders (small judges are strongly position-biased, and the two
-orders' disagreement measures by how much). TIE is allowed, and every verdict is cached on
-disk keyed by (model, prompt, preference, shown order), so an interrupted run never pays
-twice.
+orders' disagreement measures by how much). TIE is offered unless ``ties=False``. Every
+verdict is cached on disk keyed by the model and the exact conversation (so a changed judge
+prompt asks afresh), and an interrupted run never pays twice.
 
 Uses plain HTTP (``httpx``, a core dependency): ``POST {base_url}/chat/completions`` with a
 bearer key read from an environment variable, i.e. what the official ``openai`` client sends.
@@ -49,20 +49,26 @@ CRITERIA = {
 }
 
 SYSTEM = ("You compare two AI responses to the same instruction for how well each follows a "
-          "user's stated preference. Judge only the preference, not which answer you like. "
-          "Answer with exactly one word: A, B or TIE.")
+          "user's stated preference. Judge only the preference, not which answer you like. ")
 
 
-def build_messages(prompt: str, preference: str, first: str, second: str) -> list[dict]:
-    """The judge's conversation: instruction, preference with criteria, responses A and B."""
+def build_messages(prompt: str, preference: str, first: str, second: str,
+                   ties: bool = True) -> list[dict]:
+    """The judge's conversation: instruction, preference with criteria, responses A and B.
+    ``ties=False`` leaves TIE out of the answers: small judges answer TIE to nearly every
+    question they are offered it on, and a forced choice asked in both orders still scores
+    a pair the judge cannot separate as a tie (it picks the same position twice)."""
     ids = preference_ids(preference) or []
     criteria = " ".join(CRITERIA[i] for i in ids if i in CRITERIA)
     text = resolve_preference(preference)
+    answers = "A, B or TIE" if ties else "A or B"
     user = (f"[Instruction]\n{prompt}\n\n[Preference]\n{text}\n"
             + (f"\n[Criteria]\n{criteria}\n" if criteria else "")
             + f"\n[Response A]\n{first}\n\n[Response B]\n{second}\n\n"
-            "Which response follows the preference better? Reply A, B or TIE.")
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+            f"Which response follows the preference better? Reply {answers}.")
+    system = SYSTEM + (f"Answer with exactly one word: {answers}." if ties
+                       else f"Answer with exactly one letter: {answers}.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def parse_verdict(text: str) -> str | None:
@@ -84,16 +90,18 @@ class LLMJudge:
     timeout: float = 60.0
     seed: int = 0
     concurrency: int = 1  # questions in flight at once
+    ties: bool = True  # offer TIE as an answer
 
     @classmethod
     def from_env(cls, base_url: str, model: str, key_env: str = "OPENAI_API_KEY",
-                 cache: Path | None = None, concurrency: int = 1) -> LLMJudge:
+                 cache: Path | None = None, concurrency: int = 1,
+                 ties: bool = True) -> LLMJudge:
         if not base_url.startswith(("http://", "https://")):
             raise PadlmError(f"--judge-url must be an http(s) URL, got {base_url!r}")
         if concurrency < 1:
             raise PadlmError(f"--judge-concurrency must be at least 1, got {concurrency}")
         return cls(base_url.rstrip("/"), model, os.environ.get(key_env), cache,
-                   concurrency=concurrency)
+                   concurrency=concurrency, ties=ties)
 
     def load_cache(self) -> dict[str, str]:
         """Every verdict cached so far, by question key (empty without a cache file)."""
@@ -147,7 +155,12 @@ class LLMJudge:
         return random.Random(self.seed * 7919 + digest[0] * 256 + digest[1]).random() < 0.5
 
     def _key(self, question: tuple[str, str, str, str]) -> str:
-        return hashlib.sha256(json.dumps([self.model, *question]).encode()).hexdigest()
+        """The model and the exact conversation: a changed judge prompt is a new question."""
+        return hashlib.sha256(json.dumps([self.model, self._messages(question)]).encode()
+                              ).hexdigest()
+
+    def _messages(self, question: tuple[str, str, str, str]) -> list[dict]:
+        return build_messages(*question, ties=self.ties)
 
     def _verdicts(self, questions: list[tuple[str, str, str, str]],
                   cache: dict[str, str] | None) -> list[str]:
@@ -184,7 +197,7 @@ class LLMJudge:
         return [cache[k] for k in keys]
 
     def _ask_verdict(self, client: httpx.Client, question: tuple[str, str, str, str]) -> str:
-        reply = self._ask(build_messages(*question), client)
+        reply = self._ask(self._messages(question), client)
         verdict = parse_verdict(reply)
         if verdict is None:
             log.warning("unparseable judge reply %r counted as TIE", reply)
