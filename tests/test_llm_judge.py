@@ -16,8 +16,8 @@ import pytest
 from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
 from padlm.evaluation import harness
-from padlm.evaluation.pairwise import judge_directory, pooled, rule_agreement
-from padlm.judges.llm import LLMJudge, build_messages, parse_verdict
+from padlm.evaluation.pairwise import judge_directory, pooled, rule_agreement, same_side
+from padlm.judges.llm import LLMJudge, build_messages, method_score, parse_verdict
 from padlm.records import read_jsonl
 
 
@@ -48,11 +48,15 @@ class StubOpenAI(BaseHTTPRequestHandler):
         verdict = "TIE" if ("banana" in a) == ("banana" in b) else ("A" if "banana" in a
                                                                       else "B")
         content = StubOpenAI.reply_override or verdict
+        # sampled votes: the first of every three is the letter shown first, the rest honest
+        contents = ([content] if body.get("n", 1) == 1 else
+                    ["A" if i % 3 == 0 else content for i in range(body["n"])])
         payload = json.dumps({
             "id": "chatcmpl-stub", "object": "chat.completion", "created": 0,
             "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content}}],
+            "choices": [{"index": i, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": c}}
+                        for i, c in enumerate(contents)],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }).encode()
         self.send_response(200)
@@ -192,6 +196,29 @@ def test_a_forced_choice_judge_offers_no_tie_and_asks_afresh(stub_url, tmp_path)
     assert user["content"].endswith("Reply A or B.")
     assert StubOpenAI.requests[0]["body"]["messages"][1]["content"].endswith(
         "Reply A, B or TIE.")
+
+
+def test_sampled_votes_give_a_graded_verdict(stub_url, tmp_path):
+    judge = LLMJudge.from_env(stub_url, "judge", cache=tmp_path / "c.jsonl", samples=6)
+    items = [("q", "P3A", "pad says banana", "other says hello")]
+    # shown first: 6 of 6 votes for the method; shown second: 4 of 6 (2 go to position A)
+    assert judge.compare_both_orders(items) == [(1.0, 4 / 6)]
+    body = StubOpenAI.requests[-1]["body"]
+    assert body["n"] == 6 and body["temperature"] == 1.0 and body["seed"] == 0
+    assert len(StubOpenAI.requests) == 2
+    assert LLMJudge(stub_url, "judge", cache=tmp_path / "c.jsonl", samples=6
+                    ).compare_both_orders(items) == [(1.0, 4 / 6)]
+    assert len(StubOpenAI.requests) == 2  # cached, votes and all
+    assert method_score("A,B,TIE,A", True) == 0.625
+    assert method_score("A,B,TIE,A", False) == 0.375
+    with pytest.raises(PadlmError, match="--judge-samples must be at least 1"):
+        LLMJudge.from_env(stub_url, "judge", samples=0)
+
+
+def test_position_consistency_is_favouring_the_same_response_in_both_orders():
+    assert same_side(1.0, 1.0) and same_side(0.0, 0.0) and same_side(0.5, 0.5)
+    assert same_side(0.75, 0.625) and same_side(0.25, 0.0)
+    assert not same_side(1.0, 0.5) and not same_side(0.75, 0.25) and not same_side(0.5, 0.0)
 
 
 def test_rule_agreement_counts_only_pairs_both_judges_decide():

@@ -36,6 +36,9 @@ DEFAULT_PREFERENCES = "P1A,P1B,P2A,P2B,P3A,P3B"
 
 JudgeConcurrencyOption = Annotated[int, typer.Option(
     help="LLM judge questions in flight at once (a batching server answers them together).")]
+JudgeSamplesOption = Annotated[int, typer.Option(
+    help="Votes per question sampled at temperature 1 (a graded verdict: a small judge's "
+         "greedy answer is often the same letter whatever it reads); 1: one greedy answer.")]
 JudgeTiesOption = Annotated[bool, typer.Option(
     help="--judge-no-ties: answers are A or B only (small judges answer TIE to nearly all).")]
 
@@ -97,6 +100,7 @@ def eval_command(
                              ] = "OPENAI_API_KEY",
     judge_concurrency: JudgeConcurrencyOption = 1,
     judge_ties: JudgeTiesOption = True,
+    judge_samples: JudgeSamplesOption = 1,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     generate: Annotated[bool, typer.Option(
         help="--no-generate: only score and summarise the cells already generated.")] = True,
@@ -163,7 +167,8 @@ def eval_command(
             return
         llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
                                 cache=out / "llm_judge_cache.jsonl",
-                                concurrency=judge_concurrency, ties=judge_ties)
+                                concurrency=judge_concurrency, ties=judge_ties,
+                                samples=judge_samples)
         judge_summary(llm, summary, out, plan)
 
     summary = run(engine, plan, out, progress=progress, command=command,
@@ -219,6 +224,7 @@ def llm_judge_command(
     ] = False,
     judge_concurrency: JudgeConcurrencyOption = 1,
     judge_ties: JudgeTiesOption = True,
+    judge_samples: JudgeSamplesOption = 1,
 ) -> None:
     """Pairwise LLM judgement (P-Soups criteria) of the strategies in DIR against one of them
     (base by default); verdicts are cached in DIR/llm_judge_cache.jsonl and written to
@@ -228,7 +234,7 @@ def llm_judge_command(
 
     llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
                             cache=out / "llm_judge_cache.jsonl", concurrency=judge_concurrency,
-                            ties=judge_ties)
+                            ties=judge_ties, samples=judge_samples)
     result = judge_directory(llm, out, against, _split(labels) if labels else None,
                              both_orders)
     print(json.dumps({"rows": result["rows"], "pooled": result["pooled"]}, indent=2))

@@ -40,8 +40,8 @@ def judge_directory(llm: LLMJudge, out: Path, against: str = BASE,
                     labels: Sequence[str] | None = None, both_orders: bool = False) -> dict:
     """Judge a finished ``padlm eval`` directory: each row's responses (``labels`` only, when
     given) against the ``against`` row's on the same prompts; writes ``llm_judge.json``
-    (against ``base``) or ``llm_judge_vs_<against>.json``, with ``_no_ties`` before the
-    suffix for a forced-choice judge."""
+    (against ``base``) or ``llm_judge_vs_<against>.json``, with ``_no_ties`` (a forced
+    choice) and ``_<N>_votes`` (sampled votes) before the suffix."""
     if not (out / SUMMARY).exists():
         raise PadlmError(f"{out / SUMMARY} does not exist: run `padlm eval` first")
     summary = json.loads((out / SUMMARY).read_text())
@@ -57,9 +57,11 @@ def judge_directory(llm: LLMJudge, out: Path, against: str = BASE,
     result = _judge_rows(llm, rows, _records(out, summary, prompts), prompts, read_scores(out),
                          against, both_orders)
     result["judge"] = {"url": llm.base_url, "model": llm.model, "against": against,
-                       "orders": "both" if both_orders else "random", "ties": llm.ties}
+                       "orders": "both" if both_orders else "random", "ties": llm.ties,
+                       "samples": llm.samples}
     name = ("llm_judge" + ("" if against == BASE else f"_vs_{against}")
-            + ("" if llm.ties else "_no_ties") + ".json")
+            + ("" if llm.ties else "_no_ties")
+            + (f"_{llm.samples}_votes" if llm.samples > 1 else "") + ".json")
     write_json_atomic(out / name, result)
     return result
 
@@ -69,6 +71,12 @@ def _records(out: Path, summary: dict, prompts: dict[str, str]) -> list[dict]:
     cfg = summary["generation"]
     return [r for r in read_jsonl(out / GENERATIONS) if r["config"] == cfg
             and r["id"] in prompts]
+
+
+def same_side(first: float, second: float) -> bool:
+    """Whether a pair's two orders favour the same response (or both tie): its position
+    consistency, for single verdicts (0, 0.5, 1) and vote shares alike."""
+    return (first > 0.5, first < 0.5) == (second > 0.5, second < 0.5)
 
 
 def rule_agreement(verdicts: Sequence[float], rule_gaps: Sequence[float | None]
@@ -100,7 +108,7 @@ def _judge_rows(llm: LLMJudge, rows: list[dict], records: list[dict],
         if both_orders:
             pairs = llm.compare_both_orders(items, cache)
             verdicts = [(first + second) / 2 for first, second in pairs]
-            consistent = [first == second for first, second in pairs]
+            consistent = [same_side(first, second) for first, second in pairs]
             row["llm_position_consistency"] = round(sum(consistent) / len(pairs), 4)
         else:
             verdicts = llm.compare_many(items, cache)

@@ -91,30 +91,39 @@ class LLMJudge:
     seed: int = 0
     concurrency: int = 1  # questions in flight at once
     ties: bool = True  # offer TIE as an answer
+    samples: int = 1  # > 1: that many votes at temperature 1 per question, a graded verdict
 
     @classmethod
     def from_env(cls, base_url: str, model: str, key_env: str = "OPENAI_API_KEY",
                  cache: Path | None = None, concurrency: int = 1,
-                 ties: bool = True) -> LLMJudge:
+                 ties: bool = True, samples: int = 1) -> LLMJudge:
         if not base_url.startswith(("http://", "https://")):
             raise PadlmError(f"--judge-url must be an http(s) URL, got {base_url!r}")
         if concurrency < 1:
             raise PadlmError(f"--judge-concurrency must be at least 1, got {concurrency}")
+        if samples < 1:
+            raise PadlmError(f"--judge-samples must be at least 1, got {samples}")
         return cls(base_url.rstrip("/"), model, os.environ.get(key_env), cache,
-                   concurrency=concurrency, ties=ties)
+                   concurrency=concurrency, ties=ties, samples=samples)
 
     def load_cache(self) -> dict[str, str]:
         """Every verdict cached so far, by question key (empty without a cache file)."""
         return {r["key"]: r["verdict"] for r in read_jsonl(self.cache)} if self.cache else {}
 
-    def _ask(self, messages: list[dict], client: httpx.Client | None = None) -> str:
+    def _ask(self, messages: list[dict], client: httpx.Client | None = None) -> list[str]:
+        """The judge's replies: one greedy, or ``samples`` drawn at temperature 1."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 4}
+        if self.samples > 1:
+            body.update(temperature=1.0, n=self.samples, seed=self.seed)
         try:
             reply = (client or httpx).post(f"{self.base_url}/chat/completions", json=body,
                                            headers=headers, timeout=self.timeout)
             reply.raise_for_status()
-            return reply.json()["choices"][0]["message"]["content"] or ""
+            choices = reply.json()["choices"]
+            if len(choices) != self.samples:
+                raise ValueError(f"{len(choices)} choices for n={self.samples}")
+            return [c["message"]["content"] or "" for c in choices]
         except httpx.HTTPStatusError as error:
             raise PadlmError(f"LLM judge at {self.base_url} answered "
                              f"{error.response.status_code}: {error.response.text[:200]}"
@@ -155,9 +164,11 @@ class LLMJudge:
         return random.Random(self.seed * 7919 + digest[0] * 256 + digest[1]).random() < 0.5
 
     def _key(self, question: tuple[str, str, str, str]) -> str:
-        """The model and the exact conversation: a changed judge prompt is a new question."""
-        return hashlib.sha256(json.dumps([self.model, self._messages(question)]).encode()
-                              ).hexdigest()
+        """The model and the exact conversation (a changed judge prompt is a new question),
+        and the number of votes when they are sampled."""
+        sampled = [{"samples": self.samples, "seed": self.seed}] if self.samples > 1 else []
+        return hashlib.sha256(json.dumps([self.model, self._messages(question), *sampled])
+                              .encode()).hexdigest()
 
     def _messages(self, question: tuple[str, str, str, str]) -> list[dict]:
         return build_messages(*question, ties=self.ties)
@@ -197,12 +208,15 @@ class LLMJudge:
         return [cache[k] for k in keys]
 
     def _ask_verdict(self, client: httpx.Client, question: tuple[str, str, str, str]) -> str:
-        reply = self._ask(self._messages(question), client)
-        verdict = parse_verdict(reply)
-        if verdict is None:
-            log.warning("unparseable judge reply %r counted as TIE", reply)
-            verdict = "TIE"
-        return verdict
+        """'A', 'B' or 'TIE'; with samples, the votes joined by commas ('A,A,B,TIE')."""
+        votes = []
+        for reply in self._ask(self._messages(question), client):
+            vote = parse_verdict(reply)
+            if vote is None:
+                log.warning("unparseable judge reply %r counted as TIE", reply)
+                vote = "TIE"
+            votes.append(vote)
+        return ",".join(votes)
 
     @contextmanager
     def _appender(self) -> Iterator[JsonlAppender | None]:
@@ -215,7 +229,8 @@ class LLMJudge:
 
 
 def method_score(verdict: str, method_first: bool) -> float:
-    """The method's score from a verdict on the order shown: 1 won, 0 lost, 0.5 TIE."""
-    if verdict == "TIE":
-        return 0.5
-    return 1.0 if (verdict == "A") == method_first else 0.0
+    """The method's score from a verdict on the order shown: 1 won, 0 lost, 0.5 TIE; the
+    mean of these over a sampled verdict's votes."""
+    votes = verdict.split(",")
+    return sum(0.5 if v == "TIE" else float((v == "A") == method_first) for v in votes
+               ) / len(votes)
