@@ -12,12 +12,15 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from padlm.config import GenerationConfig
+from padlm.engine import Personalizer
 from padlm.errors import PadlmError
 from padlm.evaluation import harness
 from padlm.evaluation.pairwise import judge_directory, pooled, rule_agreement, same_side
 from padlm.judges.llm import LLMJudge, build_messages, method_score, parse_verdict
+from padlm.persrm import PersonalizedRewardModel
 from padlm.records import read_jsonl
 
 
@@ -145,6 +148,27 @@ def test_judge_a_finished_eval_directory(stub_url, tiny_engine, tmp_path):
     assert rows["prompt"]["llm_win_rate"] == 0.5
     assert len(StubOpenAI.requests) == 3
     assert (tmp_path / "run" / "llm_judge.json").exists()
+
+
+def test_the_judge_reads_only_the_responses_the_summary_measured(stub_url, tiny_lm, tmp_path):
+    """A directory keeps an earlier PersRM's responses under other keys: judging a rerun with
+    a new PersRM must not count them too."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Why is the sky blue?\nName a fruit.\nWhat is 2+2?\n")
+    plan = harness.EvalPlan(benchmark=str(prompts), preferences=["P2A"],
+                            strategies=["base", "pad"], config=GenerationConfig(
+                                max_new_tokens=4), batch_size=3)
+    out = tmp_path / "run"
+    harness.run(Personalizer(tiny_lm, persrm="identity"), plan, out, progress=False)
+    retrained = PersonalizedRewardModel.identity(tiny_lm.name, tiny_lm.model.config.hidden_size)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        retrained.head.weight.add_(0.5 * torch.randn_like(retrained.head.weight))
+    harness.run(Personalizer(tiny_lm, persrm=retrained), plan, out, progress=False)
+    assert len(read_jsonl(out / "generations.jsonl")) == 3 + 3 + 3  # base, both PersRMs' pad
+    result = judge_directory(LLMJudge(stub_url, "judge"), out, both_orders=True)
+    (overall,) = result["pooled"]
+    assert overall["pairs"] == 3 and overall["prompts"] == 3
 
 
 def test_both_orders_cancel_and_measure_position_bias(stub_url, tmp_path):

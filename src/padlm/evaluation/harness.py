@@ -231,6 +231,23 @@ class CellKeys:
         return json.dumps(fields, sort_keys=True)
 
 
+def measured_records(records: Iterable[dict], summary: dict) -> list[dict]:
+    """The stored responses ``summary`` measured. A directory keeps every response it ever
+    generated, an earlier PersRM's or experts' too (under other keys), so the decoding
+    settings alone would mix runs: the fingerprints in each key decide (summaries older than
+    the ``experts`` field are not checked for it)."""
+    persrm = summary["persrm"]["fingerprint"]
+
+    def measured(record: dict) -> bool:
+        fields = json.loads(record["key"])
+        experts_match = ("experts" not in summary or len(fields) < 7
+                         or fields[6] == summary["experts"])
+        return fields[4] == summary["generation"] and fields[5] in (None, persrm) \
+            and experts_match
+
+    return [r for r in records if measured(r)]
+
+
 # ---------------------------------------------------------------- stage 1: generate
 
 
@@ -411,6 +428,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
                 rows.append(row)
     summary = {
         "benchmark": plan.benchmark, "model": engine.lm.name, "persrm": persrm_info(engine),
+        "experts": keys.experts,
         "prompts": len(order), "limit": plan.limit, "generation": keys.config,
         "dtype": engine.lm.dtype_name,
         "weights": sorted({recommended, *map(float, plan.weights)}),

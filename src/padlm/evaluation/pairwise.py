@@ -20,6 +20,7 @@ from padlm.evaluation.harness import (
     SUMMARY,
     EvalPlan,
     load_benchmark,
+    measured_records,
     read_scores,
     text_key,
 )
@@ -67,10 +68,9 @@ def judge_directory(llm: LLMJudge, out: Path, against: str = BASE,
 
 
 def _records(out: Path, summary: dict, prompts: dict[str, str]) -> list[dict]:
-    """The run's generations made with the summary's decoding settings, for its prompts."""
-    cfg = summary["generation"]
-    return [r for r in read_jsonl(out / GENERATIONS) if r["config"] == cfg
-            and r["id"] in prompts]
+    """The generations the summary measured, for its prompts."""
+    return [r for r in measured_records(read_jsonl(out / GENERATIONS), summary)
+            if r["id"] in prompts]
 
 
 def same_side(first: float, second: float) -> bool:
