@@ -19,6 +19,8 @@ def run_all(argument_lists, cwd=None):
 def test_bad_input_gives_one_line_error_and_exit_2(tmp_path):
     unreadable = tmp_path / "prompts.json"
     unreadable.write_text("[not json")
+    judge = ["eval", "llm-judge", str(tmp_path), "--judge-url", "http://127.0.0.1:9/v1",
+             "--judge-model", "judge"]
     cases = {
         "the prompt is empty": ["generate", ""],
         "unknown strategy": ["generate", "hi", "--strategy", "magic"],
@@ -30,6 +32,8 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path):
         "unknown preference id": ["generate", "hi", "--preference", "P9Z"],
         "unknown bench strategy": ["bench", "--strategies", "base,warp"],
         "prompt does not": ["generate", "hi", "--strategy", "prompt", "--echo-guard"],
+        "--judge-samples must be at least 1": judge + ["--judge-no-ties", "--judge-samples", "0"],
+        "--judge-concurrency must be at least 1": judge + ["--judge-concurrency", "0"],
     }
     results = run_all(list(cases.values()))
     for (expected, args), (code, _stdout, stderr) in zip(cases.items(), results, strict=True):
