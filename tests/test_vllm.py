@@ -8,11 +8,15 @@ the request parsing and refusals, which import no vLLM, run everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -434,3 +438,66 @@ def test_padlm_server_on_the_vllm_engine(vllm_engine, hf_engine) -> None:
         presets = httpx.get(f"{server.url}/v1/padlm/presets", timeout=30).json()
         assert presets["engine"] == "vllm" and "pad" in presets["strategies"]
         assert ask(*cases[1]) == answers[1]  # still serving after the refusals
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, from /proc (the engine core and its workers)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def _running(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (an exited one may linger as a zombie: not running)."""
+    running = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                running.add(pid)
+    return running
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_stopped_padlm_server_leaves_no_vllm_process_behind(monkeypatch) -> None:
+    """SIGTERM to ``padlm serve --engine vllm`` ends vLLM's engine core and workers with it:
+    left to interpreter exit they outlived the server, holding the model's memory."""
+    import httpx
+
+    from padlm.server.bench import free_port
+
+    port = free_port()
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "padlm", "serve", "--engine", "vllm", "--persrm", "identity",
+         "--port", str(port)], env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and server.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(1)
+        assert server.poll() is None, "the server exited before it answered"
+        engine_processes = _descendants(server.pid)
+        assert engine_processes  # vLLM runs its engine core in a child process
+        server.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal once it has shut down, so the exit status is the signal's
+        assert server.wait(120) in (0, -signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _running(engine_processes) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        alive = _running(engine_processes)
+        assert not alive, f"vLLM processes {sorted(alive)} outlived the server"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -40,7 +40,8 @@ JudgeSamplesOption = Annotated[int, typer.Option(
     help="Votes per question sampled at temperature 1 (a graded verdict: a small judge's "
          "greedy answer is often the same letter whatever it reads); 1: one greedy answer.")]
 JudgeTiesOption = Annotated[bool, typer.Option(
-    "--judge-ties/--judge-no-ties", help="--judge-no-ties: answers are A or B only (small judges answer TIE to nearly all).")]
+    "--judge-ties/--judge-no-ties",
+    help="--judge-no-ties: answers are A or B only (small judges answer TIE to nearly all).")]
 
 
 def register(app: typer.Typer) -> None:

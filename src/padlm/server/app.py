@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -522,12 +522,24 @@ class PadlmServer(uvicorn.Server):
     """uvicorn, with the first SIGTERM/SIGINT draining the decode worker before the usual
     shutdown: new requests get a 503, running rows finish for up to ``drain_timeout_s``, then
     every open request ends (streams with an error event and ``[DONE]``, others with a 503
-    body), and only then does uvicorn close the connections. A second signal stops at once."""
+    body), and only then does uvicorn close the connections. A second signal stops at once.
+    ``on_exit`` runs once uvicorn has shut down: after a signal uvicorn re-raises it to end
+    the process, so code after :meth:`run` never runs then, and what must be released
+    (vLLM's engine processes) is released here."""
 
-    def __init__(self, config: uvicorn.Config, worker: BatchWorker) -> None:
+    def __init__(self, config: uvicorn.Config, worker: BatchWorker,
+                 on_exit: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.worker = worker
         self.draining = False
+        self.on_exit = on_exit
+
+    async def shutdown(self, sockets=None) -> None:
+        try:
+            await super().shutdown(sockets=sockets)
+        finally:
+            if self.on_exit is not None:
+                self.on_exit()
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.draining:
@@ -544,11 +556,12 @@ class PadlmServer(uvicorn.Server):
         super().handle_exit(sig, None)
 
 
-def make_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> PadlmServer:
+def make_server(app: FastAPI, host: str, port: int, log_level: str = "info",
+                on_exit: Callable[[], None] | None = None) -> PadlmServer:
     """A :class:`PadlmServer` for ``app`` (the gate writes the access log, not uvicorn)."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             access_log=False, timeout_graceful_shutdown=SHUTDOWN_FLUSH_S)
-    return PadlmServer(config, app.state.service.worker)
+    return PadlmServer(config, app.state.service.worker, on_exit)
 
 
 class ServerThread:

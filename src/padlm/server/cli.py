@@ -107,7 +107,8 @@ def serve(
 
         engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
                               device=device, experts=experts)
-    make_server(create_app(engine, settings), host, port, log_level).run()
+    make_server(create_app(engine, settings), host, port, log_level,
+                on_exit=engine.close if engine_name == "vllm" else None).run()
 
 
 def vllm_args(

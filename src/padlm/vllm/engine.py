@@ -189,6 +189,13 @@ class VllmPersonalizer:
             cpu_environment()
         return require_vllm().LLM(**self.engine_args)
 
+    def close(self) -> None:
+        """Stop vLLM's engine processes now. Left to interpreter exit they can outlive it: a
+        server stopped with SIGTERM left its engine core and a 9 GB worker running."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
     @property
     def persrm_name(self) -> str:
         """The PersRM PAD runs with, as the HF engine names it (``identity``: none)."""
