@@ -8,6 +8,7 @@ the official ``openai`` client must accept the stub (so the stub really is OpenA
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,7 +20,13 @@ from padlm.engine import Personalizer
 from padlm.errors import PadlmError
 from padlm.evaluation import harness
 from padlm.evaluation.pairwise import judge_directory, pooled, rule_agreement, same_side
-from padlm.judges.llm import LLMJudge, build_messages, method_score, parse_verdict
+from padlm.judges.llm import (
+    LLMJudge,
+    build_messages,
+    first_letter_share,
+    method_score,
+    parse_verdict,
+)
 from padlm.persrm import PersonalizedRewardModel
 from padlm.records import read_jsonl
 
@@ -54,11 +61,18 @@ class StubOpenAI(BaseHTTPRequestHandler):
         # sampled votes: the first of every three is the letter shown first, the rest honest
         contents = ([content] if body.get("n", 1) == 1 else
                     ["A" if i % 3 == 0 else content for i in range(body["n"])])
+        # log-probabilities: a judge that always says "A", yet leans to the right answer
+        lean = {"A": 0.9, "B": 0.6, "TIE": 0.75}[verdict]
+        top = [{"token": "A", "logprob": math.log(lean)},
+               {"token": " b", "logprob": math.log(1 - lean)}]
         payload = json.dumps({
             "id": "chatcmpl-stub", "object": "chat.completion", "created": 0,
             "model": body["model"],
             "choices": [{"index": i, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": c}}
+                         "message": {"role": "assistant", "content": c},
+                         "logprobs": ({"content": [{"token": "A", "logprob": top[0]["logprob"],
+                                                    "top_logprobs": top}]}
+                                      if body.get("logprobs") else None)}
                         for i, c in enumerate(contents)],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }).encode()
@@ -237,6 +251,28 @@ def test_sampled_votes_give_a_graded_verdict(stub_url, tmp_path):
     assert method_score("A,B,TIE,A", False) == 0.375
     with pytest.raises(PadlmError, match="--judge-samples must be at least 1"):
         LLMJudge.from_env(stub_url, "judge", samples=0)
+
+
+def test_log_probabilities_cancel_a_judge_that_always_answers_the_same_letter(stub_url,
+                                                                               tmp_path):
+    judge = LLMJudge.from_env(stub_url, "judge", cache=tmp_path / "c.jsonl", logprobs=True)
+    items = [("q", "P3A", "pad says banana", "other says hello"),
+             ("r", "P3A", "pad says hello", "other says banana")]
+    # P(A) is 0.9 when A is right and 0.6 when B is: the argmax is always A, the shares differ
+    ((first, second), (third, fourth)) = judge.compare_both_orders(items)
+    assert (first, second) == (pytest.approx(0.9), pytest.approx(0.4))
+    assert (third, fourth) == (pytest.approx(0.6), pytest.approx(0.1))
+    assert (first + second) / 2 > 0.5 > (third + fourth) / 2
+    body = StubOpenAI.requests[-1]["body"]
+    assert body["logprobs"] is True and body["max_tokens"] == 1 and body["top_logprobs"] == 20
+    assert first_letter_share([{"token": " A", "logprob": math.log(0.3)},
+                               {"token": "a", "logprob": math.log(0.1)},
+                               {"token": "B", "logprob": math.log(0.4)},
+                               {"token": "TIE", "logprob": math.log(0.2)}]) == pytest.approx(0.5)
+    assert first_letter_share([{"token": "Sure", "logprob": 0.0}]) is None
+    assert method_score("p=0.25", True) == 0.25 and method_score("p=0.25", False) == 0.75
+    with pytest.raises(PadlmError, match="drop --judge-samples"):
+        LLMJudge.from_env(stub_url, "judge", samples=4, logprobs=True)
 
 
 def test_position_consistency_is_favouring_the_same_response_in_both_orders():

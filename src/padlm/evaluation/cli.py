@@ -39,6 +39,9 @@ JudgeConcurrencyOption = Annotated[int, typer.Option(
 JudgeSamplesOption = Annotated[int, typer.Option(
     help="Votes per question sampled at temperature 1 (a graded verdict: a small judge's "
          "greedy answer is often the same letter whatever it reads); 1: one greedy answer.")]
+JudgeLogprobsOption = Annotated[bool, typer.Option(
+    help="Score each question by the judge's probabilities of A and B (graded, one token; "
+         "needs an endpoint that returns logprobs, such as vLLM's own server).")]
 JudgeTiesOption = Annotated[bool, typer.Option(
     "--judge-ties/--judge-no-ties",
     help="--judge-no-ties: answers are A or B only (small judges answer TIE to nearly all).")]
@@ -102,6 +105,7 @@ def eval_command(
     judge_concurrency: JudgeConcurrencyOption = 1,
     judge_ties: JudgeTiesOption = True,
     judge_samples: JudgeSamplesOption = 1,
+    judge_logprobs: JudgeLogprobsOption = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     generate: Annotated[bool, typer.Option(
         help="--no-generate: only score and summarise the cells already generated.")] = True,
@@ -169,7 +173,7 @@ def eval_command(
         llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
                                 cache=out / "llm_judge_cache.jsonl",
                                 concurrency=judge_concurrency, ties=judge_ties,
-                                samples=judge_samples)
+                                samples=judge_samples, logprobs=judge_logprobs)
         judge_summary(llm, summary, out, plan)
 
     summary = run(engine, plan, out, progress=progress, command=command,
@@ -226,6 +230,7 @@ def llm_judge_command(
     judge_concurrency: JudgeConcurrencyOption = 1,
     judge_ties: JudgeTiesOption = True,
     judge_samples: JudgeSamplesOption = 1,
+    judge_logprobs: JudgeLogprobsOption = False,
 ) -> None:
     """Pairwise LLM judgement (P-Soups criteria) of the strategies in DIR against one of them
     (base by default); verdicts are cached in DIR/llm_judge_cache.jsonl and written to
@@ -235,7 +240,7 @@ def llm_judge_command(
 
     llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
                             cache=out / "llm_judge_cache.jsonl", concurrency=judge_concurrency,
-                            ties=judge_ties, samples=judge_samples)
+                            ties=judge_ties, samples=judge_samples, logprobs=judge_logprobs)
     result = judge_directory(llm, out, against, _split(labels) if labels else None,
                              both_orders)
     print(json.dumps({"rows": result["rows"], "pooled": result["pooled"]}, indent=2))

@@ -42,7 +42,7 @@ def judge_directory(llm: LLMJudge, out: Path, against: str = BASE,
     """Judge a finished ``padlm eval`` directory: each row's responses (``labels`` only, when
     given) against the ``against`` row's on the same prompts; writes ``llm_judge.json``
     (against ``base``) or ``llm_judge_vs_<against>.json``, with ``_no_ties`` (a forced
-    choice) and ``_<N>_votes`` (sampled votes) before the suffix."""
+    choice), ``_<N>_votes`` (sampled votes) and ``_logprobs`` before the suffix."""
     if not (out / SUMMARY).exists():
         raise PadlmError(f"{out / SUMMARY} does not exist: run `padlm eval` first")
     summary = json.loads((out / SUMMARY).read_text())
@@ -59,10 +59,11 @@ def judge_directory(llm: LLMJudge, out: Path, against: str = BASE,
                          against, both_orders)
     result["judge"] = {"url": llm.base_url, "model": llm.model, "against": against,
                        "orders": "both" if both_orders else "random", "ties": llm.ties,
-                       "samples": llm.samples}
+                       "samples": llm.samples, "logprobs": llm.logprobs}
     name = ("llm_judge" + ("" if against == BASE else f"_vs_{against}")
             + ("" if llm.ties else "_no_ties")
-            + (f"_{llm.samples}_votes" if llm.samples > 1 else "") + ".json")
+            + (f"_{llm.samples}_votes" if llm.samples > 1 else "")
+            + ("_logprobs" if llm.logprobs else "") + ".json")
     write_json_atomic(out / name, result)
     return result
 

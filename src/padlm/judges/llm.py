@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -47,6 +48,8 @@ CRITERIA = {
     "P3A": "Prefer the friendly, witty, funny, humorous response, like a close friend.",
     "P3B": "Prefer the response written in an unfriendly manner.",
 }
+
+TOP_LOGPROBS = 20  # the most OpenAI's API returns
 
 SYSTEM = ("You compare two AI responses to the same instruction for how well each follows a "
           "user's stated preference. Judge only the preference, not which answer you like. ")
@@ -92,30 +95,37 @@ class LLMJudge:
     concurrency: int = 1  # questions in flight at once
     ties: bool = True  # offer TIE as an answer
     samples: int = 1  # > 1: that many votes at temperature 1 per question, a graded verdict
+    logprobs: bool = False  # score by the probabilities of "A" and "B" (graded, one token)
 
     @classmethod
     def from_env(cls, base_url: str, model: str, key_env: str = "OPENAI_API_KEY",
                  cache: Path | None = None, concurrency: int = 1,
-                 ties: bool = True, samples: int = 1) -> LLMJudge:
+                 ties: bool = True, samples: int = 1, logprobs: bool = False) -> LLMJudge:
         if not base_url.startswith(("http://", "https://")):
             raise PadlmError(f"--judge-url must be an http(s) URL, got {base_url!r}")
         if concurrency < 1:
             raise PadlmError(f"--judge-concurrency must be at least 1, got {concurrency}")
         if samples < 1:
             raise PadlmError(f"--judge-samples must be at least 1, got {samples}")
+        if logprobs and samples > 1:
+            raise PadlmError("--judge-logprobs reads one greedy answer's probabilities; "
+                             "drop --judge-samples")
         return cls(base_url.rstrip("/"), model, os.environ.get(key_env), cache,
-                   concurrency=concurrency, ties=ties, samples=samples)
+                   concurrency=concurrency, ties=ties, samples=samples, logprobs=logprobs)
 
     def load_cache(self) -> dict[str, str]:
         """Every verdict cached so far, by question key (empty without a cache file)."""
         return {r["key"]: r["verdict"] for r in read_jsonl(self.cache)} if self.cache else {}
 
-    def _ask(self, messages: list[dict], client: httpx.Client | None = None) -> list[str]:
-        """The judge's replies: one greedy, or ``samples`` drawn at temperature 1."""
+    def _ask(self, messages: list[dict], client: httpx.Client | None = None) -> list[dict]:
+        """The judge's choices: one greedy (with its first token's top log-probabilities
+        when ``logprobs``), or ``samples`` drawn at temperature 1."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 4}
         if self.samples > 1:
             body.update(temperature=1.0, n=self.samples, seed=self.seed)
+        if self.logprobs:
+            body.update(max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
         try:
             reply = (client or httpx).post(f"{self.base_url}/chat/completions", json=body,
                                            headers=headers, timeout=self.timeout)
@@ -123,7 +133,9 @@ class LLMJudge:
             choices = reply.json()["choices"]
             if len(choices) != self.samples:
                 raise ValueError(f"{len(choices)} choices for n={self.samples}")
-            return [c["message"]["content"] or "" for c in choices]
+            for choice in choices:
+                choice["message"]["content"] = choice["message"]["content"] or ""
+            return choices
         except httpx.HTTPStatusError as error:
             raise PadlmError(f"LLM judge at {self.base_url} answered "
                              f"{error.response.status_code}: {error.response.text[:200]}"
@@ -167,6 +179,7 @@ class LLMJudge:
         """The model and the exact conversation (a changed judge prompt is a new question),
         and the number of votes when they are sampled."""
         sampled = [{"samples": self.samples, "seed": self.seed}] if self.samples > 1 else []
+        sampled += [{"logprobs": TOP_LOGPROBS}] if self.logprobs else []
         return hashlib.sha256(json.dumps([self.model, self._messages(question), *sampled])
                               .encode()).hexdigest()
 
@@ -208,9 +221,23 @@ class LLMJudge:
         return [cache[k] for k in keys]
 
     def _ask_verdict(self, client: httpx.Client, question: tuple[str, str, str, str]) -> str:
-        """'A', 'B' or 'TIE'; with samples, the votes joined by commas ('A,A,B,TIE')."""
+        """'A', 'B' or 'TIE'; with samples, the votes joined by commas ('A,A,B,TIE'); with
+        logprobs, the probability of 'A' among 'A' and 'B' ('p=0.62')."""
+        choices = self._ask(self._messages(question), client)
+        if self.logprobs:
+            try:
+                top = choices[0]["logprobs"]["content"][0]["top_logprobs"]
+            except (KeyError, IndexError, TypeError):
+                raise PadlmError(f"the judge at {self.base_url} returned no logprobs; use an "
+                                 "endpoint that does (vLLM's own server) or drop "
+                                 "--judge-logprobs") from None
+            share = first_letter_share(top)
+            if share is None:
+                log.warning("neither A nor B among the judge's top tokens: counted as TIE")
+                return "TIE"
+            return f"p={share:.6f}"
         votes = []
-        for reply in self._ask(self._messages(question), client):
+        for reply in (c["message"]["content"] for c in choices):
             vote = parse_verdict(reply)
             if vote is None:
                 log.warning("unparseable judge reply %r counted as TIE", reply)
@@ -228,9 +255,26 @@ class LLMJudge:
                 appender.close()
 
 
+def first_letter_share(top_logprobs: list[dict]) -> float | None:
+    """P(A) / (P(A) + P(B)) from a first token's top log-probabilities (tokens compared
+    without spaces or case), or None when neither letter is among them. Averaged over both
+    orders it cancels a judge's constant lean to one position, which argmax answers cannot."""
+    mass = {"A": 0.0, "B": 0.0}
+    for entry in top_logprobs:
+        letter = entry["token"].strip().upper()
+        if letter in mass:
+            mass[letter] += math.exp(entry["logprob"])
+    total = mass["A"] + mass["B"]
+    return mass["A"] / total if total > 0 else None
+
+
 def method_score(verdict: str, method_first: bool) -> float:
     """The method's score from a verdict on the order shown: 1 won, 0 lost, 0.5 TIE; the
-    mean of these over a sampled verdict's votes."""
+    mean of these over a sampled verdict's votes; the probability of the method's letter
+    for a log-probability verdict."""
+    if verdict.startswith("p="):
+        first = float(verdict[2:])
+        return first if method_first else 1.0 - first
     votes = verdict.split(",")
     return sum(0.5 if v == "TIE" else float((v == "A") == method_first) for v in votes
                ) / len(votes)
