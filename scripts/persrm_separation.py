@@ -41,9 +41,8 @@ import torch
 from padlm import GenerationConfig, Personalizer
 from padlm.atomic import write_json_atomic
 from padlm.data.axes import AXES, HELD_OUT_AXES, HELD_OUT_DIMENSIONS, SIDES
-from padlm.data.pools import default_pool_dir, self_instruct_prompts
+from padlm.data.pools import default_pool_dir, held_out_self_instruct
 from padlm.data.schema import load_rows
-from padlm.data.splits import is_validation
 from padlm.evaluation.stats import standard_error
 from padlm.judges.guards import echo, loops
 from padlm.judges.text import vader_compound, word_count
@@ -61,8 +60,7 @@ def preference_text(pid: str) -> str:
 
 
 def held_out_prompts(count: int) -> list[dict]:
-    pool = sorted(self_instruct_prompts(default_pool_dir()), key=lambda p: p.id)
-    chosen = [p for p in pool if is_validation(p.prompt) and len(p.prompt) < 400]
+    chosen = held_out_self_instruct(default_pool_dir())
     return [{"id": p.id, "prompt": p.prompt} for p in chosen[:count]]
 
 

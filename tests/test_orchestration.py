@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from padlm.config import GenerationConfig
 from padlm.data.schema import load_rows
 from padlm.decoding import DecodeBatch, Request
 from padlm.errors import PadlmError
+from padlm.kvstream import StreamOutput
 from padlm.orchestration.encoding import requested_experts
 from padlm.orchestration.experts import (
     Experts,
@@ -29,7 +31,8 @@ from padlm.orchestration.rewards import DimensionRewards, preference_reward, tra
 from padlm.orchestration.strategies import MixStrategy, SoupsStrategy
 from padlm.orchestration.train_pcm import PCMTrainConfig, PCMTrainer
 from padlm.persrm import ValueHead
-from padlm.preferences import PSOUPS, resolve_preference
+from padlm.preferences import PRESETS, PSOUPS, resolve_preference
+from padlm.prompting import render
 from padlm.strategies import PromptStrategy
 
 # --- the mixing math, against brute force and hand-computed numbers ---
@@ -449,10 +452,104 @@ def test_response_states_are_each_experts_view_of_a_response(tiny_lm):
     for prompt, row, (hidden, log_probs) in zip(PROMPTS, rows, states, strict=True):
         targets = torch.tensor(row.tokens)
         for lane, dimension in enumerate(lanes[0]):  # brute force: one unbatched forward
-            ids = torch.tensor([experts._render(prompt, dimension) + row.tokens])
+            ids = torch.tensor([render(tiny_lm.tokenizer, prompt, PRESETS[dimension],
+                                         experts.config.placement) + row.tokens])
             with torch.no_grad():
                 alone = tiny_lm.model.model(ids).last_hidden_state[0, -len(targets) - 1:-1]
             logits = experts.head_logits(alone, [dimension] * len(targets))
             expected = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
             assert torch.allclose(hidden[:, lane], alone, atol=1e-5)
             assert torch.allclose(log_probs[:, lane], expected, atol=1e-5)
+
+
+# --- experts that read the whole request (context "request") ---
+
+
+def _request_experts(lm) -> Experts:
+    experts = _head_experts(lm)
+    experts.config = replace(experts.config, context="request")
+    return experts
+
+
+def test_request_context_head_experts_are_one_lane_through_each_head(tiny_lm):
+    experts = _request_experts(tiny_lm)
+    ids = experts.select(COMBO)
+    contexts = experts.contexts(PROMPTS[0], ids)
+    request = render(tiny_lm.tokenizer, PROMPTS[0], resolve_preference(COMBO),
+                     experts.config.placement)
+    assert contexts == [[request]]  # one lane, reading the whole preference
+    (stream,) = experts.new_streams()
+    assert stream.lanes == 1
+    # brute force: each expert is the request's last hidden state through its own head
+    with torch.no_grad():
+        last = tiny_lm.model.model(torch.tensor([request])).last_hidden_state[:, -1]
+    outputs = [StreamOutput(logits=None, hidden=last[:, None])]
+    lanes = [experts.lane_experts(ids)]
+    logits = experts.logits(outputs, lanes)
+    assert logits.shape[:2] == (1, 3)
+    for lane, dimension in enumerate(ids):
+        assert torch.allclose(logits[0, lane], experts.head_logits(last, [dimension])[0],
+                              atol=1e-5)
+    assert torch.equal(experts.hidden(outputs, lanes)[0, 2], last[0])
+
+
+def test_request_context_logit_mixture_of_head_experts_is_the_soup(tiny_lm):
+    # the heads are linear, so averaging their logits = the averaged head: mix:logit is the
+    # soup token for token when every expert reads the request (and not otherwise). No
+    # repeated token, so each step is decided by the full ranking, not one dominant token.
+    def run(strategy, mix=None):
+        config = GenerationConfig(max_new_tokens=12, mix=mix, ignore_eos=True,
+                                  no_repeat_ngram_size=1)
+        requests = [Request(p, resolve_preference(COMBO), config) for p in PROMPTS]
+        return [r.tokens for r in DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run(requests)]
+
+    experts = _request_experts(tiny_lm)
+    soup = run(SoupsStrategy(experts))
+    assert run(MixStrategy(experts), "logit") == soup
+    assert run(MixStrategy(_head_experts(tiny_lm)), "logit") != soup
+    assert run(MixStrategy(experts), "uniform") != soup  # probability space is not the soup
+
+
+def test_request_context_response_states_match_brute_force(tiny_lm):
+    experts = _request_experts(tiny_lm)
+    rows = _decode(MixStrategy(experts), tiny_lm, COMBO, mix="uniform", tokens=5)
+    lanes = [experts.lane_experts(experts.select(COMBO))] * len(rows)
+    states = experts.response_states(PROMPTS, lanes, [row.tokens for row in rows])
+    for prompt, row, (hidden, log_probs) in zip(PROMPTS, rows, states, strict=True):
+        targets = torch.tensor(row.tokens)
+        ids = torch.tensor([render(tiny_lm.tokenizer, prompt, resolve_preference(COMBO),
+                                   experts.config.placement) + row.tokens])
+        with torch.no_grad():
+            alone = tiny_lm.model.model(ids).last_hidden_state[0, -len(targets) - 1:-1]
+        for lane, dimension in enumerate(lanes[0]):
+            logits = experts.head_logits(alone, [dimension] * len(targets))
+            expected = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+            assert torch.allclose(hidden[:, lane], alone, atol=1e-5)
+            assert torch.allclose(log_probs[:, lane], expected, atol=1e-5)
+
+
+def test_request_context_round_trips_and_bad_contexts_are_refused(tiny_lm, tmp_path):
+    experts = _request_experts(tiny_lm)
+    experts.save(tmp_path / "experts")
+    loaded = load_experts(tmp_path / "experts", tiny_lm)
+    assert loaded.config.context == "request"
+    before = _decode(MixStrategy(experts), tiny_lm, COMBO, mix="fixed:0.2,0.5,0.3")
+    after = _decode(MixStrategy(loaded), tiny_lm, COMBO, mix="fixed:0.2,0.5,0.3")
+    assert [r.tokens for r in before] == [r.tokens for r in after]
+    with pytest.raises(PadlmError, match="that is the prompt strategy"):
+        prompted_experts(tiny_lm, context="request")
+    with pytest.raises(PadlmError, match="unknown experts context 'both'"):
+        replace(experts.config, context="both")
+
+
+def test_cli_refuses_a_bad_context(tiny_lm, tmp_path):
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    for args, message in ((["experts", "--form", "prompted", "--context", "request", "--out",
+                            "x"], "that is the prompt strategy"),
+                          (["experts", "--context", "lane", "--out", "x"],
+                           "unknown experts context 'lane'")):
+        result = runner.invoke(_cli(), ["train", *args])
+        assert isinstance(result.exception, PadlmError), result.output
+        assert message in str(result.exception)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import product
 
 from padlm.errors import PadlmError
@@ -47,13 +48,18 @@ def looks_like_ids(spec: str) -> bool:
     return all(len(part) == 3 and part[0] == "P" and part[1].isdigit() for part in parts)
 
 
+def preset_text(ids: Sequence[str]) -> str:
+    """The text the models see for preset ids, in order (``P1A+P2B`` -> both texts)."""
+    return " ".join(PRESETS[i] for i in ids)
+
+
 def resolve_preference(spec: str | None) -> str:
     """Turn a user's preference (ids or free text) into the text the models see."""
     if spec is None or not spec.strip():
         return ""
     ids = preference_ids(spec)
     if ids is not None:
-        return " ".join(PRESETS[i] for i in ids)
+        return preset_text(ids)
     if looks_like_ids(spec):
         unknown = [p for p in spec.split("+") if p.strip() not in PRESETS]
         raise PadlmError(

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from padlm.data.splits import is_validation
 from padlm.errors import PadlmError
 
 SELF_INSTRUCT_FILES = ("self_instruct_seed_tasks.jsonl", "self_instruct_user_oriented.jsonl")
@@ -104,3 +105,10 @@ def hh_first_turn_prompts(directory: Path) -> list[PoolPrompt]:
         prompts.append(PoolPrompt(f"hh-harmless-first-turn:{digest}", text,
                                   "hh-harmless-first-turn"))
     return prompts
+
+
+def held_out_self_instruct(directory: Path, max_chars: int = 400) -> list[PoolPrompt]:
+    """Self-Instruct prompts of the validation split under ``max_chars``, by id: the
+    generation-behaviour evaluation takes the first N (no PersRM ever trained on them)."""
+    pool = sorted(self_instruct_prompts(directory), key=lambda p: p.id)
+    return [p for p in pool if is_validation(p.prompt) and len(p.prompt) < max_chars]

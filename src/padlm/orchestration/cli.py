@@ -6,6 +6,7 @@ import json
 import logging
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,8 @@ from padlm.training.cli import _csv, train_app
 
 log = logging.getLogger(__name__)
 PSOUPS_DIMENSIONS = "P1A,P1B,P2A,P2B,P3A,P3B"
+CONTEXT_HELP = ("What each expert reads: dimension (its own dimension's text) or request (the "
+                "request's whole preference, as soups reads it).")
 DEFAULT_DATA = Path("data/persrm_pairs.jsonl")
 
 
@@ -51,6 +54,7 @@ def train_experts(
     lora_steps: Annotated[int, typer.Option()] = 100,
     lora_rank: Annotated[int, typer.Option()] = 16,
     placement: PlacementOption = "user-prefix",
+    context: Annotated[str, typer.Option(help=CONTEXT_HELP)] = "dimension",
     cache_dir: Annotated[Path | None, typer.Option(help="Hidden-state cache root.")] = None,
     model: ModelOption = "default",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
@@ -58,12 +62,18 @@ def train_experts(
 ) -> None:
     """Train one expert per preference dimension (MoPE's frozen experts)."""
     from padlm.models import load_model
-    from padlm.orchestration.experts import FORMS, model_experts, prompted_experts
+    from padlm.orchestration.experts import (
+        FORMS,
+        check_context,
+        model_experts,
+        prompted_experts,
+    )
     from padlm.training.head import HeadTrainingConfig
     from padlm.training.pipeline import TrainConfig
 
     if form not in FORMS:
         raise PadlmError(f"unknown experts form {form!r}; choose {', '.join(FORMS)}")
+    check_context(form, context)
     dims = _csv(dimensions)
     if not dims:
         raise PadlmError("--dimensions names no dimension")
@@ -74,10 +84,10 @@ def train_experts(
     _threads(threads)
     lm = load_model(model)
     if form == "prompted":
-        experts = prompted_experts(lm, dims, placement)
+        experts = prompted_experts(lm, dims, placement, context)
         experts.save(out)
     elif form == "models":
-        experts = model_experts(lm, _csv(models), dims, placement)
+        experts = model_experts(lm, _csv(models), dims, placement, context)
         experts.save(out)
     else:
         from padlm.orchestration.train_experts import train_head_experts, train_lora_experts
@@ -89,7 +99,7 @@ def train_experts(
                            cache_dir=cache_dir, lora_steps=lora_steps, lora_rank=lora_rank,
                            command=_command())
         trainer = train_head_experts if form == "head" else train_lora_experts
-        experts = trainer(lm, base, dims)
+        experts = trainer(lm, base, dims, context)
     summary = {dim: info.get("validation", {}).get("all", {}).get("head", {}).get("accuracy")
                for dim, info in experts.config.training.get("per_dimension", {}).items()}
     typer.echo(json.dumps({"out": str(out), "form": form, "dimensions": list(dims),
@@ -113,6 +123,8 @@ def train_pcm(
     eval_per_combination: Annotated[int, typer.Option(
         help="Held-out prompts per combination for the reward before/after.")] = 2,
     checkpoint_every: Annotated[int, typer.Option()] = 5,
+    context: Annotated[str | None, typer.Option(
+        help=CONTEXT_HELP + " Default: the experts' own; the output keeps it.")] = None,
     pool_dir: Annotated[Path | None, typer.Option(help="Directory with the prompt pools.")
                         ] = None,
     model: ModelOption = "default",
@@ -135,7 +147,10 @@ def train_pcm(
         checkpoint_every=checkpoint_every, pool_dir=pool_dir, seed=seed,
         command=_command()).validate()
     _threads(threads)
-    trainer = PCMTrainer(load_experts(experts, load_model(model)), config)
+    loaded = load_experts(experts, load_model(model))
+    if context is not None:  # the config refuses a context its form cannot use
+        loaded.config = replace(loaded.config, context=context)
+    trainer = PCMTrainer(loaded, config)
     trained = trainer.train().pcm
     training = trained.config.training
     typer.echo(json.dumps({"out": str(out), "parameters": training["parameters"],

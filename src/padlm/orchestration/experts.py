@@ -1,7 +1,10 @@
 """The frozen experts of orchestration (MoPE): one per P-Soups dimension, sharing a tokenizer.
 
-Every expert reads its own dimension's preference text in its context, and a mixture request's
-experts are the lanes of ONE batched forward (rows with different combinations included):
+Every expert reads its own dimension's preference text in its context (``context:
+dimension``, the default) or the request's whole preference (``context: request``, the text a
+soup reads), and a mixture request's experts are the lanes of ONE batched forward (rows with
+different combinations included). Head experts reading one text need one forward, so they run
+as one lane whose hidden state goes through each expert's head.
 
 - ``prompted``: the base model with the dimension's text (training-free).
 - ``head``: a prompted expert plus a value head ``E (W_i h + b_i)`` trained by DPO on that
@@ -36,16 +39,26 @@ from padlm.models import LoadedModel, load_model
 from padlm.orchestration.encoding import requested_experts
 from padlm.orchestration.streams import AdapterLaneStream, LaneContext
 from padlm.persrm import ValueHead, tensor_fingerprint
-from padlm.preferences import PRESETS, PSOUPS
+from padlm.preferences import PRESETS, PSOUPS, preset_text
 from padlm.prompting import DEFAULT_PLACEMENT, render
 
 FORMS = ("prompted", "head", "lora", "models")
+CONTEXTS = ("dimension", "request")  # what each expert reads: its own text, or the request's
 KIND = "padlm-experts"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "experts.safetensors"
 PCM_DIR = "pcm"
 MAX_LANES = 3  # a P-Soups request names at most one pole of each of the three axes
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def check_context(form: str, context: str) -> None:
+    """Refuse a context the form cannot use (before anything is trained or loaded)."""
+    if context not in CONTEXTS:
+        raise PadlmError(f"unknown experts context {context!r}; choose {', '.join(CONTEXTS)}")
+    if context == "request" and form == "prompted":
+        raise PadlmError("prompted experts that all read the request are one model: that is "
+                         "the prompt strategy; use context dimension")
 
 
 @dataclass
@@ -60,7 +73,11 @@ class ExpertsConfig:
     models: list[str] = field(default_factory=list)  # form "models": one per dimension
     lora: dict[str, Any] = field(default_factory=dict)  # form "lora": rank, alpha, targets
     training: dict[str, Any] = field(default_factory=dict)
+    context: str = "dimension"
     kind: str = KIND
+
+    def __post_init__(self) -> None:
+        check_context(self.form, self.context)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExpertsConfig:
@@ -122,25 +139,39 @@ class Experts:
 
     # --- decoding: streams, contexts, per-lane logits and hidden states ---
 
+    @property
+    def one_lane(self) -> bool:
+        """Head experts that all read the request: one forward serves every expert."""
+        return self.config.form == "head" and self.config.context == "request"
+
     def new_streams(self) -> list[KVStream]:
         if self.config.form == "models":
             return [KVStream(model.model) for model in self.models]
         if self.config.form == "lora":
             return [AdapterLaneStream(self.backbone, self.lanes)]
         # head experts make their logits from the hidden states (head_logits)
-        return [KVStream(self.lm.model, lanes=self.lanes, logits=self.config.form != "head")]
+        return [KVStream(self.lm.model, lanes=1 if self.one_lane else self.lanes,
+                         logits=self.config.form != "head")]
 
     def contexts(self, prompt, experts: Sequence[str]) -> list[list[list[int]]]:
-        """Per stream, per lane: the prompt with that expert's preference text in context."""
-        if self.config.form == "models":
-            return [[self._render(prompt, d)] for d in self.dimensions]
+        """Per stream, per lane: the prompt with what that expert reads in context."""
         lanes = self.lane_experts(experts)
-        if self.config.form == "lora":
-            return [[LaneContext(self._render(prompt, d), d) for d in lanes]]
-        return [[self._render(prompt, d) for d in lanes]]
+        shared = (self._render(prompt, preset_text(experts))
+                  if self.config.context == "request" else None)
 
-    def _render(self, prompt, dimension: str) -> list[int]:
-        return render(self.lm.tokenizer, prompt, PRESETS[dimension], self.config.placement)
+        def reads(dimension: str) -> list[int]:
+            return shared if shared is not None else self._render(prompt, PRESETS[dimension])
+
+        if self.config.form == "models":
+            return [[reads(d)] for d in self.dimensions]
+        if self.config.form == "lora":
+            return [[LaneContext(reads(d), d) for d in lanes]]
+        if self.one_lane:
+            return [[shared]]
+        return [[reads(d) for d in lanes]]
+
+    def _render(self, prompt, text: str) -> list[int]:
+        return render(self.lm.tokenizer, prompt, text, self.config.placement)
 
     def logits(self, outputs: list[StreamOutput], lanes: Sequence[Sequence[str]]
                ) -> torch.Tensor:
@@ -148,7 +179,7 @@ class Experts:
         if self.config.form == "models":
             return self._gather_models([out.logits[:, 0] for out in outputs], lanes)
         if self.config.form == "head":
-            hidden = outputs[0].hidden
+            hidden = self.hidden(outputs, lanes)
             flat = [d for row in lanes for d in row]
             return self.head_logits(hidden.reshape(-1, hidden.shape[-1]), flat).view(
                 hidden.shape[0], hidden.shape[1], -1)
@@ -159,6 +190,8 @@ class Experts:
         """``[rows, lanes, d]``: each lane's final hidden state (what the PCM reads)."""
         if self.config.form == "models":
             return self._gather_models([out.hidden[:, 0] for out in outputs], lanes)
+        if self.one_lane:
+            return outputs[0].hidden.expand(-1, self.lanes, -1)
         return outputs[0].hidden
 
     def _gather_models(self, per_model: list[torch.Tensor], lanes: Sequence[Sequence[str]]
@@ -185,37 +218,46 @@ class Experts:
         saw it) and ``log p_expert(y_t) [T, lanes]`` for each lane's expert; one batched
         forward per stream, so the PCM can be retrained without running the experts again."""
         contexts = [self.contexts(p, row) for p, row in zip(prompts, lanes, strict=True)]
-        expert_of = [d for row in lanes for d in self.lane_experts(row)]  # per (row, lane)
-        states = []  # per stream: per (row, lane) hidden states and log-probs
+        hidden_of = {}  # (stream, row, stream lane) -> [T, d]
         for s, model in enumerate(self.stream_models()):
-            flat = [(i, lane) for i, ctx in enumerate(contexts) for lane in ctx[s]]
-            ids = [list(lane) for _, lane in flat]
-            targets = [responses[i] for i, _ in flat]
+            flat = [(i, k, lane) for i, ctx in enumerate(contexts)
+                    for k, lane in enumerate(ctx[s])]
+            ids = [list(lane) for *_, lane in flat]
+            targets = [responses[i] for i, *_ in flat]
             if self.config.form == "lora":
-                with model._enable_peft_forward_hooks(adapter_names=[c.adapter for _, c
+                with model._enable_peft_forward_hooks(adapter_names=[c.adapter for *_, c
                                                                      in flat]):
                     hidden = response_hidden(model, ids, targets)
             else:
                 hidden = response_hidden(model, ids, targets)
-            head = model.get_output_embeddings().weight
-            log_probs = []
-            with torch.inference_mode():
-                for j, (states_j, target) in enumerate(zip(hidden, targets, strict=True)):
-                    logits = (self.head_logits(states_j, [expert_of[j]] * len(target))
-                              if self.config.form == "head"
-                              else (states_j.to(head.dtype) @ head.T).float())
-                    index = torch.tensor(target, device=logits.device)[:, None]
-                    log_probs.append(logits.log_softmax(-1).gather(1, index)[:, 0])
-            states.append((hidden, log_probs))
+            hidden_of.update({(s, i, k): h for (i, k, _), h in zip(flat, hidden, strict=True)})
         results = []
-        for i, row in enumerate(lanes):
-            if self.config.form == "models":
-                picks = [(self.dimensions.index(d), i) for d in self.lane_experts(row)]
-            else:
-                picks = [(0, i * self.lanes + lane) for lane in range(self.lanes)]
-            results.append((torch.stack([states[s][0][j] for s, j in picks], dim=1).float(),
-                            torch.stack([states[s][1][j] for s, j in picks], dim=1)))
+        with torch.inference_mode():
+            for i, (row, response) in enumerate(zip(lanes, responses, strict=True)):
+                experts = self.lane_experts(row)
+                sources = [self._lane_source(i, j, d) for j, d in enumerate(experts)]
+                states = [hidden_of[source] for source in sources]
+                index = torch.tensor(response, device=states[0].device)[:, None]
+                log_probs = [self._expert_logits(state, d, source[0]).log_softmax(-1)
+                             .gather(1, index)[:, 0]
+                             for state, d, source in zip(states, experts, sources, strict=True)]
+                results.append((torch.stack(states, dim=1).float(),
+                                torch.stack(log_probs, dim=1)))
         return results
+
+    def _lane_source(self, row: int, lane: int, dimension: str) -> tuple[int, int, int]:
+        """Which (stream, row, stream lane) forward lane ``lane``'s expert reads."""
+        if self.config.form == "models":
+            return self.dimensions.index(dimension), row, 0
+        return 0, row, 0 if self.one_lane else lane
+
+    def _expert_logits(self, hidden: torch.Tensor, dimension: str, stream: int
+                       ) -> torch.Tensor:
+        """``[T, vocab]`` logits of one expert from its hidden states."""
+        if self.config.form == "head":
+            return self.head_logits(hidden, [dimension] * len(hidden))
+        head = self.stream_models()[stream].get_output_embeddings().weight
+        return (hidden.to(head.dtype) @ head.T).float()
 
     def stream_models(self) -> list[torch.nn.Module]:
         """The models whose forwards the experts' streams run."""
@@ -263,10 +305,10 @@ class Experts:
 
 
 def prompted_experts(lm: LoadedModel, dimensions: Sequence[str] = tuple(PSOUPS),
-                     placement: str = DEFAULT_PLACEMENT) -> Experts:
+                     placement: str = DEFAULT_PLACEMENT, context: str = "dimension") -> Experts:
     """Training-free experts: the base model with each dimension's text in its context."""
     config = ExpertsConfig("prompted", list(dimensions), lm.name,
-                           lm.model.config.hidden_size, placement)
+                           lm.model.config.hidden_size, placement, context=context)
     return Experts(config, lm)
 
 
@@ -313,7 +355,7 @@ def lora_state(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def model_experts(lm: LoadedModel, models: Sequence[str], dimensions: Sequence[str],
-                  placement: str = DEFAULT_PLACEMENT) -> Experts:
+                  placement: str = DEFAULT_PLACEMENT, context: str = "dimension") -> Experts:
     """Experts that are whole Hugging Face models (ids or directories), one per dimension."""
     if len(models) != len(dimensions):
         raise PadlmError(f"{len(models)} expert models for {len(dimensions)} dimensions: "
@@ -322,7 +364,7 @@ def model_experts(lm: LoadedModel, models: Sequence[str], dimensions: Sequence[s
     for name, expert in zip(models, loaded, strict=True):
         check_tokenizer(lm.tokenizer, expert.tokenizer, lm.name, name)
     config = ExpertsConfig("models", list(dimensions), lm.name, lm.model.config.hidden_size,
-                           placement, models=list(models))
+                           placement, models=list(models), context=context)
     return Experts(config, lm, models=loaded)
 
 

@@ -32,7 +32,7 @@ from padlm.orchestration.encoding import embed_texts
 from padlm.orchestration.experts import Experts, add_adapter, lora_state
 from padlm.orchestration.streams import AdapterLaneStream, LaneContext
 from padlm.persrm import ValueHead
-from padlm.preferences import PRESETS
+from padlm.preferences import PRESETS, preset_text
 from padlm.prompting import render
 from padlm.registry import StrategySpec, register
 
@@ -185,8 +185,8 @@ class SoupsStrategy:
 
     def contexts(self, request: Request) -> list[list[list[int]]]:
         ids, weights = self.soup(request)
-        text = " ".join(PRESETS[d] for d in ids)
-        context = render(self.lm.tokenizer, request.prompt, text, self.experts.config.placement)
+        context = render(self.lm.tokenizer, request.prompt, preset_text(ids),
+                         self.experts.config.placement)
         if self.experts.config.form == "lora":
             return [[LaneContext(context, self._soup_adapter(ids, weights))]]
         return [[context]]

@@ -36,8 +36,8 @@ def work_dir(out: Path) -> Path:
     return out.with_name(out.name + ".work")
 
 
-def train_head_experts(lm: LoadedModel, base: TrainConfig, dimensions: Sequence[str]
-                       ) -> Experts:
+def train_head_experts(lm: LoadedModel, base: TrainConfig, dimensions: Sequence[str],
+                       context: str = "dimension") -> Experts:
     """Head experts saved to ``base.out``; ``base`` carries the data and the head recipe
     (its ``dimensions`` and ``out`` are set per expert)."""
     work = work_dir(base.out)
@@ -58,15 +58,16 @@ def train_head_experts(lm: LoadedModel, base: TrainConfig, dimensions: Sequence[
                            base.placement, training={
                                "data": str(base.data), "data_sha256": file_sha256(base.data),
                                "head": asdict(base.head), "label_filter": base.label_filter,
-                               "per_dimension": per_dimension, "command": base.command})
+                               "per_dimension": per_dimension, "command": base.command},
+                           context=context)
     experts = Experts(config, lm, heads)
     experts.save(base.out)
     shutil.rmtree(work, ignore_errors=True)
     return experts
 
 
-def train_lora_experts(lm: LoadedModel, base: TrainConfig, dimensions: Sequence[str]
-                       ) -> Experts:
+def train_lora_experts(lm: LoadedModel, base: TrainConfig, dimensions: Sequence[str],
+                       context: str = "dimension") -> Experts:
     """LoRA experts: PAD's LoRA DPO stage per dimension, all adapters on one backbone."""
     from padlm.training.lora import train_lora
 
@@ -79,7 +80,8 @@ def train_lora_experts(lm: LoadedModel, base: TrainConfig, dimensions: Sequence[
     config = ExpertsConfig("lora", list(dimensions), lm.name, lm.model.config.hidden_size,
                            base.placement, lora=lora, training={
                                "data": str(base.data), "data_sha256": file_sha256(base.data),
-                               "per_dimension": info, "command": base.command})
+                               "per_dimension": info, "command": base.command},
+                           context=context)
     experts = Experts(config, lm, backbone=lora_backbone(lm, states, lora))
     experts.save(base.out)
     return experts
