@@ -16,8 +16,8 @@ from pathlib import Path
 from padlm.atomic import write_json_atomic
 from padlm.data.pools import (
     default_pool_dir,
-    hh_first_turn_prompts,
     held_out_self_instruct,
+    hh_first_turn_prompts,
     self_instruct_prompts,
 )
 from padlm.data.splits import is_validation
