@@ -444,16 +444,19 @@ def test_the_engine_runs_mix_and_soups_by_name(tiny_lm):
     assert events[0].row.trace[0] == {"P3B": 1.0}
 
 
-def test_response_states_are_each_experts_view_of_a_response(tiny_lm):
+@pytest.mark.parametrize("context", ["dimension", "request"])
+def test_response_states_are_each_experts_view_of_a_response(tiny_lm, context):
     experts = _head_experts(tiny_lm)
+    experts.config = replace(experts.config, context=context)
     rows = _decode(MixStrategy(experts), tiny_lm, COMBO, mix="uniform", tokens=5)
     lanes = [experts.lane_experts(experts.select(COMBO))] * len(rows)
     states = experts.response_states(PROMPTS, lanes, [row.tokens for row in rows])
     for prompt, row, (hidden, log_probs) in zip(PROMPTS, rows, states, strict=True):
         targets = torch.tensor(row.tokens)
         for lane, dimension in enumerate(lanes[0]):  # brute force: one unbatched forward
-            ids = torch.tensor([render(tiny_lm.tokenizer, prompt, PRESETS[dimension],
-                                         experts.config.placement) + row.tokens])
+            text = PRESETS[dimension] if context == "dimension" else resolve_preference(COMBO)
+            ids = torch.tensor([render(tiny_lm.tokenizer, prompt, text,
+                                       experts.config.placement) + row.tokens])
             with torch.no_grad():
                 alone = tiny_lm.model.model(ids).last_hidden_state[0, -len(targets) - 1:-1]
             logits = experts.head_logits(alone, [dimension] * len(targets))
@@ -508,24 +511,6 @@ def test_request_context_logit_mixture_of_head_experts_is_the_soup(tiny_lm):
     assert run(MixStrategy(experts), "logit") == soup
     assert run(MixStrategy(_head_experts(tiny_lm)), "logit") != soup
     assert run(MixStrategy(experts), "uniform") != soup  # probability space is not the soup
-
-
-def test_request_context_response_states_match_brute_force(tiny_lm):
-    experts = _request_experts(tiny_lm)
-    rows = _decode(MixStrategy(experts), tiny_lm, COMBO, mix="uniform", tokens=5)
-    lanes = [experts.lane_experts(experts.select(COMBO))] * len(rows)
-    states = experts.response_states(PROMPTS, lanes, [row.tokens for row in rows])
-    for prompt, row, (hidden, log_probs) in zip(PROMPTS, rows, states, strict=True):
-        targets = torch.tensor(row.tokens)
-        ids = torch.tensor([render(tiny_lm.tokenizer, prompt, resolve_preference(COMBO),
-                                   experts.config.placement) + row.tokens])
-        with torch.no_grad():
-            alone = tiny_lm.model.model(ids).last_hidden_state[0, -len(targets) - 1:-1]
-        for lane, dimension in enumerate(lanes[0]):
-            logits = experts.head_logits(alone, [dimension] * len(targets))
-            expected = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
-            assert torch.allclose(hidden[:, lane], alone, atol=1e-5)
-            assert torch.allclose(log_probs[:, lane], expected, atol=1e-5)
 
 
 def test_request_context_round_trips_and_bad_contexts_are_refused(tiny_lm, tmp_path):

@@ -156,7 +156,7 @@ class Experts:
     def contexts(self, prompt, experts: Sequence[str]) -> list[list[list[int]]]:
         """Per stream, per lane: the prompt with what that expert reads in context."""
         lanes = self.lane_experts(experts)
-        shared = (self._render(prompt, preset_text(experts))
+        shared = (self.render_request(prompt, experts)
                   if self.config.context == "request" else None)
 
         def reads(dimension: str) -> list[int]:
@@ -169,6 +169,11 @@ class Experts:
         if self.one_lane:
             return [[shared]]
         return [[reads(d) for d in lanes]]
+
+    def render_request(self, prompt, experts: Sequence[str]) -> list[int]:
+        """The prompt with the request's whole preference (what a soup, and experts with
+        context ``request``, read)."""
+        return self._render(prompt, preset_text(experts))
 
     def _render(self, prompt, text: str) -> list[int]:
         return render(self.lm.tokenizer, prompt, text, self.config.placement)

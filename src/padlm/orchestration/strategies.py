@@ -32,8 +32,7 @@ from padlm.orchestration.encoding import embed_texts
 from padlm.orchestration.experts import Experts, add_adapter, lora_state
 from padlm.orchestration.streams import AdapterLaneStream, LaneContext
 from padlm.persrm import ValueHead
-from padlm.preferences import PRESETS, preset_text
-from padlm.prompting import render
+from padlm.preferences import PRESETS
 from padlm.registry import StrategySpec, register
 
 if TYPE_CHECKING:
@@ -185,8 +184,7 @@ class SoupsStrategy:
 
     def contexts(self, request: Request) -> list[list[list[int]]]:
         ids, weights = self.soup(request)
-        context = render(self.lm.tokenizer, request.prompt, preset_text(ids),
-                         self.experts.config.placement)
+        context = self.experts.render_request(request.prompt, ids)
         if self.experts.config.form == "lora":
             return [[LaneContext(context, self._soup_adapter(ids, weights))]]
         return [[context]]
