@@ -12,8 +12,10 @@ import dataclasses
 import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -49,6 +51,7 @@ def lora_persrm(engine: Personalizer) -> PersonalizedRewardModel:
                         exclude_modules=["lm_head"])
     backbone = get_peft_model(copy.deepcopy(engine.lm.model), config, adapter_name=ADAPTER_NAME)
     persrm = PersonalizedRewardModel.identity(engine.lm.name, engine.lm.model.config.hidden_size)
+    persrm.head.to(engine.lm.device)
     persrm.config.lora = True
     persrm.backbone = backbone.eval()
     return persrm
@@ -59,13 +62,13 @@ def reference_pad(engine: Personalizer, prompt_ids: list[int], new_tokens: int,
     """The released PAD code's computation pattern: batch 1, no KV cache, the base model and
     the PersRM each recompute the whole sequence (all positions' logits) at every step."""
     model = engine.lm.model
-    head, lm_head = engine.persrm.head, model.get_output_embeddings().weight
-    ids = torch.tensor([prompt_ids])
+    lm_head = model.get_output_embeddings().weight
+    ids = torch.tensor([prompt_ids], device=lm_head.device)
     with torch.inference_mode():
         for _ in range(new_tokens):
-            base_logits = model(input_ids=ids).logits[:, -1]
+            base_logits = model(input_ids=ids).logits[:, -1].float()
             hidden = model.get_decoder()(input_ids=ids).last_hidden_state
-            reward_logits = (head(hidden) @ lm_head.T)[:, -1]
+            reward_logits = engine.persrm.reward_logits(hidden[0], lm_head)[None, -1]
             top = base_logits.topk(top_k, dim=-1).indices
             score = base_logits.gather(1, top) + weight * (
                 reward_logits.gather(1, top).log_softmax(-1)
@@ -155,9 +158,50 @@ def bench(engine: Personalizer, strategies: list[str], batch_sizes: list[int],
             progress(json.dumps(row))
             if strategy in strategies:
                 rows.append(row)
-    return {"device": platform.processor() or platform.machine(), "model": engine.lm.name,
-            "threads": torch.get_num_threads(), "prompt_tokens": len(render(
-                engine.lm.tokenizer, BENCH_PROMPT)), "rows": rows}
+    return {**provenance(engine, strategies), "prompt_tokens": len(render(
+        engine.lm.tokenizer, BENCH_PROMPT)), "rows": rows}
+
+
+def device_name(device: torch.device) -> str:
+    """What ran the numbers: the GPU's name on CUDA, the CPU's otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def source_commit() -> str | None:
+    """The checkout's commit, with ``+dirty`` when tracked files differ from it (a number
+    from uncommitted code says so); None outside a git checkout."""
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty.strip() else "")
+
+
+def provenance(engine: Personalizer, strategies: list[str]) -> dict:
+    """Everything a speed figure depends on besides the code: machine, dtype, threads,
+    library versions and the fingerprints of the guides that ran."""
+    import transformers
+
+    uses_experts = bool({"mix", "soups"} & set(strategies))
+    return {"device": engine.lm.device.type, "device_name": device_name(engine.lm.device),
+            "model": engine.lm.name, "dtype": engine.lm.dtype_name,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "commit": source_commit(),
+            "persrm": {"path": engine.persrm.path, "fingerprint": engine.persrm.fingerprint(),
+                       "reference": engine.persrm.config.reference},
+            "experts": ({"fingerprint": engine.experts.fingerprint()} if uses_experts
+                        else None)}
 
 
 def markdown_table(result: dict) -> str:

@@ -4,6 +4,9 @@ so ``padlm --help`` does not import torch)."""
 from __future__ import annotations
 
 import json
+import shlex
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -39,6 +42,9 @@ def bench_command(
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    record: Annotated[Path | None, typer.Option(
+        help="Also write the run as machine JSON (command, commit, device, dtype, threads, "
+             "versions, guide fingerprints, every row) to this file, atomically.")] = None,
 ) -> None:
     """Time each decoding strategy on the same prompt, in one run, as ratios to base."""
     if ctx.invoked_subcommand is not None:
@@ -60,6 +66,12 @@ def bench_command(
               else [s.strip() for s in strategies.split(",") if s.strip()])
     result = bench(engine, chosen, sizes,
                    max_new_tokens, repeats, progress=lambda line: console.print(line))
+    if record is not None:
+        from padlm.atomic import write_json_atomic
+
+        write_json_atomic(record, {"command": shlex.join(["padlm", *sys.argv[1:]]),
+                                   "repeats": repeats, **result})
+        console.print(f"recorded to {record}")
     print(json.dumps(result, indent=2) if as_json else markdown_table(result))
 
 

@@ -65,7 +65,13 @@ class PersRMConfig:
 
 
 class ValueHead(nn.Module):
-    """``h -> W h + b``, identity-initialised so an untrained PersRM equals the base model."""
+    """``h -> W h + b``, identity-initialised so an untrained PersRM equals the base model.
+
+    ``W`` and ``b`` stay float32 and ``W h + b`` is computed in float32 whatever the model's
+    dtype: a trained head sits close to the identity, and in bfloat16 most of its diagonal's
+    changes round away (1 + 1e-3 is 1 in bf16). The result is float32; PAD reads it at only
+    k lm_head rows, which it upcasts, so its reward keeps the head's full precision.
+    """
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -73,11 +79,10 @@ class ValueHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight.to(hidden.dtype), self.bias.to(hidden.dtype)
-        return nn.functional.linear(hidden, weight, bias)
+        return nn.functional.linear(hidden.float(), self.weight, self.bias)
 
     def is_identity(self) -> bool:
-        eye = torch.eye(self.weight.shape[0], dtype=self.weight.dtype)
+        eye = torch.eye(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
         return bool(torch.equal(self.weight.data, eye) and not self.bias.data.any())
 
 
@@ -130,11 +135,11 @@ class PersonalizedRewardModel:
     ) -> torch.Tensor:
         """``E (W h + b)``: over the whole vocabulary, or only at ``candidates [N, k]`` (the
         only rows PAD's candidate-restricted softmax needs)."""
-        transformed = self.head(hidden).to(lm_head_weight.dtype)
-        if candidates is None:
-            return (transformed @ lm_head_weight.T).float()
-        rows = lm_head_weight[candidates]  # [N, k, d]
-        return torch.einsum("nkd,nd->nk", rows, transformed).float()
+        transformed = self.head(hidden)  # float32
+        if candidates is None:  # the whole vocabulary: in the lm_head's dtype, as base logits
+            return (transformed.to(lm_head_weight.dtype) @ lm_head_weight.T).float()
+        rows = lm_head_weight[candidates].float()  # [N, k, d]: k rows, cheap to upcast
+        return torch.einsum("nkd,nd->nk", rows, transformed)
 
     def save(self, directory: str | Path) -> None:
         """Write the PersRM atomically: a crash leaves the old directory or the new one."""

