@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PADLM := $(VENV)/bin/padlm
 
-.PHONY: setup setup-vllm demo test lint bench system-deps
+.PHONY: setup setup-vllm demo test lint bench system-deps gpu-bundle gpu-check-dry-run
 
 setup: $(VENV)/.installed
 
@@ -63,3 +63,15 @@ test: setup setup-vllm lint system-deps
 
 bench: setup
 	$(PADLM) bench --batch-size 1 --max-new-tokens 64 --repeats 3
+
+# The prepared GPU check (scripts/gpu-check.sh). gpu-bundle: what it carries to a GPU machine
+# that reaches no package index, ~13 MB in build/gpu-bundle (the py3.12 wheels it lacks, the
+# default model's config and tokenizer, no weights); --check installs it for python 3.12 into
+# a scratch directory. On the GPU machine, with build/gpu-bundle carried:
+#   bash scripts/gpu-check.sh OUT
+gpu-bundle: setup
+	$(PY) scripts/gpu_bundle.py --out build/gpu-bundle --check
+
+# the same check on the CPU with tiny random models, installing nothing (CI runs it)
+gpu-check-dry-run: setup
+	bash scripts/gpu-check.sh --dry-run-cpu out/gpu-check-dry-run
