@@ -6,6 +6,8 @@ with its own time limit, and goes on past a failed step: every step is recorded 
 the exit status is 1 when any step failed. The other sub-commands are the steps that are
 Python code, run by ``run`` with the checked environment:
 
+- ``install``: the carried wheels into a private directory (pip ``--no-index --no-deps
+  --target``, or unpacked where there is no pip);
 - ``env``: versions, the device, and whether everything the check imports imports;
 - ``models``: random-weight models from the carried configs (the GPU machine cannot fetch
   the real default model and its 517 MB do not travel): the default model's exact shape where
