@@ -30,6 +30,9 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path):
         "cannot read prompts file": ["generate", "--prompts-file", str(tmp_path / "nope.txt")],
         "is not valid JSON": ["generate", "--prompts-file", str(unreadable)],
         "unknown preference id": ["generate", "hi", "--preference", "P9Z"],
+        "unknown scorer 'magic'": ["generate", "hi", "--strategy", "args", "--scorer", "magic"],
+        "not the free-text preference 'be brief': use preset ids, or --scorer persrm": [
+            "generate", "hi", "--strategy", "args", "--preference", "be brief"],
         "unknown bench strategy": ["bench", "--strategies", "base,warp"],
         "prompt does not": ["generate", "hi", "--strategy", "prompt", "--echo-guard"],
         "--judge-samples must be at least 1": judge + ["--judge-no-ties", "--judge-samples", "0"],

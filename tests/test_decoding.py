@@ -9,11 +9,18 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from padlm import GenerationConfig, Personalizer, guidance
+from padlm.decoding import Request
 from padlm.errors import PadlmError
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.prompting import preference_token_ids, render
 from padlm.registry import echo_guard_refusal, strategy_names
-from padlm.strategies import ArgsStrategy, ImplicitRewardScorer
+from padlm.strategies import (
+    ArgsStrategy,
+    DimensionScorer,
+    ImplicitRewardScorer,
+    Scored,
+    SequenceScorer,
+)
 
 PREFERENCE = "P1A"
 
@@ -191,14 +198,14 @@ def test_no_repeat_ngram_size_holds_in_output(tiny_engine):
         assert len(bigrams) == len(set(bigrams)), strategy
 
 
-class PreferTokenScorer:
+class PreferTokenScorer(SequenceScorer):
     """Toy sequence scorer: +1 for every occurrence of one token."""
 
     def __init__(self, token):
         self.token = token
 
-    def __call__(self, contexts, responses):
-        return torch.tensor([float(list(r).count(self.token)) for r in responses])
+    def __call__(self, items):
+        return torch.tensor([float(list(item.response).count(self.token)) for item in items])
 
 
 def test_args_picks_what_the_scorer_prefers(tiny_lm):
@@ -215,6 +222,95 @@ def test_args_picks_what_the_scorer_prefers(tiny_lm):
                                              engine.placement, default_weight=100.0)
     args = engine._decode("args", [request])[0].tokens
     assert args[0] == favourite
+
+
+KOALA = ["What are the layers of the TCP/IP model?",
+         "Why do people keep cash on hand instead of investing it?"]
+
+
+def dimension_reward(engine, prompts, preference, generations) -> float:
+    """The mean dimension reward of finished responses (what ARGS's default scorer says)."""
+    return float(engine.scorer([Scored(engine.request(p, preference), [[]], g.tokens)
+                                for p, g in zip(prompts, generations, strict=True)]).mean())
+
+
+def test_args_default_scorer_is_not_the_persrm_so_args_is_not_pad(default_lm):
+    """Issue 29. With the PersRM's implicit reward as its scorer, greedy ARGS on a
+    shared-backbone PersRM scores ``z(a) + w (log pi_R(a) - log pi_ref(a))``, PAD's score up
+    to a per-row constant: the same tokens (the control below, on the shipped PersRM). Its
+    default scorer is the per-dimension reward models, so ``args`` is a baseline of its own:
+    other tokens than PAD, and responses the dimension rewards rate above preference
+    prompting's (the reward is really steering, at the default weight)."""
+    config = GenerationConfig(max_new_tokens=12)
+    engine = Personalizer(default_lm)  # the shipped PersRM; the default scorer
+    assert isinstance(engine.scorer, DimensionScorer)
+    assert engine.persrm.shares_backbone and engine.persrm.path  # the shipped, trained one
+    own_reward = Personalizer(default_lm, persrm=engine.persrm, scorer="persrm")
+    gains = []
+    for preference in ("P1A", "P3B"):
+        pad = [g.tokens for g in engine.generate(KOALA, preference, "pad", config)]
+        same = own_reward.generate(KOALA, preference, "args", config)
+        assert [g.tokens for g in same] == pad  # the tautology the default scorer removes
+        args = engine.generate(KOALA, preference, "args", config)
+        assert all(g.tokens != tokens for g, tokens in zip(args, pad, strict=True))
+        prompted = engine.generate(KOALA, preference, "prompt", config)
+        gains.append(dimension_reward(engine, KOALA, preference, args)
+                     - dimension_reward(engine, KOALA, preference, prompted))
+    assert min(gains) > 0, gains
+
+
+def test_dimension_scorer_is_the_mean_of_the_requested_dimension_rewards(tiny_lm):
+    """Hand-built: each score equals ``DimensionRewards.scores`` computed the plain way (one
+    prompt and one response at a time) averaged over the request's preset ids; a dialogue's
+    instruction is its last user turn; one call embeds everything once."""
+    from padlm.orchestration.rewards import DimensionRewards, shipped_rewards_dir
+    from padlm.preferences import resolve_preference
+
+    tokenizer = tiny_lm.tokenizer
+    dialogue = [{"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "Explain the tides."}]
+    cases = [("Why is the sky blue?", "P1A+P2B", "Because air scatters blue light most."),
+             ("Why is the sky blue?", "P1A", "Because air scatters blue light most."),
+             (dialogue, "P3B", "Ugh. The moon pulls the water. Figure out the rest."),
+             (dialogue, "P1B+P2A+P3A", "Lunisolar gravitational gradients, friend!")]
+    items = [Scored(Request(prompt, resolve_preference(preference)), [[]],
+                    tokenizer(response, add_special_tokens=False)["input_ids"])
+             for prompt, preference, response in cases]
+    got = DimensionScorer(tokenizer)(items)
+    rewards = DimensionRewards.load(shipped_rewards_dir())
+    expected = []
+    for prompt, preference, response in cases:
+        instruction = prompt if isinstance(prompt, str) else "Explain the tides."
+        [row] = rewards.scores([instruction], [response])
+        ids = preference.split("+")
+        expected.append(sum(float(row[rewards.dimensions.index(i)]) for i in ids) / len(ids))
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    assert abs(expected[0] - expected[1]) > 1e-3  # the second dimension counts
+
+
+@pytest.mark.parametrize("strategy", ["args", "best-of-n"])
+def test_the_dimension_scorer_refuses_what_it_cannot_score_before_decoding(
+        tiny_lm, strategy, monkeypatch):
+    """Free text (or no preference, or a preset without a reward model) is refused with the
+    preference and the alternative named, before any forward pass; ``scorer="persrm"``
+    takes free text."""
+    engine = Personalizer(tiny_lm, persrm="identity")
+    config = GenerationConfig(max_new_tokens=3)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("decoding started")
+
+    cases = [("be nice to me", "free-text preference 'be nice to me'.*--scorer persrm"),
+             (None, "need a preference of preset ids"),
+             ("harmless", "no dimension reward for harmless.*--scorer persrm")]
+    with monkeypatch.context() as patch:
+        patch.setattr(tiny_lm.model, "forward", no_forward)
+        for preference, message in cases:
+            with pytest.raises(PadlmError, match=message) as caught:
+                engine.generate(["Hi"], preference, strategy, config, n=2)
+            assert caught.value.param == "preference"
+    persrm = Personalizer(tiny_lm, persrm="identity", scorer="persrm")
+    assert persrm.generate(["Hi"], "be nice to me", strategy, config, n=2)[0].tokens
 
 
 def unconditioned(persrm: PersonalizedRewardModel) -> PersonalizedRewardModel:
@@ -261,9 +357,11 @@ def test_pad_unconditioned_matches_a_two_context_reference(tiny_lm):
 
 @pytest.mark.parametrize("reference", ["conditioned", "unconditioned"])
 def test_args_incremental_scorer_equals_full_recompute(tiny_lm, reference):
+    """ARGS with the PersRM's implicit reward (``scorer="persrm"``): the one-head-product
+    incremental path picks what full forwards over all k continuations pick."""
     persrm = perturbed_persrm(tiny_lm, scale=0.5)
     persrm.config.reference = reference
-    engine = Personalizer(tiny_lm, persrm=persrm)
+    engine = Personalizer(tiny_lm, persrm=persrm, scorer="persrm")
     config = GenerationConfig(max_new_tokens=8, ignore_eos=True, weight=3.0)
     fast = engine.generate(["Hello", "Tell me a joke"], PREFERENCE, "args", config)
     assert engine.strategy("args").incremental
@@ -282,12 +380,13 @@ def test_unconditioned_scorer_needs_and_uses_the_preference_free_context(tiny_lm
     persrm = unconditioned(PersonalizedRewardModel.identity(
         tiny_lm.name, tiny_lm.model.config.hidden_size))
     scorer = ImplicitRewardScorer(tiny_lm, persrm)
+    assert scorer.lanes == ("neutral",)
     context = render(tiny_lm.tokenizer, "Hello", "Be brief.", "user-prefix")
     neutral = render(tiny_lm.tokenizer, "Hello", "", "user-prefix")
     response = [5, 6, 7]
     with pytest.raises(PadlmError, match="neutral_contexts"):
-        scorer([context], [response])
-    [score] = scorer([context], [response], neutral_contexts=[neutral])
+        scorer.score_ids([context], [response])
+    [score] = scorer([Scored(Request("Hello", "Be brief."), [context, neutral], response)])
     with torch.inference_mode():
         def logp(ctx):
             logits = tiny_lm.model(torch.tensor([ctx + response])).logits[0].float()
@@ -295,7 +394,7 @@ def test_unconditioned_scorer_needs_and_uses_the_preference_free_context(tiny_lm
                 1, torch.tensor(response)[:, None]).sum()
         expected = logp(context) - logp(neutral)  # the preference's PMI with the response
     assert float(score) == pytest.approx(float(expected), abs=1e-4)
-    engine = Personalizer(tiny_lm, persrm=persrm)
+    engine = Personalizer(tiny_lm, persrm=persrm, scorer="persrm")  # free text: the PersRM
     best = engine.best_of_n("Hello", "Be brief.", GenerationConfig(max_new_tokens=6, seed=1),
                             n=2)
     assert best.score is not None
@@ -303,8 +402,8 @@ def test_unconditioned_scorer_needs_and_uses_the_preference_free_context(tiny_lm
 
 def test_best_of_n_picks_the_scorers_favourite(tiny_lm):
     shortest_first = Personalizer(tiny_lm, persrm="identity",
-                                  scorer=lambda contexts, responses: torch.tensor(
-                                      [-float(len(r)) for r in responses]))
+                                  scorer=lambda items: torch.tensor(
+                                      [-float(len(item.response)) for item in items]))
     config = GenerationConfig(max_new_tokens=20, temperature=1.0, seed=5)
     best = shortest_first.best_of_n("Hello", None, config, n=4)
     candidates = [shortest_first.generate(["Hello"], None, "prompt",
@@ -316,8 +415,8 @@ def test_best_of_n_picks_the_scorers_favourite(tiny_lm):
 
 def test_best_of_n_over_many_prompts_is_one_batch_with_the_same_answers(tiny_lm):
     engine = Personalizer(tiny_lm, persrm="identity",
-                          scorer=lambda contexts, responses: torch.tensor(
-                              [float(sum(r) % 7) for r in responses]))
+                          scorer=lambda items: torch.tensor(
+                              [float(sum(item.response) % 7) for item in items]))
     config = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=9)
     prompts = ["Hello", "Tell me a joke", "Why is the sky blue?"]
     batched = engine.generate(prompts, "P2A", "best-of-n", config, batch_size=3, n=3)

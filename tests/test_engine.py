@@ -40,7 +40,8 @@ def test_every_registered_strategy_declares_a_consistent_spec():
         assert cls.spec.name == name
         assert cls.spec.level in ("token", "sequence")
     assert strategy_names(echo_guard=True) == ("pad", "linear-alignment")
-    assert set(strategy_names(uses_persrm=True)) == {"pad", "args", "best-of-n"}
+    assert strategy_names(uses_persrm=True) == ("pad",)
+    assert strategy_names(uses_scorer=True) == ("args", "best-of-n")
     with pytest.raises(PadlmError, match="unknown strategy 'nope'") as caught:
         strategy_class("nope")
     assert caught.value.param == "strategy"
@@ -62,14 +63,44 @@ def test_a_saved_placement_is_honoured_unless_overridden(tiny_lm, tmp_path):
     assert Personalizer(tiny_lm, persrm="identity").placement == "user-prefix"
 
 
+def perturbed_persrm(lm, top_k: int, weight: float) -> PersonalizedRewardModel:
+    """A PersRM far enough from the identity that its weight and top-k change PAD's tokens,
+    saved with ``top_k`` and ``weight``."""
+    persrm = PersonalizedRewardModel.identity(lm.name, lm.model.config.hidden_size)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        d = persrm.head.weight.shape[0]
+        persrm.head.weight.add_(0.5 * torch.randn(d, d, generator=generator))
+        persrm.head.bias.add_(0.5 * torch.randn(d, generator=generator))
+    persrm.config.top_k, persrm.config.recommended_weight = top_k, weight
+    return persrm
+
+
 def test_a_saved_top_k_and_weight_are_pads_defaults(tiny_lm):
-    persrm = PersonalizedRewardModel.identity(tiny_lm.name, tiny_lm.model.config.hidden_size)
-    persrm.config.top_k, persrm.config.recommended_weight = 3, 0.25
-    engine = Personalizer(tiny_lm, persrm=persrm)
-    batch = engine.batch("pad")
-    batch.join([engine.request("Hi", PREFERENCE, GenerationConfig(max_new_tokens=2))])
-    assert batch.rows.column("top_k", persrm.config.top_k).tolist() == [3]
-    assert batch.rows.column("weight", persrm.config.recommended_weight).tolist() == [0.25]
+    """Observed in the tokens: a request without top-k or weight decodes exactly as one
+    that sets the PersRM's saved values, and unlike one with the values the code would fall
+    back to (top-k 10, weight 1.0) had it ignored them."""
+    prompts = ["Hi", "Tell me a joke"]
+
+    def tokens(engine, strategy="pad", **settings):
+        config = GenerationConfig(max_new_tokens=8, ignore_eos=True, **settings)
+        return [g.tokens for g in engine.generate(prompts, PREFERENCE, strategy, config)]
+
+    # saved top-k 1: PAD can only take the prompted model's own greedy token
+    engine = Personalizer(tiny_lm, persrm=perturbed_persrm(tiny_lm, top_k=1, weight=1.0))
+    assert tokens(engine) == tokens(engine, "prompt")
+    assert tokens(engine, top_k=10) != tokens(engine, "prompt")  # so top-k 1 decided it
+    # saved top-k 3 and weight 2.5
+    engine = Personalizer(tiny_lm, persrm=perturbed_persrm(tiny_lm, top_k=3, weight=2.5))
+    saved = tokens(engine)
+    assert saved == tokens(engine, top_k=3, weight=2.5)
+    assert saved != tokens(engine, top_k=10, weight=2.5)
+    # saved weight 2.5 (top-k 10): the weight alone decides
+    engine = Personalizer(tiny_lm, persrm=perturbed_persrm(tiny_lm, top_k=10, weight=2.5))
+    saved = tokens(engine)
+    assert saved == tokens(engine, weight=2.5)
+    assert saved != tokens(engine, weight=1.0)
+    assert saved != tokens(engine, weight=0.0)
 
 
 @pytest.mark.parametrize(("field", "value"), [

@@ -169,6 +169,34 @@ def test_a_new_persrm_at_the_same_path_regenerates_only_its_strategies(
     assert all(r["n"] == 5 for r in second["rows"])
 
 
+def test_args_cells_are_keyed_by_their_scorer(tiny_lm, prompts_file, tmp_path):
+    """args and best-of-n cells carry their scorer's fingerprint: the PersRM's own under
+    ``scorer="persrm"`` (what every args cell was keyed by before the scorer was a choice,
+    so those cells are reused there and only there), the dimension rewards' by default; the
+    summary and report name the scorer. Free text is refused before anything generates."""
+    plan = plan_for(prompts_file, preferences=["P1A"], strategies=["base", "args"])
+    persrm = PersonalizedRewardModel.identity(tiny_lm.name, tiny_lm.model.config.hidden_size)
+    by_default = harness.run(Personalizer(tiny_lm, persrm=persrm), plan, tmp_path,
+                             progress=False)
+    by_persrm = harness.run(Personalizer(tiny_lm, persrm=persrm, scorer="persrm"), plan,
+                            tmp_path, progress=False)
+    records = read_jsonl(tmp_path / harness.GENERATIONS)
+    rewards = [json.loads(r["key"])[5] for r in records if r["strategy"] == "args"]
+    assert len(rewards) == 10  # the second scorer regenerated every args cell
+    assert rewards[:5] == [by_default["scorer"]["fingerprint"]] * 5
+    assert by_default["scorer"]["name"] == "dimensions"
+    assert rewards[5:] == [persrm.fingerprint()] * 5  # the pre-scorer key
+    assert by_persrm["scorer"] == {"name": "persrm", "fingerprint": persrm.fingerprint()}
+    assert sum(r["strategy"] == "base" for r in records) == 5  # base was reused
+    assert "args and best-of-n scored by `persrm`" in (tmp_path / "report.md").read_text()
+    free = plan_for(prompts_file, preferences=["Answer like a pirate"],
+                    strategies=["base", "args"], directions=[("friendliness", 1)])
+    with pytest.raises(PadlmError, match="free-text preference 'Answer like a pirate'"):
+        harness.run(Personalizer(tiny_lm, persrm=persrm), free, tmp_path / "free",
+                    progress=False)
+    assert not (tmp_path / "free" / harness.GENERATIONS).exists()
+
+
 def test_echo_guarded_eval_guards_only_guidance_cells_and_keeps_old_keys(
         tiny_engine, prompts_file, tmp_path):
     # runs saved before the guard (and the mix setting) existed keep their keys: at their

@@ -226,7 +226,8 @@ def test_text_completions_models_and_best_of_n(real):
     assert [c.index for c in response.choices] == [0, 1]
     assert all(c.text for c in response.choices)
     best = client.completions.create(model=server.model, prompt="Say hi.", max_tokens=4,
-                                     best_of=2, extra_body={"strategy": "best-of-n"})
+                                     best_of=2, extra_body={"strategy": "best-of-n",
+                                                            "preference": "P2A"})
     assert best.choices[0].text and best.usage.completion_tokens <= 4
 
 
@@ -326,6 +327,13 @@ ERROR_CASES = [
     ({"messages": [{"role": "user", "content": "hi"}], "strategy": "soups",
       "preference": "P1A+P2B", "mix": {"weights": "logit"}}, openai.BadRequestError,
      "mix.weights"),
+    # the dimension rewards that score args and best-of-n refuse free text (and none)
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "args",
+      "preference": "be nice"}, openai.BadRequestError, "preference"),
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "best-of-n",
+      "preference": "be nice"}, openai.BadRequestError, "preference"),
+    ({"messages": [{"role": "user", "content": "hi"}], "strategy": "best-of-n"},
+     openai.BadRequestError, "preference"),
 ]
 
 

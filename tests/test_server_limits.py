@@ -74,8 +74,9 @@ def serve(tiny_lm):
 def test_per_request_limits(serve):
     server, _ = serve(max_batch_size=4, max_n=2, max_tokens_cap=16)
     cases = [({"max_tokens": 17}, "max_tokens"), ({"n": 3}, "n"),
-             ({"strategy": "best-of-n", "best_of": 3}, "best_of"),
-             ({"strategy": "best-of-n", "best_of": 2, "n": 2, "max_tokens": 2}, None)]
+             ({"strategy": "best-of-n", "best_of": 3, "preference": "P1A"}, "best_of"),
+             ({"strategy": "best-of-n", "best_of": 2, "n": 2, "max_tokens": 2,
+               "preference": "P1A"}, None)]
     for extra, param in cases:
         response = chat(server.url, {"messages": HI, "max_tokens": 4, **extra})
         if param is None:

@@ -23,6 +23,7 @@ from padlm.cli_options import (
     ModelOption,
     PersRMOption,
     PlacementOption,
+    ScorerOption,
 )
 from padlm.errors import PadlmError
 from padlm.records import load_prompts
@@ -48,7 +49,8 @@ def generate(
         help="A registered strategy (`padlm strategies` lists them).")] = "pad",
     weight: Annotated[float | None, typer.Option(
         help="Guidance weight (PAD w, Linear Alignment alpha, ARGS w); default: the "
-             "PersRM's saved weight for pad and args, 1.0 for linear-alignment.")] = None,
+             "PersRM's saved weight for pad (and args with --scorer persrm), 10 for args "
+             "with the dimension rewards, 1.0 for linear-alignment.")] = None,
     top_k: Annotated[int | None, typer.Option(
         help="Candidates per step; default: the PersRM's saved top-k for pad, else 10.")
                      ] = None,
@@ -69,6 +71,7 @@ def generate(
     experts: ExpertsOption = "default",
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
+    scorer: ScorerOption = None,
     placement: PlacementOption = None,
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
@@ -82,7 +85,7 @@ def generate(
 ) -> None:
     """Generate a personalized response (or one per line of --prompts-file)."""
     from padlm.config import GenerationConfig
-    from padlm.registry import check_request, strategy_class
+    from padlm.registry import DEFAULT_SCORER, check_request, check_scorer, strategy_class
 
     spec = strategy_class(strategy).spec
     if (prompt is None) == (prompts_file is None):
@@ -98,6 +101,8 @@ def generate(
         echo_guard=echo_guard, mix=mix,
     )
     check_request(strategy, config)
+    if scorer is not None:
+        check_scorer(scorer)
     items = load_prompts(prompts_file) if prompts_file else [{"id": "0", "prompt": prompt}]
     from padlm.devices import check_engine
 
@@ -106,6 +111,8 @@ def generate(
     if engine_name == "vllm":
         if device != "auto":
             fail("--device applies to --engine hf (vLLM places the model itself)")
+        if scorer is not None:
+            fail("--scorer applies to args and best-of-n, which run on --engine hf")
         from padlm.vllm.engine import VllmPersonalizer
 
         engine = VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)
@@ -115,10 +122,12 @@ def generate(
         from padlm.engine import Personalizer
 
         engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                              device=device, experts=experts)
+                              device=device, experts=experts, scorer=scorer or DEFAULT_SCORER)
         model_name, extra = engine.lm.name, {"batch_size": batch_size, "n": n}
     meta = {"strategy": strategy, "preference": preference, "model": model_name,
             "persrm": engine.persrm_name}
+    if spec.uses_scorer:  # what scored the candidates (or picked the sample)
+        meta["scorer"] = engine.scorer.name
     if stream and spec.level == "token" and prompts_file is None:
         began, count = time.perf_counter(), 0
         for event in engine.stream(prompt, preference, strategy, config):

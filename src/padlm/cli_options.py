@@ -24,3 +24,7 @@ EngineOption = Annotated[str, typer.Option(
     "--engine", help="hf: padlm's decode loop (every strategy); vllm: a vLLM engine (base, "
                      "prompt, pad with a conditioned PersRM; make setup-vllm, then "
                      ".venv-vllm/bin/padlm).")]
+ScorerOption = Annotated[str | None, typer.Option(
+    help="What scores args and best-of-n: dimensions (the default: the per-dimension reward "
+         "models, independent of the PersRM; preset preferences only) or persrm (the PersRM's "
+         "implicit reward, the one PAD follows).")]

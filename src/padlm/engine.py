@@ -26,8 +26,14 @@ from padlm.models import DEFAULT_MODEL, LoadedModel, load_model
 from padlm.persrm import PersonalizedRewardModel, PersRMConfig
 from padlm.preferences import resolve_preference
 from padlm.prompting import PLACEMENTS
-from padlm.registry import check_request, load_registry, strategy_class
-from padlm.strategies import BestOfNStrategy, ImplicitRewardScorer, SequenceScorer
+from padlm.registry import (
+    DEFAULT_SCORER,
+    check_request,
+    check_scorer,
+    load_registry,
+    strategy_class,
+)
+from padlm.strategies import BestOfNStrategy, SequenceScorer, make_scorer
 
 
 @dataclass
@@ -87,7 +93,7 @@ def shipped_persrm(name: str, model_name: str) -> Path | None:
 
 
 class Personalizer:
-    """Holds the frozen models (base, PersRM, scorer) and builds each strategy once.
+    """Holds the frozen models (base, PersRM, sequence scorer) and builds each strategy once.
 
     Strategies are stateless, so one engine serves any number of decode batches at once;
     every batch owns its KV streams.
@@ -99,10 +105,16 @@ class Personalizer:
         persrm: str | PersonalizedRewardModel | None = "default",
         dtype: str | None = None,
         placement: str | None = None,
-        scorer: SequenceScorer | None = None,
+        scorer: str | SequenceScorer | None = DEFAULT_SCORER,
         device: str = AUTO,
         experts: str | object = "default",
     ) -> None:
+        """``scorer``: what scores ``args`` and ``best-of-n``: ``"dimensions"`` (the
+        per-dimension reward models, independent of the PersRM; preset preferences only),
+        ``"persrm"`` (the PersRM's implicit reward, which PAD follows too), or any
+        :class:`~padlm.strategies.SequenceScorer` or ``items -> scores`` callable."""
+        if isinstance(scorer, str):
+            check_scorer(scorer)
         if placement is not None and placement not in PLACEMENTS:
             raise PadlmError(f"unknown placement {placement!r}; choose one of "
                              f"{', '.join(PLACEMENTS)}", param="placement")
@@ -112,7 +124,7 @@ class Personalizer:
         self.persrm.head.to(self.lm.device)
         # the user's placement, else the one the PersRM was trained with
         self.placement = placement or self.persrm.config.placement
-        self.scorer = scorer or ImplicitRewardScorer(self.lm, self.persrm)
+        self._scorer = DEFAULT_SCORER if scorer is None else scorer
         self.eos_ids = eos_ids(self.lm.tokenizer, self.lm.model.generation_config)
         self._experts = experts
         self._strategies: dict[str, object] = {}
@@ -122,6 +134,14 @@ class Personalizer:
     @property
     def device(self) -> torch.device:
         return self.lm.device
+
+    @property
+    def scorer(self) -> SequenceScorer:
+        """The sequence scorer of ``args`` and ``best-of-n``, built on first use."""
+        with self._building:
+            if not isinstance(self._scorer, SequenceScorer):
+                self._scorer = make_scorer(self._scorer, self.lm, self.persrm)
+        return self._scorer
 
     @property
     def experts(self):

@@ -48,6 +48,24 @@ def looks_like_ids(spec: str) -> bool:
     return all(len(part) == 3 and part[0] == "P" and part[1].isdigit() for part in parts)
 
 
+def named_presets(preference: str) -> list[str] | None:
+    """The preset ids a preference names: ids (``P1A+P2B``) or the text
+    :func:`resolve_preference` makes of them (their texts joined by spaces); None for free
+    text. What a request carries is the resolved text, so this is how a component that
+    needs the ids (a per-dimension reward, an expert) gets them back."""
+    ids = preference_ids(preference)
+    if ids is not None:
+        return ids
+    rest, ids = preference.strip(), []
+    while rest:
+        match = next((key for key, text in PRESETS.items() if rest.startswith(text)), None)
+        if match is None:
+            return None
+        ids.append(match)
+        rest = rest[len(PRESETS[match]):].lstrip()
+    return ids or None
+
+
 def preset_text(ids: Sequence[str]) -> str:
     """The text the models see for preset ids, in order (``P1A+P2B`` -> both texts)."""
     return " ".join(PRESETS[i] for i in ids)

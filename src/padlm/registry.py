@@ -20,7 +20,8 @@ class StrategySpec:
 
     name: str
     summary: str
-    uses_persrm: bool = False  # reads the PersRM (as its reward, head or scorer)
+    uses_persrm: bool = False  # reads the PersRM (as its reward or head)
+    uses_scorer: bool = False  # scores with the engine's sequence scorer (--scorer)
     uses_experts: bool = False  # reads the orchestration experts
     echo_guard: bool = False  # has a per-token guidance bonus the echo guard can cap
     level: str = "token"  # "token": the decode loop; "sequence": whole responses, then a pick
@@ -28,6 +29,10 @@ class StrategySpec:
 
 
 REGISTRY: dict[str, type] = {}
+# the sequence scorers ARGS and best-of-n take (``--scorer``): the per-dimension reward models
+# (the default: independent of the PersRM) or the PersRM's own implicit reward
+SCORERS = ("dimensions", "persrm")
+DEFAULT_SCORER = "dimensions"
 STRATEGY_MODULES = ("padlm.strategies", "padlm.orchestration.strategies")
 
 
@@ -67,6 +72,13 @@ def check_request(name: str, config: GenerationConfig) -> None:
         raise PadlmError(f"mixing weights apply to the expert strategies "
                          f"({', '.join(strategy_names(uses_experts=True))}), not {name!r}",
                          param="mix")
+
+
+def check_scorer(name: str) -> None:
+    """Refuse an unknown scorer name before any model loads."""
+    if name not in SCORERS:
+        raise PadlmError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}",
+                         param="scorer")
 
 
 def load_registry() -> dict[str, type]:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -29,9 +29,15 @@ from padlm.decoding import Request, Row, Rows
 from padlm.errors import PadlmError
 from padlm.kvstream import KVStream, StreamOutput, response_hidden
 from padlm.models import LoadedModel
-from padlm.persrm import ADAPTER_NAME, BASE_ADAPTER, PersonalizedRewardModel
+from padlm.persrm import (
+    ADAPTER_NAME,
+    BASE_ADAPTER,
+    PersonalizedRewardModel,
+    tensor_fingerprint,
+)
+from padlm.preferences import named_presets
 from padlm.prompting import DEFAULT_PLACEMENT, preference_token_ids, render
-from padlm.registry import StrategySpec, register
+from padlm.registry import StrategySpec, check_scorer, register
 
 if TYPE_CHECKING:
     from padlm.engine import Personalizer
@@ -206,29 +212,87 @@ class LinearAlignmentStrategy(Strategy):
         return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
 
 
-class SequenceScorer(Protocol):
-    """Scores whole responses; higher is better. ARGS and best-of-n accept any of these."""
+@dataclass(frozen=True)
+class Scored:
+    """One response for a sequence scorer: the request it answers (prompt and preference),
+    the prompt ids of each lane the scorer reads (the preference context first, then its own
+    :attr:`SequenceScorer.lanes`), and the response's token ids."""
 
-    def __call__(self, contexts: Sequence[Sequence[int]],
-                 responses: Sequence[Sequence[int]]) -> torch.Tensor: ...
+    request: Request
+    contexts: Sequence[Sequence[int]]
+    response: Sequence[int]
 
 
-class ImplicitRewardScorer:
+class SequenceScorer:
+    """Scores whole responses; higher is better. ARGS and best-of-n take any of these.
+
+    ``__call__`` gets every response to score at once (ARGS: all k continuations of every
+    row, one call per step) and returns a ``[len(items)]`` tensor. ``lanes``: the contexts it
+    reads besides the preference-conditioned one (ARGS decodes them as extra lanes of its
+    stream, best-of-n renders them). :meth:`check` refuses, before any decoding, a request it
+    cannot score. ``default_weight``: ARGS's ``w`` where a request sets none (it depends on the
+    scale of the reward). A plain callable ``items -> scores`` is wrapped by
+    :func:`make_scorer`.
+    """
+
+    name = "custom"
+    lanes: tuple[str, ...] = ()
+    default_weight = 1.0
+
+    def check(self, request: Request) -> None:
+        """Refuse a request this scorer cannot score (every request, by default, passes)."""
+
+    def fingerprint(self) -> str:
+        """What the scores depend on (evaluation caches key ARGS and best-of-n by it)."""
+        return self.name
+
+    def __call__(self, items: Sequence[Scored]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CallableScorer(SequenceScorer):
+    """Any ``items -> scores`` function as a scorer (no extra lanes, every request passes)."""
+
+    def __init__(self, function: Callable[[Sequence[Scored]], torch.Tensor]) -> None:
+        self.function = function
+
+    def __call__(self, items):
+        return self.function(items)
+
+
+class ImplicitRewardScorer(SequenceScorer):
     """The PersRM's summed implicit reward ``sum_t log pi_R(y_t) - log pi_ref(y_t)`` of a
     response, computed by a full forward over context + response (no cache).
 
-    A PersRM with an unconditioned reference needs ``neutral_contexts``: the same contexts
-    rendered without the preference, which its reference reads.
+    The same reward PAD follows token by token: ARGS or best-of-n with it are PAD's own
+    reward searched another way (on a shared backbone, greedy ARGS with it picks exactly
+    PAD's tokens), not an independent baseline. A PersRM with an unconditioned reference reads the
+    preference-free context too (its ``lanes``).
     """
+
+    name = "persrm"
 
     def __init__(self, lm: LoadedModel, persrm: PersonalizedRewardModel, batch_size: int = 32):
         self.lm = lm
         self.persrm = persrm
         self.batch_size = batch_size
+        self.lanes = reference_lanes(persrm)
+        self.default_weight = persrm.config.recommended_weight
 
-    def __call__(self, contexts: Sequence[Sequence[int]],
-                 responses: Sequence[Sequence[int]],
-                 neutral_contexts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    def fingerprint(self) -> str:
+        # the PersRM's own: evaluation cells scored by it before the scorer was a choice
+        # keep their keys
+        return self.persrm.fingerprint()
+
+    def __call__(self, items: Sequence[Scored]) -> torch.Tensor:
+        neutral = ([item.contexts[1] for item in items] if self.lanes else None)
+        return self.score_ids([item.contexts[0] for item in items],
+                              [item.response for item in items], neutral)
+
+    def score_ids(self, contexts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                  neutral_contexts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """The rewards of ``responses`` after ``contexts`` (and, for an unconditioned
+        reference, the same contexts rendered without the preference)."""
         if self.persrm.config.unconditioned and neutral_contexts is None:
             raise PadlmError("this PersRM's reward is measured against the preference-free "
                              "base model: pass neutral_contexts")
@@ -263,48 +327,139 @@ class ImplicitRewardScorer:
         return torch.stack(scores)
 
 
-def scorer_lanes(scorer: SequenceScorer) -> tuple[str, ...]:
-    """The lanes a sequence scorer reads: the PersRM's reference lanes for the implicit
-    reward; none beyond the preference context for any other scorer."""
-    return reference_lanes(scorer.persrm) if isinstance(scorer, ImplicitRewardScorer) else ()
+# ARGS's w with the dimension rewards. Their score of a growing response moves little per
+# token (one token shifts a MiniLM embedding slightly): on the default model (4 Koala prompts
+# x P1A, P2B, P3B, P1B+P2A+P3A, 24 steps, 378 row-steps) the median spread (std) of R over a
+# step's 10 candidates was 0.047, the proposal logits' 1.44, so w = 30 would give the reward
+# the base model's say. Measured on two prompts x P1A, P3B (48 tokens): w = 10 raises the
+# responses' R over preference prompting (P1A -0.26, -0.05 -> -0.04, 0.67) and stays fluent;
+# w = 30 starts to loop and clip ("The town has a big problem." x3, "Bureaucrism."), w = 100
+# is degenerate. ``--weight`` sets another.
+DIMENSION_WEIGHT = 10.0
 
 
-def score_responses(scorer: SequenceScorer, lanes: Sequence[Sequence[Sequence[int]]],
-                    responses: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Call ``scorer`` with each response's lanes (preference context first); a neutral lane,
-    when the scorer needs one, goes in as ``neutral_contexts``."""
-    extra = ({"neutral_contexts": [lane[1] for lane in lanes]}
-             if lanes and len(lanes[0]) > 1 else {})
-    return scorer([lane[0] for lane in lanes], responses, **extra)
+class DimensionScorer(SequenceScorer):
+    """The per-dimension Bradley-Terry reward models shipped for the PCM
+    (:mod:`padlm.orchestration.rewards`): ``R(x, y) = mean_{i requested} r_i(x, y)``, ``x``
+    the instruction, ``y`` the response text, ``i`` the request's P-Soups preset ids.
+
+    Independent of the PersRM (MiniLM embeddings and a linear head per dimension, fitted on
+    the preference pairs), and not an evaluation judge either. Only preset preferences have
+    rewards: free text is refused (see :meth:`check`). Each call embeds its responses and
+    their distinct instructions in ONE encoder call.
+    """
+
+    name = "dimensions"
+    default_weight = DIMENSION_WEIGHT
+
+    def __init__(self, tokenizer, rewards=None, encoder=None) -> None:
+        from padlm.orchestration.rewards import DimensionRewards, shipped_rewards_dir
+
+        self.tokenizer = tokenizer
+        self.rewards = rewards or DimensionRewards.load(shipped_rewards_dir())
+        self.encoder = encoder or self.rewards.encoder
+        self.weights = torch.stack([self.rewards.weights[d].float()
+                                    for d in self.rewards.dimensions])  # [dims, 2 * 384]
+
+    def fingerprint(self) -> str:
+        return "dimensions-" + tensor_fingerprint(
+            f"{','.join(self.rewards.dimensions)};w={self.default_weight}", [self.weights])
+
+    def dimensions(self, preference: str) -> list[str]:
+        """The request's dimensions, or a refusal naming the preference and the
+        alternative."""
+        if not preference.strip():
+            raise PadlmError(
+                f"the dimension rewards that score args and best-of-n need a preference of "
+                f"preset ids ({', '.join(self.rewards.dimensions)}); this request has none",
+                param="preference")
+        ids = named_presets(preference)
+        if ids is None:
+            shown = preference if len(preference) <= 80 else preference[:77] + "..."
+            raise PadlmError(
+                f"the dimension rewards that score args and best-of-n cover the preset ids "
+                f"{', '.join(self.rewards.dimensions)}, not the free-text preference "
+                f"{shown!r}: use preset ids, or --scorer persrm (the PersRM's own reward, "
+                f"which makes args PAD's reward searched another way)", param="preference")
+        missing = [i for i in ids if i not in self.rewards.dimensions]
+        if missing:
+            raise PadlmError(
+                f"no dimension reward for {', '.join(missing)} (they cover "
+                f"{', '.join(self.rewards.dimensions)}): use --scorer persrm",
+                param="preference")
+        return list(dict.fromkeys(ids))
+
+    def check(self, request: Request) -> None:
+        self.dimensions(request.preference)
+
+    def __call__(self, items: Sequence[Scored]) -> torch.Tensor:
+        from padlm.judges.embedding import default_encoder
+        from padlm.judges.harmlessness import features
+        from padlm.orchestration.rewards import instruction_text
+
+        instructions = [instruction_text(item.request.prompt) for item in items]
+        distinct = list(dict.fromkeys(instructions))
+        responses = self.tokenizer.batch_decode([list(item.response) for item in items],
+                                                skip_special_tokens=True)
+        embedded = (self.encoder or default_encoder()).encode([*distinct, *responses])
+        x = embedded[[distinct.index(text) for text in instructions]]
+        scores = features(x, embedded[len(distinct):]) @ self.weights.T  # [N, dims]
+        masks = {preference: [d in self.dimensions(preference) for d in self.rewards.dimensions]
+                 for preference in {item.request.preference for item in items}}
+        mask = torch.tensor([masks[item.request.preference] for item in items],
+                            dtype=scores.dtype)
+        return (scores * mask).sum(-1) / mask.sum(-1)
+
+
+def make_scorer(scorer, lm: LoadedModel, persrm: PersonalizedRewardModel) -> SequenceScorer:
+    """A scorer from its name (:data:`padlm.registry.SCORERS`), or any scorer or callable."""
+    if isinstance(scorer, SequenceScorer):
+        return scorer
+    if callable(scorer):
+        return CallableScorer(scorer)
+    check_scorer(scorer)
+    if scorer == "persrm":
+        return ImplicitRewardScorer(lm, persrm)
+    return DimensionScorer(lm.tokenizer)
 
 
 @register
 class ArgsStrategy(Strategy):
     """ARGS: ``score(a) = z(a) + w * R(prefix + a)`` for each of the top-k candidates.
 
-    With the default scorer on a shared-backbone PersRM the k sequence rewards are exact and
+    ``R`` is the engine's sequence scorer: by default the per-dimension reward models
+    (:class:`DimensionScorer`), independent of the PersRM, called on all k continuations of
+    every row at every step, batched (the method's real cost). With the PersRM's implicit
+    reward (``--scorer persrm``) on a shared backbone the k sequence rewards are exact and
     incremental: ``R(prefix + a) = R(prefix) + log pi_R(a|s) - log pi_ref(a|s)``, so the k
     scorer calls cost one head product; ``R(prefix)`` is the same for every candidate of a
-    row, so it changes neither the argmax nor the softmax and is left out. Any other scorer
-    is called on all k continuations of every row, batched (the method's real cost).
+    row, so it changes neither the argmax nor the softmax and is left out. That is PAD's
+    score up to a per-row constant: greedy ARGS with the PersRM picks PAD's tokens.
     """
 
-    spec = StrategySpec("args", "reward-guided search: a sequence reward per top-k candidate",
-                        uses_persrm=True, weighted=True)
+    spec = StrategySpec("args", "reward-guided search: each top-k candidate's response so "
+                        "far scored by a sequence reward (default: the per-dimension reward "
+                        "models, not the PersRM; --scorer persrm: the PersRM's)",
+                        uses_scorer=True, weighted=True)
 
     def __init__(self, lm: LoadedModel, scorer: SequenceScorer,
-                 placement: str = DEFAULT_PLACEMENT, default_weight: float = 1.0) -> None:
-        super().__init__(lm, (PREFERENCE, *scorer_lanes(scorer)), placement)
+                 placement: str = DEFAULT_PLACEMENT, default_weight: float | None = None
+                 ) -> None:
+        super().__init__(lm, (PREFERENCE, *scorer.lanes), placement)
         self.scorer = scorer
-        self.default_weight = default_weight
+        self.default_weight = scorer.default_weight if default_weight is None \
+            else default_weight
         self.neutral = NEUTRAL in self.lanes
         self.incremental = (isinstance(scorer, ImplicitRewardScorer)
                             and scorer.persrm.shares_backbone)
 
     @classmethod
     def build(cls, engine: Personalizer) -> ArgsStrategy:
-        return cls(engine.lm, engine.scorer, engine.placement,
-                   engine.persrm.config.recommended_weight)
+        return cls(engine.lm, engine.scorer, engine.placement)
+
+    def contexts(self, request: Request) -> list[list[list[int]]]:
+        self.scorer.check(request)  # refused here, before any decoding
+        return super().contexts(request)
 
     def scores(self, outputs, rows, process):
         logits = outputs[0].logits[:, 0]
@@ -314,13 +469,10 @@ class ArgsStrategy(Strategy):
         if self.incremental:
             rewards = self._token_gain(outputs[0]).gather(1, candidates)
         else:
-            per_row = candidates.shape[1]
-            continuations = [row.tokens + [int(c)] for row, cands in zip(rows, candidates,
-                                                                         strict=True)
-                             for c in cands.tolist()]
-            lanes = [row.contexts[0] for row in rows for _ in range(per_row)]
-            rewards = score_responses(self.scorer, lanes, continuations).view(
-                candidates.shape).float().to(proposal.device)
+            rewards = self.scorer([  # all k continuations of every row, in one call
+                Scored(row.request, row.contexts[0], row.tokens + [int(c)])
+                for row, cands in zip(rows, candidates.tolist(), strict=True) for c in cands
+            ]).view(candidates.shape).float().to(proposal.device)
         weights = rows.column("weight", self.default_weight, proposal.device)
         scores = (proposal.gather(1, candidates) + weights[:, None] * rewards
                   ).masked_fill(~valid, guidance.NEG_INF)
@@ -342,8 +494,9 @@ class BestOfNStrategy:
     prompt's samples are the same whatever else shares the batch.
     """
 
-    spec = StrategySpec("best-of-n", "n prompted samples, the PersRM's reward picks one",
-                        uses_persrm=True, level="sequence")
+    spec = StrategySpec("best-of-n", "n prompted samples, a sequence reward picks one "
+                        "(default: the per-dimension reward models; --scorer persrm: the "
+                        "PersRM's)", uses_scorer=True, level="sequence")
     sampler = "prompt"
 
     def __init__(self, lm: LoadedModel, scorer: SequenceScorer,
@@ -351,7 +504,7 @@ class BestOfNStrategy:
         self.lm = lm
         self.scorer = scorer
         self.placement = placement
-        self.lanes = (PREFERENCE, *scorer_lanes(scorer))
+        self.lanes = (PREFERENCE, *scorer.lanes)
 
     @property
     def name(self) -> str:
@@ -365,6 +518,7 @@ class BestOfNStrategy:
         """The ``n`` sampled rows that stand for one best-of-n request."""
         if n < 1:
             raise PadlmError(f"n must be >= 1, got {n}", param="n")
+        self.scorer.check(request)  # refused here, before any sample is decoded
         config = request.config
         if config.temperature == 0:
             config = replace(config, temperature=BEST_OF_N_TEMPERATURE)
@@ -377,8 +531,9 @@ class BestOfNStrategy:
         """Score ``len(samples) // n`` requests' samples in one scorer call."""
         lanes = [render_lanes(self.lm.tokenizer, row.request, self.lanes, self.placement)
                  for row in samples]
-        scores = score_responses(self.scorer, lanes, [row.tokens for row in samples]
-                                 ).view(-1, n)
+        scores = self.scorer([Scored(row.request, contexts, row.tokens)
+                              for row, contexts in zip(samples, lanes, strict=True)]
+                             ).view(-1, n)
         picked = []
         for index, row_scores in enumerate(scores):
             best = int(row_scores.argmax())

@@ -23,11 +23,12 @@ from padlm.cli_options import (
     ModelOption,
     PersRMOption,
     PlacementOption,
+    ScorerOption,
 )
 from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
 from padlm.evaluation.report import headline_table, rewrite
-from padlm.registry import strategy_names
+from padlm.registry import DEFAULT_SCORER, check_scorer, strategy_names
 
 eval_app = typer.Typer(help="Evaluate strategies on P-Soups (default) and tools around it.",
                        invoke_without_command=True, no_args_is_help=False)
@@ -93,6 +94,7 @@ def eval_command(
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
     experts: ExpertsOption = "default",
+    scorer: ScorerOption = None,
     placement: PlacementOption = None,
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
@@ -152,6 +154,8 @@ def eval_command(
     for spec in plan.preferences:
         dimensions(spec, plan.directions)
     jobs(plan, 1.0)  # unknown strategies fail here, before the model loads
+    if scorer is not None:
+        check_scorer(scorer)
     check_engine(engine_name)
     decoder = None
     if engine_name == "vllm":  # generates; the HF engine still scores (perplexity, PersRM)
@@ -161,7 +165,7 @@ def eval_command(
         for job in jobs(plan, 1.0):
             decoder.check(job.strategy, plan.config)  # before either engine loads
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                          device=device, experts=experts)
+                          device=device, experts=experts, scorer=scorer or DEFAULT_SCORER)
     # the command that regenerates this report (flags that do not change results dropped)
     quiet = {"--no-generate", "--no-progress", "--progress", "--generate"}
     command = "padlm eval " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a not in quiet) \

@@ -209,23 +209,29 @@ class CellKeys:
     config: dict
     persrm: str
     experts: str | None = None  # None: no cell of this run uses the experts
+    scorer: str | None = None  # the sequence scorer's; None: no cell of this run uses it
 
     @classmethod
     def of(cls, engine, plan: EvalPlan, decoder=None) -> CellKeys:
         """``decoder``: another engine that generates (vLLM); its cells get keys of their
         own, so they never stand in for the HF engine's (their sampling differs)."""
-        uses_experts = any(strategy_class(parse_cell(e)[0]).spec.uses_experts
-                           for e in plan.strategies)
+        specs = [strategy_class(parse_cell(e)[0]).spec for e in plan.strategies]
         config = config_key(plan.config, engine)
         if decoder is not None:
             config["engine"] = decoder.engine_name
         return cls(config, engine.persrm.fingerprint(),
-                   engine.experts.fingerprint() if uses_experts else None)
+                   engine.experts.fingerprint() if any(s.uses_experts for s in specs) else None,
+                   engine.scorer.fingerprint() if any(s.uses_scorer for s in specs) else None)
 
     def key(self, prompt_id: str, job: Job) -> str:
         spec = strategy_class(job.strategy).spec
+        # the reward model's fingerprint: the PersRM's, or for args and best-of-n their
+        # scorer's (the PersRM's own when it scores them, so cells made before the scorer was
+        # a choice keep their keys under --scorer persrm, and only there)
+        reward = self.persrm if spec.uses_persrm else self.scorer if spec.uses_scorer \
+            else None
         fields = [prompt_id, job.preference, job.strategy, job.params_dict, self.config,
-                  self.persrm if spec.uses_persrm else None]
+                  reward]
         if spec.uses_experts:  # appended: keys of the other strategies stay as they were
             fields.append(self.experts)
         return json.dumps(fields, sort_keys=True)
@@ -236,14 +242,14 @@ def measured_records(records: Iterable[dict], summary: dict) -> list[dict]:
     generated, an earlier PersRM's or experts' too (under other keys), so the decoding
     settings alone would mix runs: the fingerprints in each key decide (summaries older than
     the ``experts`` field are not checked for it)."""
-    persrm = summary["persrm"]["fingerprint"]
+    rewards = (None, summary["persrm"]["fingerprint"],
+               (summary.get("scorer") or {}).get("fingerprint"))
 
     def measured(record: dict) -> bool:
         fields = json.loads(record["key"])
         experts_match = ("experts" not in summary or len(fields) < 7
                          or fields[6] == summary["experts"])
-        return fields[4] == summary["generation"] and fields[5] in (None, persrm) \
-            and experts_match
+        return fields[4] == summary["generation"] and fields[5] in rewards and experts_match
 
     return [r for r in records if measured(r)]
 
@@ -261,6 +267,9 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
     items = load_benchmark(plan.benchmark, plan.limit)
     for spec in plan.preferences:
         dimensions(spec, plan.directions)  # validate before spending CPU
+    if any(strategy_class(job.strategy).spec.uses_scorer for job in jobs(plan, 1.0)):
+        for spec in plan.preferences:  # e.g. the dimension rewards refuse free text
+            engine.scorer.check(engine.request("?", spec))
     todo = jobs(plan, engine.persrm.config.recommended_weight)
     path = out / GENERATIONS
     keys = CellKeys.of(engine, plan, decoder)
@@ -429,6 +438,8 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     summary = {
         "benchmark": plan.benchmark, "model": engine.lm.name, "persrm": persrm_info(engine),
         "experts": keys.experts,
+        "scorer": ({"name": engine.scorer.name, "fingerprint": keys.scorer}
+                   if keys.scorer else None),
         "prompts": len(order), "limit": plan.limit, "generation": keys.config,
         "dtype": engine.lm.dtype_name,
         "weights": sorted({recommended, *map(float, plan.weights)}),

@@ -123,10 +123,20 @@ def render_markdown(summary: dict) -> str:
         "expertise = Flesch-Kincaid grade (P1), informativeness = word count (P2), "
         "friendliness = VADER compound (P3); 95% percentile bootstrap over prompts.",
     ]
+    scorer = summary.get("scorer")
+    if scorer:
+        parts += [f"- args and best-of-n scored by `{scorer['name']}`"
+                  + (" (the PersRM's implicit reward: args is PAD's own reward searched "
+                     "another way, not an independent baseline)" if scorer["name"] == "persrm"
+                     else " (the per-dimension reward models, independent of the PersRM)"
+                     if scorer["name"] == "dimensions" else "")]
     if persrm["identity_head"] and not persrm.get("lora"):
+        with_args = " and ARGS" if scorer and scorer["name"] == "persrm" else ""
         parts += ["- **The PersRM is the untrained identity head**: its token reward is 0, so PAD "
-                  "(at every weight) and ARGS reduce to preference prompting and must match "
-                  "`prompt` exactly; only a trained PersRM can move them."]
+                  f"(at every weight){with_args} reduce{'' if with_args else 's'} to "
+                  "preference prompting and must match `prompt` exactly; only a trained PersRM "
+                  "can move "
+                  f"{'them' if with_args else 'it'}."]
     parts += ["- seconds and tokens/s are wall-clock on the machine that ran it (batched, "
               "possibly shared): compare them within one report only."]
     missing = summary.get("incomplete") or []

@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from padlm.errors import PadlmError
-from padlm.preferences import PRESETS, preference_ids
+from padlm.preferences import PRESETS, named_presets
 
 
 @lru_cache(maxsize=4096)
@@ -34,19 +34,6 @@ def axis(dimension: str) -> str:
     return dimension[:2]
 
 
-def _split_preset_texts(preference: str) -> list[str] | None:
-    """The preset ids whose texts, joined by spaces, make up ``preference`` (what
-    :func:`padlm.preferences.resolve_preference` makes of ``P1A+P2B``), or None."""
-    rest, ids = preference.strip(), []
-    while rest:
-        match = next((key for key, text in PRESETS.items() if rest.startswith(text)), None)
-        if match is None:
-            return None
-        ids.append(match)
-        rest = rest[len(PRESETS[match]):].lstrip()
-    return ids or None
-
-
 @lru_cache(maxsize=4096)
 def requested_experts(preference: str, dimensions: tuple[str, ...], lanes: int
                       ) -> tuple[str, ...]:
@@ -58,7 +45,7 @@ def requested_experts(preference: str, dimensions: tuple[str, ...], lanes: int
     """
     if not preference.strip():
         raise PadlmError("a mixture needs a preference (e.g. P1A+P2B+P3A)", param="preference")
-    ids = preference_ids(preference) or _split_preset_texts(preference)
+    ids = named_presets(preference)
     if ids is None:
         similarity = embed_texts([preference]) @ embed_texts(
             [PRESETS[d] for d in dimensions]).T

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -27,6 +28,11 @@ from padlm.judges.harmlessness import features, fit_bradley_terry, pairwise_accu
 
 WEIGHTS_NAME = "rewards.safetensors"
 WEIGHT_DECAY = 1e-2  # held-out accuracy on the P1, P2, P3 pairs: 0.94, 0.65, 0.88
+
+
+def shipped_rewards_dir() -> Path:
+    """Where the package ships the default reward models (beside the default PCM)."""
+    return Path(str(resources.files("padlm") / "assets" / "orchestration-default" / "pcm"))
 
 
 def preference_reward(scores: torch.Tensor, reference: torch.Tensor, requested: torch.Tensor

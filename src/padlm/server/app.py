@@ -182,8 +182,11 @@ class Service:
                 seed = None if config.seed is None else config.seed + i * best_of
                 request = DecodeRequest(prompt, preference,
                                         replace(config, max_new_tokens=wanted, seed=seed))
-                requests.extend(picker.sample_requests(request, best_of) if picker
-                                else [request])
+                try:  # best-of-n's scorer refuses what it cannot score (free text)
+                    requests.extend(picker.sample_requests(request, best_of) if picker
+                                    else [request])
+                except PadlmError as error:
+                    raise ApiError(400, str(error), error.param or prompt_param) from None
         return Plan(requests, len(prompts) * body.n, prompt_tokens, strategy, batch,
                     preference, best_of, picker)
 

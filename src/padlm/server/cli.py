@@ -15,6 +15,7 @@ from padlm.cli_options import (
     ModelOption,
     PersRMOption,
     PlacementOption,
+    ScorerOption,
 )
 from padlm.errors import PadlmError
 from padlm.server.settings import ServerSettings
@@ -38,6 +39,7 @@ def serve(
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
     experts: ExpertsOption = "default",
+    scorer: ScorerOption = None,
     placement: PlacementOption = None,
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
@@ -77,6 +79,7 @@ def serve(
     import logging
 
     from padlm.devices import check_engine
+    from padlm.registry import DEFAULT_SCORER, check_scorer
     from padlm.server.app import create_app, make_server
     from padlm.server.settings import default_allowed_hosts, split_list
 
@@ -91,9 +94,13 @@ def serve(
         cors_origins=split_list(cors_origins),
         served_model_names=tuple(served_model_name or ()))
     check_engine(engine_name)
-    if engine_name == "vllm" and (device != "auto" or experts != "default"):
-        raise PadlmError("--device and --experts apply to --engine hf (vLLM places the model "
-                         "itself; mix and soups run on padlm's own loop)")
+    if engine_name == "vllm" and (device != "auto" or experts != "default"
+                                  or scorer is not None):
+        raise PadlmError("--device, --experts and --scorer apply to --engine hf (vLLM places "
+                         "the model itself; mix, soups, args and best-of-n run on padlm's own "
+                         "loop)")
+    if scorer is not None:
+        check_scorer(scorer)
     check_port(host, port)
     if not logging.getLogger().handlers:  # the access log and the worker's warnings
         logging.basicConfig(level=log_level.upper(),
@@ -106,7 +113,7 @@ def serve(
         from padlm.engine import Personalizer
 
         engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                              device=device, experts=experts)
+                              device=device, experts=experts, scorer=scorer or DEFAULT_SCORER)
     make_server(create_app(engine, settings), host, port, log_level,
                 on_exit=engine.close if engine_name == "vllm" else None).run()
 
