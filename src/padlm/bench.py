@@ -25,7 +25,7 @@ from padlm.errors import PadlmError
 from padlm.kvstream import decoder_of
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.prompting import render
-from padlm.strategies import PadStrategy
+from padlm.strategies import ArgsStrategy, PadStrategy, make_scorer
 
 BENCH_PROMPT = (
     "I am preparing a short talk for a community science evening. Explain why the sky looks "
@@ -38,8 +38,8 @@ BENCH_PROMPT = (
 BENCH_PREFERENCE = "P1A"
 BENCH_COMBINATION = "P1A+P2B+P3A"  # mix and soups: three experts
 BENCH_STRATEGIES = ("base", "prompt", "pad", "pad-echo-guard", "pad-conditioned",
-                    "pad-unconditioned", "pad-lora", "linear-alignment", "args", "mix",
-                    "soups", "reference-pad")
+                    "pad-unconditioned", "pad-lora", "linear-alignment", "args",
+                    "args-persrm", "mix", "soups", "reference-pad")
 
 
 def lora_persrm(engine: Personalizer) -> PersonalizedRewardModel:
@@ -118,6 +118,11 @@ def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens:
         models = [persrm.backbone or engine.lm.model]
         return (lambda: engine.batch(pad).run(
             [engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), models)
+    if strategy == "args-persrm":  # ARGS scored by the PersRM: incremental, one head product
+        args = ArgsStrategy(engine.lm, make_scorer("persrm", engine.lm, engine.persrm),
+                            engine.placement)
+        return (lambda: engine.batch(args).run(
+            [engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), [engine.lm.model])
     if engine.strategy(strategy).spec.uses_experts:  # (a bad name fails here, early)
         preference, models = BENCH_COMBINATION, engine.experts.stream_models()
     else:
