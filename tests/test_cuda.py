@@ -31,7 +31,6 @@ import torch
 
 from padlm import GenerationConfig, Personalizer
 from padlm.engine import eos_ids
-from padlm.errors import PadlmError
 from padlm.models import LoadedModel, load_model
 from padlm.persrm import PersonalizedRewardModel
 
@@ -147,34 +146,21 @@ def test_batch_equals_each_prompt_alone_with_early_eos(default_lm):
         assert together[0].finish_reason == "stop" and together[0].new_tokens < 32
 
 
-def _save_lora(persrm: PersonalizedRewardModel, out) -> None:
-    """Save a LoRA PersRM as ``padlm train persrm`` does: ``save`` leaves PEFT's adapter in
-    ``adapter/persrm/``, which ``load`` does not read, so the pipeline moves it up."""
-    from padlm.training.pipeline import _flatten_adapter
-
-    persrm.save(out)
-    _flatten_adapter(out)
-
-
 def test_a_saved_lora_persrm_loads_on_the_device_and_decodes_as_before(tiny_lm, tmp_path):
     persrm = lora_persrm(tiny_lm, init_lora_weights=False)  # a random, non-zero adapter
     engine = Personalizer(tiny_lm, persrm=persrm)
     config = GenerationConfig(max_new_tokens=8, ignore_eos=True, weight=2.0)
     before = engine.generate(PROMPTS, PREFERENCE, "pad", config)
     assert _tokens(before) != _tokens(engine.generate(PROMPTS, PREFERENCE, "prompt", config))
-    _save_lora(persrm, tmp_path / "lora")
+    persrm.save(tmp_path / "lora")
     loaded = PersonalizedRewardModel.load(tmp_path / "lora", copy.deepcopy(tiny_lm.model))
     assert loaded.config.lora and not loaded.shares_backbone
     again = Personalizer(tiny_lm, persrm=loaded)
     assert _tokens(again.generate(PROMPTS, PREFERENCE, "pad", config)) == _tokens(before)
 
 
-@pytest.mark.xfail(strict=True, raises=PadlmError,
-                   reason="Personalizer._load_persrm loads a PersRM directory without a base "
-                          "model first, and PersonalizedRewardModel.load refuses a LoRA one "
-                          "without it: --persrm DIR cannot serve a LoRA PersRM")
 def test_the_engine_loads_a_lora_persrm_directory(tiny_lm, tmp_path):
-    _save_lora(lora_persrm(tiny_lm), tmp_path / "lora")
+    lora_persrm(tiny_lm).save(tmp_path / "lora")
     engine = Personalizer(tiny_lm, persrm=str(tmp_path / "lora"))
     assert engine.persrm.config.lora
 

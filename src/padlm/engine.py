@@ -169,9 +169,9 @@ class Personalizer:
         if not Path(persrm).is_dir():
             raise PadlmError(f"PersRM directory {persrm} does not exist")
         # a LoRA PersRM wraps its own copy so the base model stays adapter-free
-        loaded = PersonalizedRewardModel.load(persrm, base_model=None)
-        if loaded.config.lora:
-            loaded = PersonalizedRewardModel.load(persrm, copy.deepcopy(self.lm.model))
+        lora = PersonalizedRewardModel.read_config(persrm).lora
+        loaded = PersonalizedRewardModel.load(
+            persrm, copy.deepcopy(self.lm.model) if lora else None)
         if loaded.config.hidden_size != hidden:
             raise PadlmError(f"PersRM {persrm} was made for hidden size "
                              f"{loaded.config.hidden_size}, the model has {hidden}")

@@ -152,21 +152,33 @@ class PersonalizedRewardModel:
             if self.backbone is not None:
                 self.backbone.save_pretrained(str(staging / ADAPTER_DIR),
                                               selected_adapters=[ADAPTER_NAME])
+                # PEFT nests a non-default adapter under adapter/<name>/; load reads adapter/
+                nested = staging / ADAPTER_DIR / ADAPTER_NAME
+                for path in list(nested.iterdir()) if nested.is_dir() else []:
+                    path.replace(staging / ADAPTER_DIR / path.name)
+                if nested.is_dir():
+                    nested.rmdir()
             write_json_atomic(staging / CONFIG_NAME, asdict(self.config))
 
-    @classmethod
-    def load(cls, directory: str | Path, base_model: nn.Module | None = None,
-             ) -> PersonalizedRewardModel:
-        """Load a PersRM; a LoRA PersRM needs its own copy of the base model to wrap."""
+    @staticmethod
+    def read_config(directory: str | Path) -> PersRMConfig:
+        """A PersRM directory's config alone (whether it needs a backbone copy, say)."""
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.exists() or not (directory / HEAD_NAME).exists():
             raise PadlmError(f"{directory} is not a PersRM directory (no {CONFIG_NAME} or "
                              f"{HEAD_NAME})")
         try:
-            config = PersRMConfig.from_dict(json.loads(config_path.read_text()))
+            return PersRMConfig.from_dict(json.loads(config_path.read_text()))
         except (json.JSONDecodeError, TypeError) as error:
             raise PadlmError(f"{config_path} is not a valid PersRM config: {error}") from None
+
+    @classmethod
+    def load(cls, directory: str | Path, base_model: nn.Module | None = None,
+             ) -> PersonalizedRewardModel:
+        """Load a PersRM; a LoRA PersRM needs its own copy of the base model to wrap."""
+        directory = Path(directory)
+        config = cls.read_config(directory)
         tensors = load_file(str(directory / HEAD_NAME))
         head = ValueHead(config.hidden_size)
         with torch.no_grad():

@@ -25,8 +25,6 @@ from padlm.data.splits import VALIDATION_FRACTION, split_rows
 from padlm.errors import PadlmError
 from padlm.models import LoadedModel
 from padlm.persrm import (
-    ADAPTER_DIR,
-    ADAPTER_NAME,
     PersonalizedRewardModel,
     PersRMConfig,
     ValueHead,
@@ -234,16 +232,6 @@ def validation_reports(head, data: PreparedData, lm_head: torch.Tensor,
     return reports
 
 
-def _flatten_adapter(out: Path) -> None:
-    """PEFT saves a non-default adapter under ``adapter/<name>/``; ``PersonalizedRewardModel.
-    load`` reads ``adapter/`` itself, so move the files up one level."""
-    nested = out / ADAPTER_DIR / ADAPTER_NAME
-    if (nested / "adapter_config.json").exists():
-        for path in nested.iterdir():
-            os.replace(path, out / ADAPTER_DIR / path.name)
-        nested.rmdir()
-
-
 def checkpoint_path(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoint.pt")
 
@@ -324,7 +312,6 @@ def run_training(lm: LoadedModel, config: TrainConfig) -> PersonalizedRewardMode
     )
     persrm = PersonalizedRewardModel(persrm_config, value_head, backbone)
     persrm.save(config.out)
-    _flatten_adapter(config.out)
     persrm.path = str(config.out)
     ckpt.unlink(missing_ok=True)
     return persrm
