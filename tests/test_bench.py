@@ -1,6 +1,11 @@
 """``padlm bench``: every strategy runs, in one table, with the forward counts the design claims."""
 
-from padlm.bench import BENCH_STRATEGIES, bench, markdown_table
+import json
+
+from typer.testing import CliRunner
+
+from padlm.bench import BENCH_STRATEGIES, bench, markdown_table, record_table
+from padlm.cli import app
 
 
 def test_every_bench_strategy_runs_and_counts_its_forwards(tiny_engine):
@@ -19,6 +24,29 @@ def test_every_bench_strategy_runs_and_counts_its_forwards(tiny_engine):
         assert passes == {"base": 1.0, "prompt": 1.0, "pad": 1.0, "pad-echo-guard": 1.0,
                           "pad-conditioned": 1.0,
                           "pad-unconditioned": 1.0, "pad-lora": 1.0, "linear-alignment": 1.0,
-                          "args": 1.0, "mix": 1.0, "soups": 1.0}
+                          "args": 1.0, "args-persrm": 1.0, "mix": 1.0, "soups": 1.0}
         assert rows["base", batch_size]["overhead_vs_base"] == 1.0
     assert "| reference-pad | 1 |" in markdown_table(result)
+
+
+def test_a_recorded_run_says_what_ran_and_renders_as_the_reports_table(tmp_path):
+    result = CliRunner().invoke(app, [
+        "bench", "--strategies", "base,pad", "--batch-size", "1,2", "--max-new-tokens", "2",
+        "--repeats", "1", "--device", "cpu", "--record", str(tmp_path / "run.json")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["command"].startswith("padlm bench --strategies base,pad")
+    assert record["device"] == "cpu" and record["dtype"] == "float32"
+    assert record["threads"] >= 1 and record["torch"] and record["model"]
+    assert record["commit"] is None or len(record["commit"].split("+")[0]) == 40
+    assert record["persrm"]["path"].endswith("persrm-default")  # the shipped one
+    assert len(record["persrm"]["fingerprint"]) == 16 and record["experts"] is None
+    assert {(r["strategy"], r["batch_size"]) for r in record["rows"]} == {
+        ("base", 1), ("pad", 1), ("base", 2), ("pad", 2)}
+    table = record_table(record)
+    assert table.splitlines()[2].startswith("| base | ") and "| pad | " in table
+    assert record["command"] in table
+    shown = CliRunner().invoke(app, ["bench", "table", str(tmp_path / "run.json")])
+    assert shown.exit_code == 0 and shown.output.strip() == table
+    bad = CliRunner().invoke(app, ["bench", "table", str(tmp_path / "missing.json")])
+    assert bad.exit_code == 2 and "not a padlm bench --record file" in bad.output

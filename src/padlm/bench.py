@@ -138,6 +138,7 @@ def bench(engine: Personalizer, strategies: list[str], batch_sizes: list[int],
     if unknown:
         raise PadlmError(f"unknown bench strategy {', '.join(unknown)}; choose from "
                          f"{', '.join(BENCH_STRATEGIES)}")
+    source = provenance(engine, strategies)  # the code and guides as the run starts
     rows = []
     for batch_size in batch_sizes:
         base_ms = None
@@ -163,7 +164,7 @@ def bench(engine: Personalizer, strategies: list[str], batch_sizes: list[int],
             progress(json.dumps(row))
             if strategy in strategies:
                 rows.append(row)
-    return {**provenance(engine, strategies), "prompt_tokens": len(render(
+    return {**source, "prompt_tokens": len(render(
         engine.lm.tokenizer, BENCH_PROMPT)), "rows": rows}
 
 
@@ -216,4 +217,25 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {r['strategy']} | {r['batch_size']} | {r['ms_per_token']} | "
                      f"{r['tokens_per_second']} | {r['overhead_vs_base']}x | "
                      f"{r['forward_passes_per_token']} |")
+    return "\n".join(lines)
+
+
+def record_table(record: dict) -> str:
+    """A recorded run as one line per strategy and a column group per batch size (what the
+    reports print), with the provenance that makes its ratios comparable."""
+    sizes = sorted({r["batch_size"] for r in record["rows"]})
+    by_strategy: dict[str, dict[int, dict]] = {}
+    for r in record["rows"]:
+        by_strategy.setdefault(r["strategy"], {})[r["batch_size"]] = r
+    head = "| strategy | " + " | ".join(
+        f"batch {b} ms/token | tokens/s | vs base" for b in sizes) + " | forwards/token |"
+    lines = [head, "|---|" + "---|---|---|" * len(sizes) + "---|"]
+    for strategy, rows in by_strategy.items():
+        cells = [f"{rows[b]['ms_per_token']} | {rows[b]['tokens_per_second']} | "
+                 f"{rows[b]['overhead_vs_base']}x" if b in rows else "- | - | -" for b in sizes]
+        forwards = next(iter(rows.values()))["forward_passes_per_token"]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {forwards} |")
+    lines.append(f"\n{record.get('device_name')}, {record.get('dtype')}, "
+                 f"{record.get('threads')} threads, torch {record.get('torch')}, commit "
+                 f"{record.get('commit')}: `{record.get('command')}`")
     return "\n".join(lines)

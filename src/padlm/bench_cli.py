@@ -75,6 +75,19 @@ def bench_command(
     print(json.dumps(result, indent=2) if as_json else markdown_table(result))
 
 
+@bench_app.command("table")
+def bench_table(record: Annotated[Path, typer.Argument(
+        help="A file written by padlm bench --record.")]) -> None:
+    """Print a recorded run as the reports' markdown table (one line per strategy)."""
+    from padlm.bench import record_table
+
+    try:
+        data = json.loads(record.read_text())
+        print(record_table(data))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise PadlmError(f"{record} is not a padlm bench --record file: {error}") from None
+
+
 @bench_app.command("vllm-dp")
 def bench_vllm_dp(
     replicas: Annotated[str, typer.Option(
