@@ -501,13 +501,19 @@ def test_serve_rejects_a_busy_port_in_one_line():
 
 
 @pytest.mark.slow
-def test_bench_serve_end_to_end():
-    """The real command: it starts its own server process, measures two levels, exits."""
+def test_bench_serve_end_to_end(tmp_path):
+    """The real command: it starts its own server process, measures two levels, exits; its
+    record holds the same levels and what ran them."""
     done = subprocess.run([PADLM, "bench", "serve", "--clients", "1,2", "--requests", "2",
-                           "--max-tokens", "3", "--persrm", "identity", "--json"],
+                           "--max-tokens", "3", "--persrm", "identity", "--json",
+                           "--record", str(tmp_path / "serve.json")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
+    record = json.loads((tmp_path / "serve.json").read_text())
+    assert record["results"]["hf"] == result and record["persrm"] == "identity"
+    assert record["command"].startswith("padlm bench serve --clients 1,2")
+    assert record["torch"] and record["threads"] >= 1 and "commit" in record
     assert [level["clients"] for level in result["levels"]] == [1, 2]
     for level in result["levels"]:
         assert level["errors"] == 0 and level["requests"] == 2 and level["tokens"] == 6

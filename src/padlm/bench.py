@@ -11,8 +11,10 @@ import copy
 import dataclasses
 import json
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -194,16 +196,29 @@ def source_commit() -> str | None:
     return commit + ("+dirty" if dirty.strip() else "")
 
 
+def machine_provenance(device: torch.device) -> dict:
+    """The machine, library versions and code behind a timing."""
+    import transformers
+
+    return {"device": device.type, "device_name": device_name(device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "commit": source_commit()}
+
+
+def write_record(path: Path, payload: dict) -> None:
+    """A benchmark's machine-written record: the command line that ran it, then ``payload``
+    (atomically: a crash leaves the old file or the new one)."""
+    from padlm.atomic import write_json_atomic
+
+    write_json_atomic(path, {"command": shlex.join(["padlm", *sys.argv[1:]]), **payload})
+
+
 def provenance(engine: Personalizer, strategies: list[str]) -> dict:
     """Everything a speed figure depends on besides the code: machine, dtype, threads,
     library versions and the fingerprints of the guides that ran."""
-    import transformers
-
     uses_experts = bool({"mix", "soups"} & set(strategies))
-    return {"device": engine.lm.device.type, "device_name": device_name(engine.lm.device),
-            "model": engine.lm.name, "dtype": engine.lm.dtype_name,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "commit": source_commit(),
+    return {**machine_provenance(engine.lm.device), "model": engine.lm.name,
+            "dtype": engine.lm.dtype_name,
             "persrm": {"path": engine.persrm.path, "fingerprint": engine.persrm.fingerprint(),
                        "reference": engine.persrm.config.reference},
             "experts": ({"fingerprint": engine.experts.fingerprint()} if uses_experts

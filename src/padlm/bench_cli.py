@@ -4,8 +4,6 @@ so ``padlm --help`` does not import torch)."""
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -51,7 +49,7 @@ def bench_command(
         return
     from rich.console import Console
 
-    from padlm.bench import BENCH_STRATEGIES, bench, markdown_table
+    from padlm.bench import BENCH_STRATEGIES, bench, markdown_table, write_record
     from padlm.engine import Personalizer
 
     try:
@@ -67,10 +65,7 @@ def bench_command(
     result = bench(engine, chosen, sizes,
                    max_new_tokens, repeats, progress=lambda line: console.print(line))
     if record is not None:
-        from padlm.atomic import write_json_atomic
-
-        write_json_atomic(record, {"command": shlex.join(["padlm", *sys.argv[1:]]),
-                                   "repeats": repeats, **result})
+        write_record(record, {"repeats": repeats, **result})
         console.print(f"recorded to {record}")
     print(json.dumps(result, indent=2) if as_json else markdown_table(result))
 

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import httpx
@@ -288,6 +289,9 @@ def bench_serve(
         help="Engine(s) of the server started here, e.g. hf,vllm: each is started in turn, "
              "with the same clients, and compared in one table.")] = "hf",
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    record: Annotated[Path | None, typer.Option(
+        help="Also write the run as machine JSON (command, commit, machine, versions, "
+             "every level) to this file, atomically.")] = None,
 ) -> None:
     """Throughput, latency and time to first token of `padlm serve` per concurrency level."""
     from rich.console import Console
@@ -322,6 +326,13 @@ def bench_serve(
             results[name] = {"engine": name, **run_bench(target.rstrip("/"), levels, requests,
                                                          max_tokens, strategy, time_limit,
                                                          progress)}
+    if record is not None:
+        from padlm.bench import machine_provenance, write_record
+        from padlm.devices import AUTO, resolve_device
+
+        write_record(record, {**machine_provenance(resolve_device(AUTO)), "model": model,
+                              "persrm": persrm, "dtype": dtype, "results": results})
+        progress(f"recorded to {record}")
     if as_json:
         print(json.dumps(results[engines[0]] if len(engines) == 1 else results, indent=2))
     elif len(engines) == 1:
