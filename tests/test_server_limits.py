@@ -292,6 +292,17 @@ def test_metrics_in_prometheus_format(serve):
     assert ("padlm:live_rows", model) in after and ("padlm:queued_tokens", model) in after
 
 
+def test_an_invented_http_method_does_not_become_a_metrics_label(serve):
+    """Any client, even one the Host check refuses, could otherwise grow /metrics per request."""
+    server, _ = serve(allowed_hosts=LOOPBACK_HOSTS)
+    for n in range(5):
+        httpx.request(f"X{n:04d}PROBE", f"{server.url}/x", headers={"host": "evil.example"})
+    samples = metric_samples(server.url)
+    methods = {dict(labels).get("method") for (name, labels) in samples
+               if name == "http_requests_total"}
+    assert "other" in methods and not any(m.endswith("PROBE") for m in methods if m)
+
+
 # ---- OpenAI and vLLM details ---------------------------------------------------------------
 
 def test_models_by_id_unknown_models_and_aliases(serve):

@@ -35,6 +35,8 @@ from padlm.server.settings import ServerSettings
 access_log = logging.getLogger("padlm.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 def error_response(error: ApiError) -> JSONResponse:
     """The OpenAI error shape, with the error's headers (``Retry-After``, ...)."""
@@ -112,7 +114,9 @@ class Gate:
         route = scope.get("route")
         handler = getattr(route, "path", None) or (
             scope["path"] if scope["path"] in self.routes else "other")
-        self.metrics.http.labels(scope["method"], handler, str(status)).inc()
+        # a label per method a client can invent would grow /metrics without bound
+        method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+        self.metrics.http.labels(method, handler, str(status)).inc()
         client = scope.get("client")
         access_log.info(json.dumps({
             "event": "http", "request_id": request_id, "method": scope["method"],
