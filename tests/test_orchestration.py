@@ -150,6 +150,19 @@ def test_one_hot_fixed_weights_reproduce_that_prompted_expert(tiny_lm):
     assert len(mixed[0].trace) == 8
 
 
+@pytest.mark.parametrize(("mix", "same_as"), [("fixed:1e300,1,1", "fixed:1,0,0"),
+                                             ("fixed:1e-50,1e-50,1e-50", "fixed:1,1,1")])
+def test_fixed_weights_beyond_float32_mix_and_soup_like_their_ratios(tiny_lm, mix, same_as):
+    """Finite in float64 but not in float32: normalised before any tensor sees them."""
+    experts = _head_experts(tiny_lm)
+    for strategy in (MixStrategy(experts), SoupsStrategy(experts)):
+        extreme = _decode(strategy, tiny_lm, COMBO, mix=mix)
+        plain = _decode(strategy, tiny_lm, COMBO, mix=same_as)
+        assert [r.tokens for r in extreme] == [r.tokens for r in plain]
+        assert all(math.isfinite(w) for r in extreme for step in r.trace
+                   for w in step.values())
+
+
 def test_one_hot_pcm_reproduces_that_head_expert(tiny_lm):
     class OneHot(torch.nn.Module):  # a PCM whose weights are one-hot on the third lane
         def forward(self, hidden, request, experts, valid):

@@ -77,7 +77,10 @@ class GenerationConfig:
 
 
 def mix_weights(mix: str) -> str | tuple[float, ...]:
-    """Parse a mix setting: a mode name, or ``fixed:w1,w2,...`` (non-negative, not all 0)."""
+    """Parse a mix setting: a mode name, or ``fixed:w1,w2,...`` (non-negative, not all 0),
+    returned normalised to sum 1. Normalised here, in float64 and by the largest weight first,
+    because weights finite in float64 need not be in float32 (``1e300``; ``1e-50`` rounds to
+    0): the decode step's float32 tensors then only ever see values in [0, 1]."""
     if mix in MIX_MODES:
         return mix
     if mix.startswith("fixed:"):
@@ -85,8 +88,9 @@ def mix_weights(mix: str) -> str | tuple[float, ...]:
             weights = tuple(float(w) for w in mix.removeprefix("fixed:").split(","))
         except ValueError:
             weights = ()
-        if weights and all(_finite(w) and w >= 0 for w in weights) and sum(weights) > 0:
-            return weights
+        if weights and all(_finite(w) and w >= 0 for w in weights) and max(weights) > 0:
+            scaled = [w / max(weights) for w in weights]
+            return tuple(w / sum(scaled) for w in scaled)
     raise PadlmError(f"mix must be one of {', '.join(MIX_MODES)} or fixed:w1,w2,... with "
                      f"non-negative weights, got {mix!r}", param="mix")
 
