@@ -30,7 +30,6 @@ import pytest
 import torch
 
 from padlm import GenerationConfig, Personalizer
-from padlm.engine import eos_ids
 from padlm.models import LoadedModel, load_model
 from padlm.persrm import PersonalizedRewardModel
 
@@ -45,6 +44,7 @@ from test_decoding import (  # noqa: E402  (re-run on the device through the fix
     lora_persrm,
     perturbed_persrm,
     test_args_incremental_scorer_equals_full_recompute,
+    test_batch_equals_each_prompt_alone_with_early_eos,
     test_cached_decode_equals_full_recompute,
     test_linear_alignment_matches_two_separate_contexts,
     test_pad_unconditioned_matches_a_two_context_reference,
@@ -59,6 +59,7 @@ from test_engine import (  # noqa: E402
 __all__ = [
     "test_an_open_stream_and_a_generate_run_side_by_side_on_one_engine",
     "test_args_incremental_scorer_equals_full_recompute",
+    "test_batch_equals_each_prompt_alone_with_early_eos",
     "test_cached_decode_equals_full_recompute",
     "test_linear_alignment_matches_two_separate_contexts",
     "test_pad_unconditioned_matches_a_two_context_reference",
@@ -122,28 +123,6 @@ def test_cuda_greedy_equals_cpu_greedy_in_fp32(tiny_cpu_lm):
     for strategy in ("base", "linear-alignment"):
         assert (_tokens(gpu.generate(prompts, "P1A", strategy, config))
                 == _tokens(cpu.generate(prompts, "P1A", strategy, config)))
-
-
-@pytest.mark.slow
-def test_batch_equals_each_prompt_alone_with_early_eos(default_lm):
-    """``test_decoding``'s test for any weights: unless the first prompt's answer ends on EOS
-    within 32 tokens (random weights never say it), its 4th token is made an end token too,
-    so one row of the batch stops early either way, through the same device-side check."""
-    engine = Personalizer(default_lm, persrm=perturbed_persrm(default_lm, scale=0.02))
-    prompts = ["What is 2+2? Answer with one number.",
-               "Write a long story about a dragon who learns to bake bread.",
-               "Name one color.",
-               "Explain photosynthesis to a curious adult in detail."]
-    config = GenerationConfig(max_new_tokens=32)
-    for strategy in ["base", "pad"]:
-        engine.eos_ids = eos_ids(default_lm.tokenizer, default_lm.model.generation_config)
-        [first] = engine.generate(prompts[:1], PREFERENCE, strategy, config)
-        if first.finish_reason != "stop":
-            engine.eos_ids = sorted({*engine.eos_ids, first.tokens[3]})
-        together = engine.generate(prompts, PREFERENCE, strategy, config, batch_size=4)
-        alone = [engine.generate([p], PREFERENCE, strategy, config)[0] for p in prompts]
-        assert _tokens(together) == _tokens(alone)
-        assert together[0].finish_reason == "stop" and together[0].new_tokens < 32
 
 
 def test_a_saved_lora_persrm_loads_on_the_device_and_decodes_as_before(tiny_lm, tmp_path):

@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from padlm import GenerationConfig, Personalizer, guidance
 from padlm.decoding import Request
+from padlm.engine import eos_ids
 from padlm.errors import PadlmError
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.prompting import preference_token_ids, render
@@ -93,7 +94,10 @@ def test_pad_with_identity_head_equals_prompting(default_engine):
 
 @pytest.mark.slow
 def test_batch_equals_each_prompt_alone_with_early_eos(default_lm):
-    # a head perturbed enough to change PAD's tokens, little enough to keep EOS reachable
+    """A head perturbed enough to change PAD's tokens, little enough to keep EOS reachable.
+    For weights that never say EOS (the GPU check's random ones), the first prompt's 4th
+    token is made an end token too, so one row of the batch stops early either way, through
+    the same device-side check."""
     engine = Personalizer(default_lm, persrm=perturbed_persrm(default_lm, scale=0.02))
     prompts = ["What is 2+2? Answer with one number.",
                "Write a long story about a dragon who learns to bake bread.",
@@ -101,12 +105,15 @@ def test_batch_equals_each_prompt_alone_with_early_eos(default_lm):
                "Explain photosynthesis to a curious adult in detail."]
     config = GenerationConfig(max_new_tokens=32)
     for strategy in ["base", "pad"]:
+        engine.eos_ids = eos_ids(default_lm.tokenizer, default_lm.model.generation_config)
+        [first] = engine.generate(prompts[:1], PREFERENCE, strategy, config)
+        if first.finish_reason != "stop":
+            engine.eos_ids = sorted({*engine.eos_ids, first.tokens[3]})
         together = engine.generate(prompts, PREFERENCE, strategy, config, batch_size=4)
         alone = [engine.generate([p], PREFERENCE, strategy, config)[0] for p in prompts]
         assert [g.tokens for g in together] == [g.tokens for g in alone]
-        reasons = [g.finish_reason for g in together]
-        assert "stop" in reasons and "length" in reasons  # one row stopped early on EOS
-        assert min(g.new_tokens for g in together) < 32
+        assert together[0].finish_reason == "stop" and together[0].new_tokens < 32
+        assert "length" in [g.finish_reason for g in together]
 
 
 @pytest.mark.slow
