@@ -270,6 +270,8 @@ def test_dimension_scorer_is_the_mean_of_the_requested_dimension_rewards(tiny_lm
     """Hand-built: each score equals ``DimensionRewards.scores`` computed the plain way (one
     prompt and one response at a time) averaged over the request's preset ids; a dialogue's
     instruction is its last user turn; one call embeds everything once."""
+    from padlm.judges.embedding import default_encoder
+    from padlm.judges.harmlessness import features
     from padlm.orchestration.rewards import DimensionRewards, shipped_rewards_dir
     from padlm.preferences import resolve_preference
 
@@ -285,12 +287,13 @@ def test_dimension_scorer_is_the_mean_of_the_requested_dimension_rewards(tiny_lm
              for prompt, preference, response in cases]
     got = DimensionScorer(tokenizer)(items)
     rewards = DimensionRewards.load(shipped_rewards_dir())
+    encoder = default_encoder()
     expected = []
     for prompt, preference, response in cases:
         instruction = prompt if isinstance(prompt, str) else "Explain the tides."
-        [row] = rewards.scores([instruction], [response])
+        both = features(encoder.encode([instruction]), encoder.encode([response]))[0]
         ids = preference.split("+")
-        expected.append(sum(float(row[rewards.dimensions.index(i)]) for i in ids) / len(ids))
+        expected.append(sum(float(both @ rewards.weights[i].float()) for i in ids) / len(ids))
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
     assert abs(expected[0] - expected[1]) > 1e-3  # the second dimension counts
 

@@ -154,9 +154,9 @@ class PersonalizedRewardModel:
                                               selected_adapters=[ADAPTER_NAME])
                 # PEFT nests a non-default adapter under adapter/<name>/; load reads adapter/
                 nested = staging / ADAPTER_DIR / ADAPTER_NAME
-                for path in list(nested.iterdir()) if nested.is_dir() else []:
-                    path.replace(staging / ADAPTER_DIR / path.name)
                 if nested.is_dir():
+                    for path in list(nested.iterdir()):
+                        path.replace(staging / ADAPTER_DIR / path.name)
                     nested.rmdir()
             write_json_atomic(staging / CONFIG_NAME, asdict(self.config))
 

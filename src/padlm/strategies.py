@@ -352,18 +352,17 @@ class DimensionScorer(SequenceScorer):
     name = "dimensions"
     default_weight = DIMENSION_WEIGHT
 
-    def __init__(self, tokenizer, rewards=None, encoder=None) -> None:
+    def __init__(self, tokenizer, rewards=None) -> None:
         from padlm.orchestration.rewards import DimensionRewards, shipped_rewards_dir
 
         self.tokenizer = tokenizer
         self.rewards = rewards or DimensionRewards.load(shipped_rewards_dir())
-        self.encoder = encoder or self.rewards.encoder
-        self.weights = torch.stack([self.rewards.weights[d].float()
-                                    for d in self.rewards.dimensions])  # [dims, 2 * 384]
 
     def fingerprint(self) -> str:
+        dimensions = self.rewards.dimensions
         return "dimensions-" + tensor_fingerprint(
-            f"{','.join(self.rewards.dimensions)};w={self.default_weight}", [self.weights])
+            f"{','.join(dimensions)};w={self.default_weight}",
+            [torch.stack([self.rewards.weights[d].float() for d in dimensions])])
 
     def dimensions(self, preference: str) -> list[str]:
         """The request's dimensions, or a refusal naming the preference and the
@@ -393,19 +392,13 @@ class DimensionScorer(SequenceScorer):
         self.dimensions(request.preference)
 
     def __call__(self, items: Sequence[Scored]) -> torch.Tensor:
-        from padlm.judges.embedding import default_encoder
-        from padlm.judges.harmlessness import features
-        from padlm.orchestration.rewards import instruction_text
-
-        instructions = [instruction_text(item.request.prompt) for item in items]
-        distinct = list(dict.fromkeys(instructions))
         responses = self.tokenizer.batch_decode([list(item.response) for item in items],
                                                 skip_special_tokens=True)
-        embedded = (self.encoder or default_encoder()).encode([*distinct, *responses])
-        x = embedded[[distinct.index(text) for text in instructions]]
-        scores = features(x, embedded[len(distinct):]) @ self.weights.T  # [N, dims]
-        masks = {preference: [d in self.dimensions(preference) for d in self.rewards.dimensions]
-                 for preference in {item.request.preference for item in items}}
+        scores = self.rewards.scores([item.request.prompt for item in items], responses)
+        masks = {}
+        for preference in {item.request.preference for item in items}:
+            requested = self.dimensions(preference)
+            masks[preference] = [d in requested for d in self.rewards.dimensions]
         mask = torch.tensor([masks[item.request.preference] for item in items],
                             dtype=scores.dtype)
         return (scores * mask).sum(-1) / mask.sum(-1)

@@ -63,11 +63,17 @@ class DimensionRewards:
         return tuple(self.weights)
 
     def scores(self, prompts: Sequence, responses: Sequence[str]) -> torch.Tensor:
-        """``[N, dims]``: every dimension's reward of each response."""
+        """``[N, dims]``: every dimension's reward of each response. The distinct
+        instructions and the responses go through ONE encoder call (ARGS asks for k
+        continuations of each row at every step, all with the same instruction)."""
         encoder = self.encoder or default_encoder()
-        x = encoder.encode([instruction_text(p) for p in prompts])
-        y = encoder.encode(list(responses))
-        return features(x, y) @ torch.stack([self.weights[d] for d in self.dimensions]).T
+        instructions = [instruction_text(p) for p in prompts]
+        distinct = list(dict.fromkeys(instructions))
+        embedded = encoder.encode([*distinct, *responses])
+        position = {text: i for i, text in enumerate(distinct)}
+        x = embedded[[position[text] for text in instructions]]
+        weights = torch.stack([self.weights[d].float() for d in self.dimensions])
+        return features(x, embedded[len(distinct):]) @ weights.T
 
     def reward(self, prompts: Sequence, responses: Sequence[str], references: Sequence[str],
                requested: Sequence[Sequence[str]]) -> torch.Tensor:
