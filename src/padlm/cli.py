@@ -85,7 +85,7 @@ def generate(
 ) -> None:
     """Generate a personalized response (or one per line of --prompts-file)."""
     from padlm.config import GenerationConfig
-    from padlm.registry import DEFAULT_SCORER, check_request, check_scorer, strategy_class
+    from padlm.registry import check_request, check_scorer, strategy_class
 
     spec = strategy_class(strategy).spec
     if (prompt is None) == (prompts_file is None):
@@ -122,7 +122,7 @@ def generate(
         from padlm.engine import Personalizer
 
         engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                              device=device, experts=experts, scorer=scorer or DEFAULT_SCORER)
+                              device=device, experts=experts, scorer=scorer)
         model_name, extra = engine.lm.name, {"batch_size": batch_size, "n": n}
     meta = {"strategy": strategy, "preference": preference, "model": model_name,
             "persrm": engine.persrm_name}

@@ -28,7 +28,7 @@ from padlm.cli_options import (
 from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
 from padlm.evaluation.report import headline_table, rewrite
-from padlm.registry import DEFAULT_SCORER, check_scorer, strategy_names
+from padlm.registry import check_scorer, strategy_names
 
 eval_app = typer.Typer(help="Evaluate strategies on P-Soups (default) and tools around it.",
                        invoke_without_command=True, no_args_is_help=False)
@@ -165,7 +165,7 @@ def eval_command(
         for job in jobs(plan, 1.0):
             decoder.check(job.strategy, plan.config)  # before either engine loads
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                          device=device, experts=experts, scorer=scorer or DEFAULT_SCORER)
+                          device=device, experts=experts, scorer=scorer)
     # the command that regenerates this report (flags that do not change results dropped)
     quiet = {"--no-generate", "--no-progress", "--progress", "--generate"}
     command = "padlm eval " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a not in quiet) \

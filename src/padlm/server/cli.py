@@ -79,7 +79,7 @@ def serve(
     import logging
 
     from padlm.devices import check_engine
-    from padlm.registry import DEFAULT_SCORER, check_scorer
+    from padlm.registry import check_scorer
     from padlm.server.app import create_app, make_server
     from padlm.server.settings import default_allowed_hosts, split_list
 
@@ -113,7 +113,7 @@ def serve(
         from padlm.engine import Personalizer
 
         engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                              device=device, experts=experts, scorer=scorer or DEFAULT_SCORER)
+                              device=device, experts=experts, scorer=scorer)
     make_server(create_app(engine, settings), host, port, log_level,
                 on_exit=engine.close if engine_name == "vllm" else None).run()
 
