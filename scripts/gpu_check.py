@@ -38,6 +38,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # padlm itself, before anything is installed
+
+from padlm.provenance import source_commit  # noqa: E402  (standard library only)
+
 SCRIPT = Path(__file__).resolve()
 DEFAULT_DIR = "SmolLM2-135M-Instruct"  # padlm.models.DEFAULT_MODEL_NAME
 BENCH_STRATEGIES = "base,prompt,pad,linear-alignment,mix"
@@ -95,19 +99,6 @@ class Step:
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    if head.returncode != 0:
-        return "unknown (not a git checkout)"
-    return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
 def run_step(step: Step, out: Path, env: dict[str, str], limit_s: float) -> dict:
@@ -275,7 +266,7 @@ def drive(args: argparse.Namespace) -> int:
     began = time.monotonic()
     summary = {"check": "scripts/gpu-check.sh" + (" --dry-run-cpu" if mode == "cpu" else ""),
                "mode": mode, "ok": None, "failed": [], "started": now(), "seconds": None,
-               "budget_s": budget, "commit": commit(), "python": args.python,
+               "budget_s": budget, "commit": source_commit(), "python": args.python,
                "bundle": str(bundle) if mode == "gpu" else None,
                "bundle_bytes": (read_json(bundle / "bundle.json") or {}).get("bytes")
                if mode == "gpu" else None,

@@ -13,7 +13,6 @@ import json
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from padlm.errors import PadlmError
 from padlm.kvstream import decoder_of
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.prompting import render
+from padlm.provenance import source_commit
 from padlm.strategies import ArgsStrategy, PadStrategy, make_scorer
 
 BENCH_PROMPT = (
@@ -180,20 +180,6 @@ def device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def source_commit() -> str | None:
-    """The checkout's commit, with ``+dirty`` when tracked files differ from it (a number
-    from uncommitted code says so); None outside a git checkout."""
-    root = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty.strip() else "")
 
 
 def machine_provenance(device: torch.device) -> dict:
