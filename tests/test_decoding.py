@@ -95,9 +95,11 @@ def test_pad_with_identity_head_equals_prompting(default_engine):
 @pytest.mark.slow
 def test_batch_equals_each_prompt_alone_with_early_eos(default_lm):
     """A head perturbed enough to change PAD's tokens, little enough to keep EOS reachable.
-    For weights that never say EOS (the GPU check's random ones), the first prompt's 4th
-    token is made an end token too, so one row of the batch stops early either way, through
-    the same device-side check."""
+    For weights that never say EOS (the GPU check's random ones), one of the first prompt's
+    early tokens that some other row never produces is made an end token too, so one row of
+    the batch stops early and another runs to the length limit, through the same device-side
+    check (on degenerate weights whose rows all repeat the same tokens, every row stops
+    early: then only the equality and the early stop are checked)."""
     engine = Personalizer(default_lm, persrm=perturbed_persrm(default_lm, scale=0.02))
     prompts = ["What is 2+2? Answer with one number.",
                "Write a long story about a dragon who learns to bake bread.",
@@ -106,14 +108,22 @@ def test_batch_equals_each_prompt_alone_with_early_eos(default_lm):
     config = GenerationConfig(max_new_tokens=32)
     for strategy in ["base", "pad"]:
         engine.eos_ids = eos_ids(default_lm.tokenizer, default_lm.model.generation_config)
-        [first] = engine.generate(prompts[:1], PREFERENCE, strategy, config)
-        if first.finish_reason != "stop":
-            engine.eos_ids = sorted({*engine.eos_ids, first.tokens[3]})
+        first, *others = [engine.generate([p], PREFERENCE, strategy, config)[0]
+                          for p in prompts]
+        mixed = first.finish_reason == "stop"
+        if not mixed:  # random weights: make one of the first row's tokens an end token
+            running = [set(g.tokens) for g in others if g.finish_reason == "length"]
+            separating = next((t for t in first.tokens[3:]
+                               if any(t not in seen for seen in running)), None)
+            mixed = separating is not None  # else every row says the first row's tokens
+            engine.eos_ids = sorted({*engine.eos_ids, first.tokens[3] if separating is None
+                                     else separating})
         together = engine.generate(prompts, PREFERENCE, strategy, config, batch_size=4)
         alone = [engine.generate([p], PREFERENCE, strategy, config)[0] for p in prompts]
         assert [g.tokens for g in together] == [g.tokens for g in alone]
         assert together[0].finish_reason == "stop" and together[0].new_tokens < 32
-        assert "length" in [g.finish_reason for g in together]
+        if mixed:
+            assert "length" in [g.finish_reason for g in together]
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from padlm.kvstream import response_hidden
 from padlm.models import load_model
 from padlm.persrm import PersonalizedRewardModel, ValueHead
 from padlm.strategies import PREFERENCE, reference_lanes, render_lanes
+from padlm.training.head import HeadParam
 
 ROWS, K, VOCAB, HIDDEN = 3, 4, 50, 16
 
@@ -78,6 +79,14 @@ def test_mixtures_and_rebel_stay_on_the_device():
     assert guidance.average_parameters(heads, [0.2, 0.3, 0.5]).device == META
     logp = torch.zeros(2, device=META)
     assert guidance.rebel_loss(logp, logp, logp, logp, logp, logp, 1.0).device == META
+
+
+@pytest.mark.parametrize("form", ["full", "lowrank", "diagonal"])
+def test_a_training_heads_matrix_stays_on_its_device(form):
+    """The trained head's ``W`` is copied into the PersRM after training on the device (the
+    GPU check found its identity built on the CPU)."""
+    head = HeadParam(HIDDEN, form=form, rank=2).to(META)
+    assert head.weight().device == META and head.distance_from_identity().device == META
 
 
 def test_head_is_exact_on_the_cpu_and_knows_the_identity():

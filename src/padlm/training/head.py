@@ -98,7 +98,7 @@ class HeadParam(nn.Module):
     def weight(self) -> torch.Tensor:
         """The equivalent ``d x d`` matrix ``W`` (``W h + b``)."""
         d = self.bias.shape[0]
-        eye = torch.eye(d)
+        eye = torch.eye(d, device=self.bias.device)
         if self.form == "full":
             return eye + self.delta
         if self.form == "lowrank":
