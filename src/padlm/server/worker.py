@@ -81,6 +81,7 @@ class Job:
     picker: object | None = None  # a sequence-level strategy with pick_many(rows, n)
     best_of: int = 1
     token_rewards: bool = False
+    prefill_tokens: int = 0  # prompt tokens over all rows, lanes and streams
     stream: bool = True  # False: only the finishing event of each choice is sent
     timeout_s: float = math.inf
     cancelled: bool = False  # the client went away (set by BatchWorker.cancel)
@@ -94,8 +95,9 @@ class Job:
 
     @property
     def cost(self) -> int:
-        """Tokens this job may generate: what it weighs in the queue."""
-        return sum(request.config.max_new_tokens for request in self.rows)
+        """Tokens this job reads and may generate: what it weighs in the queue (a 4k-token
+        prompt with ``max_tokens: 1`` is not a one-token job)."""
+        return self.prefill_tokens + sum(request.config.max_new_tokens for request in self.rows)
 
     @property
     def deadline(self) -> float:
