@@ -19,7 +19,7 @@ import torch
 
 from padlm import guidance
 from padlm.config import GenerationConfig
-from padlm.kvstream import KVStream, StreamOutput
+from padlm.kvstream import KVStream, Prefill, StreamOutput
 from padlm.prompting import Message
 from padlm.registry import StrategySpec, check_request
 
@@ -176,14 +176,59 @@ class DecodeBatch(RowText):
         self.finished: list[Row] = []
         self._pending: list[StreamOutput] | None = None  # outputs not yet turned into tokens
         self.last_outputs: list[StreamOutput] | None = None  # what the last step scored
+        self.prefilling: list[PrefillGroup] = []  # rows joining a chunk at a time, oldest first
 
     @property
     def device(self) -> torch.device:
         return self.streams[0].device
 
     @torch.inference_mode()
-    def join(self, requests: Sequence[Request]) -> list[Row]:
-        """Prefill new requests (one batched forward per stream) and add them to the batch."""
+    def join(self, requests: Sequence[Request], chunk_tokens: int | None = None) -> list[Row]:
+        """Prefill new requests (one batched forward per stream) and add them to the batch.
+
+        With ``chunk_tokens``, requests whose prefill is longer than that many positions wait
+        in :attr:`prefilling` instead, and :meth:`prefill` runs them a chunk at a time between
+        steps; they take part in steps once their last chunk has run."""
+        new_rows = self._new_rows(requests)
+        if not new_rows:
+            return []
+        group = PrefillGroup(new_rows, [
+            stream.prefill([lane for row in new_rows for lane in row.contexts[s]])
+            for s, stream in enumerate(self.streams)])
+        if chunk_tokens is not None and group.tokens_left > chunk_tokens:
+            self.prefilling.append(group)
+        else:
+            self._joined(group, [prefill.advance(None) for prefill in group.streams])
+        return new_rows
+
+    @torch.inference_mode()
+    def prefill(self, budget: int) -> int:
+        """Run about ``budget`` positions of waiting prefills, oldest first (one chunk of
+        one stream at least); returns how many rows joined the batch."""
+        joined = 0
+        while self.prefilling and budget > 0:
+            group = self.prefilling[0]
+            prefill = next(p for p in group.streams if p.tokens_left)
+            before = prefill.tokens_left
+            out = prefill.advance(budget)
+            budget -= before - prefill.tokens_left
+            if out is not None:
+                group.outputs.append(out)
+            if len(group.outputs) == len(group.streams):
+                self.prefilling.pop(0)
+                self._joined(group, group.outputs)
+                joined += len(group.rows)
+        return joined
+
+    def _joined(self, group: PrefillGroup, outputs: list[StreamOutput]) -> None:
+        for prefill in group.streams:
+            prefill.merge()
+        self._pending = outputs if self._pending is None else [
+            _concat(old, new) for old, new in zip(self._pending, outputs, strict=True)
+        ]
+        self.rows = Rows([*self.rows, *group.rows])
+
+    def _new_rows(self, requests: Sequence[Request]) -> list[Row]:
         new_rows = []
         for request in requests:
             check_request(self.strategy.spec.name, request.config)
@@ -194,17 +239,12 @@ class DecodeBatch(RowText):
                 generator.manual_seed(request.config.seed if request.config.seed is not None
                                       else secrets.randbits(63))
             new_rows.append(Row(request, self.strategy.contexts(request), generator))
-        if not new_rows:
-            return []
-        outputs = [
-            stream.join([lane for row in new_rows for lane in row.contexts[s]])
-            for s, stream in enumerate(self.streams)
-        ]
-        self._pending = outputs if self._pending is None else [
-            _concat(old, new) for old, new in zip(self._pending, outputs, strict=True)
-        ]
-        self.rows = Rows([*self.rows, *new_rows])
         return new_rows
+
+    @property
+    def waiting_rows(self) -> list[Row]:
+        """Rows still prefilling."""
+        return [row for group in self.prefilling for row in group.rows]
 
     def run(self, requests: Sequence[Request]) -> list[Row]:
         """Join ``requests`` and step until every row has finished; rows in request order."""
@@ -215,8 +255,13 @@ class DecodeBatch(RowText):
         return [finished[id(request)] for request in requests]
 
     def leave(self, rows: Sequence[Row]) -> None:
-        """Remove rows (finished, or their client went away) before the next step."""
+        """Remove rows (finished, or their client went away) before the next step; a row
+        still prefilling stops there."""
         gone = {id(row) for row in rows}
+        for group in list(self.prefilling):
+            group.keep([i for i, row in enumerate(group.rows) if id(row) not in gone])
+            if not group.rows:
+                self.prefilling.remove(group)
         keep = [i for i, row in enumerate(self.rows) if id(row) not in gone]
         if len(keep) == len(self.rows):
             return
@@ -273,6 +318,28 @@ class DecodeBatch(RowText):
             for generator, state in saved:  # a row may have drawn before another failed
                 generator.set_state(state)
             raise
+
+
+@dataclass
+class PrefillGroup:
+    """Rows that joined together and prefill together, one :class:`Prefill` per stream."""
+
+    rows: list[Row]
+    streams: list[Prefill]
+    outputs: list[StreamOutput] = field(default_factory=list)  # of the streams done
+
+    @property
+    def tokens_left(self) -> int:
+        return sum(prefill.tokens_left for prefill in self.streams)
+
+    def keep(self, indices: list[int]) -> None:
+        if len(indices) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        if self.rows:
+            for prefill in self.streams:
+                prefill.keep(indices)
+            self.outputs = [_select(out, indices) for out in self.outputs]
 
 
 def _repetition_control(logits: torch.Tensor, rows: Rows) -> torch.Tensor:

@@ -148,19 +148,18 @@ class KVStream:
     def join(self, contexts: Sequence[Sequence[int]]) -> StreamOutput:
         """Prefill new rows (``len(contexts)`` must be a multiple of ``lanes``) and append
         them to the batch; returns the new rows' outputs."""
+        prefill = self.prefill(contexts)
+        out = prefill.advance(None)
+        prefill.merge()
+        return out
+
+    def prefill(self, contexts: Sequence[Sequence[int]]) -> Prefill:
+        """New rows to prefill a chunk at a time (:meth:`Prefill.advance`), so a long prompt
+        never holds the batch's other rows for the whole of its prefill; they join the batch
+        once every chunk has run (:meth:`Prefill.merge`)."""
         if len(contexts) % self.lanes:
             raise ValueError("contexts must come in whole requests")
-        width = max(len(c) for c in contexts)
-        pad_id = 0
-        ids = torch.tensor([[pad_id] * (width - len(c)) + list(c) for c in contexts],
-                           device=self.device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts],
-                            device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self._forward(ids, mask, positions, cache)
-        self._merge(cache, mask, positions[:, -1] + 1)
-        return out
+        return Prefill(self, contexts)
 
     def step(self, tokens: torch.Tensor) -> StreamOutput:
         """Append one token per request (the same token to all its lanes) and run it."""
@@ -211,6 +210,54 @@ class KVStream:
         self.cache = _rebuild_cache(merged)
         self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
         self.next_position = torch.cat([self.next_position, next_position])
+
+
+class Prefill:
+    """Rows of one stream being prefilled: their left-padded ids and a KV cache of their
+    own, which grows chunk by chunk and merges into the stream's batch after the last chunk.
+    Chunks of columns give the same attention as one pass (each column sees every earlier
+    one through the cache), up to float rounding."""
+
+    def __init__(self, stream: KVStream, contexts: Sequence[Sequence[int]]) -> None:
+        self.stream = stream
+        width = max(len(c) for c in contexts)
+        self.ids = torch.tensor([[0] * (width - len(c)) + list(c) for c in contexts],
+                                device=stream.device)
+        self.mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts],
+                                 device=stream.device)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache(config=stream.model.config)
+        self.done = 0  # columns prefilled
+
+    @property
+    def tokens_left(self) -> int:
+        """Positions still to run, padding included (what the next chunks cost)."""
+        return self.ids.shape[0] * (self.ids.shape[1] - self.done)
+
+    def advance(self, budget: int | None) -> StreamOutput | None:
+        """Run the next chunk of at most ``budget`` positions (at least one column; None:
+        all that is left). Returns the rows' last-position outputs once the last chunk has
+        run, else None."""
+        rows, width = self.ids.shape
+        columns = width - self.done if budget is None else max(1, budget // rows)
+        end = min(width, self.done + columns)
+        out = self.stream._forward(self.ids[:, self.done:end], self.mask[:, :end],
+                                   self.positions[:, self.done:end], self.cache)
+        self.done = end
+        return out if end == width else None
+
+    def merge(self) -> None:
+        """Append the prefilled rows to the stream's batch (every chunk has run)."""
+        self.stream._merge(self.cache, self.mask, self.positions[:, -1] + 1)
+
+    def keep(self, requests: Sequence[int]) -> None:
+        """Drop every request not listed (their clients left mid-prefill)."""
+        lanes = self.stream.lanes
+        rows = torch.tensor([r * lanes + lane for r in requests for lane in range(lanes)],
+                            dtype=torch.long, device=self.stream.device)
+        self.ids, self.mask, self.positions = self.ids[rows], self.mask[rows], self.positions[rows]
+        if self.done:
+            self.cache.batch_select_indices(rows)
 
 
 def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -27,6 +27,9 @@ class ServerSettings:
     # not the number of requests (one n=16 request is 16 rows); default: 16 rows at the cap
     max_queue_tokens: int = 65536
     max_tokens_cap: int = 4096  # max_tokens of one choice, at most
+    # prompt positions prefilled per decode step: a long prompt joins a chunk at a time
+    # between the other rows' steps, so it delays them by about one chunk's forward per step
+    prefill_chunk_tokens: int = 512
     max_n: int | None = None  # n and best_of, at most (None: max_batch_size)
     request_timeout_s: float = 600.0  # a request still decoding after this fails with a 504
     max_body_bytes: int = 1 << 20  # request bodies beyond this get a 413
@@ -40,7 +43,8 @@ class ServerSettings:
     served_model_names: tuple[str, ...] = ()  # names the model answers to; (): its own name
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_tokens_cap", "max_body_bytes"):
+        for name in ("max_batch_size", "max_tokens_cap", "max_body_bytes",
+                     "prefill_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise PadlmError(f"--{name.replace('_', '-')} must be >= 1", param=name)
         for name in ("max_queue", "max_queue_tokens"):

@@ -248,7 +248,8 @@ class BatchWorker:
 
     @property
     def live_rows(self) -> int:
-        return sum(len(batch.rows) for batch in list(self.batches.values()))
+        return sum(len(batch.rows) + len(batch.waiting_rows)
+                   for batch in list(self.batches.values()))
 
     @property
     def status(self) -> str:
@@ -295,6 +296,10 @@ class BatchWorker:
         began, tokens = time.perf_counter(), 0
         self._expire(time.monotonic())
         self._admit(admitted)
+        for name, batch in list(self.batches.items()):
+            if batch.prefilling:
+                self._prefill(name, batch)
+        self._expire(time.monotonic())  # a prefill chunk may have taken a job past its deadline
         self._drop_ended()
         for name, batch in list(self.batches.items()):
             if batch.rows:
@@ -352,8 +357,15 @@ class BatchWorker:
                 self.metrics.labelled(self.metrics.queue_time).observe(now - job.submitted)
             job.finished = [None] * len(job.rows)
             groups.setdefault(job.batch, []).append(job)
+        chunk = self.settings.prefill_chunk_tokens
         for name, group in groups.items():
-            self._join(name, [job for job in group if not job.ended])
+            group = [job for job in group if not job.ended]
+            # short prompts prefill together now; each long one joins on its own, a chunk
+            # per iteration, so its prefill neither delays nor shares a failure with others
+            self._join(name, [job for job in group if job.prefill_tokens <= chunk])
+            for job in group:
+                if job.prefill_tokens > chunk:
+                    self._join(name, [job])
         self._forget_ended()
         self.stats["max_live_rows"] = max(self.stats["max_live_rows"], self.live_rows)
 
@@ -371,7 +383,8 @@ class BatchWorker:
             return
         before = _shape(batch)
         try:
-            rows = batch.join([request for job in group for request in job.rows])
+            rows = batch.join([request for job in group for request in job.rows],
+                              chunk_tokens=self.settings.prefill_chunk_tokens)
         except Exception as error:
             intact = _shape(batch) == before
             if len(group) > 1 and intact:
@@ -390,10 +403,24 @@ class BatchWorker:
         for job in group:
             job.remaining = len(job.rows)
 
+    def _prefill(self, name: str, batch: DecodeBatch) -> None:
+        """One chunk of the batch's waiting prefills. A failed chunk fails the requests of
+        the rows it was for (their cache is their own: the batch is untouched)."""
+        group = batch.prefilling[0]
+        try:
+            batch.prefill(self.settings.prefill_chunk_tokens)
+        except Exception as error:
+            log.warning("a prefill chunk on %s failed: %s", name, error)
+            for row in group.rows:
+                self._fail(self._owners[id(row)][0], _job_error(error, "reading the prompt"))
+            self._drop_ended()
+
     def _drop_ended(self) -> None:
-        """Rows of jobs that ended (client gone, failed, expired) leave their batch."""
+        """Rows of jobs that ended (client gone, failed, expired) leave their batch, from a
+        step or from the middle of their prefill."""
         for batch in self.batches.values():
-            gone = [row for row in batch.rows if self._owners[id(row)][0].ended]
+            gone = [row for row in [*batch.rows, *batch.waiting_rows]
+                    if self._owners[id(row)][0].ended]
             if not gone:
                 continue
             batch.leave(gone)
@@ -549,9 +576,9 @@ class BatchWorker:
         batch = self.batches.pop(name, None)
         if batch is None:
             return
-        rows = [*batch.rows, *batch.finished]
+        rows = [*batch.rows, *batch.waiting_rows, *batch.finished]
         with contextlib.suppress(Exception):  # an engine of its own (vLLM) frees the rows
-            batch.leave(list(batch.rows))
+            batch.leave([*batch.rows, *batch.waiting_rows])
         for row in rows:
             owner = self._owners.pop(id(row), None)
             if owner is not None:
@@ -575,7 +602,8 @@ def _shape(batch: DecodeBatch) -> tuple:
     """What a step or a prefill changes: the rows, their lengths, the finished rows and the
     streams' sizes. Unchanged after an exception means the batch is as it was."""
     return (tuple(id(row) for row in batch.rows), tuple(len(row.tokens) for row in batch.rows),
-            len(batch.finished), tuple(stream.rows for stream in batch.streams))
+            len(batch.finished), tuple(stream.rows for stream in batch.streams),
+            tuple(id(row) for row in batch.waiting_rows))
 
 
 def _job_error(error: Exception, doing: str) -> ApiError:

@@ -61,6 +61,8 @@ class VllmBatch(RowText):
     :class:`padlm.decoding.DecodeBatch` that the server's worker uses."""
 
     streams: tuple = ()  # no KV state on this side: vLLM holds it
+    prefilling: tuple = ()  # vLLM prefills long prompts in chunks on its own scheduler
+    waiting_rows: tuple = ()
 
     def __init__(self, engine: VllmPersonalizer, router: VllmRouter, strategy: str) -> None:
         self.engine, self.router, self.strategy = engine, router, strategy
@@ -71,8 +73,9 @@ class VllmBatch(RowText):
         self._request_id: dict[int, str] = {}  # id(row) -> vLLM request id
         self._row: dict[str, Row] = {}
 
-    def join(self, requests: Sequence[Request]) -> list[Row]:
-        """Check every request first (a refusal adds none of them), then hand them to vLLM."""
+    def join(self, requests: Sequence[Request], chunk_tokens: int | None = None) -> list[Row]:
+        """Check every request first (a refusal adds none of them), then hand them to vLLM
+        (``chunk_tokens`` is vLLM's own business: its scheduler chunks long prefills)."""
         prepared = []
         for request in requests:
             self.engine.check(self.strategy, request.config)
@@ -84,6 +87,10 @@ class VllmBatch(RowText):
             self._request_id[id(row)], self._row[request_id] = request_id, row
             self.rows.append(row)
         return [row for row, _, _ in prepared]
+
+    def prefill(self, budget: int) -> int:
+        """Nothing waits here: every row joined vLLM's scheduler at :meth:`join`."""
+        return 0
 
     def run(self, requests: Sequence[Request]) -> list[Row]:
         """Join ``requests`` and step until every row has finished; rows in request order."""
