@@ -7,6 +7,7 @@ absolute numbers."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -45,6 +46,10 @@ def arrivals(url: str, body: dict, started: threading.Event | None = None
     return times, payloads
 
 
+def gaps_of(times: list[float]) -> list[float]:
+    return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+
+
 def timed_chat(url: str, body: dict) -> tuple[float, httpx.Response]:
     began = time.monotonic()
     reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
@@ -80,8 +85,7 @@ def test_a_stream_keeps_flowing_beside_a_long_prompt(engine, prefill_alone):
     times, payloads = result["v"]
     assert reply.status_code == 200, reply.text
     assert payloads[-1] == "[DONE]" and not any('"error"' in p for p in payloads)
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    solo_gaps = [b - a for a, b in zip(solo, solo[1:])]
+    gaps, solo_gaps = gaps_of(times), gaps_of(solo)
     print(f"prefill alone {prefill_alone:.2f} s, beside the victim {seconds:.2f} s; victim's "
           f"longest gap {max(gaps):.3f} s (alone {max(solo_gaps):.3f} s)")
     assert max(gaps) < prefill_alone / 3
@@ -101,3 +105,24 @@ def test_a_long_prompt_obeys_its_own_deadline(engine, prefill_alone):
         while worker.live_rows and time.monotonic() < deadline:
             time.sleep(0.05)
         assert worker.live_rows == 0  # its rows left mid-prefill
+
+
+def test_a_client_that_leaves_stops_its_prefill(engine, prefill_alone):
+    app = create_app(engine, prefill_chunk_tokens=CHUNK)
+    worker = app.state.service.worker
+    with ServerThread(app) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        data = json.dumps(LONG).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(data), data))
+            deadline = time.monotonic() + 60
+            while not worker.batches.get("pad") or not worker.batches["pad"].prefilling:
+                assert time.monotonic() < deadline, "the prefill never started"
+                time.sleep(0.02)
+        left = time.monotonic()
+        while worker.live_rows and time.monotonic() - left < prefill_alone:
+            time.sleep(0.02)
+        assert worker.live_rows == 0 and time.monotonic() - left < prefill_alone / 3
+        assert worker.stats["rows_cancelled"] >= 1
