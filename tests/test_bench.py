@@ -55,3 +55,23 @@ def test_a_recorded_run_says_what_ran_and_renders_as_the_reports_table(tmp_path)
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a padlm bench --record file" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_reference_pad_is_the_engines_pad_token_for_token(default_lm):
+    """The twenty-line specification and the engine (KV caches, batching, the strategy
+    registry) choose the same tokens, on the real default model with a head far enough from
+    the identity to change PAD's choices."""
+    from test_decoding import perturbed_persrm
+
+    from padlm import GenerationConfig, Personalizer
+    from padlm.bench import reference_pad
+    from padlm.prompting import render
+
+    engine = Personalizer(default_lm, persrm=perturbed_persrm(default_lm, scale=0.02))
+    config = GenerationConfig(max_new_tokens=24, ignore_eos=True, top_k=10, weight=1.0)
+    for prompt in ("Why is the sky blue?", "Give me a tip for learning to cook."):
+        request = engine.request(prompt, "P1A")
+        ids = render(engine.lm.tokenizer, prompt, request.preference, engine.placement)
+        [generated] = engine.generate([prompt], "P1A", "pad", config)
+        prompted = engine.generate([prompt], "P1A", "prompt", config)[0].tokens
+        assert reference_pad(engine, ids, 24) == generated.tokens != prompted

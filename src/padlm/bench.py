@@ -60,9 +60,13 @@ def lora_persrm(engine: Personalizer) -> PersonalizedRewardModel:
 
 
 def reference_pad(engine: Personalizer, prompt_ids: list[int], new_tokens: int,
-                  top_k: int = 10, weight: float = 1.0) -> None:
-    """The released PAD code's computation pattern: batch 1, no KV cache, the base model and
-    the PersRM each recompute the whole sequence (all positions' logits) at every step."""
+                  top_k: int = 10, weight: float = 1.0) -> list[int]:
+    """PAD in twenty lines, as a specification and as the released code's computation
+    pattern (the timing baseline): batch 1, greedy, no KV cache, the base model and the
+    PersRM (head on the shared backbone, reference = the preference-conditioned base) each
+    recompute the whole sequence at every step. At each step, over the base's top-k
+    candidates ``a``: ``score(a) = z_b(a) + w * (log softmax_k z_R(a) - log softmax_k z_b(a))``.
+    Returns the new tokens; the engine's ``pad`` gives the same ones (tested)."""
     model = engine.lm.model
     lm_head = model.get_output_embeddings().weight
     ids = torch.tensor([prompt_ids], device=lm_head.device)
@@ -76,6 +80,7 @@ def reference_pad(engine: Personalizer, prompt_ids: list[int], new_tokens: int,
                 reward_logits.gather(1, top).log_softmax(-1)
                 - base_logits.gather(1, top).log_softmax(-1))
             ids = torch.cat([ids, top.gather(1, score.argmax(-1, keepdim=True))], dim=1)
+    return ids[0, len(prompt_ids):].tolist()
 
 
 class ForwardCounter:
