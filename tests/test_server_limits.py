@@ -104,7 +104,11 @@ def test_body_size_limit(serve):
 
 
 def test_queue_admits_by_tokens_and_429_says_when_to_retry(serve):
-    server, worker = serve(max_batch_size=1, max_queue=8, max_queue_tokens=100)
+    """A waiting request weighs its prompt's prefill (``p`` tokens, one lane: base) plus its
+    max_tokens."""
+    probe, _ = serve()
+    p = chat(probe.url, {"messages": HI, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    server, worker = serve(max_batch_size=1, max_queue=8, max_queue_tokens=100 + 2 * p)
     busy = open_request(server.url, LONG)
     wait_until(lambda: worker.live_rows == 1)
     results: dict = {}
@@ -112,13 +116,13 @@ def test_queue_admits_by_tokens_and_429_says_when_to_retry(serve):
         {key: chat(server.url, {"messages": HI, "max_tokens": tokens})}))
         for key, tokens in (("a", 60), ("c", 30))]
     waiting[0].start()
-    wait_until(lambda: worker.snapshot()["queued_tokens"] == 60)
-    refused = chat(server.url, {"messages": HI, "max_tokens": 60})  # 60 + 60 > 100
+    wait_until(lambda: worker.snapshot()["queued_tokens"] == 60 + p)
+    refused = chat(server.url, {"messages": HI, "max_tokens": 60})  # 2 (60 + p) > 100 + 2p
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert int(refused.headers["retry-after"]) >= 1
-    waiting[1].start()  # 60 + 30 fits
-    wait_until(lambda: worker.snapshot()["queued_tokens"] == 90)
+    waiting[1].start()  # 60 + p + 30 + p fits
+    wait_until(lambda: worker.snapshot()["queued_tokens"] == 90 + 2 * p)
     busy.close()
     for thread in waiting:
         thread.join(120)

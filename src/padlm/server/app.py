@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -40,7 +43,7 @@ from padlm.engine import Personalizer
 from padlm.errors import PadlmError
 from padlm.preferences import PRESETS, resolve_preference
 from padlm.registry import strategy_class
-from padlm.server.gate import Gate, error_response
+from padlm.server.gate import CLIENT_CLOSED, Gate, TimedH11Protocol, error_response
 from padlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from padlm.server.schemas import (
     ApiError,
@@ -58,6 +61,9 @@ DEFAULT_MAX_TOKENS = 128  # when a request names none (capped by the room left i
 DEFAULT_BEST_OF = 4
 MAX_STOP = 4  # as in OpenAI's API
 SHUTDOWN_FLUSH_S = 5  # after the drain, connections get this long to send their last bytes
+FLOAT32 = np.finfo(np.float32)  # the decode step's precision (top_p, mix weights)
+MAX_LOGGED_FIELDS = 10  # unknown request fields named in the log, at most
+MAX_LOGGED_FIELD_CHARS = 40
 
 # GenerationConfig's field names where the request's field is named differently
 _PARAM_OF = {"max_new_tokens": "max_tokens", "top_k": "pad.top_k", "weight": "pad.weight",
@@ -70,7 +76,10 @@ class Plan:
 
     rows: list[DecodeRequest]
     choices: int
-    prompt_tokens: int
+    prompt_tokens: int  # the usage's: each prompt's longest context, once
+    # what the decode thread prefills: every lane of every stream of every row (admission
+    # and --max-prompt-tokens weigh this, the real work, not the usage count)
+    prefill_tokens: int
     strategy: str
     batch: str  # the token-level strategy the rows decode with
     preference: str
@@ -92,7 +101,14 @@ class Service:
             Path(own).name if Path(own).is_absolute() else own,)
         self.metrics = ServerMetrics(self.names[0])
         self.worker = BatchWorker(engine, settings, self.metrics)
-        self.tokenizer = self.served.tokenizer  # the event loop's own copy
+        # planning (render, tokenize, embed a mix preference) is CPU work proportional to the
+        # request: it runs here, off the event loop so that no request stalls the others'
+        # streams, and on one thread so that this tokenizer copy is never used by two threads
+        # (the decode thread has its own)
+        self.planner = ThreadPoolExecutor(1, thread_name_prefix="padlm-plan")
+        self.tokenizer = self.served.tokenizer  # the planner thread's own copy
+        # set when uvicorn starts shutting down: unfinished uploads then end with a 503
+        self.closing = asyncio.Event()
         self.context_length = self.served.context_length
         self.vocab_size = self.served.vocab_size
         self.persrm_label = (Path(self.served.persrm_path).name if self.served.persrm_path
@@ -116,6 +132,34 @@ class Service:
             raise ApiError(404, f"the model {requested!r} does not exist; this server serves "
                            f"{', '.join(self.names)}", "model", "model_not_found")
         return requested
+
+    async def plan_off_loop(self, body, prompts: Sequence, prompt_param: str) -> Plan:
+        """:meth:`plan` on the planner thread, after the size caps (checked here, on the
+        loop: they are cheap, and a flood of huge requests is refused before it queues up
+        for the planner)."""
+        self.check_sizes(body, prompts, prompt_param)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.planner, self.plan, body, prompts, prompt_param)
+
+    def check_sizes(self, body, prompts: Sequence, prompt_param: str) -> None:
+        """Character caps, before any tokenization: what the planner and the decode loop do
+        grows with these texts (rendering, tokenizing, matching stop strings every step)."""
+        chars = sum(len(prompt) if isinstance(prompt, str)
+                    else sum(len(m["role"]) + len(m["content"]) for m in prompt)
+                    for prompt in prompts)
+        limits = self.settings
+        if chars > limits.max_prompt_chars:
+            raise ApiError(400, f"{prompt_param} hold {chars} characters; the server takes at "
+                           f"most {limits.max_prompt_chars} (--max-prompt-chars)",
+                           prompt_param, "prompt_too_long")
+        if body.preference and len(body.preference) > limits.max_preference_chars:
+            raise ApiError(400, f"preference has {len(body.preference)} characters; the "
+                           f"server takes at most {limits.max_preference_chars}",
+                           "preference", "preference_too_long")
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        if any(len(s) > limits.max_stop_chars for s in stop):
+            raise ApiError(400, f"each stop string may have at most {limits.max_stop_chars} "
+                           "characters", "stop")
 
     def plan(self, body, prompts: Sequence, prompt_param: str) -> Plan:
         """Check everything a client can get wrong before any decoding starts, against the
@@ -165,10 +209,17 @@ class Service:
                            "token_rewards")
         picker = self.engine.strategy(strategy) if spec.level == "sequence" else None
         batch = picker.sampler if picker else strategy
-        requests, prompt_tokens = [], 0
+        requests, prompt_tokens, prefill_tokens = [], 0, 0
         for prompt in prompts:
-            length = self._prompt_length(DecodeRequest(prompt, preference, config), batch,
-                                         prompt_param)
+            length, lanes = self._prompt_length(DecodeRequest(prompt, preference, config),
+                                                batch, prompt_param)
+            prefill_tokens += lanes * body.n * best_of
+            if prefill_tokens > self.settings.max_prompt_tokens:
+                raise ApiError(400, f"this request would prefill {prefill_tokens} or more "
+                               f"prompt tokens (each prompt's {lanes} over its lanes, times "
+                               f"{body.n * best_of} rows); the server's limit is "
+                               f"{self.settings.max_prompt_tokens} (--max-prompt-tokens)",
+                               prompt_param, "prompt_too_long")
             room = self.context_length - length
             wanted = max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, room,
                                                                    cap)
@@ -187,16 +238,23 @@ class Service:
                                     else [request])
                 except PadlmError as error:
                     raise ApiError(400, str(error), error.param or prompt_param) from None
-        return Plan(requests, len(prompts) * body.n, prompt_tokens, strategy, batch,
-                    preference, best_of, picker)
+        return Plan(requests, len(prompts) * body.n, prompt_tokens, prefill_tokens, strategy,
+                    batch, preference, best_of, picker)
 
     def _check_bounds(self, config: GenerationConfig, samples: int) -> None:
-        """What a valid config may still break in this model: a top-k beyond the vocabulary
-        (``topk`` fails for the whole batch) and derived seeds past 64 bits. Settings whose
-        scores would overflow are refused by GenerationConfig itself."""
-        if config.top_k is not None and config.top_k > self.vocab_size:
-            raise ApiError(400, f"pad.top_k must be at most the vocabulary size "
-                           f"{self.vocab_size}, got {config.top_k}", "pad.top_k")
+        """What a valid config may still break in this model or this server: a top-k beyond
+        the vocabulary (``topk`` fails for the whole batch) or the server's cap (every pad
+        row of a batch is widened to the largest k), a top-p that is 0 in the decode step's
+        float32 (``1e-46``: no token is kept, the step fails) and derived seeds past 64 bits.
+        Settings whose scores would overflow are refused by GenerationConfig itself."""
+        top_k_cap = min(self.vocab_size, self.settings.max_top_k)
+        if config.top_k is not None and config.top_k > top_k_cap:
+            raise ApiError(400, f"pad.top_k must be at most {top_k_cap} (the server's "
+                           f"--max-top-k, or the vocabulary size), got {config.top_k}",
+                           "pad.top_k")
+        if config.top_p < FLOAT32.tiny:
+            raise ApiError(400, f"top_p must be at least {FLOAT32.tiny:.3g} (it is applied in "
+                           f"float32), got {config.top_p!r}", "top_p")
         if config.seed is not None and config.seed + samples > SEED_LIMIT:
             raise ApiError(400, f"seed must be below 2**63 - {samples}: each of this "
                            f"request's {samples} samples uses seed + i, a signed 64-bit "
@@ -217,6 +275,8 @@ class Service:
 
     def _config(self, body, strategy: str, stop: list[str]) -> GenerationConfig:
         pad = body.pad
+        if body.mix and not isinstance(body.mix.weights, str):
+            _check_float32_weights(body.mix.weights)
         try:
             config = GenerationConfig(
                 temperature=0.0 if body.temperature is None else body.temperature,
@@ -234,23 +294,49 @@ class Service:
             raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param)) from None
         return config
 
-    def _prompt_length(self, request: DecodeRequest, strategy: str, param: str) -> int:
-        """The longest context the strategy builds for this request (its lanes' own
-        preference texts and placements), which is also where a request the strategy
-        cannot serve (an unknown expert, a bad mix) is refused before it is queued."""
+    def _prompt_length(self, request: DecodeRequest, strategy: str,
+                       param: str) -> tuple[int, int]:
+        """The longest context the strategy builds for one row of this request (its lanes'
+        own preference texts and placements) and the tokens all its lanes prefill, from one
+        tokenization; also where a request the strategy cannot serve (an unknown expert, a
+        bad mix) is refused before it is queued."""
         try:
             streams = self.engine.contexts(strategy, request)
         except PadlmError as error:
             raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param or param)
                            ) from None
-        return max(len(lane) for lanes in streams for lane in lanes)
+        lengths = [len(lane) for lanes in streams for lane in lanes]
+        return max(lengths), sum(lengths)
+
+
+def _check_float32_weights(weights: Sequence[float]) -> None:
+    """Fixed mix/soups weights are normalised in float64 (:func:`padlm.config.mix_weights`),
+    but the decode step, and the ``mix_weights`` a response reports, are float32: a weight
+    float32 cannot hold (``1e300`` overflows to infinity, ``1e-50`` rounds to 0) would be
+    decoded as some other weight than the one sent, so it is refused, naming the field."""
+    for weight in weights:
+        if weight != 0 and not FLOAT32.tiny <= abs(weight) <= FLOAT32.max:
+            raise ApiError(400, f"mix.weights must each be 0 or between {FLOAT32.tiny:.3g} "
+                           f"and {FLOAT32.max:.3g} (float32), got {weight!r}", "mix.weights")
+
+
+def dumps(content: object) -> str:
+    """JSON as every response writes it: ``NaN`` and ``Infinity`` are not JSON (a browser's
+    ``JSON.parse`` throws on them), so a value that is not finite raises ``ValueError`` here
+    instead of reaching a client; Starlette's ``JSONResponse`` does the same."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False)
 
 
 def _chunk(kind: str, rid: str, created: int, model: str, choice: dict, **extra) -> str:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     body = {"id": rid, "object": obj, "created": created, "model": model,
             "choices": [choice] if choice else [], **extra}
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    return f"data: {dumps(body)}\n\n"
+
+
+def _event(error: ApiError) -> str:
+    """A stream's error event (followed by ``[DONE]``)."""
+    return f"data: {dumps(error.body())}\n\n"
 
 
 def _choice(kind: str, index: int, text: str | None, finish: str | None,
@@ -271,20 +357,56 @@ def playground_html() -> str:
     return (resources.files("padlm.server") / "static" / "index.html").read_text("utf-8")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with a 413 past ``limit`` bytes (declared or sent)."""
+SHUTTING_DOWN = "the server is shutting down"
+# the connection closes after these: the rest of the body is never read
+_CLOSE = {"Connection": "close"}
+
+
+async def read_body(request: Request, settings: ServerSettings, closing: asyncio.Event
+                    ) -> bytes:
+    """The request body, refused with a 413 past ``max_body_bytes`` (declared or sent), and
+    with a 408 when it takes longer than ``body_timeout_s`` or pauses longer than
+    ``body_chunk_timeout_s`` (uvicorn has no body timeout: a client trickling a byte every
+    few seconds would hold its connection and task for ever). When the server starts
+    shutting down meanwhile (``closing``) the upload ends with a JSON 503 at once, instead of
+    holding the exit and being cancelled into uvicorn's text/plain 500."""
+    limit = settings.max_body_bytes
     too_large = ApiError(413, f"the request body exceeds the server's limit of {limit} bytes",
-                         code="request_too_large")
+                         code="request_too_large", headers=_CLOSE)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.body_timeout_s
+    shutdown = asyncio.ensure_future(closing.wait())
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        while True:
+            wait = min(settings.body_chunk_timeout_s, deadline - loop.time())
+            receive = asyncio.ensure_future(request.receive())
+            await asyncio.wait({receive, shutdown}, timeout=max(wait, 0),
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not receive.done():
+                receive.cancel()
+                if shutdown.done():
+                    raise ApiError(503, SHUTTING_DOWN, kind="server_error",
+                                   code="server_shutting_down", headers=_CLOSE)
+                raise ApiError(408, "the request body did not arrive in time (the server "
+                               f"waits {settings.body_chunk_timeout_s:g} s for each part and "
+                               f"{settings.body_timeout_s:g} s in all)",
+                               code="request_timeout", headers=_CLOSE)
+            message = receive.result()
+            if message["type"] == "http.disconnect":
+                raise ApiError(CLIENT_CLOSED, "the client closed the connection",
+                               code="client_closed")
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise too_large
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    finally:
+        shutdown.cancel()
 
 
 async def _disconnected(request: Request) -> None:
@@ -308,6 +430,7 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
             yield
         finally:
             worker.stop()
+            service.planner.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="padlm", version="0.1.0", lifespan=lifespan, docs_url="/docs")
     app.state.service = service
@@ -368,26 +491,26 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        raw = await read_body(request, settings.max_body_bytes)
+        raw = await read_body(request, settings, service.closing)
         body = parse_body(ChatCompletionRequest, raw)
         _log_extras(ChatCompletionRequest, raw)
         name = service.model_name(body.model)
         if not body.messages:
             raise ApiError(400, "messages must not be empty", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        plan = service.plan(body, [messages], "messages")
+        plan = await service.plan_off_loop(body, [messages], "messages")
         return await _respond(request, body, plan, "chat", f"chatcmpl-{uuid.uuid4().hex}", name)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        raw = await read_body(request, settings.max_body_bytes)
+        raw = await read_body(request, settings, service.closing)
         body = parse_body(CompletionRequest, raw)
         _log_extras(CompletionRequest, raw)
         name = service.model_name(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ApiError(400, "prompt must not be empty", "prompt")
-        plan = service.plan(body, prompts, "prompt")
+        plan = await service.plan_off_loop(body, prompts, "prompt")
         return await _respond(request, body, plan, "text", f"cmpl-{uuid.uuid4().hex}", name)
 
     async def _respond(request: Request, body, plan: Plan, kind: str, rid: str,
@@ -400,7 +523,7 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
 
         job = Job(plan.rows, plan.batch, sink, picker=plan.picker, best_of=plan.best_of,
                   token_rewards=body.token_rewards, stream=body.stream,
-                  timeout_s=settings.request_timeout_s)
+                  timeout_s=settings.request_timeout_s, prefill_tokens=plan.prefill_tokens)
         worker.submit(job)
         service.metrics.labelled(service.metrics.prompt_tokens).inc(plan.prompt_tokens)
         reply = Reply(kind, rid, int(time.time()), model, plan, queue)
@@ -454,6 +577,9 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
             "padlm": meta})
 
     async def _stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+        """The SSE events. A chunk that cannot be written as JSON (a value that is not
+        finite) ends the stream with a 500 error event, logged, as the same failure does in
+        a non-streamed response; nothing invalid is ever sent."""
         completion = 0
         try:
             if reply.kind == "chat":
@@ -463,7 +589,7 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
             while not done:
                 for item in await reply.queue.get():
                     if isinstance(item, JobFailed):  # an error event, then the usual end
-                        yield f"data: {json.dumps(item.error.body())}\n\n"
+                        yield _event(item.error)
                         yield "data: [DONE]\n\n"
                         return
                     if isinstance(item, JobDone):
@@ -486,6 +612,11 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
                                                   item.finish_reason))
             if include_usage:
                 yield reply.chunk({}, usage=_usage(reply.plan.prompt_tokens, completion))
+            yield "data: [DONE]\n\n"
+        except ValueError:  # from dumps: allow_nan=False
+            log.exception("a chunk of %s is not valid JSON; the stream ends with a 500",
+                          reply.rid)
+            yield _event(ApiError(500, "internal server error", kind="server_error"))
             yield "data: [DONE]\n\n"
         finally:
             worker.cancel(job)  # a client that left frees its rows at the next step
@@ -516,9 +647,14 @@ class Reply:
 
 
 def _log_extras(model, raw: bytes) -> None:
+    """One log line for the fields padlm ignores. The names are the client's: at most
+    ``MAX_LOGGED_FIELDS`` of them, each escaped (``ascii``: a newline cannot forge another
+    log line) and truncated, then a count (70,000 keys make one line, not 70,000)."""
     extras = extra_fields(model, json.loads(raw))
     if extras:
-        log.warning("ignoring unknown request fields: %s", ", ".join(extras))
+        log.warning("ignoring %d unknown request field(s): %s%s", len(extras), ", ".join(
+            ascii(name[:MAX_LOGGED_FIELD_CHARS]) for name in extras[:MAX_LOGGED_FIELDS]),
+            ", ..." if len(extras) > MAX_LOGGED_FIELDS else "")
 
 
 class PadlmServer(uvicorn.Server):
@@ -530,14 +666,16 @@ class PadlmServer(uvicorn.Server):
     the process, so code after :meth:`run` never runs then, and what must be released
     (vLLM's engine processes) is released here."""
 
-    def __init__(self, config: uvicorn.Config, worker: BatchWorker,
+    def __init__(self, config: uvicorn.Config, service: Service,
                  on_exit: Callable[[], None] | None = None) -> None:
         super().__init__(config)
-        self.worker = worker
+        self.service = service
+        self.worker = service.worker
         self.draining = False
         self.on_exit = on_exit
 
     async def shutdown(self, sockets=None) -> None:
+        self.service.closing.set()  # unfinished uploads answer 503 now (see read_body)
         try:
             await super().shutdown(sockets=sockets)
         finally:
@@ -561,10 +699,19 @@ class PadlmServer(uvicorn.Server):
 
 def make_server(app: FastAPI, host: str, port: int, log_level: str = "info",
                 on_exit: Callable[[], None] | None = None) -> PadlmServer:
-    """A :class:`PadlmServer` for ``app`` (the gate writes the access log, not uvicorn)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            access_log=False, timeout_graceful_shutdown=SHUTDOWN_FLUSH_S)
-    return PadlmServer(config, app.state.service.worker, on_exit)
+    """A :class:`PadlmServer` for ``app`` (the gate writes the access log, not uvicorn), with
+    the settings' connection limits: uvicorn's own (connections, keep-alive, header size)
+    and the header timeout of :class:`~padlm.server.gate.TimedH11Protocol`, which uvicorn
+    lacks (the body timeout is :func:`read_body`'s)."""
+    service = app.state.service
+    settings = service.settings
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False,
+        timeout_graceful_shutdown=SHUTDOWN_FLUSH_S, limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        http=functools.partial(TimedH11Protocol, header_timeout_s=settings.header_timeout_s))
+    return PadlmServer(config, service, on_exit)
 
 
 class ServerThread:

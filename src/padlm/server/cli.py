@@ -48,10 +48,28 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that; more get 429.")
                          ] = DEFAULTS.max_queue,
     max_queue_tokens: Annotated[int, typer.Option(
-        help="Tokens (rows x max_tokens) the waiting requests may add up to; more get 429.")
-                                ] = DEFAULTS.max_queue_tokens,
+        help="Tokens the waiting requests may add up to, prompt tokens prefilled plus rows x "
+             "max_tokens; more get 429.")] = DEFAULTS.max_queue_tokens,
     max_tokens_cap: Annotated[int, typer.Option(help="max_tokens of one choice, at most.")
                               ] = DEFAULTS.max_tokens_cap,
+    max_prompt_tokens: Annotated[int, typer.Option(
+        help="Prompt tokens one request may prefill, over all its rows and lanes (pad "
+             "prefills each prompt twice); more get 400.")] = DEFAULTS.max_prompt_tokens,
+    prefill_chunk_tokens: Annotated[int, typer.Option(
+        help="Prompt tokens prefilled per decode step: a long prompt joins a chunk at a "
+             "time, so it delays the other rows by about one chunk per step.")
+                                    ] = DEFAULTS.prefill_chunk_tokens,
+    max_prompt_chars: Annotated[int, typer.Option(
+        help="Characters of all messages or prompts of a request, checked before "
+             "tokenizing; more get 400.")] = DEFAULTS.max_prompt_chars,
+    max_preference_chars: Annotated[int, typer.Option(
+        help="Characters of a free-text preference, at most.")
+                                    ] = DEFAULTS.max_preference_chars,
+    max_stop_chars: Annotated[int, typer.Option(help="Characters of each stop string, at most.")
+                              ] = DEFAULTS.max_stop_chars,
+    max_top_k: Annotated[int, typer.Option(
+        help="pad.top_k, at most (a batch's pad rows all widen to the largest k).")
+                         ] = DEFAULTS.max_top_k,
     max_n: Annotated[int | None, typer.Option(
         help="n and best_of, at most (default: --max-batch-size).")] = None,
     request_timeout: Annotated[float, typer.Option(
@@ -62,6 +80,23 @@ def serve(
     drain_timeout: Annotated[float, typer.Option(
         help="On SIGTERM, seconds running requests may still finish.")
                              ] = DEFAULTS.drain_timeout_s,
+    max_connections: Annotated[int, typer.Option(
+        help="Open connections (and requests), at most; requests beyond get 503.")
+                               ] = DEFAULTS.max_connections,
+    keep_alive_timeout: Annotated[float, typer.Option(
+        help="Seconds an idle keep-alive connection stays open.")
+                                  ] = DEFAULTS.keep_alive_timeout_s,
+    header_timeout: Annotated[float, typer.Option(
+        help="Seconds a connection has to send a complete request head; then it closes.")
+                              ] = DEFAULTS.header_timeout_s,
+    body_timeout: Annotated[float, typer.Option(
+        help="Seconds a request body may take in all; then a 408.")] = DEFAULTS.body_timeout_s,
+    body_chunk_timeout: Annotated[float, typer.Option(
+        help="Seconds a request body may pause between two parts; then a 408.")
+                                  ] = DEFAULTS.body_chunk_timeout_s,
+    max_header_bytes: Annotated[int, typer.Option(
+        help="Bytes of a request head, at most; larger ones get 400.")
+                                ] = DEFAULTS.max_header_bytes,
     api_key: Annotated[str | None, typer.Option(
         envvar="PADLM_API_KEY", show_envvar=True,
         help="Require 'Authorization: Bearer <key>' on every /v1 route.")] = None,
@@ -87,8 +122,15 @@ def serve(
         raise PadlmError(f"--port must be in 0..65535, got {port}")
     settings = ServerSettings(
         max_batch_size=max_batch_size, max_queue=max_queue, max_queue_tokens=max_queue_tokens,
-        max_tokens_cap=max_tokens_cap, max_n=max_n, request_timeout_s=request_timeout,
-        max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout, api_key=api_key,
+        max_tokens_cap=max_tokens_cap, max_prompt_tokens=max_prompt_tokens,
+        prefill_chunk_tokens=prefill_chunk_tokens, max_prompt_chars=max_prompt_chars,
+        max_preference_chars=max_preference_chars, max_stop_chars=max_stop_chars,
+        max_top_k=max_top_k, max_n=max_n, request_timeout_s=request_timeout,
+        max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout,
+        max_connections=max_connections, keep_alive_timeout_s=keep_alive_timeout,
+        header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+        body_chunk_timeout_s=body_chunk_timeout, max_header_bytes=max_header_bytes,
+        api_key=api_key,
         allowed_hosts=(default_allowed_hosts(host) if allowed_hosts is None
                        else split_list(allowed_hosts)),
         cors_origins=split_list(cors_origins),

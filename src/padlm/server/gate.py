@@ -17,6 +17,8 @@ hide client disconnects from the handlers). In order:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -24,9 +26,11 @@ import re
 import time
 import uuid
 
+import h11
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from padlm.server.metrics import ServerMetrics
 from padlm.server.schemas import ApiError
@@ -35,11 +39,13 @@ from padlm.server.settings import ServerSettings
 access_log = logging.getLogger("padlm.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before its response
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    """The OpenAI error shape, with the error's headers (``Retry-After``, ...)."""
+    """The OpenAI error shape, with the error's headers (``Retry-After``, ...). Starlette's
+    ``JSONResponse`` serialises with ``allow_nan=False``, like :func:`padlm.server.app.dumps`."""
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
@@ -87,6 +93,15 @@ class Gate:
                 await error_response(refusal)(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # the request's task was cancelled (its client left, or the server stopped it)
+            status = status or CLIENT_CLOSED
+            raise
+        except Exception:
+            # Starlette's outermost middleware turns this into the 500 the client gets,
+            # outside the gate: record what it will send, not "no response"
+            status = status or 500
+            raise
         finally:
             self.record(scope, request_id, status, time.perf_counter() - began)
 
@@ -122,3 +137,56 @@ class Gate:
             "event": "http", "request_id": request_id, "method": scope["method"],
             "path": scope["path"], "status": status, "seconds": round(seconds, 4),
             "client": client[0] if client else None}))
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 connection with a header timeout, which uvicorn lacks: its keep-alive
+    timer only runs between a response and the next byte, so a connection that never sends
+    a byte, or sends half a request head and then one byte now and then, stays open for
+    ever. Here each request head must be complete within ``header_timeout_s`` of the
+    connection opening (or of the previous response), else the connection closes. Bodies
+    are timed by the handlers (``padlm.server.app.read_body``), which answer with a 408."""
+
+    def __init__(self, *args, header_timeout_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._waiting_after: object = None  # the cycle in place when the timer was armed
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._header_timer is not None and self.cycle is not self._waiting_after:
+            self._cancel_header_timer()  # a new request's head is complete
+
+    def on_response_complete(self) -> None:
+        # armed first: the super call may start a pipelined request at once, which then
+        # shows as a new cycle when the timer fires
+        self._arm_header_timer()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        if not self.transport.is_closing():
+            self._waiting_after = self.cycle
+            self._header_timer = self.loop.call_later(self.header_timeout_s,
+                                                      self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.cycle is self._waiting_after and not self.transport.is_closing():
+            with contextlib.suppress(h11.LocalProtocolError):
+                self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
