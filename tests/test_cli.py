@@ -30,6 +30,9 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path):
         "cannot read prompts file": ["generate", "--prompts-file", str(tmp_path / "nope.txt")],
         "is not valid JSON": ["generate", "--prompts-file", str(unreadable)],
         "unknown preference id": ["generate", "hi", "--preference", "P9Z"],
+        # refused before any model loads: the model named here does not exist
+        "unknown preference id P9Z;": ["generate", "hi", "--preference", "P1A+P9Z",
+                                       "--model", str(tmp_path / "missing-model")],
         "unknown scorer 'magic'": ["generate", "hi", "--strategy", "args", "--scorer", "magic"],
         "not the free-text preference 'be brief': use preset ids, or --scorer persrm": [
             "generate", "hi", "--strategy", "args", "--preference", "be brief"],

@@ -85,6 +85,7 @@ def generate(
 ) -> None:
     """Generate a personalized response (or one per line of --prompts-file)."""
     from padlm.config import GenerationConfig
+    from padlm.preferences import resolve_preference
     from padlm.registry import check_request, check_scorer, strategy_class
 
     spec = strategy_class(strategy).spec
@@ -101,6 +102,7 @@ def generate(
         echo_guard=echo_guard, mix=mix,
     )
     check_request(strategy, config)
+    resolve_preference(preference)  # a typo like P9Z fails here, before any model loads
     if scorer is not None:
         check_scorer(scorer)
     items = load_prompts(prompts_file) if prompts_file else [{"id": "0", "prompt": prompt}]
