@@ -72,7 +72,7 @@ def data_build(
     limit: Annotated[int | None, typer.Option(help="Generation prompts to use.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 16,
-    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    max_new_tokens: Annotated[int, typer.Option()] = 128,
     temperature: Annotated[float, typer.Option()] = 0.7,
     top_p: Annotated[float, typer.Option()] = 0.9,
     axes: Annotated[str | None, typer.Option(
