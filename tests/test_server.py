@@ -506,6 +506,7 @@ def test_bench_serve_end_to_end(tmp_path):
     record holds the same levels and what ran them."""
     done = subprocess.run([PADLM, "bench", "serve", "--clients", "1,2", "--requests", "2",
                            "--max-tokens", "3", "--persrm", "identity", "--json",
+                           "--long-prompt-tokens", "300",
                            "--record", str(tmp_path / "serve.json")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -520,6 +521,11 @@ def test_bench_serve_end_to_end(tmp_path):
         assert level["tokens_per_second"] > 0
         assert 0 < level["p50_ttft_s"] <= level["p50_latency_s"] <= level["p95_latency_s"]
     assert result["levels"][0]["speedup_vs_1_client"] == 1.0
+    beside_long = result["long_prompt_level"]  # 2 clients: 1 ordinary + 1 long-prompt one
+    assert beside_long["clients"] == 1 and beside_long["errors"] == 0
+    assert beside_long["long_prompt"]["requests"] >= 1
+    assert beside_long["long_prompt"]["errors"] == 0
+    assert beside_long["p95_inter_token_s"] > 0 and beside_long["p95_inter_token_vs_plain"] > 0
 
 
 def test_a_dead_servers_error_is_the_line_that_names_it():

@@ -56,6 +56,7 @@ class Sample:
     ttft: float | None = None
     tokens: int = 0
     error: str | None = None
+    gaps: tuple[float, ...] = ()  # seconds between the chunks that carried content
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -88,6 +89,7 @@ def summarize(clients: int, samples: Sequence[Sample], wall: float) -> dict:
         "p95_latency_s": round(percentile([s.latency for s in ok], 95), 3),
         "p50_ttft_s": round(percentile(ttfts, 50), 3),
         "p95_ttft_s": round(percentile(ttfts, 95), 3),
+        "p95_inter_token_s": round(percentile([g for s in ok for g in s.gaps], 95), 4),
         "first_error": next((s.error for s in samples if not s.ok), None),
     }
 
@@ -100,16 +102,23 @@ def bench_preferences(strategy: str) -> tuple[str, ...]:
         else BENCH_PREFERENCES
 
 
+def long_prompt(tokens: int) -> str:
+    """A prompt of about ``tokens`` tokens (SmolLM2's and Qwen's tokenizers: ~7 a sentence),
+    the shape of the one that froze the server before prefills were chunked."""
+    return " ".join(f"item{i} is red." for i in range(max(1, tokens // 7)))
+
+
 async def one_request(client: httpx.AsyncClient, url: str, index: int, max_tokens: int,
-                      strategy: str) -> Sample:
+                      strategy: str, prompt: str | None = None) -> Sample:
     """A streaming chat request; time to first token = first chunk carrying content."""
     preferences = bench_preferences(strategy)
     body = {"stream": True, "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": BENCH_PROMPTS[index % len(BENCH_PROMPTS)]}],
+            "messages": [{"role": "user",
+                          "content": prompt or BENCH_PROMPTS[index % len(BENCH_PROMPTS)]}],
             "preference": preferences[index % len(preferences)],
             "strategy": strategy, "max_tokens": max_tokens, "ignore_eos": True}
     began = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, arrivals = None, 0, []
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
@@ -125,23 +134,28 @@ async def one_request(client: httpx.AsyncClient, url: str, index: int, max_token
                 if "error" in chunk:
                     return Sample(False, time.perf_counter() - began,
                                   error=chunk["error"].get("message"))
-                if ttft is None and any(c.get("delta", {}).get("content")
-                                        for c in chunk.get("choices", [])):
-                    ttft = time.perf_counter() - began
+                if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    arrivals.append(time.perf_counter())
+                    ttft = arrivals[0] - began
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as error:
         return Sample(False, time.perf_counter() - began, error=repr(error))
-    return Sample(True, time.perf_counter() - began, ttft, tokens)
+    gaps = tuple(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+    return Sample(True, time.perf_counter() - began, ttft, tokens, gaps=gaps)
 
 
 async def run_level(url: str, clients: int, requests: int, max_tokens: int, strategy: str,
-                    time_limit: float) -> dict:
+                    time_limit: float, long_prompt_tokens: int = 0) -> dict:
     """``clients`` loops share ``requests`` requests; no new request starts after
-    ``time_limit`` seconds (the level then reports fewer requests)."""
+    ``time_limit`` seconds (the level then reports fewer requests). With
+    ``long_prompt_tokens``, one more client sends prompts that long (``max_tokens`` 1), one
+    after another, until the others are done: the row reports only the others."""
     counter = itertools.count()
     samples: list[Sample] = []
+    long_samples: list[Sample] = []
     began = time.perf_counter()
+    done = asyncio.Event()
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         while time.perf_counter() - began < time_limit:
@@ -150,10 +164,26 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int, stra
                 return
             samples.append(await one_request(client, url, index, max_tokens, strategy))
 
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit + 60), limits=limits) as client:
+    async def long_loop(client: httpx.AsyncClient) -> None:
+        prompt = long_prompt(long_prompt_tokens)
+        while not done.is_set():
+            long_samples.append(await one_request(client, url, 0, 1, strategy, prompt))
+
+    async def ordinary(client: httpx.AsyncClient) -> None:
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
-    return summarize(clients, samples, time.perf_counter() - began)
+        done.set()
+
+    limits = httpx.Limits(max_connections=clients + 5, max_keepalive_connections=clients + 5)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit + 60), limits=limits) as client:
+        await asyncio.gather(ordinary(client),
+                             *([long_loop(client)] if long_prompt_tokens else []))
+    row = summarize(clients, samples, time.perf_counter() - began)
+    if long_prompt_tokens:
+        row["long_prompt"] = {"tokens": long_prompt_tokens, "requests": len(long_samples),
+                              "errors": sum(not s.ok for s in long_samples),
+                              "p50_latency_s": round(percentile(
+                                  [s.latency for s in long_samples if s.ok], 50), 3)}
+    return row
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -221,13 +251,19 @@ def local_server(model: str, persrm: str, dtype: str, max_batch_size: int,
 
 def markdown_table(result: dict) -> str:
     lines = ["| clients | requests | errors | tokens/s | vs 1 client | p50 latency s | "
-             "p95 latency s | p50 TTFT s | p95 TTFT s |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["levels"]:
+             "p95 latency s | p50 TTFT s | p95 TTFT s | p95 inter-token s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    long_row = result.get("long_prompt_level")
+    for r in [*result["levels"], *([long_row] if long_row else [])]:
         ratio = r.get("speedup_vs_1_client")
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['errors']} | "
+        clients = r["clients"]
+        if "long_prompt" in r:
+            clients = (f"{clients} + 1 sending {r['long_prompt']['tokens']}-token prompts "
+                       f"({r['p95_inter_token_vs_plain']}x the plain p95 inter-token)")
+        lines.append(f"| {clients} | {r['requests']} | {r['errors']} | "
                      f"{r['tokens_per_second']} | {'' if ratio is None else f'{ratio}x'} | "
                      f"{r['p50_latency_s']} | {r['p95_latency_s']} | {r['p50_ttft_s']} | "
-                     f"{r['p95_ttft_s']} |")
+                     f"{r['p95_ttft_s']} | {r.get('p95_inter_token_s', '')} |")
     return "\n".join(lines)
 
 
@@ -254,8 +290,11 @@ def engines_table(results: dict[str, dict]) -> str:
 
 
 def run_bench(url: str, levels: Sequence[int], requests: int, max_tokens: int, strategy: str,
-              time_limit: float, progress=lambda line: None) -> dict:
-    """Warm up, then measure every level against a running server."""
+              time_limit: float, progress=lambda line: None, long_prompt_tokens: int = 0
+              ) -> dict:
+    """Warm up, then measure every level against a running server; with
+    ``long_prompt_tokens``, the largest level once more with one of its clients sending long
+    prompts instead, and its ordinary clients' p95 inter-token gap against the plain row's."""
     asyncio.run(run_level(url, min(2, max(levels)), 2, max_tokens, strategy, time_limit))
     rows = []
     for clients in levels:
@@ -267,8 +306,17 @@ def run_bench(url: str, levels: Sequence[int], requests: int, max_tokens: int, s
             row["speedup_vs_1_client"] = 1.0
         rows.append(row)
         progress(json.dumps(row))
-    return {"url": url, "strategy": strategy, "max_tokens": max_tokens,
-            "requests_per_level": requests, "levels": rows}
+    result = {"url": url, "strategy": strategy, "max_tokens": max_tokens,
+              "requests_per_level": requests, "levels": rows}
+    if long_prompt_tokens:
+        plain = max(rows, key=lambda r: r["clients"])
+        row = asyncio.run(run_level(url, plain["clients"] - 1, requests, max_tokens, strategy,
+                                    time_limit, long_prompt_tokens))
+        row["p95_inter_token_vs_plain"] = round(
+            row["p95_inter_token_s"] / plain["p95_inter_token_s"], 2)
+        progress(json.dumps(row))
+        result["long_prompt_level"] = row
+    return result
 
 
 def bench_serve(
@@ -288,6 +336,9 @@ def bench_serve(
     engine: Annotated[str, typer.Option(
         help="Engine(s) of the server started here, e.g. hf,vllm: each is started in turn, "
              "with the same clients, and compared in one table.")] = "hf",
+    long_prompt_tokens: Annotated[int, typer.Option(
+        help="Also run the largest level with one client sending prompts of about this many "
+             "tokens (0: not): the ordinary clients' p95 inter-token gap beside it.")] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     record: Annotated[Path | None, typer.Option(
         help="Also write the run as machine JSON (command, commit, machine, versions, "
@@ -302,6 +353,9 @@ def bench_serve(
         raise PadlmError(f"--clients must be integers, got {clients!r}") from None
     if not levels or min(levels) < 1 or requests < 1 or max_tokens < 1 or time_limit <= 0:
         raise PadlmError("--clients, --requests and --max-tokens must be >= 1, --time-limit > 0")
+    if long_prompt_tokens < 0 or (long_prompt_tokens and max(levels) < 2):
+        raise PadlmError("--long-prompt-tokens needs a level of 2 clients or more (one of "
+                         "them sends the long prompts)")
     from padlm.devices import check_engine
 
     engines = [check_engine(name.strip()) for name in engine.split(",") if name.strip()]
@@ -325,7 +379,7 @@ def bench_serve(
                                                           max_batch_size or max(levels), name))
             results[name] = {"engine": name, **run_bench(target.rstrip("/"), levels, requests,
                                                          max_tokens, strategy, time_limit,
-                                                         progress)}
+                                                         progress, long_prompt_tokens)}
     if record is not None:
         from padlm.bench import machine_provenance, write_record
         from padlm.devices import AUTO, resolve_device
