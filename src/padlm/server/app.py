@@ -61,7 +61,9 @@ DEFAULT_MAX_TOKENS = 128  # when a request names none (capped by the room left i
 DEFAULT_BEST_OF = 4
 MAX_STOP = 4  # as in OpenAI's API
 SHUTDOWN_FLUSH_S = 5  # after the drain, connections get this long to send their last bytes
-FLOAT32 = np.finfo(np.float32)  # the decode step's precision (top_p, mix weights)
+# the decode step's precision (top_p, mix weights): its smallest normal and largest values,
+# as Python floats (compared in float64, nothing is cast)
+FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 MAX_LOGGED_FIELDS = 10  # unknown request fields named in the log, at most
 MAX_LOGGED_FIELD_CHARS = 40
 
@@ -252,8 +254,8 @@ class Service:
             raise ApiError(400, f"pad.top_k must be at most {top_k_cap} (the server's "
                            f"--max-top-k, or the vocabulary size), got {config.top_k}",
                            "pad.top_k")
-        if config.top_p < FLOAT32.tiny:
-            raise ApiError(400, f"top_p must be at least {FLOAT32.tiny:.3g} (it is applied in "
+        if config.top_p < FLOAT32_TINY:
+            raise ApiError(400, f"top_p must be at least {FLOAT32_TINY:.3g} (it is applied in "
                            f"float32), got {config.top_p!r}", "top_p")
         if config.seed is not None and config.seed + samples > SEED_LIMIT:
             raise ApiError(400, f"seed must be below 2**63 - {samples}: each of this "
@@ -315,9 +317,9 @@ def _check_float32_weights(weights: Sequence[float]) -> None:
     float32 cannot hold (``1e300`` overflows to infinity, ``1e-50`` rounds to 0) would be
     decoded as some other weight than the one sent, so it is refused, naming the field."""
     for weight in weights:
-        if weight != 0 and not FLOAT32.tiny <= abs(weight) <= FLOAT32.max:
-            raise ApiError(400, f"mix.weights must each be 0 or between {FLOAT32.tiny:.3g} "
-                           f"and {FLOAT32.max:.3g} (float32), got {weight!r}", "mix.weights")
+        if weight != 0 and not FLOAT32_TINY <= abs(weight) <= FLOAT32_MAX:
+            raise ApiError(400, f"mix.weights must each be 0 or between {FLOAT32_TINY:.3g} "
+                           f"and {FLOAT32_MAX:.3g} (float32), got {weight!r}", "mix.weights")
 
 
 def dumps(content: object) -> str:
