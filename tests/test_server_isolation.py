@@ -72,7 +72,9 @@ def beside_victim(url: str, culprit) -> tuple[tuple[str, list[str]], object]:
 @pytest.fixture(scope="module")
 def tiny(tiny_lm):
     engine = Personalizer(tiny_lm, persrm="identity")
-    app = create_app(engine, max_batch_size=20, max_queue=16)
+    # pad.top_k up to the vocabulary (the server's --max-top-k allows it): the decoder's
+    # widest case stays covered; the default cap is tested in test_server_edge.py
+    app = create_app(engine, max_batch_size=20, max_queue=16, max_top_k=VOCAB)
     with ServerThread(app) as server:
         alone, payloads = stream_chat(server.url, VICTIM)
         assert payloads[-1] == "[DONE]" and alone

@@ -215,13 +215,6 @@ class Service:
         for prompt in prompts:
             length, lanes = self._prompt_length(DecodeRequest(prompt, preference, config),
                                                 batch, prompt_param)
-            prefill_tokens += lanes * body.n * best_of
-            if prefill_tokens > self.settings.max_prompt_tokens:
-                raise ApiError(400, f"this request would prefill {prefill_tokens} or more "
-                               f"prompt tokens (each prompt's {lanes} over its lanes, times "
-                               f"{body.n * best_of} rows); the server's limit is "
-                               f"{self.settings.max_prompt_tokens} (--max-prompt-tokens)",
-                               prompt_param, "prompt_too_long")
             room = self.context_length - length
             wanted = max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, room,
                                                                    cap)
@@ -230,6 +223,14 @@ class Service:
                                f"{self.context_length} tokens; the prompt has {length} and "
                                f"{wanted} more were requested", prompt_param,
                                "context_length_exceeded")
+            # after the model's own limit, which a client can act on alone
+            prefill_tokens += lanes * body.n * best_of
+            if prefill_tokens > self.settings.max_prompt_tokens:
+                raise ApiError(400, f"this request would prefill {prefill_tokens} or more "
+                               f"prompt tokens (each prompt's {lanes} over its lanes, times "
+                               f"{body.n * best_of} rows); the server's limit is "
+                               f"{self.settings.max_prompt_tokens} (--max-prompt-tokens)",
+                               prompt_param, "prompt_too_long")
             prompt_tokens += length
             for i in range(body.n):
                 seed = None if config.seed is None else config.seed + i * best_of
