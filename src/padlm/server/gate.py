@@ -12,7 +12,12 @@ hide client disconnects from the handlers). In order:
 - a POST must say ``Content-Type: application/json``: the content types a web page may send
   cross-origin without a preflight (``text/plain``, form encodings) are refused with a 415, so
   a page cannot make a visitor's browser run decodes on their local server;
-- one structured access log line per response, and ``http_requests_total`` by status.
+- one structured access log line per response, and ``http_requests_total`` by status: the
+  status sent, 500 for a handler's exception (answered outside the gate) and 499 for a
+  request cancelled before it answered, never 0.
+
+Below the ASGI layer, :class:`TimedH11Protocol` closes connections whose request head does
+not arrive in time, which uvicorn does not do on its own.
 """
 
 from __future__ import annotations
