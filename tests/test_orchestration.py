@@ -244,6 +244,19 @@ def test_lora_experts_run_per_row_adapters_in_one_forward(tiny_lm, tmp_path):
                     max_new_tokens=2, mix="fixed:0,1", ignore_eos=True)),  # leaves early
                 Request(PROMPTS[1], resolve_preference("P1B+P2A+P3B"), config1)]
     together = DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run(requests)
+    # prefilled a chunk at a time, joining while another row decodes: the same tokens (each
+    # chunk runs its own rows' adapters)
+    chunked = DecodeBatch(strategy, tiny_lm.tokenizer, [0])
+    chunked.join(requests[:1], chunk_tokens=8)
+    while not chunked.rows:
+        chunked.prefill(8)
+    chunked.step()
+    chunked.join(requests[1:], chunk_tokens=8)
+    while chunked.rows or chunked.prefilling:
+        chunked.prefill(8)
+        chunked.step()
+    tokens = {id(row.request): row.tokens for row in chunked.finished}
+    assert [tokens[id(r)] for r in requests] == [row.tokens for row in together]
     single = {d: Experts(ExpertsConfig("lora", [d], tiny_lm.name, 32, lora=lora), tiny_lm,
                          backbone=lora_backbone(tiny_lm, {d: states[d]}, lora))
               for d in ("P3A", "P3B")}

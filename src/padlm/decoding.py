@@ -45,6 +45,9 @@ class Row:
     emitted: int = 0  # characters of ``text`` already streamed out
     finish_reason: str | None = None
     trace: list = field(default_factory=list)  # per-step data a strategy chooses to record
+    # the strategy's typed reading of the row's settings (``Strategy.admit``), parsed once
+    # when the row joins instead of at every step
+    state: Any = None
     # incremental detokenization: ``text`` holds tokens[:read] decoded; decoding restarts at
     # ``prefix`` so a token's leading space or a multi-byte character comes out right
     prefix: int = 0
@@ -75,7 +78,11 @@ class Rows(list):
 
 
 class Strategy(Protocol):
-    """How a method turns model outputs into next-token scores (see padlm.strategies)."""
+    """How a method turns model outputs into next-token scores (see padlm.strategies).
+
+    A strategy whose rows carry settings it must parse (experts, mixing weights) may also
+    define ``admit(request) -> state``: called once as the row joins, its result is
+    ``row.state``, which ``scores`` reads at every step."""
 
     spec: StrategySpec
 
@@ -238,7 +245,9 @@ class DecodeBatch(RowText):
                 # no seed: a fresh one, leaving torch's global generator alone
                 generator.manual_seed(request.config.seed if request.config.seed is not None
                                       else secrets.randbits(63))
-            new_rows.append(Row(request, self.strategy.contexts(request), generator))
+            admit = getattr(self.strategy, "admit", None)
+            new_rows.append(Row(request, self.strategy.contexts(request), generator,
+                                state=admit(request) if admit else None))
         return new_rows
 
     @property

@@ -87,6 +87,8 @@ def shared_context_hidden(model: torch.nn.Module, contexts: Sequence[Sequence[in
 class KVStream:
     """Runs one causal LM over a growing batch, one token per row per step."""
 
+    prefill_type: type[Prefill]  # what prefills its new rows (set below Prefill)
+
     def __init__(
         self, model: PreTrainedModel, lanes: int = 1, adapters: Sequence[str] | None = None,
         logits: bool = True,
@@ -159,7 +161,7 @@ class KVStream:
         once every chunk has run (:meth:`Prefill.merge`)."""
         if len(contexts) % self.lanes:
             raise ValueError("contexts must come in whole requests")
-        return Prefill(self, contexts)
+        return self.prefill_type(self, contexts)
 
     def step(self, tokens: torch.Tensor) -> StreamOutput:
         """Append one token per request (the same token to all its lanes) and run it."""
@@ -258,6 +260,9 @@ class Prefill:
         self.ids, self.mask, self.positions = self.ids[rows], self.mask[rows], self.positions[rows]
         if self.done:
             self.cache.batch_select_indices(rows)
+
+
+KVStream.prefill_type = Prefill
 
 
 def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -18,6 +18,7 @@ does). Prompted experts share every parameter, so their soup is preference promp
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, ClassVar
 
@@ -55,6 +56,16 @@ def row_weights(mode: str | tuple[float, ...], count: int, lanes: int) -> torch.
     else:  # uniform and logit
         weights = torch.full((count,), 1.0 / count)
     return torch.cat([weights, torch.zeros(lanes - count)])
+
+
+@dataclass(frozen=True)
+class MixRow:
+    """A mix row's settings, read once as it joins (``MixStrategy.admit``)."""
+
+    experts: tuple[str, ...]  # the experts it asks for
+    lanes: tuple[str, ...]  # its expert per lane (the last repeated as filler)
+    mode: str | tuple[float, ...]  # pcm | uniform | logit | fixed weights
+    fixed: torch.Tensor | None  # [lanes] weights; None: the PCM's, per step
 
 
 @register
@@ -95,15 +106,22 @@ class MixStrategy:
         self.mode(request)
         return self.experts.contexts(request.prompt, self.experts.select(request.preference))
 
+    def admit(self, request: Request) -> MixRow:
+        experts = self.experts.select(request.preference)
+        mode = self.mode(request)
+        return MixRow(experts, self.experts.lane_experts(experts), mode,
+                      row_weights(mode, len(experts), self.experts.lanes))
+
     def scores(self, outputs: list[StreamOutput], rows: Rows, process: Process
                ) -> torch.Tensor:
-        chosen = [self.experts.select(row.request.preference) for row in rows]
-        lanes = [self.experts.lane_experts(ids) for ids in chosen]
+        states: list[MixRow] = [row.state for row in rows]
+        chosen = [state.experts for state in states]
+        lanes = [state.lanes for state in states]
         logits = self.experts.logits(outputs, lanes)
         # repetition control on each expert's proposal, then the mixture
         logits = torch.stack([process(logits[:, j]) for j in range(logits.shape[1])], dim=1)
-        modes = [self.mode(row.request) for row in rows]
-        alpha = self.weights(outputs, rows, chosen, lanes, modes)
+        modes = [state.mode for state in states]
+        alpha = self.weights(outputs, rows, states)
         scores = guidance.mixture_log_probs(logits.log_softmax(-1), alpha)
         in_logit_space = torch.tensor([m == "logit" for m in modes], device=logits.device)
         if in_logit_space.any():
@@ -113,21 +131,19 @@ class MixStrategy:
             row.trace.append(dict(zip(ids, weights, strict=False)))
         return scores
 
-    def weights(self, outputs: list[StreamOutput], rows: Rows, chosen: Sequence[tuple],
-                lanes: Sequence[tuple], modes: Sequence) -> torch.Tensor:
+    def weights(self, outputs: list[StreamOutput], rows: Rows, states: Sequence[MixRow]
+                ) -> torch.Tensor:
         """``[rows, lanes]`` mixing weights on the logits' device: fixed rows as given, PCM
         rows from the PCM (computed where the hidden states are, never round-tripped)."""
         count = self.experts.lanes
-        fixed = [row_weights(mode, len(ids), count) for mode, ids in zip(modes, chosen,
-                                                                         strict=True)]
-        pcm_rows = [i for i, w in enumerate(fixed) if w is None]
-        alpha = torch.stack([torch.zeros(count) if w is None else w for w in fixed]
-                            ).to(outputs[0].hidden.device)
+        pcm_rows = [i for i, state in enumerate(states) if state.fixed is None]
+        alpha = torch.stack([torch.zeros(count) if state.fixed is None else state.fixed
+                             for state in states]).to(outputs[0].hidden.device)
         if pcm_rows:
-            hidden = self.experts.hidden(outputs, lanes)[pcm_rows]
+            hidden = self.experts.hidden(outputs, [state.lanes for state in states])[pcm_rows]
             alpha[pcm_rows] = pcm_weights(
                 self.experts.pcm, hidden, [rows[i].request.preference for i in pcm_rows],
-                [lanes[i] for i in pcm_rows], [len(chosen[i]) for i in pcm_rows]
+                [states[i].lanes for i in pcm_rows], [len(states[i].experts) for i in pcm_rows]
             ).to(alpha.dtype)
         return alpha
 
@@ -185,6 +201,9 @@ class SoupsStrategy:
         # a head soup makes its logits from the hidden state
         return [KVStream(self.lm.model, logits=self.experts.config.form != "head")]
 
+    def admit(self, request: Request) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        return self.soup(request)
+
     def contexts(self, request: Request) -> list[list[list[int]]]:
         ids, weights = self.soup(request)
         context = self.experts.render_request(request.prompt, ids)
@@ -198,7 +217,7 @@ class SoupsStrategy:
             return process(outputs[0].logits[:, 0])
         hidden = outputs[0].hidden[:, 0]
         transformed = torch.empty_like(hidden)
-        soups = [self.soup(row.request) for row in rows]
+        soups = [row.state for row in rows]
         for soup in set(soups):
             at = torch.tensor([s == soup for s in soups], device=hidden.device)
             transformed[at] = self._soup_head(*soup)(hidden[at]).to(hidden.dtype)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from padlm.kvstream import KVStream, StreamOutput
+from padlm.kvstream import KVStream, Prefill, StreamOutput
 
 
 class LaneContext(list):
@@ -25,21 +25,43 @@ class LaneContext(list):
         self.adapter = adapter
 
 
+class AdapterPrefill(Prefill):
+    """A prefill whose forwards run its own rows' adapters (the batch's rows are not in
+    them); its adapter names join the stream's with its rows."""
+
+    stream: AdapterLaneStream
+
+    def __init__(self, stream: AdapterLaneStream, contexts: Sequence[Sequence[int]]) -> None:
+        super().__init__(stream, contexts)
+        self.names = [context.adapter for context in contexts]
+
+    def advance(self, budget: int | None) -> StreamOutput | None:
+        running, self.stream._running = self.stream._running, self.names
+        try:
+            return super().advance(budget)
+        finally:
+            self.stream._running = running
+
+    def merge(self) -> None:
+        kept = self.stream.row_adapters if self.stream.rows else []
+        super().merge()
+        self.stream.row_adapters = self.stream._running = kept + self.names
+
+    def keep(self, requests: Sequence[int]) -> None:
+        lanes = self.stream.lanes
+        self.names = [self.names[r * lanes + lane] for r in requests for lane in range(lanes)]
+        super().keep(requests)
+
+
 class AdapterLaneStream(KVStream):
     """KV stream over a PEFT model with a per-row adapter (PEFT's mixed-adapter batch)."""
+
+    prefill_type = AdapterPrefill
 
     def __init__(self, model: torch.nn.Module, lanes: int) -> None:
         super().__init__(model, lanes)
         self.row_adapters: list[str] = []  # one per cached row, in row order
         self._running: list[str] = []  # the rows of the forward under way
-
-    def join(self, contexts: Sequence[Sequence[int]]) -> StreamOutput:
-        names = [context.adapter for context in contexts]
-        kept = self.row_adapters if self.rows else []
-        self._running = names  # the prefill runs the new rows alone
-        out = super().join(contexts)
-        self.row_adapters = self._running = kept + names
-        return out
 
     def keep(self, requests: Sequence[int]) -> None:
         self.row_adapters = self._running = [self.row_adapters[r * self.lanes + lane]
@@ -50,3 +72,4 @@ class AdapterLaneStream(KVStream):
                  cache: DynamicCache) -> StreamOutput:
         with self.model._enable_peft_forward_hooks(adapter_names=self._running):
             return super()._forward(input_ids, mask, positions, cache)
+
