@@ -122,7 +122,8 @@ class Service:
             "vllm:num_requests_waiting": ("Requests waiting for rows.",
                                           lambda: snapshot()["waiting"]),
             "padlm:live_rows": ("Rows in the decode batches.", lambda: snapshot()["live_rows"]),
-            "padlm:queued_tokens": ("max_tokens x rows of the waiting requests.",
+            "padlm:queued_tokens": ("Prompt tokens to prefill plus max_tokens x rows, of the "
+                                    "waiting requests.",
                                     lambda: snapshot()["queued_tokens"]),
         })
 
