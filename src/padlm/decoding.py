@@ -24,6 +24,17 @@ from padlm.prompting import Message
 from padlm.registry import StrategySpec, check_request
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """A request's contexts (per stream, per lane: token ids) as a planner already rendered
+    them with an engine's strategy of that name, so that engine's batch of that strategy
+    does not render them again (the server's planner thread renders, the decode thread
+    only decodes)."""
+
+    strategy: str
+    contexts: list[list[list[int]]]
+
+
 @dataclass
 class Request:
     """What a user asks for: a prompt (text or chat messages), a preference, settings."""
@@ -31,6 +42,7 @@ class Request:
     prompt: str | Sequence[Message]
     preference: str = ""
     config: GenerationConfig = field(default_factory=GenerationConfig)
+    rendered: Rendered | None = None
 
 
 @dataclass
@@ -246,7 +258,10 @@ class DecodeBatch(RowText):
                 generator.manual_seed(request.config.seed if request.config.seed is not None
                                       else secrets.randbits(63))
             admit = getattr(self.strategy, "admit", None)
-            new_rows.append(Row(request, self.strategy.contexts(request), generator,
+            rendered = request.rendered
+            planned = rendered is not None and rendered.strategy == self.strategy.spec.name
+            contexts = rendered.contexts if planned else self.strategy.contexts(request)
+            new_rows.append(Row(request, contexts, generator,
                                 state=admit(request) if admit else None))
         return new_rows
 

@@ -517,8 +517,7 @@ class BestOfNStrategy:
             config = replace(config, temperature=BEST_OF_N_TEMPERATURE)
         # a fresh seed without touching torch's global generator (other threads use it)
         seed = config.seed if config.seed is not None else secrets.randbits(31)
-        return [Request(request.prompt, request.preference, replace(config, seed=seed + i))
-                for i in range(n)]
+        return [replace(request, config=replace(config, seed=seed + i)) for i in range(n)]
 
     def pick_many(self, samples: Sequence[Row], n: int) -> list[tuple[Row, float]]:
         """Score ``len(samples) // n`` requests' samples in one scorer call."""

@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from padlm.config import SEED_LIMIT, GenerationConfig
+from padlm.decoding import Rendered
 from padlm.decoding import Request as DecodeRequest
 from padlm.engine import Personalizer
 from padlm.errors import PadlmError
@@ -214,8 +215,10 @@ class Service:
         batch = picker.sampler if picker else strategy
         requests, prompt_tokens, prefill_tokens = [], 0, 0
         for prompt in prompts:
-            length, lanes = self._prompt_length(DecodeRequest(prompt, preference, config),
-                                                batch, prompt_param)
+            rendered = self._render(DecodeRequest(prompt, preference, config), batch,
+                                    prompt_param)
+            lengths = [len(lane) for lanes in rendered.contexts for lane in lanes]
+            length, lanes = max(lengths), sum(lengths)
             room = self.context_length - length
             wanted = max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, room,
                                                                    cap)
@@ -236,7 +239,8 @@ class Service:
             for i in range(body.n):
                 seed = None if config.seed is None else config.seed + i * best_of
                 request = DecodeRequest(prompt, preference,
-                                        replace(config, max_new_tokens=wanted, seed=seed))
+                                        replace(config, max_new_tokens=wanted, seed=seed),
+                                        rendered)  # the decode thread renders nothing again
                 try:  # best-of-n's scorer refuses what it cannot score (free text)
                     requests.extend(picker.sample_requests(request, best_of) if picker
                                     else [request])
@@ -298,19 +302,16 @@ class Service:
             raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param)) from None
         return config
 
-    def _prompt_length(self, request: DecodeRequest, strategy: str,
-                       param: str) -> tuple[int, int]:
-        """The longest context the strategy builds for one row of this request (its lanes'
-        own preference texts and placements) and the tokens all its lanes prefill, from one
-        tokenization; also where a request the strategy cannot serve (an unknown expert, a
-        bad mix) is refused before it is queued."""
+    def _render(self, request: DecodeRequest, strategy: str, param: str) -> Rendered:
+        """Every context the strategy builds for one row of this request (its lanes' own
+        preference texts and placements), rendered once here and carried to the decode
+        thread; also where a request the strategy cannot serve (an unknown expert, a bad
+        mix) is refused before it is queued."""
         try:
-            streams = self.engine.contexts(strategy, request)
+            return Rendered(strategy, self.engine.contexts(strategy, request))
         except PadlmError as error:
             raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param or param)
                            ) from None
-        lengths = [len(lane) for lanes in streams for lane in lanes]
-        return max(lengths), sum(lengths)
 
 
 def _check_float32_weights(weights: Sequence[float]) -> None:
