@@ -197,6 +197,26 @@ def test_a_failing_prefill_fails_only_its_request(tiny):
     assert isinstance(done, JobDone) and final_text([*first, *seen]) == alone
 
 
+def test_short_prompts_admitted_together_prefill_in_one_forward(tiny, monkeypatch):
+    """Only a request longer than --prefill-chunk-tokens (256) is chunked: a burst of short
+    ones joins in one forward even when together they are longer (chunking them delayed
+    every first token of a 16-client burst)."""
+    from padlm.decoding import DecodeBatch
+
+    _, engine, worker, _ = tiny
+    chunks, prefill = [], DecodeBatch.prefill
+    monkeypatch.setattr(DecodeBatch, "prefill",
+                        lambda self, budget: chunks.append(budget) or prefill(self, budget))
+    prompt = " ".join(["word"] * 90)
+    assert len(engine.contexts("pad", request(engine, GREEDY, prompt))[0][0]) > 256 / 4
+    with worker._wake:  # admitted in the same round
+        events = [submit(worker, [request(engine, GenerationConfig(max_new_tokens=2),
+                                          prompt=f"{prompt} {i}")], prefill_tokens=100)
+                  for i in range(4)]
+    assert all(isinstance(outcome(e)[1], JobDone) for e in events)
+    assert chunks == []
+
+
 class BrokenScorer:
     def pick_many(self, rows, n):
         raise RuntimeError("the scorer broke")

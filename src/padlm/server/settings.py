@@ -35,7 +35,7 @@ class ServerSettings:
     max_prompt_tokens: int = 8192
     # prompt positions prefilled per decode step: a long prompt joins a chunk at a time
     # between the other rows' steps, so it delays them by about one chunk's forward per step
-    prefill_chunk_tokens: int = 512
+    prefill_chunk_tokens: int = 256
     # characters a request may send, checked before anything is tokenized (tokenizing is
     # CPU work proportional to the text): all messages or prompts together, the free-text
     # preference, and each stop string (matched against every row's text at every step)

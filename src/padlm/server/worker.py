@@ -360,16 +360,17 @@ class BatchWorker:
         chunk = self.settings.prefill_chunk_tokens
         for name, group in groups.items():
             group = [job for job in group if not job.ended]
-            # short prompts prefill together now; each long one joins on its own, a chunk
-            # per iteration, so its prefill neither delays nor shares a failure with others
+            # short prompts prefill together now, in one forward (a burst of them is at most
+            # max_batch_size x chunk positions); each long one joins on its own, a chunk per
+            # iteration, so its prefill neither delays nor shares a failure with others
             self._join(name, [job for job in group if job.prefill_tokens <= chunk])
             for job in group:
                 if job.prefill_tokens > chunk:
-                    self._join(name, [job])
+                    self._join(name, [job], chunk)
         self._forget_ended()
         self.stats["max_live_rows"] = max(self.stats["max_live_rows"], self.live_rows)
 
-    def _join(self, name: str, group: list[Job]) -> None:
+    def _join(self, name: str, group: list[Job], chunk_tokens: int | None = None) -> None:
         """One batched prefill for the newcomers; if it fails, each job again on its own, so
         only the request that breaks the prefill fails."""
         if not group:
@@ -384,12 +385,12 @@ class BatchWorker:
         before = _shape(batch)
         try:
             rows = batch.join([request for job in group for request in job.rows],
-                              chunk_tokens=self.settings.prefill_chunk_tokens)
+                              chunk_tokens=chunk_tokens)
         except Exception as error:
             intact = _shape(batch) == before
             if len(group) > 1 and intact:
                 for job in group:
-                    self._join(name, [job])
+                    self._join(name, [job], chunk_tokens)
                 return
             log.warning("prefill of %d request(s) on %s failed: %s", len(group), name, error)
             for job in group:
