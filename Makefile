@@ -56,10 +56,10 @@ lint: setup
 system-deps:
 	bash scripts/install-system-deps.sh
 
-# then the vLLM engine's tests, in their own environment
+# then the vLLM engine's tests (and its --json stdout check), in their own environment
 test: setup setup-vllm lint system-deps
 	$(PY) -m pytest -q
-	$(VLLM_PY) -m pytest -q tests/test_vllm.py
+	$(VLLM_PY) -m pytest -q tests/test_vllm.py tests/test_cli_logging.py
 
 bench: setup
 	$(PADLM) bench --batch-size 1 --max-new-tokens 64 --repeats 3

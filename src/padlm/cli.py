@@ -197,7 +197,11 @@ def _register_subcommands() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # every command's logs on stderr: stdout is the command's output (`--json` lines, a
+    # generation) and must stay parseable; vLLM's own logger is pointed there as it is
+    # imported (padlm.vllm.engine.require_vllm)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
     for noisy in ("httpx", "transformers", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _register_subcommands()

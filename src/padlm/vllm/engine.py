@@ -13,7 +13,9 @@ vLLM is imported when an engine is made, never at padlm import time.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -63,8 +65,27 @@ REPETITION_PROCESSOR = "padlm.vllm.repetition:RepetitionLogitsProcessor"
 LANE = {"base": NEUTRAL, "prompt": PREFERENCE, "pad": PREFERENCE}
 
 
+def vllm_logs_to_stderr() -> None:
+    """Send vLLM's logs to stderr, in this process and the engine processes it starts.
+
+    vLLM configures its own ``vllm`` logger with a handler on ``VLLM_LOGGING_STREAM``, stdout
+    by default, so ``padlm generate --engine vllm --json`` wrote ~50 log lines among its JSON
+    lines. The variable is read when ``vllm`` is first imported, and vLLM's engine core and
+    workers inherit it, so it is set here before any import (a value the user set is kept);
+    should vLLM already be imported, its handlers on stdout are moved to stderr too.
+    """
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    if "vllm" not in sys.modules or os.environ["VLLM_LOGGING_STREAM"] != "ext://sys.stderr":
+        return
+    for handler in logging.getLogger("vllm").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
 def require_vllm():
-    """The ``vllm`` module, or a one-line error saying where it is installed."""
+    """The ``vllm`` module, or a one-line error saying where it is installed. Its logs go to
+    stderr (:func:`vllm_logs_to_stderr`): stdout is for padlm's output."""
+    vllm_logs_to_stderr()
     try:
         import vllm
     except ImportError as error:
