@@ -51,3 +51,22 @@ def tiny_cpu_lm() -> LoadedModel:
 @pytest.fixture
 def tiny_engine(tiny_lm: LoadedModel) -> Personalizer:
     return Personalizer(tiny_lm, persrm="identity")
+
+
+@pytest.fixture
+def serve(tiny_lm):
+    """``serve(**settings)``: a live server on the tiny model with those settings, as
+    ``(ServerThread, Service)`` (closed afterwards)."""
+    from padlm.server.app import ServerThread, create_app
+
+    servers = []
+
+    def start(**settings):
+        app = create_app(Personalizer(tiny_lm, persrm="identity"), **settings)
+        server = ServerThread(app).__enter__()
+        servers.append(server)
+        return server, app.state.service
+
+    yield start
+    for server in servers:
+        server.__exit__()

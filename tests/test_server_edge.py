@@ -44,22 +44,6 @@ def error_of(response: httpx.Response) -> dict:
     return strict_json(response.text)["error"]
 
 
-@pytest.fixture
-def serve(tiny_lm):
-    """``serve(**settings)``: a live tiny server with those settings (closed afterwards)."""
-    servers = []
-
-    def start(**settings):
-        app = create_app(Personalizer(tiny_lm, persrm="identity"), **settings)
-        server = ServerThread(app).__enter__()
-        servers.append(server)
-        return server, app.state.service
-
-    yield start
-    for server in servers:
-        server.__exit__()
-
-
 def connect(server: ServerThread) -> socket.socket:
     sock = socket.create_connection((server.host, server.port))
     sock.settimeout(30)

@@ -53,22 +53,6 @@ def chat(url: str, body: dict, headers: dict | None = None, timeout: float = 120
                       timeout=timeout, **kwargs)
 
 
-@pytest.fixture
-def serve(tiny_lm):
-    """``serve(**settings)``: a live tiny server with those settings (closed afterwards)."""
-    servers = []
-
-    def start(**settings):
-        app = create_app(Personalizer(tiny_lm, persrm="identity"), **settings)
-        server = ServerThread(app).__enter__()
-        servers.append(server)
-        return server, app.state.service.worker
-
-    yield start
-    for server in servers:
-        server.__exit__()
-
-
 # ---- bounded work --------------------------------------------------------------------------
 
 def test_per_request_limits(serve):
@@ -91,7 +75,7 @@ def test_per_request_limits(serve):
 
 
 def test_body_size_limit(serve):
-    server, worker = serve(max_body_bytes=2000)
+    server, _ = serve(max_body_bytes=2000)
     body = {"messages": [{"role": "user", "content": "x" * 3000}], "max_tokens": 2}
     declared = chat(server.url, body)
     assert declared.status_code == 413
@@ -108,7 +92,8 @@ def test_queue_admits_by_tokens_and_429_says_when_to_retry(serve):
     max_tokens."""
     probe, _ = serve()
     p = chat(probe.url, {"messages": HI, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
-    server, worker = serve(max_batch_size=1, max_queue=8, max_queue_tokens=100 + 2 * p)
+    server, service = serve(max_batch_size=1, max_queue=8, max_queue_tokens=100 + 2 * p)
+    worker = service.worker
     busy = open_request(server.url, LONG)
     wait_until(lambda: worker.live_rows == 1)
     results: dict = {}
@@ -131,7 +116,8 @@ def test_queue_admits_by_tokens_and_429_says_when_to_retry(serve):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_clients_that_leave_leave_the_queue_at_once(serve, stream):
-    server, worker = serve(max_batch_size=1, max_queue=3)
+    server, service = serve(max_batch_size=1, max_queue=3)
+    worker = service.worker
     busy = open_request(server.url, LONG)
     wait_until(lambda: worker.live_rows == 1)
     queued = [open_request(server.url, {**LONG, "stream": stream}) for _ in range(3)]
@@ -151,7 +137,8 @@ def test_clients_that_leave_leave_the_queue_at_once(serve, stream):
 def test_a_request_that_fits_runs_before_one_that_does_not(serve):
     """Two rows busy, a 4-row request waits for all four; a 1-row request arriving after it
     runs at once in a free row (no head-of-line blocking)."""
-    server, worker = serve(max_batch_size=4)
+    server, service = serve(max_batch_size=4)
+    worker = service.worker
     busy = open_request(server.url, {**LONG, "n": 2})
     wait_until(lambda: worker.live_rows == 2)
     big = open_request(server.url, {**LONG, "n": 4})
@@ -168,7 +155,8 @@ def test_a_request_that_fits_runs_before_one_that_does_not(serve):
 
 
 def test_requests_past_the_deadline_end_with_504(serve):
-    server, worker = serve(request_timeout_s=1.0)
+    server, service = serve(request_timeout_s=1.0)
+    worker = service.worker
     began = time.perf_counter()
     late = chat(server.url, LONG)
     assert late.status_code == 504 and late.json()["error"]["code"] == "request_timeout"
@@ -204,7 +192,8 @@ def test_api_key(serve):
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
                                           "multipart/form-data; boundary=x", None])
 def test_post_needs_a_json_content_type(serve, content_type):
-    server, worker = serve()
+    server, service = serve()
+    worker = service.worker
     headers = {} if content_type is None else {"content-type": content_type}
     done = worker.stats["jobs_done"]
     refused = httpx.post(f"{server.url}/v1/chat/completions", headers=headers, timeout=60,
@@ -261,6 +250,8 @@ def test_access_log_lines_are_json(serve, caplog):
     server, _ = serve()
     with caplog.at_level("INFO", logger="padlm.access"):
         httpx.get(f"{server.url}/health", headers={"x-request-id": "logged-1"})
+        # the gate writes its line once the response has been sent: the client may be first
+        wait_until(lambda: any(r.name == "padlm.access" for r in caplog.records), 10)
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "padlm.access"]
     assert {"request_id": "logged-1", "method": "GET", "path": "/health",
             "status": 200}.items() <= lines[-1].items()
@@ -459,7 +450,9 @@ CHROMIUM = "/usr/bin/chromium"
 def test_playground_asks_for_the_key_and_then_works(serve):
     from playwright.sync_api import expect, sync_playwright
 
-    server, worker = serve(api_key="sekret")
+    server, service = serve(api_key="sekret")
+
+    worker = service.worker
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
