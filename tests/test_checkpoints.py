@@ -114,7 +114,7 @@ def test_pad_released_sharded_with_a_prefixed_head_decodes_as_the_head_says(tmp_
     assert checkpoint.layout == "pad-released" and checkpoint.layout in GUIDE_LAYOUTS
     assert (checkpoint.path, checkpoint.model, checkpoint.adapter) == (str(tmp_path),
                                                                       str(tmp_path), None)
-    assert checkpoint.default_reference == "conditioned"
+    assert checkpoint.default_reference == "base"
     assert checkpoint.warnings == ()
     assert torch.equal(checkpoint.head[0], weight) and torch.equal(checkpoint.head[1], bias)
     assert checkpoint.head[0].dtype == checkpoint.head[1].dtype == torch.float32

@@ -11,7 +11,7 @@ import torch
 
 from padlm.data.schema import load_rows
 from padlm.data.splits import split_rows
-from padlm.engine import default_persrm_dir
+from padlm.guides import default_persrm_dir
 from padlm.models import load_model
 from padlm.persrm import PersonalizedRewardModel
 from padlm.training.cache import weights_sha256

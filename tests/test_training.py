@@ -490,7 +490,7 @@ def test_cli_train_rejects_bad_input(tmp_path):
 @pytest.mark.parametrize(("name", "reference"), [("default", "unconditioned"),
                                                 ("conditioned", "conditioned")])
 def test_shipped_persrms_are_trained_for_the_default_model(name, reference):
-    from padlm.engine import default_persrm_dir
+    from padlm.guides import default_persrm_dir
 
     directory = default_persrm_dir(name)
     assert directory is not None

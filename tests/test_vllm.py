@@ -23,8 +23,9 @@ import torch
 
 from padlm.config import GenerationConfig
 from padlm.decoding import Request
-from padlm.engine import Personalizer, default_persrm_dir
+from padlm.engine import Personalizer
 from padlm.errors import PadlmError
+from padlm.guides import default_persrm_dir
 from padlm.preferences import resolve_preference
 from padlm.vllm.requests import PadArgs, pad_args, padlm_architecture
 

@@ -130,10 +130,13 @@ def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens:
                             engine.placement)
         return (lambda: engine.batch(args).run(
             [engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), [engine.lm.model])
-    if engine.strategy(strategy).spec.uses_experts:  # (a bad name fails here, early)
+    spec = engine.strategy(strategy).spec  # (a bad name fails here, early)
+    if spec.uses_experts:
         preference, models = BENCH_COMBINATION, engine.experts.stream_models()
     else:
         preference, models = BENCH_PREFERENCE, [engine.lm.model]
+    if spec.uses_persrm and engine.persrm.separate:
+        models.append(engine.persrm.guide.model)
     return (lambda: engine.generate(prompts, preference, strategy, config,
                                     batch_size=batch_size), models)
 
@@ -208,12 +211,27 @@ def provenance(engine: Personalizer, strategies: list[str]) -> dict:
     """Everything a speed figure depends on besides the code: machine, dtype, threads,
     library versions and the fingerprints of the guides that ran."""
     uses_experts = bool({"mix", "soups"} & set(strategies))
+    persrm = None if engine.persrm_refusal() else engine.persrm
     return {**machine_provenance(engine.lm.device), "model": engine.lm.name,
             "dtype": engine.lm.dtype_name,
-            "persrm": {"path": engine.persrm.path, "fingerprint": engine.persrm.fingerprint(),
-                       "reference": engine.persrm.config.reference},
+            "persrm": persrm and {"path": persrm.path, "fingerprint": persrm.fingerprint(),
+                                  "reference": persrm.reference, **guide_size(engine, persrm)},
             "experts": ({"fingerprint": engine.experts.fingerprint()} if uses_experts
                         else None)}
+
+
+def guide_size(engine: Personalizer, persrm: PersonalizedRewardModel) -> dict:
+    """A separate guide's name and size against the base's: what its cost over base is
+    measured against."""
+    if not persrm.separate:
+        return {}
+    guide, base = parameter_count(persrm.guide.model), parameter_count(engine.lm.model)
+    return {"guide": persrm.guide.name, "guide_parameters": guide, "base_parameters": base,
+            "guide_to_base_parameters": round(guide / base, 4)}
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def markdown_table(result: dict) -> str:

@@ -15,6 +15,7 @@ from padlm.cli_options import (
     ExpertsOption,
     ModelOption,
     PersRMOption,
+    ReferenceOption,
 )
 from padlm.errors import PadlmError
 
@@ -36,6 +37,8 @@ def bench_command(
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     repeats: Annotated[int, typer.Option()] = 3,
     model: ModelOption = "default",
+    persrm: PersRMOption = "default",
+    reference: ReferenceOption = None,
     experts: ExpertsOption = "default",
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
@@ -59,7 +62,8 @@ def bench_command(
     if min(sizes) < 1 or repeats < 1 or max_new_tokens < 1:
         raise PadlmError("--batch-size, --repeats and --max-new-tokens must be >= 1")
     console = Console(stderr=True)
-    engine = Personalizer(model, dtype=dtype, device=device, experts=experts)
+    engine = Personalizer(model, persrm=persrm, dtype=dtype, device=device, experts=experts,
+                          reference=reference)
     chosen = (list(BENCH_STRATEGIES) if strategies == "all"
               else [s.strip() for s in strategies.split(",") if s.strip()])
     result = bench(engine, chosen, sizes,

@@ -7,7 +7,7 @@ occur in the wild, and each implies a different reward reference:
     PAD's released PersRM: a full causal LM plus ``value_head.safetensors`` (or ``.bin``)
     holding ``v_head.summary.weight [H, H]`` and ``v_head.summary.bias [H]``, optionally
     under TRL's ``pretrained_model.`` prefix. The reward is ``E (W h + b)`` against the base
-    model that sees the preference ("conditioned").
+    model that sees the preference (reference `base`).
 ``causal-lm``
     A plain causal LM whose log-probabilities are the reward (GenARM's autoregressive reward
     models, a DPO-trained model, a small instruct model); its reference is the same model
@@ -56,7 +56,7 @@ SCORER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForRe
 HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
 
 REFERENCE_BY_LAYOUT = {
-    "pad-released": "conditioned",  # PAD's released rule: vs the base model with the preference
+    "pad-released": "base",  # PAD's released rule: vs the base model with the preference
     "peft-adapter": "guide",  # vs the same backbone without its adapter
     "causal-lm": "guide-unconditioned",  # vs the same model without the preference
 }
@@ -75,7 +75,7 @@ class GuideCheckpoint:
     # (W [H, H], b [H]) float32 from a value-head file (pad-released, or a peft-adapter that
     # ships one); None means the identity head
     head: tuple[torch.Tensor, torch.Tensor] | None
-    default_reference: str  # "conditioned", "guide" or "guide-unconditioned"
+    default_reference: str  # a rule of padlm.config.REWARD_REFERENCES
     warnings: tuple[str, ...] = ()  # one-line warnings for the caller to log
 
 

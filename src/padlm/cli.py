@@ -23,6 +23,7 @@ from padlm.cli_options import (
     ModelOption,
     PersRMOption,
     PlacementOption,
+    ReferenceOption,
     ScorerOption,
 )
 from padlm.errors import PadlmError
@@ -71,6 +72,7 @@ def generate(
     experts: ExpertsOption = "default",
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
+    reference: ReferenceOption = None,
     scorer: ScorerOption = None,
     placement: PlacementOption = None,
     dtype: DtypeOption = None,
@@ -99,7 +101,7 @@ def generate(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         stop=tuple(stop or ()), no_repeat_ngram_size=no_repeat_ngram_size,
         repetition_penalty=repetition_penalty, weight=weight, top_k=top_k,
-        echo_guard=echo_guard, mix=mix,
+        echo_guard=echo_guard, mix=mix, reference=reference,
     )
     check_request(strategy, config)
     resolve_preference(preference)  # a typo like P9Z fails here, before any model loads
@@ -124,10 +126,13 @@ def generate(
         from padlm.engine import Personalizer
 
         engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                              device=device, experts=experts, scorer=scorer)
+                              device=device, experts=experts, scorer=scorer,
+                              reference=reference)
+        engine.check(strategy, config)
         model_name, extra = engine.lm.name, {"batch_size": batch_size, "n": n}
-    meta = {"strategy": strategy, "preference": preference, "model": model_name,
-            "persrm": engine.persrm_name}
+    meta = {"strategy": strategy, "preference": preference, "model": model_name}
+    if spec.uses_persrm or scorer == "persrm":
+        meta["persrm"] = engine.persrm_name
     if spec.uses_scorer:  # what scored the candidates (or picked the sample)
         meta["scorer"] = engine.scorer.name
     if stream and spec.level == "token" and prompts_file is None:

@@ -8,8 +8,13 @@ import typer
 
 ModelOption = Annotated[str, typer.Option(help="'default', a HF model id or a directory.")]
 PersRMOption = Annotated[str, typer.Option(
-    help="PersRM directory, 'default', 'conditioned' (the shipped one-lane PersRM; what "
-         "'default' means on --engine vllm) or 'identity'.")]
+    help="PAD's guide: a PersRM directory, 'default', 'conditioned' (the shipped one-lane "
+         "PersRM; what 'default' means on --engine vllm), 'identity', or another model "
+         "steering this one as a separate guide (a model name or directory, PAD's released "
+         "PersRM, a PEFT adapter; the same tokenizer).")]
+ReferenceOption = Annotated[str | None, typer.Option(
+    help="pad's reward reference: base | base-unconditioned | guide | guide-unconditioned | "
+         "none (the guide's log-probs alone); default: the guide's own.")]
 ExpertsOption = Annotated[str, typer.Option(
     help="mix / soups: experts directory, or 'default' (the shipped experts and PCM, else "
          "prompted experts).")]

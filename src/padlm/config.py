@@ -21,6 +21,12 @@ MAX_WEIGHT = 100.0
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 2.0  # OpenAI's upper bound; 0 means greedy
 MIN_PENALTY, MAX_PENALTY = 1e-2, 1e2
 MIX_MODES = ("pcm", "uniform", "logit")
+# What PAD's token reward ``r(a) = log softmax_K z_G(a) - log softmax_K z_ref(a)`` measures the
+# guide against: the base model with the preference (PAD's released rule) or without it, the
+# guide's own backbone (no head, no adapter) with the preference or without it, or nothing
+# (the guide's log-probabilities ARE the reward, as GenARM's autoregressive reward models).
+# On a PersRM that shares the base model's backbone, ``guide`` is ``base``.
+REWARD_REFERENCES = ("base", "base-unconditioned", "guide", "guide-unconditioned", "none")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ class GenerationConfig:
     echo_guard: bool = False
     # orchestration: "pcm" | "uniform" | "logit" | "fixed:0.5,0.3,0.2"; None: the default
     mix: str | None = None
+    # PAD's reward reference (REWARD_REFERENCES); None: the guide's saved one
+    reference: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, list):
@@ -74,6 +82,9 @@ class GenerationConfig:
                "stop strings must be non-empty text")
         if self.mix is not None:
             mix_weights(self.mix)
+        _check(self.reference is None or self.reference in REWARD_REFERENCES, "reference",
+               f"reference must be one of {', '.join(REWARD_REFERENCES)}, got "
+               f"{self.reference!r}")
 
 
 def mix_weights(mix: str) -> str | tuple[float, ...]:

@@ -8,13 +8,10 @@
 from __future__ import annotations
 
 import copy
-import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
 import torch
 
@@ -22,6 +19,7 @@ from padlm.config import GenerationConfig
 from padlm.decoding import DecodeBatch, Request, Row, StepEvent, Strategy
 from padlm.devices import AUTO, resolve_device
 from padlm.errors import PadlmError
+from padlm.guides import load_persrm, persrm_placement
 from padlm.models import DEFAULT_MODEL, LoadedModel, load_model
 from padlm.persrm import PersonalizedRewardModel, PersRMConfig
 from padlm.preferences import resolve_preference
@@ -64,32 +62,7 @@ class ServedModel:
     strategies: tuple[str, ...]
     engine: str  # hf | vllm
     token_rewards: bool  # whether per-token PersRM rewards can be reported
-
-
-# PersRMs shipped for the default model, as ``--persrm`` names them: ``default`` (the most
-# accurate, with a preference-free reference lane) and ``conditioned`` (one lane, so it also
-# runs on vLLM)
-SHIPPED_PERSRMS = ("default", "conditioned")
-
-
-def default_persrm_dir(name: str = "default") -> Path | None:
-    """The PersRM shipped inside the package under ``name``, if this build has one."""
-    path = Path(str(resources.files("padlm") / "assets" / f"persrm-{name}"))
-    return path if (path / "config.json").exists() else None
-
-
-def shipped_persrm(name: str, model_name: str) -> Path | None:
-    """The shipped PersRM ``name`` when it was made for ``model_name``. ``default`` quietly
-    falls back (None: the identity PersRM); asking for ``conditioned`` by name for another
-    model is an error."""
-    shipped = default_persrm_dir(name)
-    if shipped is not None and shipped_base(shipped) == model_name:
-        return shipped
-    if name == "default":
-        return None
-    raise PadlmError(f"the shipped PersRM {name!r} was made for "
-                     f"{shipped_base(shipped) if shipped else 'no model in this build'}, not "
-                     f"{model_name}: pass --persrm DIR", param="persrm")
+    guide: str | None = None  # a separate guide model's name (None: the base's backbone)
 
 
 class Personalizer:
@@ -108,8 +81,12 @@ class Personalizer:
         scorer: str | SequenceScorer | None = DEFAULT_SCORER,
         device: str = AUTO,
         experts: str | object = "default",
+        reference: str | None = None,
     ) -> None:
-        """``scorer``: what scores ``args`` and ``best-of-n``: ``"dimensions"`` (the
+        """``persrm``: the PersRM or guide (see :func:`padlm.guides.load_persrm`), loaded on
+        first use, so a guide that cannot steer this model refuses ``pad`` alone.
+        ``reference``: PAD's reward reference, overriding the guide's saved one.
+        ``scorer``: what scores ``args`` and ``best-of-n``: ``"dimensions"`` (the
         per-dimension reward models, independent of the PersRM; preset preferences only),
         ``"persrm"`` (the PersRM's implicit reward, which PAD follows too), or any
         :class:`~padlm.strategies.SequenceScorer` or ``items -> scores`` callable."""
@@ -118,12 +95,15 @@ class Personalizer:
         if placement is not None and placement not in PLACEMENTS:
             raise PadlmError(f"unknown placement {placement!r}; choose one of "
                              f"{', '.join(PLACEMENTS)}", param="placement")
+        if reference is not None:
+            GenerationConfig(reference=reference)  # refused before any model loads
         self.lm = (model if isinstance(model, LoadedModel)
                    else load_model(model, dtype, resolve_device(device)))
-        self.persrm = self._load_persrm(persrm)
-        self.persrm.head.to(self.lm.device)
+        self._persrm: PersonalizedRewardModel | PadlmError | None = None
+        self._persrm_spec = persrm
+        self._reference = reference
         # the user's placement, else the one the PersRM was trained with
-        self.placement = placement or self.persrm.config.placement
+        self.placement = placement or persrm_placement(persrm, self.lm.name)
         self._scorer = DEFAULT_SCORER if scorer is None else scorer
         self.eos_ids = eos_ids(self.lm.tokenizer, self.lm.model.generation_config)
         self._experts = experts
@@ -155,43 +135,48 @@ class Personalizer:
                 self._experts = load_experts(self._experts, self.lm)
         return self._experts
 
-    def _load_persrm(self, persrm) -> PersonalizedRewardModel:
-        if isinstance(persrm, PersonalizedRewardModel):
-            return persrm
-        hidden = self.lm.model.config.hidden_size
-        if persrm is None or persrm == "identity":
-            return PersonalizedRewardModel.identity(self.lm.name, hidden)
-        if persrm in SHIPPED_PERSRMS:
-            shipped = shipped_persrm(persrm, self.lm.name)
-            if shipped is None:
-                return PersonalizedRewardModel.identity(self.lm.name, hidden)
-            persrm = str(shipped)
-        if not Path(persrm).is_dir():
-            raise PadlmError(f"PersRM directory {persrm} does not exist")
-        # a LoRA PersRM wraps its own copy so the base model stays adapter-free
-        lora = PersonalizedRewardModel.read_config(persrm).lora
-        loaded = PersonalizedRewardModel.load(
-            persrm, copy.deepcopy(self.lm.model) if lora else None)
-        if loaded.config.hidden_size != hidden:
-            raise PadlmError(f"PersRM {persrm} was made for hidden size "
-                             f"{loaded.config.hidden_size}, the model has {hidden}")
-        return loaded
+    @property
+    def persrm(self) -> PersonalizedRewardModel:
+        """The PersRM (or separate guide), loaded on first use; a guide that cannot steer this
+        model raises its refusal here, every time it is asked for."""
+        refusal = self.persrm_refusal()
+        if refusal is not None:
+            raise refusal
+        return self._persrm
+
+    def persrm_refusal(self) -> PadlmError | None:
+        """Why ``pad`` cannot run here (None: it can); loads the PersRM to find out."""
+        with self._building:
+            if self._persrm is None:
+                try:
+                    self._persrm = load_persrm(self._persrm_spec, self.lm, self._reference)
+                    self._persrm.head.to(self.lm.device)
+                except PadlmError as refusal:
+                    self._persrm = refusal
+        return self._persrm if isinstance(self._persrm, PadlmError) else None
 
     @property
     def persrm_name(self) -> str:
-        return self.persrm.path or "identity"
+        return self.persrm.name
 
     def served_model(self) -> ServedModel:
         config = self.lm.model.config
+        persrm = None if self.persrm_refusal() else self.persrm
         return ServedModel(
             self.lm.name, copy.deepcopy(self.lm.tokenizer),
             int(getattr(config, "max_position_embeddings", 0) or 2048),
-            int(self.lm.model.get_output_embeddings().weight.shape[0]), self.persrm.path,
-            self.persrm.config, available_strategies(), "hf", True)
+            int(self.lm.model.get_output_embeddings().weight.shape[0]),
+            persrm.path if persrm else None, persrm.config if persrm else None,
+            available_strategies(), "hf", bool(persrm and not persrm.separate),
+            persrm.guide.name if persrm and persrm.separate else None)
 
     def check(self, strategy: str, config: GenerationConfig) -> None:
-        """Refuse what ``strategy`` cannot run with ``config`` (the vLLM engine refuses more)."""
+        """Refuse what ``strategy`` cannot run with ``config`` (the vLLM engine refuses more),
+        and ``pad`` where its PersRM cannot steer this model."""
         check_request(strategy, config)
+        refusal = self.persrm_refusal() if strategy_class(strategy).spec.uses_persrm else None
+        if refusal is not None:
+            raise refusal
 
     def contexts(self, strategy: str, request: Request) -> list[list[list[int]]]:
         """The token ids of every context ``strategy`` decodes for ``request`` (per stream,
@@ -291,6 +276,3 @@ def eos_ids(tokenizer, generation_config) -> list[int]:
         ids.update(configured)
     return sorted(i for i in ids if i is not None)
 
-
-def shipped_base(directory: Path) -> str:
-    return json.loads((directory / "config.json").read_text()).get("base_model", "")

@@ -33,12 +33,15 @@ def masked_log_softmax(values: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
 
 
 def pad_token_reward(
-    reference_logits_k: torch.Tensor, reward_logits_k: torch.Tensor, valid: torch.Tensor
+    reference_logits_k: torch.Tensor | None, reward_logits_k: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
     """PAD's token reward over the candidates: ``log softmax_K(z_R) - log softmax_K(z_ref)``,
-    the reference being the base model (with the preference in context, or without it)."""
-    reward = (masked_log_softmax(reward_logits_k, valid)
-              - masked_log_softmax(reference_logits_k, valid))
+    the reference being the base model (with the preference in context, or without it) or
+    the guide's own backbone; ``None``: no reference, the guide's log-probabilities over the
+    candidates are the reward (GenARM's autoregressive reward models). 0 where not valid."""
+    reward = masked_log_softmax(reward_logits_k, valid)
+    if reference_logits_k is not None:
+        reward = reward - masked_log_softmax(reference_logits_k, valid)
     return reward.masked_fill(~valid, 0.0)
 
 
@@ -68,6 +71,16 @@ def cap_echo(reward: torch.Tensor, echo: torch.Tensor | None) -> torch.Tensor:
     return reward if echo is None else torch.where(echo, reward.clamp(max=0.0), reward)
 
 
+def guided_scores(
+    proposal_logits_k: torch.Tensor, reward: torch.Tensor, weight: torch.Tensor,
+    valid: torch.Tensor, echo: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``score = z_b + w * r`` over the candidates (``-inf`` elsewhere), the reward's bonus
+    capped where ``echo`` is set (see ``cap_echo``)."""
+    return (proposal_logits_k + weight[:, None] * cap_echo(reward, echo)).masked_fill(
+        ~valid, NEG_INF)
+
+
 def pad_scores(
     reference_logits_k: torch.Tensor,
     reward_logits_k: torch.Tensor,
@@ -85,8 +98,22 @@ def pad_scores(
     (see ``cap_echo``).
     """
     proposal = reference_logits_k if proposal_logits_k is None else proposal_logits_k
-    reward = cap_echo(pad_token_reward(reference_logits_k, reward_logits_k, valid), echo)
-    return (proposal + weight[:, None] * reward).masked_fill(~valid, NEG_INF)
+    return guided_scores(proposal, pad_token_reward(reference_logits_k, reward_logits_k, valid),
+                         weight, valid, echo)
+
+
+def scoreable_candidates(candidates: torch.Tensor, valid: torch.Tensor,
+                         scoreable: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates a guide can score: ids below ``scoreable`` (its shared vocabulary with the
+    base; None: all), clamped so indexing its lm_head stays in range, and their validity
+    (a candidate the guide cannot score gets no reward, neither bonus nor penalty).
+
+    >>> scoreable_candidates(torch.tensor([[3, 9]]), torch.tensor([[True, True]]), 5)
+    (tensor([[3, 4]]), tensor([[ True, False]]))
+    """
+    if scoreable is None:
+        return candidates, valid
+    return candidates.clamp(max=scoreable - 1), valid & (candidates < scoreable)
 
 
 def linear_alignment_scores(

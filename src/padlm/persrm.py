@@ -15,22 +15,28 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from padlm.atomic import atomic_directory, write_json_atomic
+from padlm.config import REWARD_REFERENCES
 from padlm.errors import PadlmError
 from padlm.prompting import DEFAULT_PLACEMENT
+
+if TYPE_CHECKING:
+    from padlm.models import LoadedModel
 
 CONFIG_NAME = "config.json"
 HEAD_NAME = "head.safetensors"
 ADAPTER_DIR = "adapter"
 ADAPTER_NAME = "persrm"
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-REFERENCES = ("conditioned", "unconditioned")
+REFERENCES = ("conditioned", "unconditioned")  # what a head was trained against (see config)
+# a PersRM that shares the base model's backbone has one backbone: "guide" means "base"
+SHARED_SYNONYMS = {"guide": "base", "guide-unconditioned": "base-unconditioned"}
 
 
 @dataclass
@@ -86,6 +92,14 @@ class ValueHead(nn.Module):
         return bool(torch.equal(self.weight.data, eye) and not self.bias.data.any())
 
 
+def candidate_logits(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                     candidates: torch.Tensor) -> torch.Tensor:
+    """``E_a . h`` at ``candidates [N, k]`` only, in float32: the k lm_head rows PAD's
+    candidate-restricted softmax needs, not the whole vocabulary."""
+    rows = lm_head_weight[candidates].float()  # [N, k, d]: k rows, cheap to upcast
+    return torch.einsum("nkd,nd->nk", rows, hidden.float())
+
+
 def tensor_fingerprint(header: str, tensors: Iterable[torch.Tensor]) -> str:
     """16 hex digits of sha256 over ``header`` and the tensors' float32 bytes, in order."""
     digest = hashlib.sha256(header.encode())
@@ -95,16 +109,39 @@ def tensor_fingerprint(header: str, tensors: Iterable[torch.Tensor]) -> str:
 
 
 class PersonalizedRewardModel:
-    """A value head, optionally on top of a LoRA-adapted copy of the base backbone."""
+    """A value head on a backbone: the base model's own (shared, the fast path), a LoRA-adapted
+    copy of it, or a separate guide model with its own KV stream (any size; the same
+    tokenizer as the base).
+
+    ``reference`` is the token reward's reference rule (:data:`padlm.config.REWARD_REFERENCES`):
+    by default what the head was trained against, on its own backbone (``conditioned`` ->
+    ``base`` when that backbone is the base model, ``guide`` when it is a separate guide).
+    """
 
     def __init__(
         self, config: PersRMConfig, head: ValueHead, backbone: nn.Module | None = None,
-        path: str | None = None,
+        path: str | None = None, guide: LoadedModel | None = None,
+        reference: str | None = None, scoreable: int | None = None,
     ) -> None:
         self.config = config
         self.head = head
-        self.backbone = backbone  # None: shares the base model's backbone (fast path)
+        self.backbone = backbone  # a LoRA copy of the base model; None: the base's own
         self.path = path
+        self.guide = guide  # a separate guide model (its own stream); None: the base's backbone
+        # base-model token ids below this the guide can score (its shared vocabulary)
+        self.scoreable = scoreable
+        self._reference = reference
+        # refused now, not at the first decode step
+        self.canonical_reference(reference or self.trained_reference)
+
+    @property
+    def reference(self) -> str:
+        """The reward reference rule in force: the one set, else the trained one."""
+        return self.canonical_reference(self._reference or self.trained_reference)
+
+    @reference.setter
+    def reference(self, rule: str) -> None:
+        self._reference = self.canonical_reference(rule)
 
     @classmethod
     def identity(cls, base_model_name: str, hidden_size: int) -> PersonalizedRewardModel:
@@ -114,13 +151,55 @@ class PersonalizedRewardModel:
 
     @property
     def shares_backbone(self) -> bool:
-        return self.backbone is None
+        return self.backbone is None and self.guide is None
+
+    @property
+    def separate(self) -> bool:
+        return self.guide is not None
+
+    @property
+    def adapted(self) -> bool:
+        """Whether the guide's backbone carries a PEFT adapter (named ``ADAPTER_NAME``)."""
+        return self.guide is not None and hasattr(self.guide.model, "peft_config")
+
+    @property
+    def trained_reference(self) -> str:
+        """The rule the head was trained for: against its own backbone, with or without the
+        preference."""
+        own = "guide" if self.separate else "base"
+        return own + ("-unconditioned" if self.config.unconditioned else "")
+
+    def canonical_reference(self, rule: str) -> str:
+        """``rule`` as this PersRM runs it, or a refusal naming why it cannot."""
+        if rule not in REWARD_REFERENCES:
+            raise PadlmError(f"reference must be one of {', '.join(REWARD_REFERENCES)}, got "
+                             f"{rule!r}", param="reference")
+        if not self.separate:
+            if rule == "none":
+                raise PadlmError("reference none (the guide's log-probabilities as the reward) "
+                                 "needs a separate guide model: this PersRM is a head on the "
+                                 "base model", param="reference")
+            return SHARED_SYNONYMS.get(rule, rule)
+        if rule == "guide" and self.head.is_identity() and not self.adapted:
+            raise PadlmError(f"reference guide compares the guide {self.guide.name} with itself "
+                             f"(it has no head and no adapter): every reward would be 0; use "
+                             f"guide-unconditioned or none", param="reference")
+        return rule
+
+    @property
+    def name(self) -> str:
+        """What users call it: its directory, or its guide model's name, or identity."""
+        return self.path or (self.guide.name if self.guide is not None else "identity")
 
     def fingerprint(self) -> str:
         """A short hash of everything that shapes this PersRM's outputs (head, LoRA weights,
         default top-k): caches keyed by it never mix two PersRMs saved at the same path."""
-        # a conditioned PersRM hashes as before this field existed: old caches stay valid
+        # a conditioned PersRM hashes as before these fields existed: old caches stay valid
         reference = ",reference=unconditioned" if self.config.unconditioned else ""
+        if self.reference != self.canonical_reference(self.trained_reference):
+            reference += f",rule={self.reference}"
+        if self.guide is not None:
+            reference += f",guide={self.guide.name}"
         tensors = [self.head.weight, self.head.bias]
         if self.backbone is not None:
             from peft import get_peft_model_state_dict
@@ -138,8 +217,7 @@ class PersonalizedRewardModel:
         transformed = self.head(hidden)  # float32
         if candidates is None:  # the whole vocabulary: in the lm_head's dtype, as base logits
             return (transformed.to(lm_head_weight.dtype) @ lm_head_weight.T).float()
-        rows = lm_head_weight[candidates].float()  # [N, k, d]: k rows, cheap to upcast
-        return torch.einsum("nkd,nd->nk", rows, transformed)
+        return candidate_logits(transformed, lm_head_weight, candidates)
 
     def save(self, directory: str | Path) -> None:
         """Write the PersRM atomically: a crash leaves the old directory or the new one."""

@@ -68,6 +68,10 @@ def check_request(name: str, config: GenerationConfig) -> None:
     """Refusals that depend on the strategy, made before any model work."""
     if config.echo_guard and not strategy_class(name).spec.echo_guard:
         raise PadlmError(echo_guard_refusal(name), param="echo_guard")
+    if config.reference is not None and not strategy_class(name).spec.uses_persrm:
+        raise PadlmError(f"a reward reference applies to the PersRM strategies "
+                         f"({', '.join(strategy_names(uses_persrm=True))}), not {name!r}",
+                         param="reference")
     if config.mix is not None and not strategy_class(name).spec.uses_experts:
         raise PadlmError(f"mixing weights apply to the expert strategies "
                          f"({', '.join(strategy_names(uses_experts=True))}), not {name!r}",

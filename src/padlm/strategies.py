@@ -33,6 +33,7 @@ from padlm.persrm import (
     ADAPTER_NAME,
     BASE_ADAPTER,
     PersonalizedRewardModel,
+    candidate_logits,
     tensor_fingerprint,
 )
 from padlm.preferences import named_presets
@@ -51,7 +52,7 @@ Process = Callable[[torch.Tensor], torch.Tensor]
 def reference_lanes(persrm: PersonalizedRewardModel) -> tuple[str, ...]:
     """The extra lane a PersRM's reward reference needs: none when the reference is the
     preference-conditioned base (it reads lane 0), a neutral lane when it is unconditioned."""
-    return (NEUTRAL,) if persrm.config.unconditioned else ()
+    return (NEUTRAL,) if persrm.reference == "base-unconditioned" else ()
 
 
 def render_lanes(tokenizer, request: Request, lanes: Sequence[str],
@@ -140,13 +141,30 @@ class PromptStrategy(BaseStrategy):
     lane = PREFERENCE
 
 
+def pad_rules(persrm: PersonalizedRewardModel) -> tuple[str, ...]:
+    """The reward references ``pad`` runs for ``persrm``, its own first: that one, and those
+    that need no lane of their own (the base with the preference is lane 0; a separate
+    guide's log-probabilities need no reference; a head on a separate guide reads its
+    backbone's logits from the hidden state it already has)."""
+    free = ["base"]
+    if persrm.separate:
+        free.append("none")
+        if not persrm.adapted and not persrm.head.is_identity():
+            free.append("guide")
+    return tuple(dict.fromkeys([persrm.reference, *free]))
+
+
 @register
 class PadStrategy(Strategy):
-    """PAD: ``score(a) = z_b(a) + w * r(a)`` over the base model's top-k candidates.
+    """PAD: ``score(a) = z_b(a) + w * r(a)`` over the base model's top-k candidates, with
+    ``r(a) = log softmax_K z_R(a) - log softmax_K z_ref(a)``.
 
-    Lanes of the one stream: the preference-conditioned base (lane 0; on the shared backbone
-    the head reads its hidden state too), the PersRM (a LoRA PersRM only) and, for a PersRM
-    with an unconditioned reference, the preference-free base that ``r`` is measured against.
+    Lanes of the base stream: the preference-conditioned base (lane 0; on the shared backbone
+    the head reads its hidden state too), the PersRM (a LoRA PersRM on the base only) and,
+    for the ``base-unconditioned`` reference, the preference-free base. A separate guide
+    model is a second stream in lock-step (same tokenizer: the same token ids): its PersRM
+    lane (through its adapter, if any), and the reference lanes of its own backbone that
+    :func:`pad_rules` asks for. Each row may pick any rule in :attr:`rules`.
     """
 
     spec = StrategySpec("pad", "PAD: PersRM token rewards re-rank the base top-k",
@@ -154,36 +172,106 @@ class PadStrategy(Strategy):
 
     def __init__(self, lm: LoadedModel, persrm: PersonalizedRewardModel,
                  placement: str | None = None) -> None:
-        shared = persrm.shares_backbone
-        lanes = (PREFERENCE,) if shared else (PREFERENCE, PREFERENCE)
-        self.persrm_lane = len(lanes) - 1
-        lanes += reference_lanes(persrm)
-        self.reference_lane = len(lanes) - 1 if persrm.config.unconditioned else 0
-        adapters = None if shared else [BASE_ADAPTER, ADAPTER_NAME, BASE_ADAPTER][:len(lanes)]
-        super().__init__(lm, lanes, placement or persrm.config.placement,
-                         None if shared else persrm.backbone, adapters)
         self.persrm = persrm
+        self.rules = pad_rules(persrm)
+        lora = persrm.backbone is not None
+        lanes = (PREFERENCE, PREFERENCE) if lora else (PREFERENCE,)
+        # where each hidden state / reference is read: (stream, lane)
+        self.at = {"persrm": (0, len(lanes) - 1), "base": (0, 0)}
+        if "base-unconditioned" in self.rules:
+            self.at["base-unconditioned"] = (0, len(lanes))
+            lanes += (NEUTRAL,)
+        adapters = [BASE_ADAPTER, ADAPTER_NAME, BASE_ADAPTER][:len(lanes)] if lora else None
+        super().__init__(lm, lanes, placement or persrm.config.placement,
+                         persrm.backbone, adapters)
         self.lm_head = lm.model.get_output_embeddings().weight
+        if persrm.separate:
+            self._guide_lanes()
+
+    def _guide_lanes(self) -> None:
+        guide = self.persrm.guide
+        self.guide_lanes: tuple[str, ...] = (PREFERENCE,)
+        self.at["persrm"] = self.at["guide"] = (1, 0)
+        adapters = [ADAPTER_NAME]
+        if self.persrm.adapted and "guide" in self.rules:
+            self.at["guide"] = (1, len(self.guide_lanes))
+            self.guide_lanes += (PREFERENCE,)
+            adapters.append(BASE_ADAPTER)
+        if "guide-unconditioned" in self.rules:
+            self.at["guide-unconditioned"] = (1, len(self.guide_lanes))
+            self.guide_lanes += (NEUTRAL,)
+            adapters.append(BASE_ADAPTER)
+        self.guide_adapters = adapters if self.persrm.adapted else None
+        self.guide_head = guide.model.get_output_embeddings().weight
 
     @classmethod
     def build(cls, engine: Personalizer) -> PadStrategy:
         return cls(engine.lm, engine.persrm, engine.placement)
 
-    def reward_lanes(self) -> tuple[int, int]:
-        return self.persrm_lane, self.reference_lane
+    def new_streams(self) -> list[KVStream]:
+        streams = super().new_streams()
+        if self.persrm.separate:  # hidden states only, unless PEFT lanes need the full model
+            streams.append(KVStream(self.persrm.guide.model, len(self.guide_lanes),
+                                    self.guide_adapters, logits=self.persrm.adapted))
+        return streams
+
+    def contexts(self, request: Request) -> list[list[list[int]]]:
+        self.rule(request)  # refused here, before any decoding
+        contexts = super().contexts(request)
+        if self.persrm.separate:
+            contexts.append(render_lanes(self.persrm.guide.tokenizer, request,
+                                         self.guide_lanes, self.persrm.config.placement))
+        return contexts
+
+    def rule(self, request: Request) -> str:
+        """The reward reference this request uses, or a refusal naming what would run it."""
+        asked = request.config.reference or self.persrm.reference
+        rule = self.persrm.canonical_reference(asked)
+        if rule not in self.rules:
+            raise PadlmError(f"reference {asked} needs a lane this engine's pad does not run "
+                             f"(PersRM {self.persrm.name} runs {', '.join(self.rules)}): "
+                             f"start it with --reference {asked}", param="reference")
+        return rule
+
+    def admit(self, request: Request) -> str:
+        return self.rule(request)
+
+    def reward_lanes(self) -> tuple[int, int] | None:
+        if self.persrm.separate or self.rules != (self.persrm.reference,):
+            return None  # a second stream, or rows that may measure against other lanes
+        return self.at["persrm"][1], self.at[self.persrm.reference][1]
+
+    def _reference(self, rule: str, outputs: list[StreamOutput], candidates: torch.Tensor,
+                   scoring: torch.Tensor) -> torch.Tensor | None:
+        if rule == "none":
+            return None
+        stream, lane = self.at[rule]
+        if stream == 0:
+            return outputs[0].logits[:, lane].gather(1, candidates)
+        return candidate_logits(outputs[1].hidden[:, lane], self.guide_head, scoring)
 
     def scores(self, outputs, rows, process):
-        out = outputs[0]
-        proposal = process(out.logits[:, 0])
+        proposal = process(outputs[0].logits[:, 0])
         k = rows.column("top_k", self.persrm.config.top_k or DEFAULT_TOP_K, proposal.device)
         candidates, valid = guidance.top_k_candidates(proposal, k)
-        reward_logits = self.persrm.reward_logits(out.hidden[:, self.persrm_lane],
-                                                  self.lm_head, candidates)
-        scores = guidance.pad_scores(
-            out.logits[:, self.reference_lane].gather(1, candidates), reward_logits,
+        scoring, scored = guidance.scoreable_candidates(candidates, valid,
+                                                        self.persrm.scoreable)
+        stream, lane = self.at["persrm"]
+        reward_logits = self.persrm.reward_logits(
+            outputs[stream].hidden[:, lane], self.guide_head if stream else self.lm_head,
+            scoring)
+        rules = [row.state for row in rows]
+        reward = None
+        for rule in dict.fromkeys(rules):
+            rule_reward = guidance.pad_token_reward(
+                self._reference(rule, outputs, candidates, scoring), reward_logits, scored)
+            mine = torch.tensor([r == rule for r in rules], device=proposal.device)
+            reward = rule_reward if reward is None else torch.where(
+                mine[:, None], rule_reward, reward)
+        scores = guidance.guided_scores(
+            proposal.gather(1, candidates), reward,
             rows.column("weight", self.persrm.config.recommended_weight, proposal.device),
-            valid, proposal.gather(1, candidates), _echo(rows, candidates, self.lm.tokenizer),
-        )
+            valid, _echo(rows, candidates, self.lm.tokenizer))
         return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
 
 
@@ -293,7 +381,7 @@ class ImplicitRewardScorer(SequenceScorer):
                   neutral_contexts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         """The rewards of ``responses`` after ``contexts`` (and, for an unconditioned
         reference, the same contexts rendered without the preference)."""
-        if self.persrm.config.unconditioned and neutral_contexts is None:
+        if self.persrm.reference == "base-unconditioned" and neutral_contexts is None:
             raise PadlmError("this PersRM's reward is measured against the preference-free "
                              "base model: pass neutral_contexts")
         step = self.batch_size
@@ -313,7 +401,7 @@ class ImplicitRewardScorer(SequenceScorer):
                     adapter_names=[ADAPTER_NAME] * len(contexts)):
                 persrm_hidden = response_hidden(self.persrm.backbone, contexts, responses)
         reference = (response_hidden(self.lm.model, neutral_contexts, responses)
-                     if self.persrm.config.unconditioned else base)
+                     if self.persrm.reference == "base-unconditioned" else base)
         scores = []
         with torch.inference_mode():
             for persrm_states, reference_states, response in zip(
@@ -412,6 +500,10 @@ def make_scorer(scorer, lm: LoadedModel, persrm: PersonalizedRewardModel) -> Seq
         return CallableScorer(scorer)
     check_scorer(scorer)
     if scorer == "persrm":
+        if persrm.separate:
+            raise PadlmError(f"--scorer persrm scores with a head on the base model; the guide "
+                             f"{persrm.name} is a separate model, which scores pad only: use "
+                             f"--scorer dimensions", param="scorer")
         return ImplicitRewardScorer(lm, persrm)
     return DimensionScorer(lm.tokenizer)
 

@@ -23,6 +23,7 @@ from padlm.cli_options import (
     ModelOption,
     PersRMOption,
     PlacementOption,
+    ReferenceOption,
     ScorerOption,
 )
 from padlm.config import GenerationConfig
@@ -93,6 +94,7 @@ def eval_command(
         help="Direction for free-text preferences, e.g. friendliness:+ (repeatable).")] = None,
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
+    reference: ReferenceOption = None,
     experts: ExpertsOption = "default",
     scorer: ScorerOption = None,
     placement: PlacementOption = None,
@@ -165,7 +167,7 @@ def eval_command(
         for job in jobs(plan, 1.0):
             decoder.check(job.strategy, plan.config)  # before either engine loads
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                          device=device, experts=experts, scorer=scorer)
+                          device=device, experts=experts, scorer=scorer, reference=reference)
     # the command that regenerates this report (flags that do not change results dropped)
     quiet = {"--no-generate", "--no-progress", "--progress", "--generate"}
     command = "padlm eval " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a not in quiet) \

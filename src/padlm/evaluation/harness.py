@@ -219,7 +219,8 @@ class CellKeys:
         config = config_key(plan.config, engine)
         if decoder is not None:
             config["engine"] = decoder.engine_name
-        return cls(config, engine.persrm.fingerprint(),
+        persrm = plan_persrm(engine, plan)
+        return cls(config, persrm.fingerprint() if persrm else "none",
                    engine.experts.fingerprint() if any(s.uses_experts for s in specs) else None,
                    engine.scorer.fingerprint() if any(s.uses_scorer for s in specs) else None)
 
@@ -270,7 +271,7 @@ def generate(engine, plan: EvalPlan, out: Path, progress: bool = True,
     if any(strategy_class(job.strategy).spec.uses_scorer for job in jobs(plan, 1.0)):
         for spec in plan.preferences:  # e.g. the dimension rewards refuse free text
             engine.scorer.check(engine.request("?", spec))
-    todo = jobs(plan, engine.persrm.config.recommended_weight)
+    todo = jobs(plan, recommended_weight(engine, plan))
     path = out / GENERATIONS
     keys = CellKeys.of(engine, plan, decoder)
     decoder = decoder or engine
@@ -375,7 +376,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     keys = CellKeys.of(engine, plan)
     by_key = {r["key"]: r for r in records}
     base_job = Job("", BASE)
-    recommended = float(engine.persrm.config.recommended_weight)
+    recommended = float(recommended_weight(engine, plan))
     rows: list[dict] = []
     incomplete: list[dict] = []
     combined: dict[str, dict[tuple[str, str], np.ndarray]] = {}  # label -> cell -> outcomes
@@ -436,7 +437,8 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
                         combined.setdefault(job.label, {})[spec, dim.label] = result
                 rows.append(row)
     summary = {
-        "benchmark": plan.benchmark, "model": engine.lm.name, "persrm": persrm_info(engine),
+        "benchmark": plan.benchmark, "model": engine.lm.name,
+        "persrm": persrm_info(engine, plan_persrm(engine, plan)),
         "experts": keys.experts,
         "scorer": ({"name": engine.scorer.name, "fingerprint": keys.scorer}
                    if keys.scorer else None),
@@ -475,14 +477,31 @@ def combination_summary(combined: dict[str, dict[tuple[str, str], np.ndarray]]) 
     }
 
 
-def persrm_info(engine) -> dict:
-    persrm = engine.persrm
-    return {"name": engine.persrm_name, "fingerprint": persrm.fingerprint(),
+def plan_persrm(engine, plan: EvalPlan):
+    """The engine's PersRM, or None where it cannot steer this model and no strategy of the
+    plan reads it (a plan with ``pad`` gets the refusal)."""
+    if any(strategy_class(parse_cell(e)[0]).spec.uses_persrm for e in plan.strategies):
+        return engine.persrm
+    return None if engine.persrm_refusal() else engine.persrm
+
+
+def recommended_weight(engine, plan: EvalPlan) -> float:
+    persrm = plan_persrm(engine, plan)
+    return persrm.config.recommended_weight if persrm else 1.0
+
+
+def persrm_info(engine, persrm) -> dict:
+    if persrm is None:
+        return {"name": "none", "fingerprint": "none", "identity_head": True, "lora": False,
+                "recommended_weight": 1.0, "top_k": None, "placement": engine.placement,
+                "training": {}}
+    return {"name": persrm.name, "fingerprint": persrm.fingerprint(),
             "identity_head": bool(persrm.head.is_identity()),
             "lora": bool(persrm.config.lora),
             "recommended_weight": persrm.config.recommended_weight,
             "top_k": persrm.config.top_k, "placement": engine.placement,
-            "training": persrm.config.training}
+            "training": persrm.config.training, "reference": persrm.reference,
+            "guide": persrm.guide.name if persrm.separate else None}
 
 
 def aggregate(rows: Sequence[dict]) -> dict[str, dict]:
@@ -538,7 +557,7 @@ def run(engine, plan: EvalPlan, out: Path, progress: bool = True, command: str |
     prompts = {i["id"]: i["prompt"] for i in items}
     keys = CellKeys.of(engine, plan, decoder)
     wanted = {keys.key(i["id"], job)
-              for job in jobs(plan, engine.persrm.config.recommended_weight) for i in items}
+              for job in jobs(plan, recommended_weight(engine, plan)) for i in items}
     records = [r for r in records if r["key"] in wanted]
     scores = score(engine, records, prompts, out, progress=progress)
     summary = summarize(engine, plan, records, scores, command)

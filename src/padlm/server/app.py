@@ -70,7 +70,7 @@ MAX_LOGGED_FIELD_CHARS = 40
 
 # GenerationConfig's field names where the request's field is named differently
 _PARAM_OF = {"max_new_tokens": "max_tokens", "top_k": "pad.top_k", "weight": "pad.weight",
-             "echo_guard": "pad.echo_guard", "mix": "mix.weights"}
+             "echo_guard": "pad.echo_guard", "mix": "mix.weights", "reference": "pad.reference"}
 
 
 @dataclass
@@ -115,7 +115,8 @@ class Service:
         self.context_length = self.served.context_length
         self.vocab_size = self.served.vocab_size
         self.persrm_label = (Path(self.served.persrm_path).name if self.served.persrm_path
-                             else "identity")
+                             else self.served.guide or ("identity" if self.served.persrm
+                                                        else "none"))
         snapshot = self.worker.snapshot
         self.metrics.gauges({
             "vllm:num_requests_running": ("Requests decoding.",
@@ -296,6 +297,7 @@ class Service:
                 weight=pad.weight if pad else None, top_k=pad.top_k if pad else None,
                 echo_guard=bool(pad and pad.echo_guard), ignore_eos=body.ignore_eos,
                 mix=body.mix.setting() if body.mix else None,
+                reference=pad.reference if pad else None,
             )
             self.engine.check(strategy, config)
         except PadlmError as error:
@@ -474,7 +476,8 @@ def create_app(engine: Personalizer, settings: ServerSettings | None = None,
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "padlm",
-                "max_model_len": service.context_length}
+                "max_model_len": service.context_length,
+                "padlm": {"persrm": service.persrm_label, "guide": service.served.guide}}
 
     @app.get("/v1/models")
     async def models() -> dict:

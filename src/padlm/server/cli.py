@@ -15,6 +15,7 @@ from padlm.cli_options import (
     ModelOption,
     PersRMOption,
     PlacementOption,
+    ReferenceOption,
     ScorerOption,
 )
 from padlm.errors import PadlmError
@@ -38,6 +39,7 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
+    reference: ReferenceOption = None,
     experts: ExpertsOption = "default",
     scorer: ScorerOption = None,
     placement: PlacementOption = None,
@@ -137,10 +139,14 @@ def serve(
         served_model_names=tuple(served_model_name or ()))
     check_engine(engine_name)
     if engine_name == "vllm" and (device != "auto" or experts != "default"
-                                  or scorer is not None):
-        raise PadlmError("--device, --experts and --scorer apply to --engine hf (vLLM places "
-                         "the model itself; mix, soups, args and best-of-n run on padlm's own "
-                         "loop)")
+                                  or scorer is not None or reference not in (None, "base")):
+        raise PadlmError("--device, --experts, --scorer and --reference apply to --engine hf "
+                         "(vLLM places the model itself; mix, soups, args, best-of-n and pad "
+                         "with another reference than base run on padlm's own loop)")
+    if reference is not None:
+        from padlm.config import GenerationConfig
+
+        GenerationConfig(reference=reference)  # refused before any model loads
     if scorer is not None:
         check_scorer(scorer)
     check_port(host, port)
@@ -155,7 +161,8 @@ def serve(
         from padlm.engine import Personalizer
 
         engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                              device=device, experts=experts, scorer=scorer)
+                              device=device, experts=experts, scorer=scorer,
+                              reference=reference)
     make_server(create_app(engine, settings), host, port, log_level,
                 on_exit=engine.close if engine_name == "vllm" else None).run()
 

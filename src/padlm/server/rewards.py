@@ -65,7 +65,7 @@ class TokenRewards:
         if out.logits is None:
             return None  # a stream that makes no base logits (head experts, soups)
         lanes = batch.strategy.reward_lanes()
-        if lanes is None and self.persrm.shares_backbone and not self.persrm.config.unconditioned:
+        if lanes is None and self.persrm.shares_backbone and self.persrm.reference == "base":
             lanes = (0, 0)  # the head reads the hidden state this stream saw
         if lanes is None:
             return None  # this stream has no PersRM lane or no preference-free lane

@@ -60,12 +60,14 @@ class ChatMessage(_Strict):
 
 
 class PadOptions(_Strict):
-    """``pad: {weight, top_k, echo_guard}``: the strategy's guidance weight, candidate count,
-    and whether the preference's own words may earn a guidance bonus (pad, linear-alignment)."""
+    """``pad: {weight, top_k, echo_guard, reference}``: the strategy's guidance weight,
+    candidate count, whether the preference's own words may earn a guidance bonus (pad,
+    linear-alignment), and pad's reward reference (one the server's guide runs)."""
 
     weight: float | None = None
     top_k: int | None = None
     echo_guard: bool = False
+    reference: str | None = None
 
 
 class MixOptions(_Strict):

@@ -26,18 +26,11 @@ from typing import TYPE_CHECKING, Any
 from padlm.config import GenerationConfig
 from padlm.decoding import Request, StepEvent
 from padlm.devices import AUTO, default_dtype, resolve_device
-from padlm.engine import (
-    SHIPPED_PERSRMS,
-    Generation,
-    ServedModel,
-    default_persrm_dir,
-    eos_ids,
-    shipped_base,
-    shipped_persrm,
-)
+from padlm.engine import Generation, ServedModel, eos_ids
 from padlm.errors import PadlmError
+from padlm.guides import default_persrm_dir, is_persrm_dir, persrm_directory, shipped_base
 from padlm.models import DEFAULT_MODEL, resolve_model_path
-from padlm.persrm import CONFIG_NAME, PersRMConfig
+from padlm.persrm import PersonalizedRewardModel, PersRMConfig
 from padlm.preferences import resolve_preference
 from padlm.prompting import DEFAULT_PLACEMENT, PLACEMENTS
 from padlm.registry import check_request, strategy_class
@@ -125,28 +118,38 @@ class PersRMChoice:
 def choose_persrm(persrm: str | None, model_name: str) -> PersRMChoice:
     """Resolve ``--persrm`` as the HF engine does, except that ``default`` means the shipped
     PersRM this engine can run (``conditioned``, else ``default``) when it was made for this
-    model; a PersRM vLLM cannot run is kept as a refusal for ``pad`` only, so ``base`` and
-    ``prompt`` still run."""
+    model; a PersRM vLLM cannot run (another model's, a separate guide) is kept as a refusal
+    for ``pad`` only, so ``base`` and ``prompt`` still run."""
     if persrm in (None, "identity"):
         return PersRMChoice(None, None, engine_refusal(
             "pad", "it needs a PersRM directory (--persrm DIR); the identity PersRM is the "
             "base model"))
     if persrm == "default":
-        fitting = [shipped for shipped in map(default_persrm_dir, ("conditioned", "default"))
-                   if shipped is not None and shipped_base(shipped) == model_name]
+        shipped = [d for d in map(default_persrm_dir, ("conditioned", "default")) if d]
+        fitting = [d for d in shipped if shipped_base(d) == model_name]
         if not fitting:
-            return choose_persrm(None, model_name)
+            made_for = shipped_base(shipped[0]) if shipped else "no model in this build"
+            return PersRMChoice(None, None, engine_refusal(
+                "pad", f"the shipped PersRMs were trained on {made_for}, not {model_name}: "
+                       f"pass --persrm with a PersRM trained on {model_name}"))
         persrm = str(fitting[0])
-    elif persrm in SHIPPED_PERSRMS:
-        persrm = str(shipped_persrm(persrm, model_name))
-    if not (Path(persrm) / CONFIG_NAME).exists():
-        raise PadlmError(f"PersRM directory {persrm} does not exist or has no {CONFIG_NAME}")
-    config = PersRMConfig.from_dict(json.loads((Path(persrm) / CONFIG_NAME).read_text()))
+    directory = persrm_directory(persrm)
+    if directory is None and persrm.startswith((".", "/", "~")):
+        raise PadlmError(f"PersRM directory {persrm} does not exist", param="persrm")
+    if directory is None or not is_persrm_dir(directory):
+        return PersRMChoice(persrm, None, engine_refusal(
+            "pad", f"{persrm} is a guide model of its own, which runs beside the base as a "
+                   f"separate guide"))
+    config = PersonalizedRewardModel.read_config(directory)
+    if config.base_model != model_name:
+        return PersRMChoice(str(directory), config, engine_refusal(
+            "pad", f"PersRM {persrm} was trained on {config.base_model}, not {model_name}, "
+                   f"so it steers {model_name} as a separate guide"))
     try:
-        check_persrm(config, persrm)
+        check_persrm(config, str(directory))
     except PadlmError as refusal:
-        return PersRMChoice(persrm, config, refusal)
-    return PersRMChoice(persrm, config, None)
+        return PersRMChoice(str(directory), config, refusal)
+    return PersRMChoice(str(directory), config, None)
 
 
 class VllmPersonalizer:
@@ -281,6 +284,11 @@ class VllmPersonalizer:
                                  f"{', '.join(SUPPORTED)}")
         if strategy == "pad" and not self.persrm.runnable:
             raise self.persrm.refusal
+        if config.reference not in (None, "base"):
+            raise PadlmError(f"pad's reference {config.reference} cannot run on the {ENGINE} "
+                             f"engine: it needs a second context or model in lock-step; this "
+                             f"engine runs reference base only; use --engine hf",
+                             param="reference")
 
     def sampling_params(self, request: Request, strategy: str, stream: bool = False):
         """padlm's settings as vLLM's (after :meth:`check`). ``stream``: for a
