@@ -196,7 +196,7 @@ class PersonalizedRewardModel:
         default top-k): caches keyed by it never mix two PersRMs saved at the same path."""
         # a conditioned PersRM hashes as before these fields existed: old caches stay valid
         reference = ",reference=unconditioned" if self.config.unconditioned else ""
-        if self.reference != self.canonical_reference(self.trained_reference):
+        if self.reference != self.trained_reference:
             reference += f",rule={self.reference}"
         if self.guide is not None:
             reference += f",guide={self.guide.name}"
