@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoints import save_causal_lm
+from test_decoding import perturbed_persrm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from padlm import guidance
@@ -29,8 +31,6 @@ from padlm.persrm import PersonalizedRewardModel
 from padlm.preferences import resolve_preference
 from padlm.prompting import render
 from padlm.strategies import DEFAULT_TOP_K
-from tests.test_checkpoints import save_causal_lm
-from tests.test_decoding import perturbed_persrm
 
 PREFERENCE = "P1A"
 PROMPTS = ["Describe a cat.", "What is the capital of France?", "Name three colours."]
@@ -86,7 +86,7 @@ def test_the_shipped_persrm_as_a_separate_guide_of_its_own_model_matches_pad(def
 
 def full_logits(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        return lm.model(torch.tensor([ids])).logits[0, -1].float()
+        return lm.model(torch.tensor([ids], device=lm.device)).logits[0, -1].float()
 
 
 def brute_force_pad(base: LoadedModel, guide: LoadedModel, prompt: str, preference: str,
