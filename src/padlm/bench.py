@@ -241,6 +241,12 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {r['strategy']} | {r['batch_size']} | {r['ms_per_token']} | "
                      f"{r['tokens_per_second']} | {r['overhead_vs_base']}x | "
                      f"{r['forward_passes_per_token']} |")
+    persrm = result.get("persrm") or {}
+    if "guide" in persrm:
+        lines.append(f"\npad's guide: {persrm['guide']}, a separate model of "
+                     f"{persrm['guide_parameters']:,} parameters against the base's "
+                     f"{persrm['base_parameters']:,} (guide/base "
+                     f"{persrm['guide_to_base_parameters']}), reference {persrm['reference']}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -50,6 +51,8 @@ WEIGHTS_NAME = "experts.safetensors"
 PCM_DIR = "pcm"
 MAX_LANES = 3  # a P-Soups request names at most one pole of each of the three axes
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+log = logging.getLogger(__name__)
 
 
 def check_context(form: str, context: str) -> None:
@@ -379,6 +382,11 @@ def load_experts(path: str | Path, lm: LoadedModel) -> Experts:
     if str(path) == "default":
         shipped = default_experts_dir()
         if shipped is None or _base_model(shipped) != lm.name:
+            # the shipped heads read the hidden states of the model they were trained on
+            log.info("the shipped experts were trained on %s, not %s: mix and soups use "
+                     "prompted experts of %s (its own model, each dimension in its context)",
+                     _base_model(shipped) if shipped else "no model in this build", lm.name,
+                     lm.name)
             return prompted_experts(lm)
         path = shipped
     directory = Path(path)
