@@ -108,29 +108,14 @@ def generate(
     if scorer is not None:
         check_scorer(scorer)
     items = load_prompts(prompts_file) if prompts_file else [{"id": "0", "prompt": prompt}]
-    from padlm.devices import check_engine
+    from padlm.engines import open_engine
 
-    check_engine(engine_name)
     # torch, transformers (and vLLM): only once the input is valid
-    if engine_name == "vllm":
-        if device != "auto":
-            fail("--device applies to --engine hf (vLLM places the model itself)")
-        if scorer is not None:
-            fail("--scorer applies to args and best-of-n, which run on --engine hf")
-        from padlm.vllm.engine import VllmPersonalizer
-
-        engine = VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)
-        engine.check(strategy, config)  # refuse before vLLM's minute of start-up
-        model_name, extra = engine.model_name, {}
-    else:
-        from padlm.engine import Personalizer
-
-        engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                              device=device, experts=experts, scorer=scorer,
-                              reference=reference)
-        engine.check(strategy, config)
-        model_name, extra = engine.lm.name, {"batch_size": batch_size, "n": n}
-    meta = {"strategy": strategy, "preference": preference, "model": model_name}
+    engine = open_engine(engine_name, model, persrm=persrm, dtype=dtype, placement=placement,
+                         device=device, experts=experts, scorer=scorer, reference=reference)
+    engine.check(strategy, config)  # on vLLM: refused before its minute of start-up
+    extra = {"batch_size": batch_size, "n": n} if engine_name == "hf" else {}
+    meta = {"strategy": strategy, "preference": preference, "model": engine.model_name}
     if spec.uses_persrm or scorer == "persrm":
         meta["persrm"] = engine.persrm_name
     if spec.uses_scorer:  # what scored the candidates (or picked the sample)

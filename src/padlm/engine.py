@@ -72,6 +72,8 @@ class Personalizer:
     every batch owns its KV streams.
     """
 
+    engine_name = "hf"
+
     def __init__(
         self,
         model: str | LoadedModel = DEFAULT_MODEL,
@@ -114,6 +116,10 @@ class Personalizer:
     @property
     def device(self) -> torch.device:
         return self.lm.device
+
+    @property
+    def model_name(self) -> str:
+        return self.lm.name
 
     @property
     def scorer(self) -> SequenceScorer:

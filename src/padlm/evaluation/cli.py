@@ -161,9 +161,10 @@ def eval_command(
     check_engine(engine_name)
     decoder = None
     if engine_name == "vllm":  # generates; the HF engine still scores (perplexity, PersRM)
-        from padlm.vllm.engine import VllmPersonalizer
+        from padlm.engines import open_engine
 
-        decoder = VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)
+        decoder = open_engine("vllm", model, persrm=persrm, dtype=dtype, placement=placement,
+                              reference=reference)
         for job in jobs(plan, 1.0):
             decoder.check(job.strategy, plan.config)  # before either engine loads
     engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,

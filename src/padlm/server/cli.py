@@ -115,7 +115,6 @@ def serve(
     """Serve the OpenAI API with per-request preferences (and a playground page at /)."""
     import logging
 
-    from padlm.devices import check_engine
     from padlm.registry import check_scorer
     from padlm.server.app import create_app, make_server
     from padlm.server.settings import default_allowed_hosts, split_list
@@ -137,32 +136,16 @@ def serve(
                        else split_list(allowed_hosts)),
         cors_origins=split_list(cors_origins),
         served_model_names=tuple(served_model_name or ()))
-    check_engine(engine_name)
-    if engine_name == "vllm" and (device != "auto" or experts != "default"
-                                  or scorer is not None or reference not in (None, "base")):
-        raise PadlmError("--device, --experts, --scorer and --reference apply to --engine hf "
-                         "(vLLM places the model itself; mix, soups, args, best-of-n and pad "
-                         "with another reference than base run on padlm's own loop)")
-    if reference is not None:
-        from padlm.config import GenerationConfig
-
-        GenerationConfig(reference=reference)  # refused before any model loads
     if scorer is not None:
         check_scorer(scorer)
     check_port(host, port)
     if not logging.getLogger().handlers:  # the access log and the worker's warnings
         logging.basicConfig(level=log_level.upper(),
                             format="%(levelname)s %(name)s: %(message)s")
-    if engine_name == "vllm":
-        from padlm.vllm.engine import VllmPersonalizer
+    from padlm.engines import open_engine
 
-        engine = VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)
-    else:
-        from padlm.engine import Personalizer
-
-        engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                              device=device, experts=experts, scorer=scorer,
-                              reference=reference)
+    engine = open_engine(engine_name, model, persrm=persrm, dtype=dtype, placement=placement,
+                         device=device, experts=experts, scorer=scorer, reference=reference)
     make_server(create_app(engine, settings), host, port, log_level,
                 on_exit=engine.close if engine_name == "vllm" else None).run()
 

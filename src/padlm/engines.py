@@ -1,0 +1,66 @@
+"""Either engine behind one contract: padlm's own decode loop (``hf``, every strategy) or a
+vLLM engine (``vllm``: base, prompt, pad with a PersRM trained on the served model). The CLI,
+the server, the evaluation and the benchmarks open engines here and nowhere else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from padlm.devices import AUTO, check_engine
+from padlm.errors import PadlmError
+from padlm.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from padlm.config import GenerationConfig
+    from padlm.decoding import StepEvent
+    from padlm.engine import Generation, ServedModel
+
+
+class Engine(Protocol):
+    """What both engines offer (``padlm.engine.Personalizer``,
+    ``padlm.vllm.engine.VllmPersonalizer``)."""
+
+    engine_name: str
+    placement: str
+    model_name: str
+
+    @property
+    def persrm_name(self) -> str: ...
+
+    def check(self, strategy: str, config: GenerationConfig) -> None: ...
+
+    def generate(self, prompts: Sequence, preference: str | None = None,
+                 strategy: str = "pad", config: GenerationConfig | None = None,
+                 batch_size: int = 8, n: int = 4) -> list[Generation]: ...
+
+    def stream(self, prompt, preference: str | None = None, strategy: str = "pad",
+               config: GenerationConfig | None = None) -> Iterator[StepEvent]: ...
+
+    def served_model(self) -> ServedModel: ...
+
+
+def open_engine(engine_name: str = "hf", model: str = DEFAULT_MODEL, *,
+                persrm: str | None = "default", dtype: str | None = None,
+                placement: str | None = None, device: str = AUTO, experts: str = "default",
+                scorer: str | None = None, reference: str | None = None) -> Engine:
+    """The engine ``engine_name`` over ``model``; settings only padlm's loop has are refused
+    for vLLM, all at once, before anything loads."""
+    check_engine(engine_name)
+    if engine_name == "vllm":
+        given = [f"--{name}" for name, value, default in (
+            ("device", device, AUTO), ("experts", experts, "default"), ("scorer", scorer, None))
+            if value != default]
+        if reference not in (None, "base"):
+            given.append("--reference")
+        if given:
+            raise PadlmError(f"{', '.join(given)} apply to --engine hf (vLLM places the model "
+                             f"itself; mix, soups, args, best-of-n and pad with a reference "
+                             f"other than base run on padlm's own loop)", param="engine")
+        from padlm.vllm.engine import VllmPersonalizer
+
+        return VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)
+    from padlm.engine import Personalizer
+
+    return Personalizer(model, persrm=persrm, dtype=dtype, placement=placement, device=device,
+                        experts=experts, scorer=scorer, reference=reference)
