@@ -380,6 +380,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     rows: list[dict] = []
     incomplete: list[dict] = []
     combined: dict[str, dict[tuple[str, str], np.ndarray]] = {}  # label -> cell -> outcomes
+    singles: dict[str, dict[tuple[str, str], np.ndarray]] = {}  # the six P-Soups sides
 
     def cell(job: Job) -> list[dict] | None:
         found = [by_key.get(keys.key(pid, job)) for pid in order]
@@ -435,6 +436,8 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
                     row["combination"] = spec
                     if job.strategy != BASE:
                         combined.setdefault(job.label, {})[spec, dim.label] = result
+                elif spec in PSOUPS and job.strategy != BASE:
+                    singles.setdefault(job.label, {})[spec, dim.label] = result
                 rows.append(row)
     summary = {
         "benchmark": plan.benchmark, "model": engine.lm.name,
@@ -456,6 +459,8 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
     summary["aggregate"] = aggregate(rows)
     if combined:
         summary["combinations"] = combination_summary(combined)
+    if singles:  # the headline's mean win rate with standard errors and paired differences
+        summary["singles"] = combination_summary(singles)
     return summary
 
 

@@ -149,6 +149,16 @@ def render_markdown(summary: dict) -> str:
         parts += ["", "Regenerate (or resume) with:", "", "```", summary["command"], "```"]
     parts += ["", "## Headline (mean over the P-Soups preferences evaluated)", "",
               headline_table(summary), ""]
+    if summary.get("singles"):
+        singles = summary["singles"]
+        parts += [f"Mean win rate over the {singles['cells']} single-preference cells, its SE "
+                  "over prompts, and paired differences (same prompts):", "",
+                  _table(["strategy", "mean win", "SE"],
+                         [[label, stats["mean_win_rate"], stats["se"]]
+                          for label, stats in singles["labels"].items()]), "",
+                  _table(["a - b", "difference", "SE"],
+                         [[pair, d["difference"], d["se"]]
+                          for pair, d in singles["paired"].items()]), ""]
     if summary.get("combinations"):
         combos = summary["combinations"]
         parts += [f"## Combinations (mean over {combos['cells']} combination x dimension "
