@@ -355,3 +355,24 @@ def test_real_model_eval_cli(tmp_path):
     assert {r["label"] for r in summary["rows"]} == {"base", "prompt", "pad@weight=1"}
     assert "padlm eval" in summary["command"]
     assert all(r["n"] == 2 for r in summary["rows"])
+
+
+def test_single_preferences_get_standard_errors_and_paired_differences(tiny_lm, prompts_file,
+                                                                       tmp_path):
+    """The headline's mean win over the single P-Soups preferences comes with its SE over
+    prompts and paired differences: each label's mean equals the mean of its rows, and the
+    paired difference equals the difference of the two means."""
+    plan = plan_for(prompts_file, strategies=["base", "prompt", "linear-alignment"], weights=[])
+    summary = harness.run(Personalizer(tiny_lm, persrm="identity"), plan, tmp_path,
+                          progress=False)
+    singles = summary["singles"]
+    assert singles["cells"] == 2 and list(singles["labels"]) == ["prompt", "linear-alignment"]
+    for label, stats in singles["labels"].items():
+        mine = [r["win_rate"] for r in summary["rows"] if r["label"] == label]
+        assert stats["mean_win_rate"] == pytest.approx(np.mean(mine), abs=1e-4)
+        assert stats["se"] >= 0 and stats["prompts"] == summary["prompts"]
+    pair = singles["paired"]["prompt - linear-alignment"]
+    means = singles["labels"]
+    assert pair["difference"] == pytest.approx(
+        means["prompt"]["mean_win_rate"] - means["linear-alignment"]["mean_win_rate"], abs=2e-4)
+    assert "paired differences" in (tmp_path / "report.md").read_text()
