@@ -100,13 +100,14 @@ def _load_named(spec: str, lm: LoadedModel) -> PersonalizedRewardModel:
     if spec.startswith((".", "/", "~")):
         raise PadlmError(f"PersRM directory {spec} does not exist", param="persrm")
     guide = _guide_model(spec, lm)
+    separate = _separate(PersRMConfig(base_model=guide.name,
+                                      hidden_size=guide.model.config.hidden_size,
+                                      training={"stage": "none"}),
+                         ValueHead(guide.model.config.hidden_size), guide, lm, None,
+                         "guide-unconditioned", spec)
     log.info("guide %s (a whole causal LM, no head) steers %s as a separate model",
              guide.name, lm.name)
-    return _separate(PersRMConfig(base_model=guide.name,
-                                  hidden_size=guide.model.config.hidden_size,
-                                  training={"stage": "none"}),
-                     ValueHead(guide.model.config.hidden_size), guide, lm, None,
-                     "guide-unconditioned")
+    return separate
 
 
 def _load_padlm_persrm(directory: Path, lm: LoadedModel, spec: str
@@ -125,9 +126,10 @@ def _load_padlm_persrm(directory: Path, lm: LoadedModel, spec: str
         directory, copy.deepcopy(guide.model) if config.lora else None)
     if loaded.backbone is not None:  # the LoRA-adapted guide is the guide's backbone
         guide = LoadedModel(loaded.backbone, guide.tokenizer, guide.name)
+    separate = _separate(config, loaded.head, guide, lm, str(directory), None, spec)
     log.info("PersRM %s was trained on %s, not %s: it runs as a separate guide model",
              spec, config.base_model, lm.name)
-    return _separate(config, loaded.head, guide, lm, str(directory), None)
+    return separate
 
 
 def _load_checkpoint(directory: Path, lm: LoadedModel) -> PersonalizedRewardModel:
@@ -144,15 +146,18 @@ def _load_checkpoint(directory: Path, lm: LoadedModel) -> PersonalizedRewardMode
         weight, bias = checkpoint.head
         head.weight.data.copy_(weight)
         head.bias.data.copy_(bias)
-    log.info("guide %s (%s layout) steers %s as a separate model", directory,
-             checkpoint.layout, lm.name)
     config = PersRMConfig(base_model=guide.name, hidden_size=hidden,
                           training={"stage": "imported", "layout": checkpoint.layout})
-    return _separate(config, head, guide, lm, str(directory), checkpoint.default_reference)
+    separate = _separate(config, head, guide, lm, str(directory),
+                         checkpoint.default_reference)
+    log.info("guide %s (%s layout) steers %s as a separate model", directory,
+             checkpoint.layout, lm.name)
+    return separate
 
 
 def _separate(config: PersRMConfig, head: ValueHead, guide: LoadedModel, lm: LoadedModel,
-              path: str | None, reference: str | None) -> PersonalizedRewardModel:
+              path: str | None, reference: str | None, spec: str | None = None
+              ) -> PersonalizedRewardModel:
     """A guide with its own stream; refused unless it reads the base model's tokens."""
     from padlm.checkpoints import shared_vocabulary
 
@@ -161,9 +166,8 @@ def _separate(config: PersRMConfig, head: ValueHead, guide: LoadedModel, lm: Loa
             lm.tokenizer, guide.tokenizer, guide.model.get_output_embeddings().weight.shape[0],
             lm.name, guide.name)
     except PadlmError as error:
-        raise PadlmError(f"--persrm {path or guide.name} cannot steer {lm.name}: {error} (a "
-                         f"guide must share the base model's tokenizer)",
-                         param="persrm") from None
+        raise PadlmError(f"--persrm {spec or path or guide.name} cannot steer {lm.name}: "
+                         f"{error}", param="persrm") from None
     head.to(lm.device)
     return PersonalizedRewardModel(config, head, path=path, guide=guide, reference=reference,
                                    scoreable=scoreable)
