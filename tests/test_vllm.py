@@ -83,8 +83,17 @@ def test_unconditioned_persrm_refused_for_pad_only() -> None:
     default = choose_persrm("default", "SmolLM2-135M-Instruct")
     assert default.runnable and default.path == str(default_persrm_dir("conditioned"))
     assert default.config.reference == "conditioned"
-    with pytest.raises(PadlmError, match="made for SmolLM2-135M-Instruct, not Qwen"):
-        choose_persrm("conditioned", "Qwen2.5-Coder-1.5B-Instruct")
+    # another model's PersRM or a guide model: a separate guide, which this engine refuses
+    # for pad alone, naming both models (base and prompt still run)
+    other = choose_persrm("conditioned", "Qwen2.5-Coder-1.5B-Instruct")
+    assert not other.runnable
+    assert "trained on SmolLM2-135M-Instruct, not Qwen2.5-Coder-1.5B-Instruct" in str(
+        other.refusal)
+    guide = choose_persrm("qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-1.5B-Instruct")
+    assert not guide.runnable and "separate guide" in str(guide.refusal)
+    assert "--engine hf" in str(guide.refusal)
+    fallback = choose_persrm("default", "Qwen2.5-Coder-1.5B-Instruct")
+    assert not fallback.runnable and "SmolLM2-135M-Instruct" in str(fallback.refusal)
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
