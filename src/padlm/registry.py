@@ -13,6 +13,9 @@ from importlib import import_module
 from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
 
+# the two contexts a lane can hold: the prompt with the preference placed in it, or without
+PREFERENCE, NEUTRAL = "preference", "neutral"
+
 
 @dataclass(frozen=True)
 class StrategySpec:
@@ -26,6 +29,7 @@ class StrategySpec:
     echo_guard: bool = False  # has a per-token guidance bonus the echo guard can cap
     level: str = "token"  # "token": the decode loop; "sequence": whole responses, then a pick
     weighted: bool = False  # takes GenerationConfig.weight
+    lane: str = PREFERENCE  # the context its proposal logits come from (base: NEUTRAL)
 
 
 REGISTRY: dict[str, type] = {}

@@ -38,14 +38,13 @@ from padlm.persrm import (
 )
 from padlm.preferences import named_presets
 from padlm.prompting import DEFAULT_PLACEMENT, preference_token_ids, render
-from padlm.registry import StrategySpec, check_scorer, register
+from padlm.registry import NEUTRAL, PREFERENCE, StrategySpec, check_scorer, register
 
 if TYPE_CHECKING:
     from padlm.engine import Personalizer
 
 DEFAULT_TOP_K = 10
 BEST_OF_N_TEMPERATURE = 0.7  # best-of-n needs diverse samples; used when none is given
-PREFERENCE, NEUTRAL = "preference", "neutral"
 Process = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -122,12 +121,11 @@ class Strategy:
 class BaseStrategy(Strategy):
     """The base model alone; the preference is ignored."""
 
-    spec = StrategySpec("base", "the base model, preference ignored")
-    lane = NEUTRAL
+    spec = StrategySpec("base", "the base model, preference ignored", lane=NEUTRAL)
 
     @classmethod
     def build(cls, engine: Personalizer) -> BaseStrategy:
-        return cls(engine.lm, (cls.lane,), engine.placement)
+        return cls(engine.lm, (cls.spec.lane,), engine.placement)
 
     def scores(self, outputs, rows, process):
         return process(outputs[0].logits[:, 0])
@@ -138,7 +136,6 @@ class PromptStrategy(BaseStrategy):
     """Preference prompting: the preference placed in the context."""
 
     spec = StrategySpec("prompt", "the preference placed in the context")
-    lane = PREFERENCE
 
 
 def pad_rules(persrm: PersonalizedRewardModel) -> tuple[str, ...]:

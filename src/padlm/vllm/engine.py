@@ -34,7 +34,7 @@ from padlm.persrm import PersonalizedRewardModel, PersRMConfig
 from padlm.preferences import resolve_preference
 from padlm.prompting import DEFAULT_PLACEMENT, PLACEMENTS
 from padlm.registry import check_request, strategy_class
-from padlm.strategies import NEUTRAL, PREFERENCE, render_lanes
+from padlm.strategies import render_lanes
 from padlm.vllm.requests import (
     ADDITIONAL_CONFIG_KEY,
     ENGINE,
@@ -53,9 +53,6 @@ PROCESSOR = "padlm.vllm.processor:PadLogitsProcessor"
 CPU_MAX_MODEL_LEN = 4096  # default context on vLLM's CPU build (see VllmPersonalizer)
 # before PAD's, so PAD takes its candidates from the controlled logits, as the HF loop does
 REPETITION_PROCESSOR = "padlm.vllm.repetition:RepetitionLogitsProcessor"
-# the one lane each supported strategy decodes (as their classes' build() choose on the HF
-# engine): base ignores the preference, prompt and pad see it
-LANE = {"base": NEUTRAL, "prompt": PREFERENCE, "pad": PREFERENCE}
 
 
 def vllm_logs_to_stderr() -> None:
@@ -252,7 +249,8 @@ class VllmPersonalizer:
     def prompt_ids(self, request: Request, strategy: str) -> list[int]:
         """The context's token ids, rendered as the HF engine renders this strategy's lane
         (vLLM gets ids, not text, so both engines see the same tokens)."""
-        return render_lanes(self.tokenizer, request, (LANE[strategy],), self.placement)[0]
+        return render_lanes(self.tokenizer, request, (strategy_class(strategy).spec.lane,),
+                            self.placement)[0]
 
     def server_args(self) -> list[str]:
         """This engine as flags of vLLM's own OpenAI server, for users who run it:
