@@ -185,7 +185,9 @@ def test_the_shipped_persrm_is_refused_for_a_model_of_another_tokenizer(other_to
     assert "SmolLM2-135M-Instruct" in message and str(other_tokenizer_dir) in message
     assert "49152" in message and "100" in message
     engine.check("prompt", GenerationConfig())  # strategies without the PersRM still run
-    assert engine.served_model().persrm is None
+    served = engine.served_model()
+    assert served.persrm is None and "pad" not in served.strategies  # a server defaults to prompt
+    assert "prompt" in served.strategies
 
 
 def test_the_cli_refuses_pad_with_a_guide_of_another_tokenizer_in_one_line(other_tokenizer_dir):

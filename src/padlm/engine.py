@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,8 @@ from padlm.registry import (
     strategy_class,
 )
 from padlm.strategies import BestOfNStrategy, SequenceScorer, make_scorer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -167,13 +170,18 @@ class Personalizer:
 
     def served_model(self) -> ServedModel:
         config = self.lm.model.config
-        persrm = None if self.persrm_refusal() else self.persrm
+        refusal = self.persrm_refusal()
+        persrm = None if refusal else self.persrm
+        strategies = available_strategies()
+        if refusal is not None:  # pad is refused by name (engine.check), never offered
+            log.warning("pad is not served: %s", refusal)
+            strategies = tuple(s for s in strategies if not strategy_class(s).spec.uses_persrm)
         return ServedModel(
             self.lm.name, copy.deepcopy(self.lm.tokenizer),
             int(getattr(config, "max_position_embeddings", 0) or 2048),
             int(self.lm.model.get_output_embeddings().weight.shape[0]),
             persrm.path if persrm else None, persrm.config if persrm else None,
-            available_strategies(), "hf", bool(persrm and not persrm.separate),
+            strategies, "hf", bool(persrm and not persrm.separate),
             persrm.guide.name if persrm and persrm.separate else None)
 
     def check(self, strategy: str, config: GenerationConfig) -> None:
