@@ -103,6 +103,14 @@ def _mean_of(rows: Sequence[dict], key: str) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
+def _guide_note(persrm: dict) -> str:
+    """The reward's reference, and the separate guide model where there is one."""
+    if "reference" not in persrm:  # summaries written before references were named
+        return ""
+    guide = f"; a separate guide model `{persrm['guide']}`" if persrm.get("guide") else ""
+    return f", reference `{persrm['reference']}`{guide}"
+
+
 def render_markdown(summary: dict) -> str:
     persrm = summary["persrm"]
     gen = summary["generation"]
@@ -111,7 +119,8 @@ def render_markdown(summary: dict) -> str:
         "",
         f"- model: `{summary['model']}`; PersRM: `{persrm['name']}` (identity head: "
         f"{persrm['identity_head']}, recommended weight {persrm['recommended_weight']}, "
-        f"top-k {persrm['top_k']}, placement `{persrm['placement']}`)",
+        f"top-k {persrm['top_k']}, placement `{persrm['placement']}`"
+        f"{_guide_note(persrm)})",
         f"- prompts: {summary['prompts']} (limit {summary['limit']}); decoding: "
         f"max_new_tokens {gen['max_new_tokens']}, temperature {gen['temperature']}, "
         f"no_repeat_ngram_size {gen['no_repeat_ngram_size']}, repetition_penalty "
@@ -130,7 +139,8 @@ def render_markdown(summary: dict) -> str:
                      "another way, not an independent baseline)" if scorer["name"] == "persrm"
                      else " (the per-dimension reward models, independent of the PersRM)"
                      if scorer["name"] == "dimensions" else "")]
-    if persrm["identity_head"] and not persrm.get("lora"):
+    if persrm["identity_head"] and not persrm.get("lora") and not persrm.get("guide") \
+            and persrm.get("reference", "base") == "base":
         with_args = " and ARGS" if scorer and scorer["name"] == "persrm" else ""
         parts += ["- **The PersRM is the untrained identity head**: its token reward is 0, so PAD "
                   f"(at every weight){with_args} reduce{'' if with_args else 's'} to "
