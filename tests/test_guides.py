@@ -269,3 +269,29 @@ def test_a_pad_released_checkpoint_steers_through_the_resolver(tiny_lm, tmp_path
     summary = json.loads(json.dumps(engine.persrm.config.training))
     assert summary == {"stage": "imported", "layout": "pad-released"}
     assert engine.generate(PROMPTS[:1], PREFERENCE, "pad", GREEDY)[0].new_tokens == 10
+
+
+def test_token_rewards_follow_each_rows_reference(default_lm):
+    """The playground's token view on the shipped PersRM (its own reference
+    base-unconditioned, a second lane): a row that asks for reference base gets rewards
+    against lane 0, the others against the preference-free lane; none is left out."""
+    import httpx
+
+    from padlm.server.app import ServerThread, create_app
+
+    engine = Personalizer(default_lm, persrm="default")
+    body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4,
+            "stream": True, "preference": "P2A", "strategy": "pad", "token_rewards": True,
+            "ignore_eos": True}
+    rewards = {}
+    with ServerThread(create_app(engine)) as server:
+        for reference in (None, "base"):
+            sent = {**body, **({"pad": {"reference": reference}} if reference else {})}
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=sent,
+                              timeout=120) as response:
+                events = [line[6:] for line in response.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            rewards[reference] = [json.loads(e)["padlm"]["reward"] for e in events
+                                  if "padlm" in json.loads(e)]
+    assert all(len(r) == 4 and all(isinstance(x, float) for x in r) for r in rewards.values())
+    assert rewards[None] != rewards["base"]

@@ -107,9 +107,10 @@ class Strategy:
     def contexts(self, request: Request) -> list[list[list[int]]]:
         return [render_lanes(self.lm.tokenizer, request, self.lanes, self.placement)]
 
-    def reward_lanes(self) -> tuple[int, int] | None:
+    def reward_lanes(self, state=None) -> tuple[int, int] | None:
         """(lane whose hidden state the PersRM head reads, lane of its reference logits) for
-        the playground's token rewards; None where this stream cannot give them."""
+        the playground's token rewards of a row in ``state`` (its ``row.state``); None where
+        this stream cannot give them."""
         return None
 
     def scores(self, outputs: list[StreamOutput], rows: Rows, process: Process
@@ -233,10 +234,11 @@ class PadStrategy(Strategy):
     def admit(self, request: Request) -> str:
         return self.rule(request)
 
-    def reward_lanes(self) -> tuple[int, int] | None:
-        if self.persrm.separate or self.rules != (self.persrm.reference,):
-            return None  # a second stream, or rows that may measure against other lanes
-        return self.at["persrm"][1], self.at[self.persrm.reference][1]
+    def reward_lanes(self, state: str | None = None) -> tuple[int, int] | None:
+        stream, lane = self.at.get(state or self.persrm.reference, (None, None))
+        if self.persrm.separate or stream != 0:
+            return None  # the head reads a second stream, or the row has no reference lane
+        return self.at["persrm"][1], lane
 
     def _reference(self, rule: str, outputs: list[StreamOutput], candidates: torch.Tensor,
                    scoring: torch.Tensor) -> torch.Tensor | None:

@@ -86,7 +86,7 @@ class MixStrategy:
     def new_streams(self) -> list[KVStream]:
         return self.experts.new_streams()
 
-    def reward_lanes(self) -> None:
+    def reward_lanes(self, state=None) -> None:
         """No PersRM lane: the playground shows the expert weights instead."""
         return None
 
@@ -191,7 +191,7 @@ class SoupsStrategy:
         weights = row_weights(mode, len(ids), len(ids))
         return ids, tuple(weights.tolist())
 
-    def reward_lanes(self) -> None:
+    def reward_lanes(self, state=None) -> None:
         """No PersRM lane: a soup is one averaged model."""
         return None
 

@@ -64,12 +64,13 @@ class TokenRewards:
         out = batch.last_outputs[0]
         if out.logits is None:
             return None  # a stream that makes no base logits (head experts, soups)
-        lanes = batch.strategy.reward_lanes()
-        if lanes is None and self.persrm.shares_backbone and self.persrm.reference == "base":
-            lanes = (0, 0)  # the head reads the hidden state this stream saw
-        if lanes is None:
+        lanes = [self._lanes(batch, row) for row in rows]
+        if any(lane is None for lane in lanes):
             return None  # this stream has no PersRM lane or no preference-free lane
-        hidden, reference = out.hidden[:, lanes[0]], out.logits[:, lanes[1]]
+        index = torch.arange(len(rows), device=out.hidden.device)
+        hidden = out.hidden[index, torch.tensor([lane[0] for lane in lanes], device=index.device)]
+        reference = out.logits[index, torch.tensor([lane[1] for lane in lanes],
+                                                   device=index.device)]
         k = torch.tensor([row.config.top_k or self.persrm.config.top_k or DEFAULT_TOP_K
                           for row in rows], device=hidden.device)
         rewards = chosen_token_reward(
@@ -77,3 +78,11 @@ class TokenRewards:
             torch.tensor(list(tokens), device=hidden.device), k, reference,
         )
         return [float(r) for r in rewards]
+
+    def _lanes(self, batch: DecodeBatch, row: Row) -> tuple[int, int] | None:
+        """A row's (PersRM lane, reference lane): its strategy's, for the row's reward
+        reference; on a shared backbone whose reference is the stream's own context, lane 0."""
+        lanes = batch.strategy.reward_lanes(row.state)
+        if lanes is None and self.persrm.shares_backbone and self.persrm.reference == "base":
+            return 0, 0  # the head reads the hidden state this stream saw
+        return lanes
