@@ -87,7 +87,7 @@ def load_persrm(spec: str | PersonalizedRewardModel | None, lm: LoadedModel,
     else:
         persrm = _load_named(spec, lm)
     if reference is not None:
-        persrm.reference = persrm.canonical_reference(reference)
+        persrm.reference = reference  # the setter refuses what this PersRM cannot run
     return persrm
 
 

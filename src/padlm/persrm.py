@@ -130,14 +130,16 @@ class PersonalizedRewardModel:
         self.guide = guide  # a separate guide model (its own stream); None: the base's backbone
         # base-model token ids below this the guide can score (its shared vocabulary)
         self.scoreable = scoreable
-        self._reference = reference
-        # refused now, not at the first decode step
-        self.canonical_reference(reference or self.trained_reference)
+        # refused now, not at the first decode step; a rule set is kept in canonical form
+        self._reference = None if reference is None else self.canonical_reference(reference)
+        if reference is None:
+            self.canonical_reference(self.trained_reference)
 
     @property
     def reference(self) -> str:
-        """The reward reference rule in force: the one set, else the trained one."""
-        return self.canonical_reference(self._reference or self.trained_reference)
+        """The reward reference rule in force: the one set, else the trained one (already
+        canonical: ``base*`` on the base's backbone, ``guide*`` on a separate one)."""
+        return self._reference or self.trained_reference
 
     @reference.setter
     def reference(self, rule: str) -> None:

@@ -264,9 +264,11 @@ class PadStrategy(Strategy):
         for rule in dict.fromkeys(rules):
             rule_reward = guidance.pad_token_reward(
                 self._reference(rule, outputs, candidates, scoring), reward_logits, scored)
+            if reward is None:
+                reward = rule_reward
+                continue
             mine = torch.tensor([r == rule for r in rules], device=proposal.device)
-            reward = rule_reward if reward is None else torch.where(
-                mine[:, None], rule_reward, reward)
+            reward = torch.where(mine[:, None], rule_reward, reward)
         scores = guidance.guided_scores(
             proposal.gather(1, candidates), reward,
             rows.column("weight", self.persrm.config.recommended_weight, proposal.device),
