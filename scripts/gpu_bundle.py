@@ -9,7 +9,8 @@ package index, in one small directory (ignored by git; ``carry`` it):
   shape on the GPU;
 - ``models/Qwen2.5-Coder-1.5B-Instruct/`` and ``models/Qwen2.5-Coder-0.5B-Instruct/``: the
   same files of the guides experiment's base and guide (the check times a random 1.5B steered by
-  a random 0.5B guide of their exact shapes and tokenizer);
+  a random 0.5B guide of their exact shapes and tokenizer), their shared 11 MB tokenizer.json
+  gzipped once as ``models/guide-pair-tokenizer.json.gz`` (the device carries 64 MiB in all);
 - ``minilm/``: all-MiniLM-L6-v2's config and tokenizer (the PCM and the relevance judge embed
   with it), again without weights;
 - ``bundle.json``: what is inside, and each file's size.
@@ -22,6 +23,7 @@ scratch directory for python 3.12, as the GPU machine will, and lists any pinned
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shutil
 import subprocess
@@ -42,6 +44,7 @@ DEFAULT_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json"
 # the guides experiment's pair: (directory in the bundle, padlm models alias), base first
 GUIDE_PAIR = (("Qwen2.5-Coder-1.5B-Instruct", "qwen2.5-coder-1.5b-instruct"),
               ("Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct"))
+GUIDE_PAIR_TOKENIZER = "guide-pair-tokenizer.json.gz"
 MINILM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                 "special_tokens_map.json")
 
@@ -82,6 +85,22 @@ def copy_files(source: Path, target: Path, names: tuple[str, ...]) -> list[str]:
     return copied
 
 
+def copy_guide_pair(models: Path, sources: list[Path]) -> None:
+    """The guide pair's small files each into its own directory, and the tokenizer both share
+    gzipped once (refused if the guide's tokenizer is not the base's)."""
+    tokenizers = {(source / "tokenizer.json").read_bytes() for source in sources}
+    if len(tokenizers) != 1:
+        raise SystemExit(f"the guide pair {', '.join(map(str, sources))} do not share a "
+                         "tokenizer.json")
+    for (directory, _), source in zip(GUIDE_PAIR, sources, strict=True):
+        target = models / directory
+        target.mkdir(parents=True, exist_ok=True)
+        for name in DEFAULT_MODEL_FILES:
+            if name != "tokenizer.json" and (source / name).exists():
+                shutil.copy2(source / name, target / name)
+    (models / GUIDE_PAIR_TOKENIZER).write_bytes(gzip.compress(tokenizers.pop()))
+
+
 def default_model_source() -> Path:
     from padlm.models import ensure_default_model
 
@@ -109,8 +128,7 @@ def build(out: Path) -> dict:
                DEFAULT_MODEL_FILES)
     from padlm.models import ensure_model
 
-    for directory, alias in GUIDE_PAIR:
-        copy_files(ensure_model(alias), out / "models" / directory, DEFAULT_MODEL_FILES)
+    copy_guide_pair(out / "models", [ensure_model(alias) for _, alias in GUIDE_PAIR])
     copy_files(minilm_source(), out / "minilm", MINILM_FILES)
     files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
              if p.is_file()}

@@ -25,6 +25,7 @@ before a step's own process starts.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shlex
@@ -497,14 +498,18 @@ def build_guide_pair(args: argparse.Namespace, default_source: Path, dtype,
     """The guides experiment's base and guide with random weights: the real shapes and
     tokenizer from the bundle on the GPU, tiny Qwen2 bodies with the default model's
     tokenizer in the dry run."""
-    from gpu_bundle import GUIDE_PAIR
+    from gpu_bundle import GUIDE_PAIR, GUIDE_PAIR_TOKENIZER
     from transformers import AutoConfig, AutoTokenizer, Qwen2Config
 
     targets = guide_pair_dirs(args.guide_pair)
     built = {}
     for index, (role, target) in enumerate(zip(("base", "guide"), targets, strict=True)):
-        if args.mode == "gpu":
-            tokenizer_dir = Path(args.source).parent / GUIDE_PAIR[index][0]
+        if args.mode == "gpu":  # the bundle's files, with the shared tokenizer unpacked
+            carried = Path(args.source).parent
+            tokenizer_dir = args.guide_pair / f"source-{role}"
+            shutil.copytree(carried / GUIDE_PAIR[index][0], tokenizer_dir, dirs_exist_ok=True)
+            (tokenizer_dir / "tokenizer.json").write_bytes(
+                gzip.decompress((carried / GUIDE_PAIR_TOKENIZER).read_bytes()))
             config = AutoConfig.from_pretrained(tokenizer_dir)
         else:
             tokenizer_dir = Path(default_source)
