@@ -62,7 +62,8 @@ def test_pad_and_linear_alignment_rules_stay_on_the_device():
     reward_k = torch.zeros(ROWS, K, device=META)
     weight = torch.ones(ROWS, device=META)
     echo = torch.zeros(ROWS, K, dtype=torch.bool, device=META)
-    scores = guidance.pad_scores(base_k, reward_k, weight, valid, base_k, echo)
+    scores = guidance.guided_scores(
+        base_k, guidance.pad_token_reward(base_k, reward_k, valid), weight, valid, echo)
     la = guidance.linear_alignment_scores(base_k, reward_k, weight, valid, base_k, echo)
     for full in (guidance.scatter_to_vocab(candidates, scores, VOCAB),
                  guidance.scatter_to_vocab(candidates, la, VOCAB)):

@@ -9,28 +9,35 @@ from transformers import RepetitionPenaltyLogitsProcessor
 from padlm import guidance
 
 
-def test_pad_scores_equal_linear_mix_of_logits_plus_constant():
+def pad_step(base: torch.Tensor, reward: torch.Tensor, k: torch.Tensor,
+             weight: torch.Tensor) -> torch.Tensor:
+    """PAD over the whole vocabulary, the base model as the reference."""
+    return guidance.guided_step(base, k, weight, lambda candidates, valid: (
+        guidance.pad_token_reward(base.gather(1, candidates), reward.gather(1, candidates),
+                                  valid)))
+
+
+def test_pad_step_equals_linear_mix_of_logits_plus_constant():
     torch.manual_seed(0)
     base, reward = torch.randn(3, 50), torch.randn(3, 50)
     k = torch.tensor([10, 10, 10])
     weight = torch.tensor([0.0, 0.8, 1.5])
-    candidates, valid = guidance.top_k_candidates(base, k)
+    candidates, _ = guidance.top_k_candidates(base, k)
+    scores = pad_step(base, reward, k, weight).gather(1, candidates)
     zb, zr = base.gather(1, candidates), reward.gather(1, candidates)
-    scores = guidance.pad_scores(zb, zr, weight, valid)
     mix = (1 - weight[:, None]) * zb + weight[:, None] * zr
     difference = scores - mix  # must be one constant per row
     assert torch.allclose(difference, difference[:, :1].expand_as(difference), atol=1e-5)
     expected_constant = weight * (zb.logsumexp(-1) - zr.logsumexp(-1))
     assert torch.allclose(difference[:, 0], expected_constant, atol=1e-5)
+    outside = torch.ones_like(base, dtype=torch.bool).scatter(1, candidates, False)
+    assert torch.isneginf(pad_step(base, reward, k, weight)[outside]).all()
 
 
 def test_pad_weight_zero_picks_base_greedy_token():
     torch.manual_seed(1)
     base, reward = torch.randn(5, 100), torch.randn(5, 100) * 10
-    candidates, valid = guidance.top_k_candidates(base, torch.full((5,), 10))
-    scores = guidance.pad_scores(base.gather(1, candidates), reward.gather(1, candidates),
-                                 torch.zeros(5), valid)
-    full = guidance.scatter_to_vocab(candidates, scores, 100)
+    full = pad_step(base, reward, torch.full((5,), 10), torch.zeros(5))
     assert torch.equal(full.argmax(-1), base.argmax(-1))
 
 
@@ -50,9 +57,8 @@ def test_per_row_top_k_masks_extra_candidates():
     candidates, valid = guidance.top_k_candidates(logits, torch.tensor([1, 3]))
     assert candidates.tolist() == [[0, 1, 2], [3, 2, 1]]
     assert valid.tolist() == [[True, False, False], [True, True, True]]
-    scores = guidance.pad_scores(logits.gather(1, candidates), logits.gather(1, candidates),
-                                 torch.ones(2), valid)
-    assert torch.isinf(scores[0, 1:]).all() and torch.isfinite(scores[1]).all()
+    full = pad_step(logits, logits, torch.tensor([1, 3]), torch.ones(2))
+    assert torch.isfinite(full).sum(-1).tolist() == [1, 3]
 
 
 def test_linear_alignment_by_hand():
@@ -83,8 +89,7 @@ def test_pad_and_linear_alignment_with_echo_guard_by_hand():
     assert la.tolist() == [[1.0 + 0.5 * (1 - 2), 3.0 + 0.0, 0.0 + 0.5 * (0 - 0.5)]]
     reward_logits = torch.tensor([[0.0, 4.0, -1.0]])
     plain = guidance.pad_token_reward(neutral, reward_logits, valid)
-    guarded = guidance.pad_scores(neutral, reward_logits, torch.tensor([2.0]), valid,
-                                  proposal_logits_k=preferred, echo=echo)
+    guarded = guidance.guided_scores(preferred, plain, torch.tensor([2.0]), valid, echo)
     expected = preferred + 2.0 * torch.where(echo, plain.clamp(max=0), plain)
     assert torch.allclose(guarded, expected)
     assert plain[0, 1] > 0 and guarded[0, 1] == preferred[0, 1]  # the bonus really was cut

@@ -7,7 +7,7 @@ candidate set are ``-inf``; the decode loop samples from what is left.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,7 +38,11 @@ def pad_token_reward(
     """PAD's token reward over the candidates: ``log softmax_K(z_R) - log softmax_K(z_ref)``,
     the reference being the base model (with the preference in context, or without it) or
     the guide's own backbone; ``None``: no reference, the guide's log-probabilities over the
-    candidates are the reward (GenARM's autoregressive reward models). 0 where not valid."""
+    candidates are the reward (GenARM's autoregressive reward models). 0 where not valid.
+
+    The reward compares the raw models (repetition control shapes only the proposal). With
+    the base as its own reference and proposal, PAD's score ``z_b + w * r`` over the
+    candidates equals ``(1-w) z_b + w z_R + const``."""
     reward = masked_log_softmax(reward_logits_k, valid)
     if reference_logits_k is not None:
         reward = reward - masked_log_softmax(reference_logits_k, valid)
@@ -81,27 +85,6 @@ def guided_scores(
         ~valid, NEG_INF)
 
 
-def pad_scores(
-    reference_logits_k: torch.Tensor,
-    reward_logits_k: torch.Tensor,
-    weight: torch.Tensor,
-    valid: torch.Tensor,
-    proposal_logits_k: torch.Tensor | None = None,
-    echo: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """PAD's rule ``score = z_b + w * r`` over the candidates (``-inf`` elsewhere).
-
-    ``proposal_logits_k`` is the base logits after repetition control (default: the
-    reference's, i.e. the base model the PersRM was trained against); the reward always
-    compares the raw models. With the base as its own reference, over the candidates this
-    equals ``(1-w) z_b + w z_R + const``. ``echo`` marks candidates whose bonus is capped
-    (see ``cap_echo``).
-    """
-    proposal = reference_logits_k if proposal_logits_k is None else proposal_logits_k
-    return guided_scores(proposal, pad_token_reward(reference_logits_k, reward_logits_k, valid),
-                         weight, valid, echo)
-
-
 def scoreable_candidates(candidates: torch.Tensor, valid: torch.Tensor,
                          scoreable: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates a guide can score: ids below ``scoreable`` (its shared vocabulary with the
@@ -127,8 +110,29 @@ def linear_alignment_scores(
     """Linear Alignment: ``z_p + alpha (z_p - z_0)`` over the top candidates of ``z_p``;
     ``echo`` caps the shift of the marked candidates at 0 (see ``cap_echo``)."""
     proposal = preferred_logits_k if proposal_logits_k is None else proposal_logits_k
-    shift = alpha[:, None] * cap_echo(preferred_logits_k - neutral_logits_k, echo)
-    return (proposal + shift).masked_fill(~valid, NEG_INF)
+    return guided_scores(proposal, preferred_logits_k - neutral_logits_k, alpha, valid, echo)
+
+
+def guided_step(
+    proposal: torch.Tensor, k: torch.Tensor, weight: torch.Tensor,
+    reward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    echo: Callable[[torch.Tensor], torch.Tensor | None] = lambda candidates: None,
+) -> torch.Tensor:
+    """One guided step over the whole vocabulary: each row's top ``k`` of ``proposal``,
+    scored ``z + w * r`` with ``r = reward(candidates, valid)`` (its bonus capped where
+    ``echo(candidates)`` marks a candidate), ``-inf`` elsewhere. PAD (the HF strategy and
+    the vLLM processor) and Linear Alignment are this step with different rewards, so the
+    candidate set, the weighting and the echo cap live here once.
+
+    >>> step = guided_step(torch.tensor([[0.0, 3.0, 2.0]]), torch.tensor([2]),
+    ...                    torch.tensor([1.0]), lambda c, v: torch.tensor([[0.0, 5.0]]))
+    >>> step.tolist()
+    [[-inf, 3.0, 7.0]]
+    """
+    candidates, valid = top_k_candidates(proposal, k)
+    scores = guided_scores(proposal.gather(1, candidates), reward(candidates, valid), weight,
+                           valid, echo(candidates))
+    return scatter_to_vocab(candidates, scores, proposal.shape[-1])
 
 
 def scatter_to_vocab(

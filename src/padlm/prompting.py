@@ -1,4 +1,5 @@
-"""Where the preference text goes in the model's context (a measured choice, see README).
+"""Where the preference text goes in the model's context (a measured choice: see "Where the
+preference goes" in reports/README.md).
 
 ``system``: the preference is the system message. ``user-prefix``: it precedes the
 instruction in the user turn. ``bracket``: PAD's released template inside the user turn.

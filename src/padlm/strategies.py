@@ -251,29 +251,31 @@ class PadStrategy(Strategy):
 
     def scores(self, outputs, rows, process):
         proposal = process(outputs[0].logits[:, 0])
-        k = rows.column("top_k", self.persrm.config.top_k or DEFAULT_TOP_K, proposal.device)
-        candidates, valid = guidance.top_k_candidates(proposal, k)
-        scoring, scored = guidance.scoreable_candidates(candidates, valid,
-                                                        self.persrm.scoreable)
-        stream, lane = self.at["persrm"]
-        reward_logits = self.persrm.reward_logits(
-            outputs[stream].hidden[:, lane], self.guide_head if stream else self.lm_head,
-            scoring)
-        rules = [row.state for row in rows]
-        reward = None
-        for rule in dict.fromkeys(rules):
-            rule_reward = guidance.pad_token_reward(
-                self._reference(rule, outputs, candidates, scoring), reward_logits, scored)
-            if reward is None:
-                reward = rule_reward
-                continue
-            mine = torch.tensor([r == rule for r in rules], device=proposal.device)
-            reward = torch.where(mine[:, None], rule_reward, reward)
-        scores = guidance.guided_scores(
-            proposal.gather(1, candidates), reward,
+
+        def reward(candidates: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            scoring, scored = guidance.scoreable_candidates(candidates, valid,
+                                                            self.persrm.scoreable)
+            stream, lane = self.at["persrm"]
+            reward_logits = self.persrm.reward_logits(
+                outputs[stream].hidden[:, lane], self.guide_head if stream else self.lm_head,
+                scoring)
+            rules = [row.state for row in rows]
+            combined = None
+            for rule in dict.fromkeys(rules):
+                rule_reward = guidance.pad_token_reward(
+                    self._reference(rule, outputs, candidates, scoring), reward_logits, scored)
+                if combined is None:
+                    combined = rule_reward
+                    continue
+                mine = torch.tensor([r == rule for r in rules], device=proposal.device)
+                combined = torch.where(mine[:, None], rule_reward, combined)
+            return combined
+
+        return guidance.guided_step(
+            proposal, rows.column("top_k", self.persrm.config.top_k or DEFAULT_TOP_K,
+                                  proposal.device),
             rows.column("weight", self.persrm.config.recommended_weight, proposal.device),
-            valid, _echo(rows, candidates, self.lm.tokenizer))
-        return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
+            reward, lambda candidates: _echo(rows, candidates, self.lm.tokenizer))
 
 
 @register
@@ -291,14 +293,12 @@ class LinearAlignmentStrategy(Strategy):
     def scores(self, outputs, rows, process):
         preferred, neutral = outputs[0].logits[:, 0], outputs[0].logits[:, 1]
         proposal = process(preferred)
-        k = rows.column("top_k", DEFAULT_TOP_K, proposal.device)
-        candidates, valid = guidance.top_k_candidates(proposal, k)
-        scores = guidance.linear_alignment_scores(
-            preferred.gather(1, candidates), neutral.gather(1, candidates),
-            rows.column("weight", 1.0, proposal.device), valid,
-            proposal.gather(1, candidates), _echo(rows, candidates, self.lm.tokenizer),
-        )
-        return guidance.scatter_to_vocab(candidates, scores, proposal.shape[-1])
+        return guidance.guided_step(
+            proposal, rows.column("top_k", DEFAULT_TOP_K, proposal.device),
+            rows.column("weight", 1.0, proposal.device),
+            lambda candidates, valid: (preferred.gather(1, candidates)
+                                       - neutral.gather(1, candidates)),
+            lambda candidates: _echo(rows, candidates, self.lm.tokenizer))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ share a tokenizer), turn it into the rows of one :class:`~padlm.server.worker.Jo
 and relay what the decode thread sends back. :mod:`padlm.server.gate` checks host, key and
 content type first; :class:`PadlmServer` drains the worker on SIGTERM.
 
-Choices made where OpenAI's API and padlm differ (documented in the README):
+Choices made where OpenAI's API and padlm differ (documented in docs/serving.md):
 - ``temperature`` defaults to 0 (greedy, PAD's released setting), not OpenAI's 1.0.
 - ``/v1/completions`` renders each prompt as one user turn of the chat template, like chat.
 - ``model`` may be left out (the served model answers); a name it is not served under is a 404.

@@ -122,15 +122,17 @@ def apply_pad(logits: torch.Tensor, rows: list[ActiveRow[PadRow]]) -> None:
     settings = [row.settings for row in rows]
     index = torch.tensor([row.index for row in rows], device=device)
     base = logits[index]
-    proposal = controlled(base, rows, [s.repetition for s in settings])
-    k = torch.tensor([s.top_k for s in settings], device=device)
-    candidates, valid = guidance.top_k_candidates(proposal, k)
-    echo = None
-    if any(s.guarded is not None for s in settings):
-        echo = guidance.echo_candidates(candidates, [
-            None if s.guarded is None else s.guarded.to(device) for s in settings])
-    scores = guidance.pad_scores(
-        base.gather(1, candidates), model.reward_logits(index, candidates),
+    guarded = [None if s.guarded is None else s.guarded.to(device) for s in settings]
+
+    def echo(candidates: torch.Tensor) -> torch.Tensor | None:
+        if all(g is None for g in guarded):
+            return None
+        return guidance.echo_candidates(candidates, guarded)
+
+    logits[index] = guidance.guided_step(
+        controlled(base, rows, [s.repetition for s in settings]),
+        torch.tensor([s.top_k for s in settings], device=device),
         torch.tensor([s.weight for s in settings], device=device, dtype=base.dtype),
-        valid, proposal.gather(1, candidates), echo=echo)
-    logits[index] = guidance.scatter_to_vocab(candidates, scores, logits.shape[-1])
+        lambda candidates, valid: guidance.pad_token_reward(
+            base.gather(1, candidates), model.reward_logits(index, candidates), valid),
+        echo)
