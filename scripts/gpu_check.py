@@ -218,8 +218,7 @@ def guide_pair_dirs(models_dir: Path) -> tuple[Path, Path]:
     return models_dir / "guide-pair-base", models_dir / "guide-pair-guide"
 
 
-def plan(mode: str, out: Path, python: str, bundle: Path, work: Path,
-         skip: frozenset[str] = frozenset()) -> list[Step]:
+def plan(mode: str, out: Path, python: str, bundle: Path, work: Path) -> list[Step]:
     size = SIZES[mode]
     device = "cuda" if mode == "gpu" else "cpu"
     me = [python, str(SCRIPT)]
@@ -278,9 +277,6 @@ def plan(mode: str, out: Path, python: str, bundle: Path, work: Path,
                                      "-o", "addopts=", "tests/test_vllm.py"], 300,
                       skip=None if has_vllm else "vLLM is not installed: its GPU paths were "
                                                  "not checked"))
-    for step in steps:
-        if step.name in skip:
-            step.skip = "left out by --skip"
     return steps
 
 
@@ -314,12 +310,16 @@ def drive(args: argparse.Namespace) -> int:
         summary["notes"] = {**NOTES, "bundle": f"{bundle} has no wheels/: build it with "
                                                "`make gpu-bundle` and carry it"}
     write_summary(out, summary)
+    steps = plan(mode, out, args.python, bundle, work)
     skip = frozenset(filter(None, (args.skip or "").split(",")))
-    unknown = skip - {step.name for step in plan(mode, out, args.python, bundle, work)}
+    unknown = skip - {step.name for step in steps}
     if unknown:
         raise SystemExit(f"--skip names no step: {', '.join(sorted(unknown))}")
     summary["skipped_by_request"] = sorted(skip)
-    for step in plan(mode, out, args.python, bundle, work, skip):
+    for step in steps:
+        if step.name in skip:
+            step.skip = "left out by --skip"
+    for step in steps:
         left = budget - (time.monotonic() - began)
         print(f"[gpu-check] {step.name} ...", flush=True)
         record = run_step(step, out, env, min(step.timeout_s, left))
