@@ -103,7 +103,7 @@ class Service:
         self.names = settings.served_model_names or (
             Path(own).name if Path(own).is_absolute() else own,)
         self.metrics = ServerMetrics(self.names[0])
-        self.worker = BatchWorker(engine, settings, self.metrics)
+        self.worker = BatchWorker(engine, settings, observer=self.metrics)
         # planning (render, tokenize, embed a mix preference) is CPU work proportional to the
         # request: it runs here, off the event loop so that no request stalls the others'
         # streams, and on one thread so that this tokenizer copy is never used by two threads
@@ -117,17 +117,7 @@ class Service:
         self.persrm_label = (Path(self.served.persrm_path).name if self.served.persrm_path
                              else self.served.guide or ("identity" if self.served.persrm
                                                         else "none"))
-        snapshot = self.worker.snapshot
-        self.metrics.gauges({
-            "vllm:num_requests_running": ("Requests decoding.",
-                                          lambda: snapshot()["running"]),
-            "vllm:num_requests_waiting": ("Requests waiting for rows.",
-                                          lambda: snapshot()["waiting"]),
-            "padlm:live_rows": ("Rows in the decode batches.", lambda: snapshot()["live_rows"]),
-            "padlm:queued_tokens": ("Prompt tokens to prefill plus max_tokens x rows, of the "
-                                    "waiting requests.",
-                                    lambda: snapshot()["queued_tokens"]),
-        })
+        self.metrics.watch(self.worker.snapshot)
 
     def model_name(self, requested: str | None) -> str:
         """The name to answer under: the requested one if the model is served under it."""

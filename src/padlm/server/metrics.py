@@ -1,8 +1,10 @@
 """``/metrics`` in the Prometheus text format, under the names vLLM users already chart.
 
 Each app has its own registry (tests run several apps in one process). Gauges read the
-worker's state when scraped; counters and histograms are fed by the worker thread as tokens
-come out and by the HTTP gate as responses go out (prometheus_client is thread-safe).
+worker's state when scraped; counters and histograms are fed by the worker thread, whose
+observer (:class:`~padlm.server.worker.WorkerObserver`) this is, as tokens come out, by the
+handlers as requests are queued and by the HTTP gate as responses go out (prometheus_client
+is thread-safe).
 
 vLLM counterparts: ``vllm:num_requests_running``/``waiting``, ``vllm:prompt_tokens_total``,
 ``vllm:generation_tokens_total``, ``vllm:request_success_total{finished_reason}``,
@@ -15,7 +17,7 @@ own: ``padlm:live_rows`` and ``padlm:queued_tokens``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -28,7 +30,7 @@ REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0
 
 
 class ServerMetrics:
-    """The app's metrics; ``gauges`` maps a gauge name to the callable it reports."""
+    """The app's metrics, and the decode worker's observer."""
 
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
@@ -57,11 +59,37 @@ class ServerMetrics:
         self.http = Counter("http_requests_total", "HTTP responses by route and status.",
                             ["method", "handler", "status"], registry=self.registry)
 
-    def gauges(self, readers: dict[str, tuple[str, Callable[[], float]]]) -> None:
-        """Register gauges read at scrape time: ``name -> (help, reader)``."""
-        for name, (doc, reader) in readers.items():
+    def watch(self, snapshot: Callable[[], dict]) -> None:
+        """Gauges read from the worker's ``snapshot`` at scrape time, so they are never
+        stale and the worker never updates them."""
+        readers = {
+            "vllm:num_requests_running": ("Requests decoding.", "running"),
+            "vllm:num_requests_waiting": ("Requests waiting for rows.", "waiting"),
+            "padlm:live_rows": ("Rows in the decode batches.", "live_rows"),
+            "padlm:queued_tokens": ("Prompt tokens to prefill plus max_tokens x rows, of the "
+                                    "waiting requests.", "queued_tokens"),
+        }
+        for name, (doc, key) in readers.items():
             Gauge(name, doc, ["model_name"], registry=self.registry).labels(
-                self.model_name).set_function(reader)
+                self.model_name).set_function(lambda key=key: snapshot()[key])
+
+    # ---- the worker's events (WorkerObserver) --------------------------------------------
+    def waited(self, seconds: float) -> None:
+        self.labelled(self.queue_time).observe(seconds)
+
+    def first_token(self, seconds: float) -> None:
+        self.labelled(self.ttft).observe(seconds)
+
+    def next_token(self, seconds: float) -> None:
+        self.labelled(self.inter_token).observe(seconds)
+
+    def generated(self, tokens: int) -> None:
+        self.labelled(self.generation_tokens).inc(tokens)
+
+    def job_done(self, finish_reasons: Sequence[str], seconds: float) -> None:
+        for reason in finish_reasons:
+            self.request_success.labels(self.model_name, reason).inc()
+        self.labelled(self.e2e).observe(seconds)
 
     def labelled(self, metric):
         return metric.labels(self.model_name)

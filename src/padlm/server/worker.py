@@ -28,11 +28,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Protocol
 
 from padlm.decoding import DecodeBatch, Request, Row
 from padlm.engine import Personalizer
 from padlm.errors import PadlmError
-from padlm.server.metrics import ServerMetrics
 from padlm.server.rewards import TokenRewards
 from padlm.server.schemas import ApiError
 from padlm.server.settings import ServerSettings
@@ -112,6 +112,28 @@ class Job:
             self.sink(list(items))
 
 
+class WorkerObserver(Protocol):
+    """What the decode thread reports as it works, for whoever keeps count
+    (:class:`~padlm.server.metrics.ServerMetrics`): the worker measures, the observer records,
+    so the decode loop knows nothing of Prometheus. Every call comes from the decode thread,
+    between steps: an observer must be thread-safe and quick."""
+
+    def waited(self, seconds: float) -> None:
+        """A job was admitted after waiting this long for rows."""
+
+    def first_token(self, seconds: float) -> None:
+        """A job's first token came out this long after it was submitted."""
+
+    def next_token(self, seconds: float) -> None:
+        """A choice's next token came out this long after its previous one."""
+
+    def generated(self, tokens: int) -> None:
+        """One step generated this many tokens (best-of-n samples included)."""
+
+    def job_done(self, finish_reasons: Sequence[str], seconds: float) -> None:
+        """A job ended normally, ``seconds`` after it was submitted; one reason per choice."""
+
+
 def admissible(waiting: Sequence[Job], free: int, max_overtakes: int) -> list[Job]:
     """The waiting jobs to start now, oldest first, while their rows fit in ``free``.
 
@@ -153,12 +175,12 @@ class BatchWorker:
     threads; everything else runs on the worker's thread."""
 
     def __init__(self, engine: Personalizer, settings: ServerSettings | None = None,
-                 metrics: ServerMetrics | None = None) -> None:
+                 observer: WorkerObserver | None = None) -> None:
         self.engine = engine
         self.settings = settings or ServerSettings()
         self.max_batch_size = self.settings.max_batch_size
         self.max_overtakes = self.max_batch_size  # see admissible()
-        self.metrics = metrics
+        self.observer = observer
         self.batches: dict[str, DecodeBatch] = {}
         self._owners: dict[int, tuple[Job, int]] = {}  # id(row) -> (job, row slot)
         self._running: dict[int, Job] = {}
@@ -353,8 +375,8 @@ class BatchWorker:
         groups: dict[str, list[Job]] = {}
         now = time.monotonic()
         for job in jobs:
-            if self.metrics:
-                self.metrics.labelled(self.metrics.queue_time).observe(now - job.submitted)
+            if self.observer:
+                self.observer.waited(now - job.submitted)
             job.finished = [None] * len(job.rows)
             groups.setdefault(job.batch, []).append(job)
         chunk = self.settings.prefill_chunk_tokens
@@ -507,8 +529,8 @@ class BatchWorker:
         for job in complete:
             self._complete(job)
         self._forget_ended()
-        if self.metrics:
-            self.metrics.labelled(self.metrics.generation_tokens).inc(len(events))
+        if self.observer:
+            self.observer.generated(len(events))
 
     def _token_rewards(self, batch: DecodeBatch, rows: list[Row], events: list
                        ) -> list[float] | None:
@@ -525,13 +547,13 @@ class BatchWorker:
             return None
 
     def _observe_token(self, job: Job, slot: int, now: float) -> None:
-        if self.metrics is None:
+        if self.observer is None:
             return
         if job.first_token is None:
             job.first_token = now
-            self.metrics.labelled(self.metrics.ttft).observe(now - job.submitted)
+            self.observer.first_token(now - job.submitted)
         elif slot in job.last_token:
-            self.metrics.labelled(self.metrics.inter_token).observe(now - job.last_token[slot])
+            self.observer.next_token(now - job.last_token[slot])
         job.last_token[slot] = now
 
     def _complete(self, job: Job) -> None:
@@ -552,11 +574,9 @@ class BatchWorker:
             chosen = job.finished
         self._close(job, [*items, JobDone()])
         self.stats["jobs_done"] += 1
-        if self.metrics:
-            for row in chosen:
-                self.metrics.request_success.labels(self.metrics.model_name,
-                                                    row.finish_reason or "length").inc()
-            self.metrics.labelled(self.metrics.e2e).observe(time.monotonic() - job.submitted)
+        if self.observer:
+            self.observer.job_done([row.finish_reason or "length" for row in chosen],
+                                   time.monotonic() - job.submitted)
 
     def _close(self, job: Job, items: list) -> None:
         """Send a job's final message, once."""
