@@ -10,7 +10,7 @@ import torch
 from padlm import GenerationConfig, Personalizer
 from padlm.decoding import DecodeBatch, Request
 from padlm.kvstream import KVStream
-from padlm.strategies import PREFERENCE
+from padlm.preferences import parse_preference
 
 LONG = " ".join(f"item{i} is red." for i in range(60))
 
@@ -44,8 +44,9 @@ def test_a_chunked_prefill_equals_one_pass(tiny_lm):
 def test_chunked_rows_decode_as_in_one_pass(default_lm, strategy):
     engine = Personalizer(default_lm, persrm="default")
     config = GenerationConfig(max_new_tokens=12, no_repeat_ngram_size=3)
-    requests = [Request(f"{LONG} Which item is red?", PREFERENCE, config),
-                Request("Name one color.", PREFERENCE, config)]
+    preference = parse_preference("P1A")
+    requests = [Request(f"{LONG} Which item is red?", preference, config),
+                Request("Name one color.", preference, config)]
     one_pass = {row.request.prompt: row.tokens for row in engine.batch(strategy).run(requests)}
     assert run_chunked(engine.batch(strategy), requests, chunk=64) == one_pass
 
@@ -53,9 +54,9 @@ def test_chunked_rows_decode_as_in_one_pass(default_lm, strategy):
 def test_running_rows_step_while_a_long_prompt_prefills(tiny_engine):
     batch = tiny_engine.batch("base")
     config = GenerationConfig(max_new_tokens=40)
-    [short] = batch.join([Request("Hi.", "", config)], chunk_tokens=32)
+    [short] = batch.join([Request("Hi.", config=config)], chunk_tokens=32)
     assert batch.rows == [short]  # short prompts join at once
-    [long] = batch.join([Request(LONG, "", config)], chunk_tokens=32)
+    [long] = batch.join([Request(LONG, config=config)], chunk_tokens=32)
     assert batch.waiting_rows == [long] and long not in batch.rows
     chunks = 0
     while batch.prefilling:
@@ -71,7 +72,8 @@ def test_running_rows_step_while_a_long_prompt_prefills(tiny_engine):
 
 def test_a_row_that_leaves_mid_prefill_stops_and_its_group_goes_on(tiny_engine):
     config = GenerationConfig(max_new_tokens=8)
-    requests = [Request(f"{LONG} first", "", config), Request(f"{LONG} second", "", config)]
+    requests = [Request(f"{LONG} first", config=config),
+                Request(f"{LONG} second", config=config)]
     alone = {row.request.prompt: row.tokens
              for row in tiny_engine.batch("base").run(requests[1:])}
     batch = tiny_engine.batch("base")

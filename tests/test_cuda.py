@@ -213,7 +213,7 @@ def test_mix_and_soups_run_with_head_experts_and_the_shipped_ones(tiny_lm, defau
     hidden = tiny_lm.model.config.hidden_size
     heads = {d: head.to(tiny_lm.device) for d, head in _random_heads(hidden, PSOUPS).items()}
     experts = Experts(ExpertsConfig("head", list(PSOUPS), tiny_lm.name, hidden), tiny_lm, heads)
-    engine = Personalizer(tiny_lm, persrm="identity", experts=experts)
+    engine = Personalizer(tiny_lm, persrm="identity", components={"experts": experts})
     [mixed] = engine.generate(["Name a fruit."], "P1A+P2B", "mix",
                               GenerationConfig(max_new_tokens=4, mix="fixed:0,1"))
     [alone] = engine.generate(["Name a fruit."], "P2B", "mix",

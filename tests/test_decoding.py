@@ -12,12 +12,13 @@ from padlm import GenerationConfig, Personalizer, guidance
 from padlm.decoding import Request
 from padlm.engine import eos_ids
 from padlm.errors import PadlmError
+from padlm.orchestration.scoring import DimensionScorer
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
+from padlm.preferences import Preference
 from padlm.prompting import preference_token_ids, render
 from padlm.registry import echo_guard_refusal, strategy_names
 from padlm.strategies import (
     ArgsStrategy,
-    DimensionScorer,
     ImplicitRewardScorer,
     Scored,
     SequenceScorer,
@@ -76,7 +77,7 @@ def test_cached_decode_equals_full_recompute(default_lm, strategy):
     prompt = "Give me three tips for staying focused while studying."
     config = GenerationConfig(max_new_tokens=32, weight=1.0)
     cached = engine.generate([prompt], PREFERENCE, strategy, config)[0].tokens
-    preference = engine.request(prompt, PREFERENCE).preference if strategy == "pad" else ""
+    preference = engine.request(prompt, PREFERENCE).preference.text if strategy == "pad" else ""
     ids = render(default_lm.tokenizer, prompt, preference, engine.placement)
     reference = greedy_without_cache(default_lm, persrm, ids, 32, use_pad=strategy == "pad")
     assert cached == reference
@@ -150,7 +151,7 @@ def test_linear_alignment_matches_two_separate_contexts(tiny_engine, tiny_lm):
     prompt, alpha = "Describe a cat.", 2.0
     config = GenerationConfig(max_new_tokens=10, weight=alpha)
     tokens = tiny_engine.generate([prompt], PREFERENCE, "linear-alignment", config)[0].tokens
-    preference = tiny_engine.request(prompt, PREFERENCE).preference
+    preference = tiny_engine.request(prompt, PREFERENCE).preference.text
     with_pref = render(tiny_lm.tokenizer, prompt, preference, tiny_engine.placement)
     without = render(tiny_lm.tokenizer, prompt, "", tiny_engine.placement)
     reference = []
@@ -283,7 +284,7 @@ def test_dimension_scorer_is_the_mean_of_the_requested_dimension_rewards(tiny_lm
     from padlm.judges.embedding import default_encoder
     from padlm.judges.harmlessness import features
     from padlm.orchestration.rewards import DimensionRewards, shipped_rewards_dir
-    from padlm.preferences import resolve_preference
+    from padlm.preferences import parse_preference
 
     tokenizer = tiny_lm.tokenizer
     dialogue = [{"role": "system", "content": "Be kind."},
@@ -292,7 +293,7 @@ def test_dimension_scorer_is_the_mean_of_the_requested_dimension_rewards(tiny_lm
              ("Why is the sky blue?", "P1A", "Because air scatters blue light most."),
              (dialogue, "P3B", "Ugh. The moon pulls the water. Figure out the rest."),
              (dialogue, "P1B+P2A+P3A", "Lunisolar gravitational gradients, friend!")]
-    items = [Scored(Request(prompt, resolve_preference(preference)), [[]],
+    items = [Scored(Request(prompt, parse_preference(preference)), [[]],
                     tokenizer(response, add_special_tokens=False)["input_ids"])
              for prompt, preference, response in cases]
     got = DimensionScorer(tokenizer)(items)
@@ -356,7 +357,7 @@ def test_pad_unconditioned_matches_a_two_context_reference(tiny_lm):
     engine = Personalizer(tiny_lm, persrm=persrm)
     config = GenerationConfig(max_new_tokens=10, ignore_eos=True, weight=2.0)
     tokens = engine.generate(["Hello"], PREFERENCE, "pad", config)[0].tokens
-    preference = engine.request("Hello", PREFERENCE).preference
+    preference = engine.request("Hello", PREFERENCE).preference.text
     with_pref = render(tiny_lm.tokenizer, "Hello", preference, engine.placement)
     without = render(tiny_lm.tokenizer, "Hello", "", engine.placement)
     lm_head = tiny_lm.model.get_output_embeddings().weight
@@ -406,7 +407,8 @@ def test_unconditioned_scorer_needs_and_uses_the_preference_free_context(tiny_lm
     response = [5, 6, 7]
     with pytest.raises(PadlmError, match="neutral_contexts"):
         scorer.score_ids([context], [response])
-    [score] = scorer([Scored(Request("Hello", "Be brief."), [context, neutral], response)])
+    [score] = scorer([Scored(Request("Hello", Preference("Be brief.")), [context, neutral],
+                             response)])
     with torch.inference_mode():
         def logp(ctx):
             logits = tiny_lm.model(torch.tensor([ctx + response])).logits[0].float()
@@ -469,7 +471,7 @@ def test_lora_path_matches_two_model_reference(tiny_lm):
     engine = Personalizer(tiny_lm, persrm=persrm)
     config = GenerationConfig(max_new_tokens=10, ignore_eos=True, weight=2.0)
     tokens = engine.generate(["Hello"], PREFERENCE, "pad", config)[0].tokens
-    ids = render(tiny_lm.tokenizer, "Hello", engine.request("Hello", PREFERENCE).preference,
+    ids = render(tiny_lm.tokenizer, "Hello", engine.request("Hello", PREFERENCE).preference.text,
                  engine.placement)
     lm_head = tiny_lm.model.get_output_embeddings().weight
     merged = copy.deepcopy(persrm.backbone).merge_and_unload()
@@ -515,7 +517,7 @@ def test_echo_guard_stops_linear_alignment_quoting_the_preference(default_engine
     field could understand") into the answer; with the guard it does not, and every guarded
     step equals a brute-force two-context decode with the capped shift."""
     prompt, steps = "Give me three tips for learning to cook.", 24
-    preference = default_engine.request(prompt, "P1B").preference
+    preference = default_engine.request(prompt, "P1B").preference.text
     config = GenerationConfig(max_new_tokens=steps, no_repeat_ngram_size=3)
     plain = default_engine.generate([prompt], "P1B", "linear-alignment", config)[0]
     guarded = default_engine.generate([prompt], "P1B", "linear-alignment",

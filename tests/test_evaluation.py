@@ -297,11 +297,11 @@ def test_expert_cells_with_their_mixing_weights(tiny_lm, prompts_file, tmp_path)
     assert "mix:uniform - soups" in combos["paired"]
     assert "## Combinations" in (tmp_path / "report.md").read_text()
     # other experts (prompted, two dimensions only): only the expert cells rerun
-    from padlm.orchestration.experts import prompted_experts
+    from padlm.orchestration.experts import engine_experts, prompted_experts
     experts = prompted_experts(tiny_lm, ("P1A", "P2B"))
-    engine = Personalizer(tiny_lm, persrm="identity", experts=experts)
-    assert engine.experts.fingerprint() != Personalizer(
-        tiny_lm, persrm="identity").experts.fingerprint()
+    engine = Personalizer(tiny_lm, persrm="identity", components={"experts": experts})
+    assert engine_experts(engine).fingerprint() != engine_experts(Personalizer(
+        tiny_lm, persrm="identity")).fingerprint()
     harness.run(engine, plan, tmp_path, progress=False)
     records = read_jsonl(tmp_path / harness.GENERATIONS)
     assert sum(r["label"] == "prompt" for r in records) == 5

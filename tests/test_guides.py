@@ -28,7 +28,7 @@ from padlm.errors import PadlmError
 from padlm.guides import load_persrm
 from padlm.models import LoadedModel
 from padlm.persrm import PersonalizedRewardModel
-from padlm.preferences import resolve_preference
+from padlm.preferences import parse_preference
 from padlm.prompting import render
 from padlm.strategies import DEFAULT_TOP_K
 
@@ -116,7 +116,7 @@ def test_a_separate_guide_equals_recomputing_both_models_every_step(tiny_lm, gui
     assert engine.persrm.separate and engine.persrm.reference == reference
     config = GenerationConfig(max_new_tokens=8, ignore_eos=True, weight=50.0)
     got = engine.generate(PROMPTS[:2], PREFERENCE, "pad", config)
-    text = resolve_preference(PREFERENCE)
+    text = parse_preference(PREFERENCE).text
     for prompt, generation in zip(PROMPTS[:2], got, strict=True):
         assert generation.tokens == brute_force_pad(
             tiny_lm, engine.persrm.guide, prompt, text, 8, 50.0, reference)

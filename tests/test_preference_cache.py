@@ -17,7 +17,7 @@ import torch
 
 from padlm.orchestration import encoding
 from padlm.orchestration.encoding import embed_texts, requested_experts
-from padlm.preferences import PRESETS, PSOUPS
+from padlm.preferences import PRESETS, PSOUPS, parse_preference
 
 MB = 2**20
 
@@ -201,9 +201,9 @@ def test_requested_experts_presets_skip_the_cache_free_text_uses_its_namespace(
     dims = tuple(PSOUPS)
     cache = encoding.PREFERENCE_EMBEDDINGS
     assert not hasattr(requested_experts, "cache_info")  # no lru_cache of whole texts
-    assert requested_experts("P1A+P2B", dims, 3) == ("P1A", "P2B")
+    assert requested_experts(parse_preference("P1A+P2B"), dims, 3) == ("P1A", "P2B")
     assert fake_encoder.calls == 0 and len(cache) == 0
-    chosen = requested_experts("talk like a pirate", dims, 2, namespace="tenant")
+    chosen = requested_experts(parse_preference("talk like a pirate"), dims, 2, namespace="tenant")
     assert len(chosen) == 2 and set(chosen) <= set(dims)
     assert cache.key("talk like a pirate", "tenant") in cache
     assert cache.key("talk like a pirate") not in cache

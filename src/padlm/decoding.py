@@ -20,6 +20,7 @@ import torch
 from padlm import guidance
 from padlm.config import GenerationConfig
 from padlm.kvstream import KVStream, Prefill, StreamOutput
+from padlm.preferences import Preference
 from padlm.prompting import Message
 from padlm.registry import StrategySpec, check_request
 
@@ -40,7 +41,7 @@ class Request:
     """What a user asks for: a prompt (text or chat messages), a preference, settings."""
 
     prompt: str | Sequence[Message]
-    preference: str = ""
+    preference: Preference = Preference()
     config: GenerationConfig = field(default_factory=GenerationConfig)
     rendered: Rendered | None = None
 

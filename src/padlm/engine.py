@@ -11,7 +11,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,7 @@ from padlm.errors import PadlmError
 from padlm.guides import load_persrm, persrm_placement
 from padlm.models import DEFAULT_MODEL, LoadedModel, load_model
 from padlm.persrm import PersonalizedRewardModel, PersRMConfig
-from padlm.preferences import resolve_preference
+from padlm.preferences import Preference, parse_preference
 from padlm.prompting import PLACEMENTS
 from padlm.registry import (
     DEFAULT_SCORER,
@@ -85,7 +85,7 @@ class Personalizer:
         placement: str | None = None,
         scorer: str | SequenceScorer | None = DEFAULT_SCORER,
         device: str = AUTO,
-        experts: str | object = "default",
+        components: Mapping[str, object] | None = None,
         reference: str | None = None,
     ) -> None:
         """``persrm``: the PersRM or guide (see :func:`padlm.guides.load_persrm`), loaded on
@@ -94,7 +94,10 @@ class Personalizer:
         ``scorer``: what scores ``args`` and ``best-of-n``: ``"dimensions"`` (the
         per-dimension reward models, independent of the PersRM; preset preferences only),
         ``"persrm"`` (the PersRM's implicit reward, which PAD follows too), or any
-        :class:`~padlm.strategies.SequenceScorer` or ``items -> scores`` callable."""
+        :class:`~padlm.strategies.SequenceScorer` or ``items -> scores`` callable.
+        ``components``: settings of the parts plugged-in strategies share, by name (e.g.
+        ``{"experts": path}`` for orchestration's ``mix`` and ``soups``; see
+        :meth:`component`)."""
         if isinstance(scorer, str):
             check_scorer(scorer)
         if placement is not None and placement not in PLACEMENTS:
@@ -111,7 +114,8 @@ class Personalizer:
         self.placement = placement or persrm_placement(persrm, self.lm.name)
         self._scorer = DEFAULT_SCORER if scorer is None else scorer
         self.eos_ids = eos_ids(self.lm.tokenizer, self.lm.model.generation_config)
-        self._experts = experts
+        self.components = dict(components or {})
+        self._built: dict[str, object] = {}
         self._strategies: dict[str, object] = {}
         # the server's handlers and its decode thread may ask for a strategy first at once
         self._building = threading.RLock()
@@ -132,17 +136,14 @@ class Personalizer:
                 self._scorer = make_scorer(self._scorer, self.lm, self.persrm)
         return self._scorer
 
-    @property
-    def experts(self):
-        """The orchestration experts (and PCM), loaded on first use: only ``mix`` and
-        ``soups`` read them. A path, ``"default"`` (the shipped ones, else prompted experts
-        of this model), or an ``Experts`` object."""
+    def component(self, name: str, build: Callable[[object], object]) -> object:
+        """A part that plugged-in strategies share (orchestration's experts), built on first
+        use from its setting in ``components`` (``"default"`` where none is given) and kept.
+        The engine holds it without knowing what it is, so the kernel names no feature."""
         with self._building:
-            if isinstance(self._experts, str):
-                from padlm.orchestration.experts import load_experts
-
-                self._experts = load_experts(self._experts, self.lm)
-        return self._experts
+            if name not in self._built:
+                self._built[name] = build(self.components.get(name, "default"))
+            return self._built[name]
 
     @property
     def persrm(self) -> PersonalizedRewardModel:
@@ -215,9 +216,9 @@ class Personalizer:
                              param="strategy")
         return DecodeBatch(chosen, self.lm.tokenizer, self.eos_ids)
 
-    def request(self, prompt, preference: str | None = None,
+    def request(self, prompt, preference: str | Preference | None = None,
                 config: GenerationConfig | None = None) -> Request:
-        return Request(prompt, resolve_preference(preference), config or GenerationConfig())
+        return Request(prompt, parse_preference(preference), config or GenerationConfig())
 
     def stream(self, prompt, preference: str | None = None, strategy: str = "pad",
                config: GenerationConfig | None = None) -> Iterator[StepEvent]:

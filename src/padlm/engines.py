@@ -63,4 +63,4 @@ def open_engine(engine_name: str = "hf", model: str = DEFAULT_MODEL, *,
     from padlm.engine import Personalizer
 
     return Personalizer(model, persrm=persrm, dtype=dtype, placement=placement, device=device,
-                        experts=experts, scorer=scorer, reference=reference)
+                        components={"experts": experts}, scorer=scorer, reference=reference)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import product
 
 from padlm.errors import PadlmError
@@ -48,39 +49,38 @@ def looks_like_ids(spec: str) -> bool:
     return all(len(part) == 3 and part[0] == "P" and part[1].isdigit() for part in parts)
 
 
-def named_presets(preference: str) -> list[str] | None:
-    """The preset ids a preference names: ids (``P1A+P2B``) or the text
-    :func:`resolve_preference` makes of them (their texts joined by spaces); None for free
-    text. What a request carries is the resolved text, so this is how a component that
-    needs the ids (a per-dimension reward, an expert) gets them back."""
-    ids = preference_ids(preference)
-    if ids is not None:
-        return ids
-    rest, ids = preference.strip(), []
-    while rest:
-        match = next((key for key, text in PRESETS.items() if rest.startswith(text)), None)
-        if match is None:
-            return None
-        ids.append(match)
-        rest = rest[len(PRESETS[match]):].lstrip()
-    return ids or None
-
-
 def preset_text(ids: Sequence[str]) -> str:
     """The text the models see for preset ids, in order (``P1A+P2B`` -> both texts)."""
     return " ".join(PRESETS[i] for i in ids)
 
 
-def resolve_preference(spec: str | None) -> str:
-    """Turn a user's preference (ids or free text) into the text the models see."""
+@dataclass(frozen=True)
+class Preference:
+    """A user's preference as every component reads it, parsed once where a request enters
+    (CLI, server, evaluation, samplers): the text the models see, and the preset ids it
+    names. Components that act per dimension (experts, per-dimension rewards) read ``ids``
+    rather than recovering them from the text at every step."""
+
+    text: str = ""
+    ids: tuple[str, ...] | None = None  # None: free text, or no preference
+
+    def __bool__(self) -> bool:
+        return bool(self.text)
+
+
+def parse_preference(spec: str | Preference | None) -> Preference:
+    """A user's preference (ids like ``P1A+P2B``, free text, or nothing) as a
+    :class:`Preference`; an id-shaped typo (``P9Z``) is refused, not taken for free text."""
+    if isinstance(spec, Preference):
+        return spec
     if spec is None or not spec.strip():
-        return ""
+        return Preference()
     ids = preference_ids(spec)
     if ids is not None:
-        return preset_text(ids)
+        return Preference(preset_text(ids), tuple(ids))
     if looks_like_ids(spec):
         unknown = [p for p in spec.split("+") if p.strip() not in PRESETS]
         raise PadlmError(
-            f"unknown preference id {', '.join(unknown)}; known ids: {', '.join(PRESETS)}"
-        )
-    return spec.strip()
+            f"unknown preference id {', '.join(unknown)}; known ids: {', '.join(PRESETS)}",
+            param="preference")
+    return Preference(spec.strip())

@@ -1,14 +1,18 @@
 """The strategy registry: what each method is and needs, in one table everyone reads.
 
-Torch-free on purpose: the registry's types and lookups cost nothing to import. The classes
-themselves register when :mod:`padlm.strategies` (and :mod:`padlm.orchestration`) import;
-:func:`load_registry` makes sure they have.
+Torch-free on purpose: the registry's types and lookups cost nothing to import. The built-in
+classes register when :mod:`padlm.strategies` imports; a feature package adds its own
+strategies and scorers through the ``padlm.plugins`` entry-point group (as vLLM loads its
+``vllm.general_plugins``), so the kernel never names one. :func:`load_registry` makes sure
+both have run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
+from importlib.metadata import entry_points
 
 from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
@@ -34,16 +38,34 @@ class StrategySpec:
 
 REGISTRY: dict[str, type] = {}
 # the sequence scorers ARGS and best-of-n take (``--scorer``): the per-dimension reward models
-# (the default: independent of the PersRM) or the PersRM's own implicit reward
+# (the default: independent of the PersRM) or the PersRM's own implicit reward. The names are
+# checked before anything loads; each scorer's factory registers with its code.
 SCORERS = ("dimensions", "persrm")
 DEFAULT_SCORER = "dimensions"
-STRATEGY_MODULES = ("padlm.strategies", "padlm.orchestration.strategies")
+SCORER_FACTORIES: dict[str, Callable] = {}
+BUILT_IN = "padlm.strategies"
+PLUGIN_GROUP = "padlm.plugins"
+_plugins_loaded = False
 
 
 def register(cls: type) -> type:
     """Class decorator: the one line that makes a strategy exist everywhere."""
     REGISTRY[cls.spec.name] = cls
     return cls
+
+
+def register_scorer(name: str, factory: Callable) -> None:
+    """Make scorer ``name`` (one of :data:`SCORERS`) buildable: ``factory(lm, persrm)``."""
+    SCORER_FACTORIES[name] = factory
+
+
+def scorer_factory(name: str) -> Callable:
+    check_scorer(name)
+    load_registry()
+    if name not in SCORER_FACTORIES:
+        raise PadlmError(f"scorer {name!r} comes with a feature package that is not installed "
+                         f"(no {PLUGIN_GROUP} entry point registered it)", param="scorer")
+    return SCORER_FACTORIES[name]
 
 
 def strategy_class(name: str) -> type:
@@ -90,8 +112,12 @@ def check_scorer(name: str) -> None:
 
 
 def load_registry() -> dict[str, type]:
-    """Import the modules whose classes register themselves (once; cheap afterwards)."""
-    for module in STRATEGY_MODULES:  # in this order: the built-ins list first
-        import_module(module)
-
+    """Import the built-in strategies, then call each installed plugin's ``register`` (once;
+    cheap afterwards). The built-ins list first; plugins follow in entry-point name order."""
+    global _plugins_loaded
+    import_module(BUILT_IN)
+    if not _plugins_loaded:
+        for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda point: point.name):
+            plugin.load()()
+        _plugins_loaded = True
     return REGISTRY

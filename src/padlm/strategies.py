@@ -34,11 +34,16 @@ from padlm.persrm import (
     BASE_ADAPTER,
     PersonalizedRewardModel,
     candidate_logits,
-    tensor_fingerprint,
 )
-from padlm.preferences import named_presets
 from padlm.prompting import DEFAULT_PLACEMENT, preference_token_ids, render
-from padlm.registry import NEUTRAL, PREFERENCE, StrategySpec, check_scorer, register
+from padlm.registry import (
+    NEUTRAL,
+    PREFERENCE,
+    StrategySpec,
+    register,
+    register_scorer,
+    scorer_factory,
+)
 
 if TYPE_CHECKING:
     from padlm.engine import Personalizer
@@ -58,7 +63,7 @@ def render_lanes(tokenizer, request: Request, lanes: Sequence[str],
                  placement: str) -> list[list[int]]:
     """Each lane's prompt ids: the request's context with or without its preference."""
     return [render(tokenizer, request.prompt,
-                   request.preference if lane == PREFERENCE else "", placement)
+                   request.preference.text if lane == PREFERENCE else "", placement)
             for lane in lanes]
 
 
@@ -73,7 +78,7 @@ def _echo(rows: Rows, candidates: torch.Tensor, tokenizer) -> torch.Tensor | Non
     if not any(row.config.echo_guard for row in rows):
         return None
     return guidance.echo_candidates(candidates, [
-        torch.tensor(_guarded_ids(tokenizer, row.request.preference), dtype=torch.long,
+        torch.tensor(_guarded_ids(tokenizer, row.request.preference.text), dtype=torch.long,
                      device=candidates.device) if row.config.echo_guard else None
         for row in rows])
 
@@ -416,97 +421,25 @@ class ImplicitRewardScorer(SequenceScorer):
         return torch.stack(scores)
 
 
-# ARGS's w with the dimension rewards. Their score of a growing response moves little per
-# token (one token shifts a MiniLM embedding slightly): on the default model (4 Koala prompts
-# x P1A, P2B, P3B, P1B+P2A+P3A, 24 steps, 378 row-steps) the median spread (std) of R over a
-# step's 10 candidates was 0.047, the proposal logits' 1.44, so w = 30 would give the reward
-# the base model's say. Measured on two prompts x P1A, P3B (48 tokens): w = 10 raises the
-# responses' R over preference prompting (P1A -0.26, -0.05 -> -0.04, 0.67) and stays fluent;
-# w = 30 starts to loop and clip ("The town has a big problem." x3, "Bureaucrism."), w = 100
-# is degenerate. ``--weight`` sets another.
-DIMENSION_WEIGHT = 10.0
-
-
-class DimensionScorer(SequenceScorer):
-    """The per-dimension Bradley-Terry reward models shipped for the PCM
-    (:mod:`padlm.orchestration.rewards`): ``R(x, y) = mean_{i requested} r_i(x, y)``, ``x``
-    the instruction, ``y`` the response text, ``i`` the request's P-Soups preset ids.
-
-    Independent of the PersRM (MiniLM embeddings and a linear head per dimension, fitted on
-    the preference pairs), and not an evaluation judge either. Only preset preferences have
-    rewards: free text is refused (see :meth:`check`). Each call embeds its responses and
-    their distinct instructions in ONE encoder call.
-    """
-
-    name = "dimensions"
-    default_weight = DIMENSION_WEIGHT
-
-    def __init__(self, tokenizer, rewards=None) -> None:
-        from padlm.orchestration.rewards import DimensionRewards, shipped_rewards_dir
-
-        self.tokenizer = tokenizer
-        self.rewards = rewards or DimensionRewards.load(shipped_rewards_dir())
-
-    def fingerprint(self) -> str:
-        dimensions = self.rewards.dimensions
-        return "dimensions-" + tensor_fingerprint(
-            f"{','.join(dimensions)};w={self.default_weight}",
-            [torch.stack([self.rewards.weights[d].float() for d in dimensions])])
-
-    def dimensions(self, preference: str) -> list[str]:
-        """The request's dimensions, or a refusal naming the preference and the
-        alternative."""
-        if not preference.strip():
-            raise PadlmError(
-                f"the dimension rewards that score args and best-of-n need a preference of "
-                f"preset ids ({', '.join(self.rewards.dimensions)}); this request has none",
-                param="preference")
-        ids = named_presets(preference)
-        if ids is None:
-            shown = preference if len(preference) <= 80 else preference[:77] + "..."
-            raise PadlmError(
-                f"the dimension rewards that score args and best-of-n cover the preset ids "
-                f"{', '.join(self.rewards.dimensions)}, not the free-text preference "
-                f"{shown!r}: use preset ids, or --scorer persrm (the PersRM's own reward, "
-                f"which makes args PAD's reward searched another way)", param="preference")
-        missing = [i for i in ids if i not in self.rewards.dimensions]
-        if missing:
-            raise PadlmError(
-                f"no dimension reward for {', '.join(missing)} (they cover "
-                f"{', '.join(self.rewards.dimensions)}): use --scorer persrm",
-                param="preference")
-        return list(dict.fromkeys(ids))
-
-    def check(self, request: Request) -> None:
-        self.dimensions(request.preference)
-
-    def __call__(self, items: Sequence[Scored]) -> torch.Tensor:
-        responses = self.tokenizer.batch_decode([list(item.response) for item in items],
-                                                skip_special_tokens=True)
-        scores = self.rewards.scores([item.request.prompt for item in items], responses)
-        masks = {}
-        for preference in {item.request.preference for item in items}:
-            requested = self.dimensions(preference)
-            masks[preference] = [d in requested for d in self.rewards.dimensions]
-        mask = torch.tensor([masks[item.request.preference] for item in items],
-                            dtype=scores.dtype)
-        return (scores * mask).sum(-1) / mask.sum(-1)
-
-
 def make_scorer(scorer, lm: LoadedModel, persrm: PersonalizedRewardModel) -> SequenceScorer:
     """A scorer from its name (:data:`padlm.registry.SCORERS`), or any scorer or callable."""
     if isinstance(scorer, SequenceScorer):
         return scorer
     if callable(scorer):
         return CallableScorer(scorer)
-    check_scorer(scorer)
-    if scorer == "persrm":
-        if persrm.separate:
-            raise PadlmError(f"--scorer persrm scores with a head on the base model; the guide "
-                             f"{persrm.name} is a separate model, which scores pad only: use "
-                             f"--scorer dimensions", param="scorer")
-        return ImplicitRewardScorer(lm, persrm)
-    return DimensionScorer(lm.tokenizer)
+    return scorer_factory(scorer)(lm, persrm)
+
+
+def implicit_reward_scorer(lm: LoadedModel, persrm: PersonalizedRewardModel
+                           ) -> ImplicitRewardScorer:
+    if persrm.separate:
+        raise PadlmError(f"--scorer persrm scores with a head on the base model; the guide "
+                         f"{persrm.name} is a separate model, which scores pad only: use "
+                         f"--scorer dimensions", param="scorer")
+    return ImplicitRewardScorer(lm, persrm)
+
+
+register_scorer("persrm", implicit_reward_scorer)
 
 
 @register
@@ -514,12 +447,13 @@ class ArgsStrategy(Strategy):
     """ARGS: ``score(a) = z(a) + w * R(prefix + a)`` for each of the top-k candidates.
 
     ``R`` is the engine's sequence scorer: by default the per-dimension reward models
-    (:class:`DimensionScorer`), independent of the PersRM, called on all k continuations of
-    every row at every step, batched (the method's real cost). With the PersRM's implicit
-    reward (``--scorer persrm``) on a shared backbone the k sequence rewards are exact and
-    incremental: ``R(prefix + a) = R(prefix) + log pi_R(a|s) - log pi_ref(a|s)``, so the k
-    scorer calls cost one head product; ``R(prefix)`` is the same for every candidate of a
-    row, so it changes neither the argmax nor the softmax and is left out. That is PAD's
+    (:class:`padlm.orchestration.scoring.DimensionScorer`), independent of the PersRM, called
+    on all k continuations of every row at every step, batched (the method's real cost).
+    With the PersRM's implicit reward (``--scorer persrm``) on a shared backbone the k
+    sequence rewards are exact and incremental: ``R(prefix + a) = R(prefix) + log pi_R(a|s)
+    - log pi_ref(a|s)``, so the k scorer calls cost one head product; ``R(prefix)`` is the
+    same for every candidate of a row, so it changes neither the argmax nor the softmax and
+    is left out. That is PAD's
     score up to a per-row constant: greedy ARGS with the PersRM picks PAD's tokens.
     """
 

@@ -18,7 +18,7 @@ import httpx
 from padlm.decoding import GenerationConfig, Request
 from padlm.devices import check_engine
 from padlm.errors import PadlmError
-from padlm.preferences import resolve_preference
+from padlm.preferences import parse_preference
 from padlm.prompting import Message
 
 API_KEY_ENV = "PADLM_SAMPLER_API_KEY"
@@ -71,7 +71,7 @@ class LocalSampler:
 
     def sample(self, requests: Sequence[SampleRequest], settings: SamplingSettings
                ) -> list[Sample]:
-        return self._decode([Request(r.messages, resolve_preference(r.instruction),
+        return self._decode([Request(r.messages, parse_preference(r.instruction),
                                      GenerationConfig(
                                          max_new_tokens=settings.max_new_tokens,
                                          temperature=r.temperature, top_p=settings.top_p,

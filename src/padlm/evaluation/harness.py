@@ -38,7 +38,7 @@ from padlm.evaluation.stats import (
 )
 from padlm.judges import JUDGES, get_judge, primary_direction
 from padlm.judges import guards as _guards
-from padlm.preferences import PRESETS, PSOUPS, looks_like_ids, preference_ids, resolve_preference
+from padlm.preferences import PRESETS, PSOUPS, looks_like_ids, parse_preference, preference_ids
 from padlm.records import JsonlAppender, load_prompts, read_jsonl
 from padlm.registry import strategy_class, strategy_names
 
@@ -134,7 +134,7 @@ def dimensions(spec: str, directions: Sequence[tuple[str, int]]) -> list[Dimensi
     if ids is not None:
         return [Dimension(i, *primary_direction(i)) for i in ids]
     if looks_like_ids(spec):
-        resolve_preference(spec)  # raises the unknown-id error
+        parse_preference(spec)  # raises the unknown-id error
     if not directions:
         raise PadlmError(f"free-text preference {spec!r} needs at least one --judge "
                          "NAME:+ or NAME:- saying which way it should move")
@@ -220,8 +220,11 @@ class CellKeys:
         if decoder is not None:
             config["engine"] = decoder.engine_name
         persrm = plan_persrm(engine, plan)
+        from padlm.orchestration.experts import engine_experts
+
         return cls(config, persrm.fingerprint() if persrm else "none",
-                   engine.experts.fingerprint() if any(s.uses_experts for s in specs) else None,
+                   engine_experts(engine).fingerprint() if any(s.uses_experts for s in specs)
+                   else None,
                    engine.scorer.fingerprint() if any(s.uses_scorer for s in specs) else None)
 
     def key(self, prompt_id: str, job: Job) -> str:
@@ -391,7 +394,7 @@ def summarize(engine, plan: EvalPlan, records: Sequence[dict], scores: dict[str,
         raise PadlmError("base generations are incomplete; rerun `padlm eval` to finish them")
     for spec in plan.preferences:
         dims = dimensions(spec, plan.directions)
-        preference_text = resolve_preference(spec)
+        preference_text = parse_preference(spec).text
         for job in jobs(plan, recommended):
             if job.preference not in ("", spec):
                 continue

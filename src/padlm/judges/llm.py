@@ -32,7 +32,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from padlm.errors import PadlmError
-from padlm.preferences import preference_ids, resolve_preference
+from padlm.preferences import parse_preference
 from padlm.records import JsonlAppender, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,10 @@ def build_messages(prompt: str, preference: str, first: str, second: str,
     ``ties=False`` leaves TIE out of the answers: small judges answer TIE to nearly every
     question they are offered it on, and a forced choice asked in both orders still scores
     a pair the judge cannot separate as a tie (it picks the same position twice)."""
-    ids = preference_ids(preference) or []
-    criteria = " ".join(CRITERIA[i] for i in ids if i in CRITERIA)
-    text = resolve_preference(preference)
+    parsed = parse_preference(preference)
+    criteria = " ".join(CRITERIA[i] for i in parsed.ids or () if i in CRITERIA)
     answers = "A, B or TIE" if ties else "A or B"
-    user = (f"[Instruction]\n{prompt}\n\n[Preference]\n{text}\n"
+    user = (f"[Instruction]\n{prompt}\n\n[Preference]\n{parsed.text}\n"
             + (f"\n[Criteria]\n{criteria}\n" if criteria else "")
             + f"\n[Response A]\n{first}\n\n[Response B]\n{second}\n\n"
             f"Which response follows the preference better? Reply {answers}.")

@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 import torch
 
 from padlm.errors import PadlmError
-from padlm.preferences import PRESETS, named_presets
+from padlm.preferences import PRESETS, Preference
 
 V = TypeVar("V")
 
@@ -155,21 +155,22 @@ def axis(dimension: str) -> str:
     return dimension[:2]
 
 
-def requested_experts(preference: str, dimensions: tuple[str, ...], lanes: int,
+def requested_experts(preference: Preference, dimensions: tuple[str, ...], lanes: int,
                       namespace: str = "") -> tuple[str, ...]:
     """The experts a request's preference asks for, at most ``lanes`` of them.
 
-    Preset ids (``P1A+P2B``) or their resolved texts name experts directly; free text goes to
+    A preference of preset ids (``P1A+P2B``) names its experts directly; free text goes to
     the nearest expert (cosine of MiniLM embeddings) on each of the ``lanes`` axes closest to
     it, so a wording never seen in training still gets a mixture. Not cached itself: the preset
-    path is a parse, and the free-text path reads the embedding cache (under ``namespace``; the
-    preset texts, public, under the default one) and then does one small matrix product.
+    path reads the parsed ids, and the free-text path reads the embedding cache (under
+    ``namespace``; the preset texts, public, under the default one) and then does one small
+    matrix product.
     """
-    if not preference.strip():
+    if not preference:
         raise PadlmError("a mixture needs a preference (e.g. P1A+P2B+P3A)", param="preference")
-    ids = named_presets(preference)
+    ids = preference.ids
     if ids is None:
-        similarity = embed_texts([preference], namespace) @ embed_texts(
+        similarity = embed_texts([preference.text], namespace) @ embed_texts(
             [PRESETS[d] for d in dimensions]).T
         best: dict[str, tuple[float, str]] = {}
         for dimension, score in zip(dimensions, similarity[0].tolist(), strict=True):

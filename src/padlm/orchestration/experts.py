@@ -40,7 +40,7 @@ from padlm.models import LoadedModel, load_model
 from padlm.orchestration.encoding import requested_experts
 from padlm.orchestration.streams import AdapterLaneStream, LaneContext
 from padlm.persrm import ValueHead, tensor_fingerprint
-from padlm.preferences import PRESETS, PSOUPS, preset_text
+from padlm.preferences import PRESETS, PSOUPS, Preference, preset_text
 from padlm.prompting import DEFAULT_PLACEMENT, render
 
 FORMS = ("prompted", "head", "lora", "models")
@@ -131,7 +131,7 @@ class Experts:
     def lanes(self) -> int:
         return min(MAX_LANES, len(self.dimensions))
 
-    def select(self, preference: str) -> tuple[str, ...]:
+    def select(self, preference: Preference) -> tuple[str, ...]:
         """The experts a request asks for (see :func:`requested_experts`)."""
         return requested_experts(preference, self.dimensions, self.lanes)
 
@@ -374,6 +374,13 @@ def model_experts(lm: LoadedModel, models: Sequence[str], dimensions: Sequence[s
     config = ExpertsConfig("models", list(dimensions), lm.name, lm.model.config.hidden_size,
                            placement, models=list(models), context=context)
     return Experts(config, lm, models=loaded)
+
+
+def engine_experts(engine) -> Experts:
+    """The experts an engine's ``mix`` and ``soups`` (and the evaluation and benchmarks) read:
+    its ``experts`` component (a path, ``"default"`` or an :class:`Experts`), loaded once."""
+    return engine.component("experts", lambda setting: (
+        setting if isinstance(setting, Experts) else load_experts(setting, engine.lm)))
 
 
 def load_experts(path: str | Path, lm: LoadedModel) -> Experts:

@@ -30,7 +30,7 @@ from padlm.decoding import Request, Rows
 from padlm.errors import PadlmError
 from padlm.kvstream import KVStream, StreamOutput
 from padlm.orchestration.encoding import embed_texts
-from padlm.orchestration.experts import Experts, add_adapter, lora_state
+from padlm.orchestration.experts import Experts, add_adapter, engine_experts, lora_state
 from padlm.orchestration.streams import AdapterLaneStream, LaneContext
 from padlm.persrm import ValueHead
 from padlm.preferences import PRESETS
@@ -81,7 +81,7 @@ class MixStrategy:
 
     @classmethod
     def build(cls, engine: Personalizer) -> MixStrategy:
-        return cls(engine.experts)
+        return cls(engine_experts(engine))
 
     def new_streams(self) -> list[KVStream]:
         return self.experts.new_streams()
@@ -142,7 +142,7 @@ class MixStrategy:
         if pcm_rows:
             hidden = self.experts.hidden(outputs, [state.lanes for state in states])[pcm_rows]
             alpha[pcm_rows] = pcm_weights(
-                self.experts.pcm, hidden, [rows[i].request.preference for i in pcm_rows],
+                self.experts.pcm, hidden, [rows[i].request.preference.text for i in pcm_rows],
                 [states[i].lanes for i in pcm_rows], [len(states[i].experts) for i in pcm_rows]
             ).to(alpha.dtype)
         return alpha
@@ -179,7 +179,7 @@ class SoupsStrategy:
 
     @classmethod
     def build(cls, engine: Personalizer) -> SoupsStrategy:
-        return cls(engine.experts)
+        return cls(engine_experts(engine))
 
     def soup(self, request: Request) -> tuple[tuple[str, ...], tuple[float, ...]]:
         """The request's experts and their averaging weights (uniform unless fixed)."""

@@ -46,7 +46,7 @@ from padlm.orchestration.experts import PCM_DIR, Experts
 from padlm.orchestration.pcm import PCMConfig, PreferenceControlModel
 from padlm.orchestration.rewards import DimensionRewards, train_rewards
 from padlm.orchestration.strategies import MixStrategy, pcm_weights
-from padlm.preferences import PSOUPS_COMBINATIONS, resolve_preference
+from padlm.preferences import PSOUPS_COMBINATIONS, parse_preference
 from padlm.strategies import NEUTRAL, BaseStrategy
 from padlm.training.pipeline import file_sha256
 
@@ -115,7 +115,7 @@ def sequence_log_probs(pcm, rollouts: Rollouts) -> torch.Tensor:
     weights of ``pcm`` (differentiable through it)."""
     index = rollouts.segment.tolist()
     alpha = pcm_weights(pcm, rollouts.hidden,
-                        [rollouts.rows[i].request.preference for i in index],
+                        [rollouts.rows[i].request.preference.text for i in index],
                         [rollouts.lanes[i] for i in index], [rollouts.counts[i] for i in index])
     token = guidance.mixture_log_probs(rollouts.expert_log_probs, alpha)[:, 0]
     return token.new_zeros(len(rollouts.rows)).index_add(0, rollouts.segment, token)
@@ -150,7 +150,7 @@ class PCMTrainer:
                ) -> list[Row]:
         config = GenerationConfig(max_new_tokens=self.config.max_new_tokens,
                                   temperature=temperature)
-        requests = [Request(prompt, resolve_preference(combo), replace(config, seed=seed))
+        requests = [Request(prompt, parse_preference(combo), replace(config, seed=seed))
                     for (prompt, combo), seed in zip(pairs, seeds, strict=True)]
         return DecodeBatch(self.strategy, self.lm.tokenizer, [self.eos]).run(requests)
 
@@ -161,7 +161,7 @@ class PCMTrainer:
             base = BaseStrategy(self.lm, (NEUTRAL,), self.experts.config.placement)
             config = GenerationConfig(max_new_tokens=self.config.max_new_tokens)
             rows = DecodeBatch(base, self.lm.tokenizer, [self.eos]).run(
-                [Request(p, "", config) for p in missing])
+                [Request(p, config=config) for p in missing])
             self.references.update({p: row.text for p, row in zip(missing, rows, strict=True)})
         return [self.references[p] for p in prompts]
 

@@ -31,7 +31,7 @@ from padlm.errors import PadlmError
 from padlm.guides import default_persrm_dir, is_persrm_dir, persrm_directory, shipped_base
 from padlm.models import DEFAULT_MODEL, resolve_model_path
 from padlm.persrm import PersonalizedRewardModel, PersRMConfig
-from padlm.preferences import resolve_preference
+from padlm.preferences import parse_preference
 from padlm.prompting import DEFAULT_PLACEMENT, PLACEMENTS
 from padlm.registry import check_request, strategy_class
 from padlm.strategies import render_lanes
@@ -229,7 +229,7 @@ class VllmPersonalizer:
         are accepted so callers need not know the engine: vLLM schedules its own batches,
         and ``n`` serves only best-of-n, which this engine refuses."""
         config = config or GenerationConfig()
-        requests = [Request(p, resolve_preference(preference), config) for p in prompts]
+        requests = [Request(p, parse_preference(preference), config) for p in prompts]
         return self.generate_requests(requests, [strategy] * len(requests))
 
     def generate_requests(self, requests: Sequence[Request], strategies: Sequence[str]
@@ -301,7 +301,7 @@ class VllmPersonalizer:
         if strategy == "pad":
             extra[EXTRA_KEY] = {"weight": config.weight, "top_k": config.top_k,
                                 "echo_guard": config.echo_guard,
-                                "preference": request.preference}
+                                "preference": request.preference.text}
         text = {"output_kind": RequestOutputKind.DELTA, "detokenize": False} if stream else {
             "stop": list(config.stop) or None}
         return vllm.SamplingParams(max_tokens=config.max_new_tokens,
@@ -329,7 +329,7 @@ class VllmPersonalizer:
                config: GenerationConfig | None = None) -> Iterator[StepEvent]:
         """Yield one event per generated token of a single prompt, as the HF engine does."""
         batch = self.batch(strategy)
-        batch.join([Request(prompt, resolve_preference(preference),
+        batch.join([Request(prompt, parse_preference(preference),
                             config or GenerationConfig())])
         while batch.rows:
             yield from batch.step()
