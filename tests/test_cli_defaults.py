@@ -10,7 +10,8 @@ import inspect
 
 import pytest
 
-from padlm.cli import app, main  # noqa: F401  (main registers the sub-commands)
+from padlm.cli import app
+from padlm.cli.fields import FieldOptions, config_options
 from padlm.config import GenerationConfig
 from padlm.data.build import BuildConfig
 from padlm.data.samplers import SamplingSettings
@@ -23,7 +24,9 @@ from padlm.training.pipeline import TrainConfig
 # command -> the configs its options fill, each with {option name: field name} where they differ
 BUILDS = {
     "generate": [(GenerationConfig, {})],
-    "serve": [(ServerSettings, {})],
+    "serve": [(ServerSettings, {name.removesuffix("_s"): name for name in (
+        "request_timeout_s", "drain_timeout_s", "keep_alive_timeout_s", "header_timeout_s",
+        "body_timeout_s", "body_chunk_timeout_s")})],
     "eval": [(EvalPlan, {}), (GenerationConfig, {})],
     "data build": [(BuildConfig, {})],
     "data label-check": [(SamplingSettings, {})],
@@ -41,10 +44,6 @@ DELIBERATE = {
 
 
 def commands() -> dict[str, object]:
-    from padlm.cli import _register_subcommands
-
-    _register_subcommands()
-
     def walk(group, prefix: str = ""):
         for command in group.registered_commands:
             yield prefix + (command.name or command.callback.__name__), command.callback
@@ -90,3 +89,29 @@ def test_no_cli_default_differs_from_its_configs(command):
                                  f"{config.__name__}.{field} {defaults[field]!r}")
     assert compared, f"{command} shares no option with its configs"
     assert not differing, differing
+
+
+def test_generated_options_take_the_fields_defaults_and_build_the_config():
+    @config_options(decoding=FieldOptions(GenerationConfig, ("top_k", "stop", "seed"),
+                                          helps={"top_k": "k", "stop": "s", "seed": "x"},
+                                          names={"top_k": "candidates"},
+                                          defaults={"seed": 0}))
+    def command(*, decoding: dict, other: int = 1) -> None:
+        built.append((GenerationConfig(**decoding), other))
+
+    built: list = []
+    parameters = inspect.signature(command).parameters
+    assert list(parameters) == ["candidates", "stop", "seed", "other"]
+    assert parameters["candidates"].default is None and parameters["seed"].default == 0
+    assert parameters["stop"].default is None  # repeatable: absent means the field's ()
+    command(candidates=3, stop=None, seed=5, other=2)
+    command(candidates=None, stop=["a", "b"], seed=0, other=1)
+    assert built == [(GenerationConfig(top_k=3, seed=5), 2),
+                     (GenerationConfig(stop=("a", "b"), seed=0), 1)]
+
+
+def test_a_generated_option_needs_help_and_an_existing_field():
+    with pytest.raises(TypeError, match="GenerationConfig.top_k has no help"):
+        FieldOptions(GenerationConfig, ("top_k",)).parameters()
+    with pytest.raises(TypeError, match="no field nope"):
+        FieldOptions(GenerationConfig, ("nope",))

@@ -171,7 +171,7 @@ def test_best_of_n_samples_are_prompt_rows_and_the_scorer_picks(tiny_engine):
 
 
 def test_import_padlm_and_help_do_not_load_torch():
-    code = ("import sys, padlm, padlm.cli; padlm.cli._register_subcommands(); "
+    code = ("import sys, padlm, padlm.cli; "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()

@@ -132,7 +132,7 @@ def test_prompt_settings_are_validated_and_have_flags():
     import typer
     from typer.testing import CliRunner
 
-    from padlm.server.cli import serve as serve_command
+    from padlm.cli.serve import serve as serve_command
     cli = typer.Typer()
     cli.command()(serve_command)
     help_text = CliRunner().invoke(cli, ["--help"], env={"COLUMNS": "200"}).output

@@ -468,9 +468,8 @@ def test_real_model_cache_baseline_prefers_the_sampled_answer(default_lm, tmp_pa
 def test_cli_train_rejects_bad_input(tmp_path):
     from typer.testing import CliRunner
 
-    from padlm.cli import _register_subcommands, app
+    from padlm.cli import app
 
-    _register_subcommands()
     runner = CliRunner()
     result = runner.invoke(app, ["train", "persrm", "--data", str(tmp_path / "nope.jsonl"),
                                  "--out", str(tmp_path / "o")])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from typing import Annotated
 
 import typer
@@ -33,3 +35,20 @@ ScorerOption = Annotated[str | None, typer.Option(
     help="What scores args and best-of-n: dimensions (the default: the per-dimension reward "
          "models, independent of the PersRM; preset preferences only) or persrm (the PersRM's "
          "implicit reward, the one PAD follows).")]
+
+SamplerOption = Annotated[str, typer.Option(
+    "--sampler", "--model",
+    help="Who writes the responses: 'default', a named model (padlm models), a HF id, a "
+         "directory, or an OpenAI-compatible endpoint URL ending in /v1.")]
+SamplerModelOption = Annotated[str | None, typer.Option(
+    help="Model name to request from a sampler endpoint (default: its first listed model).")]
+ApiKeyEnvOption = Annotated[str, typer.Option(
+    help="Environment variable holding the sampler endpoint's API key.")]
+SamplerPlacementOption = Annotated[str | None, typer.Option(
+    "--placement", help="Where a local sampler gets its instruction: system | user-prefix | "
+                        "bracket; default: the one measured for it (system if unknown).")]
+
+
+def invocation() -> str:
+    """The command as typed, recorded beside what it wrote so a result can be reproduced."""
+    return "padlm " + shlex.join(sys.argv[1:])

@@ -1,31 +1,96 @@
-"""``padlm train experts`` and ``padlm train pcm`` (attached to the ``train`` sub-app)."""
+"""``padlm train``: the PersRM (PAD's stages), the orchestration experts and their PCM.
+
+The options of ``persrm`` and ``experts`` restate the fields of
+:class:`padlm.training.head.HeadTrainingConfig` and :class:`padlm.training.pipeline.TrainConfig`
+instead of being generated from them (:mod:`padlm.cli.fields`): those modules import torch,
+and the command tree is built on every start, ``padlm --help`` included (0.3 s, against 4 s
+with torch and transformers). ``tests/test_cli_defaults.py`` holds the defaults equal.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
-import shlex
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from padlm.cli_options import ModelOption, PlacementOption
+from padlm.cli.options import (
+    DtypeOption,
+    ModelOption,
+    PlacementOption,
+    invocation,
+)
 from padlm.errors import PadlmError
-from padlm.training.cli import _csv, train_app
+from padlm.server.settings import split_list
 
-log = logging.getLogger(__name__)
+app = typer.Typer(help="Train personalization models.", no_args_is_help=True)
 PSOUPS_DIMENSIONS = "P1A,P1B,P2A,P2B,P3A,P3B"
 CONTEXT_HELP = ("What each expert reads: dimension (its own dimension's text) or request (the "
                 "request's whole preference, as soups reads it).")
 DEFAULT_DATA = Path("data/persrm_pairs.jsonl")
 
 
-def _command() -> str:
-    return "padlm " + shlex.join(sys.argv[1:])
+@app.command("persrm")
+def train_persrm(
+    data: Annotated[Path, typer.Option(help="Preference JSONL (padlm data build).")],
+    out: Annotated[Path, typer.Option(help="Output PersRM directory.")],
+    stage: Annotated[str, typer.Option(help="head | lora | both")] = "head",
+    beta: Annotated[float, typer.Option()] = 0.1,
+    epochs: Annotated[int, typer.Option()] = 5,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    form: Annotated[str, typer.Option(help="full | lowrank | diagonal")] = "lowrank",
+    rank: Annotated[int, typer.Option()] = 16,
+    identity_l2: Annotated[float, typer.Option(help="L2 pull of W, b toward I, 0.")] = 0.0,
+    nll_weight: Annotated[float, typer.Option(help="Weight of an NLL term (chosen).")] = 0.0,
+    dimension_balance: Annotated[float, typer.Option(
+        help="Per-pair loss weight n_dim^-b, 0..1: 0 every pair alike, 1 every dimension "
+             "alike (human pairs then stop outweighing each teacher axis).")] = 0.0,
+    vocab: Annotated[str, typer.Option(help="topk | full (log-prob normalisation)")] = "topk",
+    reference: Annotated[str, typer.Option(
+        help="conditioned (the reward's reference base model sees the preference, as in "
+             "PAD's code; one stream at decoding) | unconditioned (it does not: an untrained "
+             "head is Linear Alignment; a second stream at decoding)")] = "conditioned",
+    holdout_dimensions: Annotated[str | None, typer.Option(
+        help="Comma list of dimensions left out of training (e.g. P3A,P3B).")] = None,
+    dimensions: Annotated[str | None, typer.Option(help="Only these dimensions.")] = None,
+    label_filter: Annotated[str, typer.Option(help="consistency | none")] = "consistency",
+    weight: Annotated[float, typer.Option(help="recommended_weight saved in the config.")
+                      ] = 1.0,
+    top_k: Annotated[int, typer.Option()] = 10,
+    placement: PlacementOption = "user-prefix",
+    lora_steps: Annotated[int, typer.Option()] = 100,
+    lora_rank: Annotated[int, typer.Option()] = 16,
+    cache_dir: Annotated[Path | None, typer.Option(help="Hidden-state cache root.")] = None,
+    model: ModelOption = "default",
+    dtype: DtypeOption = None,
+    strict: Annotated[bool, typer.Option(help="Any bad data row is fatal.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train a PersRM (PAD's stages): a value head on cached states, optionally after LoRA."""
+    from padlm.models import load_model
+    from padlm.training.head import HeadTrainingConfig
+    from padlm.training.pipeline import TrainConfig, run_training
 
+    if not data.exists():
+        raise PadlmError(f"data file {data} does not exist")
+    head = HeadTrainingConfig(form=form, rank=rank, beta=beta, lr=lr, epochs=epochs,
+                              identity_l2=identity_l2, nll_weight=nll_weight, vocab=vocab,
+                              reference=reference, dimension_balance=dimension_balance,
+                              seed=seed)
+    config = TrainConfig(
+        data=data, out=out, stage=stage, head=head,
+        holdout_dimensions=split_list(holdout_dimensions), dimensions=split_list(dimensions),
+        label_filter=label_filter, placement=placement, top_k=top_k,
+        recommended_weight=weight, cache_dir=cache_dir, strict=strict, lora_steps=lora_steps,
+        lora_rank=lora_rank, command=invocation(),
+    )
+    persrm = run_training(load_model(model, dtype=dtype), config)
+    summary = persrm.config.training["validation"]
+    typer.echo(json.dumps({"out": str(out), "validation": summary,
+                           "head_training_seconds":
+                               persrm.config.training["head_training_seconds"]}, indent=1))
 
 def _threads(threads: int | None) -> None:
     if threads is not None:
@@ -36,6 +101,7 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+@app.command("experts")
 def train_experts(
     out: Annotated[Path, typer.Option(help="Output experts directory.")],
     form: Annotated[str, typer.Option(help="prompted | head | lora | models")] = "head",
@@ -74,7 +140,7 @@ def train_experts(
     if form not in FORMS:
         raise PadlmError(f"unknown experts form {form!r}; choose {', '.join(FORMS)}")
     check_context(form, context)
-    dims = _csv(dimensions)
+    dims = split_list(dimensions)
     if not dims:
         raise PadlmError("--dimensions names no dimension")
     if form in ("head", "lora") and not data.exists():
@@ -87,7 +153,7 @@ def train_experts(
         experts = prompted_experts(lm, dims, placement, context)
         experts.save(out)
     elif form == "models":
-        experts = model_experts(lm, _csv(models), dims, placement, context)
+        experts = model_experts(lm, split_list(models), dims, placement, context)
         experts.save(out)
     else:
         from padlm.orchestration.train_experts import train_head_experts, train_lora_experts
@@ -97,7 +163,7 @@ def train_experts(
                                   seed=seed)
         base = TrainConfig(data=data, out=out, head=head, placement=placement,
                            cache_dir=cache_dir, lora_steps=lora_steps, lora_rank=lora_rank,
-                           command=_command())
+                           command=invocation())
         trainer = train_head_experts if form == "head" else train_lora_experts
         experts = trainer(lm, base, dims, context)
     summary = {dim: info.get("validation", {}).get("all", {}).get("head", {}).get("accuracy")
@@ -106,6 +172,7 @@ def train_experts(
                            "validation_accuracy": summary}, indent=1))
 
 
+@app.command("pcm")
 def train_pcm(
     experts: Annotated[Path, typer.Option(help="Experts directory (padlm train experts).")],
     out: Annotated[Path, typer.Option(help="Output: the experts plus the PCM in pcm/.")],
@@ -145,7 +212,7 @@ def train_pcm(
         max_new_tokens=max_new_tokens, eta=eta, lr=lr, updates_per_step=updates_per_step,
         width=width, eval_per_combination=eval_per_combination,
         checkpoint_every=checkpoint_every, pool_dir=pool_dir, seed=seed,
-        command=_command()).validate()
+        command=invocation()).validate()
     _threads(threads)
     loaded = load_experts(experts, load_model(model))
     if context is not None:  # the config refuses a context its form cannot use
@@ -158,11 +225,3 @@ def train_pcm(
                            "reward_after": training["after"].get("reward"),
                            "seconds": training["seconds"]}, indent=1))
 
-
-def register(app: typer.Typer) -> None:
-    """Attach the commands to the ``train`` sub-app (:data:`padlm.training.cli.train_app`,
-    which :func:`padlm.training.cli.register` adds to ``app``), once."""
-    names = {command.name for command in train_app.registered_commands}
-    if "experts" not in names:
-        train_app.command("experts")(train_experts)
-        train_app.command("pcm")(train_pcm)

@@ -2,7 +2,8 @@
 ``llm-judge``.
 
 Each command imports the harness, judges and engine inside its body: they pull torch,
-transformers and httpx, and ``padlm --help`` registers this module without paying for them.
+transformers and httpx, and ``padlm --help`` builds this module's commands without paying for
+them (so :class:`padlm.evaluation.harness.EvalPlan`'s options are not generated from it).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from padlm.cli_options import (
+from padlm.cli.fields import GENERATION_HELP, FieldOptions, config_options
+from padlm.cli.options import (
     DeviceOption,
     DtypeOption,
     EngineOption,
@@ -30,9 +32,10 @@ from padlm.config import GenerationConfig
 from padlm.errors import PadlmError
 from padlm.evaluation.report import headline_table, rewrite
 from padlm.registry import check_scorer, strategy_names
+from padlm.server.settings import split_list
 
-eval_app = typer.Typer(help="Evaluate strategies on P-Soups (default) and tools around it.",
-                       invoke_without_command=True, no_args_is_help=False)
+app = typer.Typer(help="Evaluate strategies on P-Soups (default) and tools around it.",
+                  invoke_without_command=True, no_args_is_help=False)
 
 DEFAULT_PREFERENCES = "P1A,P1B,P2A,P2B,P3A,P3B"
 
@@ -49,24 +52,24 @@ JudgeTiesOption = Annotated[bool, typer.Option(
     help="--judge-no-ties: answers are A or B only (small judges answer TIE to nearly all).")]
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(eval_app, name="eval")
-
-
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+# an evaluation is reproducible by default (seed 0); a generation draws a fresh seed
+DECODING = FieldOptions(GenerationConfig, (
+    "max_new_tokens", "no_repeat_ngram_size", "repetition_penalty", "echo_guard", "top_k",
+    "seed"), helps=GENERATION_HELP, defaults={"seed": 0})
 
 
 def _floats(text: str, option: str) -> list[float]:
     try:
-        return [float(part) for part in _split(text)]
+        return [float(part) for part in split_list(text)]
     except ValueError:
         raise PadlmError(f"{option} must be comma-separated numbers, got {text!r}") from None
 
 
-@eval_app.callback()
+@app.callback()
+@config_options(decoding=DECODING)
 def eval_command(
     ctx: typer.Context,
+    *,
     benchmark: Annotated[str, typer.Option(help="'psoups' (50 Koala prompts) or a prompts "
                                            "file (JSON, JSONL or text).")] = "psoups",
     preferences: Annotated[str, typer.Option(
@@ -80,15 +83,8 @@ def eval_command(
     limit: Annotated[int | None, typer.Option(help="Use the first N prompts.")] = None,
     weights: Annotated[str, typer.Option(help="PAD weight sweep, e.g. 0,0.5,1,1.5 "
                                          "('' for none).")] = "0,0.5,1,1.5",
-    max_new_tokens: Annotated[int, typer.Option()] = 128,
-    no_repeat_ngram_size: Annotated[int, typer.Option(help="P-Soups used 3.")] = 0,
-    repetition_penalty: Annotated[float, typer.Option()] = 1.0,
-    echo_guard: Annotated[bool, typer.Option(
-        help="pad and linear-alignment cells: no guidance bonus for the preference's words.")
-                          ] = False,
-    top_k: Annotated[int | None, typer.Option(help="Candidates per step.")] = None,
+    decoding: dict[str, Any],
     n: Annotated[int, typer.Option(help="Samples for best-of-n.")] = 4,
-    seed: Annotated[int, typer.Option(help="Sampling seed (best-of-n).")] = 0,
     batch_size: Annotated[int, typer.Option()] = 8,
     judge: Annotated[list[str] | None, typer.Option(
         help="Direction for free-text preferences, e.g. friendliness:+ (repeatable).")] = None,
@@ -138,17 +134,14 @@ def eval_command(
         raise PadlmError("--batch-size and -n must be >= 1")
     if (judge_url is None) != (judge_model is None):
         raise PadlmError("give both --judge-url and --judge-model, or neither")
-    chosen = (_split(strategies) if strategies is not None
+    chosen = (list(split_list(strategies)) if strategies is not None
               else list(strategy_names(uses_experts=False)))
     plan = EvalPlan(
-        benchmark=benchmark, preferences=_split(preferences), strategies=chosen,
+        benchmark=benchmark, preferences=list(split_list(preferences)), strategies=chosen,
         weights=_floats(weights, "--weights") if SWEPT in chosen else [],
         limit=limit, batch_size=batch_size, n=n,
         directions=[parse_direction(spec) for spec in judge or []],
-        config=GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, top_k=top_k,
-                                no_repeat_ngram_size=no_repeat_ngram_size,
-                                repetition_penalty=repetition_penalty,
-                                echo_guard=echo_guard),
+        config=GenerationConfig(**decoding),
     )
     if not plan.preferences or not plan.strategies:
         raise PadlmError("--preferences and --strategies must not be empty")
@@ -189,7 +182,7 @@ def eval_command(
     print(f"\nwrote {out / 'summary.json'}, {out / 'report.md'} and plots")
 
 
-@eval_app.command("report")
+@app.command("report")
 def report_command(out: Annotated[Path, typer.Argument(help="A `padlm eval` output dir.")]
                    ) -> None:
     """Redraw report.md and the plots from DIR/summary.json (no model needed)."""
@@ -198,7 +191,7 @@ def report_command(out: Annotated[Path, typer.Argument(help="A `padlm eval` outp
     rewrite(out)
 
 
-@eval_app.command("train-harmlessness")
+@app.command("train-harmlessness")
 def train_harmlessness(
     data: Annotated[Path, typer.Option(
         help="HH-RLHF harmless-base JSONL(.gz), e.g. data/hh_rlhf_harmless_base_test.jsonl.gz "
@@ -220,7 +213,7 @@ def train_harmlessness(
                                               "heldout_accuracy")}, indent=2))
 
 
-@eval_app.command("llm-judge")
+@app.command("llm-judge")
 def llm_judge_command(
     out: Annotated[Path, typer.Argument(help="A finished `padlm eval` output dir.")],
     judge_url: Annotated[str, typer.Option(help="OpenAI-compatible base URL (…/v1).")],
@@ -248,6 +241,6 @@ def llm_judge_command(
     llm = LLMJudge.from_env(judge_url, judge_model, judge_key_env,
                             cache=out / "llm_judge_cache.jsonl", concurrency=judge_concurrency,
                             ties=judge_ties, samples=judge_samples, logprobs=judge_logprobs)
-    result = judge_directory(llm, out, against, _split(labels) if labels else None,
+    result = judge_directory(llm, out, against, list(split_list(labels)) if labels else None,
                              both_orders)
     print(json.dumps({"rows": result["rows"], "pooled": result["pooled"]}, indent=2))
