@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from padlm import Personalizer
 from padlm.errors import PadlmError
 from padlm.server import app as app_module
+from padlm.server import replies
 from padlm.server.app import ServerThread, create_app
 from padlm.server.settings import ServerSettings
 
@@ -244,7 +245,7 @@ def test_a_value_that_is_not_finite_never_reaches_a_client(serve, monkeypatch):
     is a JSON 500 (recorded as 500, not 0), a stream ends with a JSON error event and
     ``[DONE]``; every byte sent is valid JSON."""
     server, _ = serve()
-    monkeypatch.setattr(app_module, "_usage", lambda prompt, completion: {
+    monkeypatch.setattr(replies, "_usage", lambda prompt, completion: {
         "prompt_tokens": prompt, "completion_tokens": float("nan"), "total_tokens": 0})
     plain = chat(server.url, {"messages": HI, "max_tokens": 2})
     assert plain.status_code == 500 and error_of(plain)["type"] == "server_error"
@@ -373,7 +374,7 @@ def test_unknown_field_names_are_logged_escaped_and_bounded(serve, caplog):
     server, _ = serve()
     body = {"messages": HI, "max_tokens": 1, "x\nINFO padlm.access: forged": 1,
             **{f"key{i:05d}" + "k" * 100: i for i in range(500)}}
-    with caplog.at_level("WARNING", logger="padlm.server.app"):
+    with caplog.at_level("WARNING", logger="padlm.server.routes"):
         assert chat(server.url, body).status_code == 200
     lines = [r.getMessage() for r in caplog.records if "unknown request field" in
              r.getMessage()]
@@ -394,12 +395,12 @@ def test_the_access_log_records_a_handler_error_as_500(serve, caplog):
     """The access log's status for a handler error is 500 (it used to say 0)."""
     server, _ = serve()
     with caplog.at_level(logging.INFO, logger="padlm.access"):
-        original = app_module._usage
+        original = replies._usage
         try:
-            app_module._usage = lambda *args: {"bad": float("inf")}
+            replies._usage = lambda *args: {"bad": float("inf")}
             assert chat(server.url, {"messages": HI, "max_tokens": 1}).status_code == 500
         finally:
-            app_module._usage = original
+            replies._usage = original
     statuses = [json.loads(r.getMessage())["status"] for r in caplog.records
                 if r.name == "padlm.access"]
     assert statuses[-1] == 500
