@@ -393,7 +393,7 @@ def install(args: argparse.Namespace) -> int:
 # ---- env -----------------------------------------------------------------------------------
 
 # what the steps import: padlm's modules (each pulls its third-party packages) and the tests'
-IMPORTS = ("padlm", "padlm.engine", "padlm.bench", "padlm.cli", "padlm.server.app",
+IMPORTS = ("padlm", "padlm.engine", "padlm.bench.strategies", "padlm.cli", "padlm.server.app",
            "padlm.evaluation.harness", "padlm.judges.text", "padlm.training.pipeline",
            "padlm.orchestration.train_pcm", "fastapi", "uvicorn", "pydantic", "httpx",
            "pytest", "pytest_timeout", "filelock", "textstat", "vaderSentiment",

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from padlm.bench import BENCH_STRATEGIES, bench, markdown_table, record_table
+from padlm.bench.strategies import BENCH_STRATEGIES, bench, markdown_table, record_table
 
 PADLM = [sys.executable, "-c", "from padlm.cli import main; main()"]
 
@@ -64,14 +64,14 @@ def test_reference_pad_is_the_engines_pad_token_for_token(default_lm):
     from test_decoding import perturbed_persrm
 
     from padlm import GenerationConfig, Personalizer
-    from padlm.bench import reference_pad
+    from padlm.bench.strategies import reference_pad
     from padlm.prompting import render
 
     engine = Personalizer(default_lm, persrm=perturbed_persrm(default_lm, scale=0.02))
     config = GenerationConfig(max_new_tokens=24, ignore_eos=True, top_k=10, weight=1.0)
     for prompt in ("Why is the sky blue?", "Give me a tip for learning to cook."):
         request = engine.request(prompt, "P1A")
-        ids = render(engine.lm.tokenizer, prompt, request.preference, engine.placement)
+        ids = render(engine.lm.tokenizer, prompt, request.preference.text, engine.placement)
         [generated] = engine.generate([prompt], "P1A", "pad", config)
         prompted = engine.generate([prompt], "P1A", "prompt", config)[0].tokens
         assert reference_pad(engine, ids, 24) == generated.tokens != prompted

@@ -355,8 +355,8 @@ def test_endpoint_sampler_against_padlm_serve(default_lm, tmp_path):
 
 def test_bench_sampler_requests_are_the_builds_own():
     """The benchmark decodes a build's sample-mode requests, seeded as the build seeds them."""
+    from padlm.bench.sampler import bench_requests
     from padlm.data.build import generation_pool, row_seed
-    from padlm.data.sampler_bench import bench_requests
 
     requests = bench_requests(POOLS, 5, seed=3, temperature=0.7)
     prompts = generation_pool(POOLS, 3, 0.3, limit=3)
@@ -369,7 +369,7 @@ def test_bench_sampler_requests_are_the_builds_own():
 
 
 def test_bench_sampler_ratios_and_table():
-    from padlm.data.sampler_bench import comparison_table, with_ratios
+    from padlm.bench.sampler import comparison_table, with_ratios
 
     results = with_ratios([
         {"engine": "hf", "requests": 4, "generated_tokens": 40, "seconds": 4.0,

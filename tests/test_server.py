@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from padlm import GenerationConfig, PersonalizedRewardModel, Personalizer
+from padlm.bench.serve import Sample, percentile, summarize
 from padlm.server.app import ServerThread, create_app
-from padlm.server.bench import Sample, percentile, summarize
 from padlm.server.rewards import chosen_token_reward
 from padlm.server.schemas import ApiError, ChatCompletionRequest, parse_body
 
@@ -532,8 +532,8 @@ def test_a_dead_servers_error_is_the_line_that_names_it():
     """bench serve / vllm-dp: shutdown warnings after the error do not hide it."""
     import sys
 
+    from padlm.bench.serve import failure_line, running_server
     from padlm.errors import PadlmError
-    from padlm.server.bench import failure_line, running_server
 
     assert failure_line("loading\nRuntimeError: no port\n  warnings.warn('x')\n") == \
         "RuntimeError: no port"
@@ -547,7 +547,7 @@ def test_a_dead_servers_error_is_the_line_that_names_it():
 
 def test_engines_table_ratios_come_from_one_run():
     """bench serve --engine hf,vllm: each engine's tokens/s over the first one's, per level."""
-    from padlm.server.bench import engines_table
+    from padlm.bench.serve import engines_table
 
     def levels(*rates):
         return {"levels": [{"clients": c, "tokens_per_second": r, "p50_latency_s": 1.0}

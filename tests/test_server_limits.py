@@ -22,8 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from padlm import PersonalizedRewardModel, Personalizer
+from padlm.bench.serve import free_port
 from padlm.server.app import ServerThread, create_app
-from padlm.server.bench import free_port
 from padlm.server.settings import LOOPBACK_HOSTS, default_allowed_hosts
 
 HI = [{"role": "user", "content": "Hi"}]

@@ -106,7 +106,7 @@ def test_without_vllm_the_engine_says_how_to_get_it() -> None:
 
 
 def test_replicas_split_the_cores_and_the_kv_cache(monkeypatch) -> None:
-    from padlm.vllm.scaleout import replica_binding, replica_environment
+    from padlm.bench.vllm_dp import replica_binding, replica_environment
 
     assert replica_binding(1, [0, 1]) == "0-1"
     assert replica_binding(2, [1, 0]) == "0|1"
@@ -128,7 +128,7 @@ def test_replicas_split_the_cores_and_the_kv_cache(monkeypatch) -> None:
 
 
 def test_replicas_table() -> None:
-    from padlm.vllm.scaleout import replicas_table
+    from padlm.bench.vllm_dp import replicas_table
 
     level = {"requests": 4, "errors": 0, "p50_latency_s": 1.0, "p95_latency_s": 2.0,
              "startup_seconds": 60.0}
@@ -358,15 +358,15 @@ def test_vllm_openai_server_runs_pad(conditioned_persrm, hf_engine, replicas,
 
     import httpx
 
-    from padlm.server.bench import free_port, running_server
-    from padlm.vllm.engine import VllmPersonalizer
-    from padlm.vllm.scaleout import (
+    from padlm.bench.serve import free_port, running_server
+    from padlm.bench.vllm_dp import (
         completion_body,
         pad_requests,
         replica_environment,
         run_completions,
         server_command,
     )
+    from padlm.vllm.engine import VllmPersonalizer
 
     engine = VllmPersonalizer("default", persrm=conditioned_persrm, dtype="float32",
                               max_model_len=1024)
@@ -481,7 +481,7 @@ def test_a_stopped_padlm_server_leaves_no_vllm_process_behind(monkeypatch) -> No
     left to interpreter exit they outlived the server, holding the model's memory."""
     import httpx
 
-    from padlm.server.bench import free_port
+    from padlm.bench.serve import free_port
 
     port = free_port()
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)

@@ -2,7 +2,7 @@
 
 Concurrent requests with different preferences and settings decode together in one
 continuously refilled batch (:mod:`padlm.server.worker`); :mod:`padlm.server.app` is the HTTP
-layer and the playground page; :mod:`padlm.server.bench` measures it under load. Imports are
+layer and the playground page; :mod:`padlm.bench.serve` measures it under load. Imports are
 lazy so that ``padlm --help`` does not pay for FastAPI.
 """
 

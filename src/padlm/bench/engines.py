@@ -1,6 +1,6 @@
 """One speed comparison of the two engines on the same requests: ``pad`` tokens/s.
 
-``python -m padlm.vllm.compare --persrm DIR`` (in the vLLM environment; DIR a conditioned
+``python -m padlm.bench.engines --persrm DIR`` (in the vLLM environment; DIR a conditioned
 PersRM). Each engine decodes the same ``--batch-size`` prompts once to warm up and then
 ``--repeats`` times, a fixed number of tokens (EOS ignored), greedy, one preference; the
 median tokens/s of each is printed as one JSON line. The engines run one after the other, not
@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+from collections.abc import Callable
 
+from padlm.bench.kit import ratio, time_runs
 from padlm.config import GenerationConfig
 from padlm.engine import Personalizer
 from padlm.vllm.engine import VllmPersonalizer
@@ -25,15 +26,11 @@ PROMPTS = ("Explain how a rainbow forms.", "Why do cats purr?", "What is a black
            "How does a refrigerator keep food cold?", "Why do we dream?")
 
 
-def tokens_per_second(generate, prompts: list[str], tokens: int, repeats: int) -> float:
+def tokens_per_second(generate: Callable[[list[str]], object], prompts: list[str], tokens: int,
+                      repeats: int) -> float:
     """Median over ``repeats`` timed calls, after one warm-up call."""
-    generate(prompts)
-    rates = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        generate(prompts)
-        rates.append(len(prompts) * tokens / (time.perf_counter() - began))
-    return statistics.median(rates)
+    seconds = time_runs(lambda: generate(prompts), repeats)
+    return statistics.median(len(prompts) * tokens / s for s in seconds)
 
 
 def main() -> None:
@@ -58,7 +55,7 @@ def main() -> None:
                       "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
                       "hf_tokens_per_s": round(hf_rate, 1),
                       "vllm_tokens_per_s": round(vllm_rate, 1),
-                      "speedup": round(vllm_rate / hf_rate, 2)}))
+                      "speedup": ratio(vllm_rate, hf_rate, 2)}))
 
 
 if __name__ == "__main__":

@@ -15,26 +15,26 @@ with ``|``, one group per replica) and its own KV cache of ``VLLM_CPU_KVCACHE_SP
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 import httpx
 
-from padlm.config import GenerationConfig
-from padlm.decoding import Request
-from padlm.errors import PadlmError
-from padlm.preferences import resolve_preference
-from padlm.server.bench import (
+from padlm.bench.kit import Stopwatch, render_table, with_ratio_to_first
+from padlm.bench.serve import (
     BENCH_PREFERENCES,
     BENCH_PROMPTS,
     Sample,
     free_port,
     running_server,
+    share_requests,
     summarize,
 )
+from padlm.config import GenerationConfig
+from padlm.decoding import Request
+from padlm.errors import PadlmError
+from padlm.preferences import parse_preference
 from padlm.vllm.engine import cpu_kv_cache_gib
 
 WEIGHTS = (1.0, 2.0)  # per-request PAD weights, alternating: rows differ in more than text
@@ -90,7 +90,7 @@ def pad_requests(count: int, max_tokens: int) -> list[Request]:
     """The benchmark's requests: mixed prompts, preferences and PAD weights, exactly
     ``max_tokens`` tokens each."""
     return [Request(BENCH_PROMPTS[i % len(BENCH_PROMPTS)],
-                    resolve_preference(BENCH_PREFERENCES[i % len(BENCH_PREFERENCES)]),
+                    parse_preference(BENCH_PREFERENCES[i % len(BENCH_PREFERENCES)]),
                     GenerationConfig(max_new_tokens=max_tokens, weight=WEIGHTS[i % len(WEIGHTS)],
                                      ignore_eos=True))
             for i in range(count)]
@@ -108,12 +108,12 @@ def completion_body(engine, request: Request) -> dict:
 
 async def _complete(client: httpx.AsyncClient, url: str, body: dict
                     ) -> tuple[Sample, list[int] | None]:
-    began = time.perf_counter()
+    clock = Stopwatch()
     try:
         response = await client.post(f"{url}/v1/completions", json=body)
     except httpx.HTTPError as error:
-        return Sample(False, time.perf_counter() - began, error=repr(error)), None
-    latency = time.perf_counter() - began
+        return Sample(False, clock.elapsed(), error=repr(error)), None
+    latency = clock.elapsed()
     if response.status_code != 200:
         return Sample(False, latency, error=f"{response.status_code}: {response.text[:200]}"), None
     tokens = response.json()["choices"][0]["token_ids"]
@@ -124,19 +124,16 @@ async def run_completions(url: str, bodies: Sequence[dict], clients: int
                           ) -> tuple[dict, list[list[int] | None]]:
     """``clients`` concurrent loops share the requests; the level's summary and each
     request's tokens, in request order."""
-    counter = itertools.count()
     samples: list[Sample] = []
     outputs: list[list[int] | None] = [None] * len(bodies)
-    began = time.perf_counter()
-
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        while (index := next(counter)) < len(bodies):
+    clock = Stopwatch()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900)) as client:
+        async def send(index: int) -> None:
             sample, outputs[index] = await _complete(client, url, bodies[index])
             samples.append(sample)
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(900)) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
-    return summarize(clients, samples, time.perf_counter() - began), outputs
+        await share_requests(clients, len(bodies), send)
+    return summarize(clients, samples, clock.elapsed()), outputs
 
 
 def bench_replicas(engine, replicas: Sequence[int], clients: int, requests: int,
@@ -147,29 +144,27 @@ def bench_replicas(engine, replicas: Sequence[int], clients: int, requests: int,
     for count in replicas:
         port = free_port()
         progress(f"starting vLLM's server with {count} replica(s) ...")
-        began = time.perf_counter()
+        clock = Stopwatch()
         with running_server(server_command(engine, count, port), f"http://127.0.0.1:{port}",
                             replica_environment(count, on_cpu)) as url:
-            startup = time.perf_counter() - began
+            startup = clock.elapsed()
             asyncio.run(run_completions(url, bodies[:2], 2))  # warm-up
             summary, tokens = asyncio.run(run_completions(url, bodies, clients))
         timed = {k: v for k, v in summary.items() if "ttft" not in k}  # not streamed
         levels.append({"replicas": count, "startup_seconds": round(startup, 1), **timed})
         outputs.append(tokens)
         progress(str(levels[-1]))
-    first = levels[0]["tokens_per_second"]
-    for level in levels:
-        level["vs_first"] = round(level["tokens_per_second"] / first, 2) if first else None
     return {"strategy": "pad", "clients": clients, "requests": requests,
-            "max_tokens": max_tokens, "levels": levels,
+            "max_tokens": max_tokens,
+            "levels": with_ratio_to_first(levels, "tokens_per_second", "vs_first"),
             "same_tokens": all(o == outputs[0] for o in outputs)}
 
 
 def replicas_table(result: dict) -> str:
-    lines = ["| replicas | requests | errors | tokens/s | vs first | p50 latency s | "
-             "p95 latency s | start-up s |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['replicas']} | {r['requests']} | {r['errors']} | {r['tokens_per_second']} "
-              f"| {r['vs_first']}x | {r['p50_latency_s']} | {r['p95_latency_s']} | "
-              f"{r['startup_seconds']} |" for r in result["levels"]]
-    lines.append(f"\nsame tokens at every replica count: {result['same_tokens']}")
-    return "\n".join(lines)
+    table = render_table(
+        ("replicas", "requests", "errors", "tokens/s", "vs first", "p50 latency s",
+         "p95 latency s", "start-up s"),
+        ((r["replicas"], r["requests"], r["errors"], r["tokens_per_second"], f"{r['vs_first']}x",
+          r["p50_latency_s"], r["p95_latency_s"], r["startup_seconds"])
+         for r in result["levels"]))
+    return f"{table}\n\nsame tokens at every replica count: {result['same_tokens']}"

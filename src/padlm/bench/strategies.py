@@ -10,23 +10,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import platform
-import shlex
 import statistics
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from padlm.bench.kit import machine_provenance, ratio, render_table, time_runs
 from padlm.config import GenerationConfig
 from padlm.engine import Personalizer
 from padlm.errors import PadlmError
 from padlm.kvstream import decoder_of
+from padlm.orchestration.experts import engine_experts
 from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.prompting import render
-from padlm.provenance import source_commit
 from padlm.strategies import ArgsStrategy, PadStrategy, make_scorer
 
 BENCH_PROMPT = (
@@ -111,7 +107,7 @@ def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens:
         strategy, config = "pad", dataclasses.replace(config, echo_guard=True)
     if strategy == "reference-pad":
         ids = render(engine.lm.tokenizer, BENCH_PROMPT, engine.request(
-            BENCH_PROMPT, BENCH_PREFERENCE).preference, engine.placement)
+            BENCH_PROMPT, BENCH_PREFERENCE).preference.text, engine.placement)
         return (lambda: [reference_pad(engine, ids, new_tokens) for _ in prompts],
                 [engine.lm.model])
     if strategy.startswith("pad-"):
@@ -132,7 +128,7 @@ def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens:
             [engine.request(p, BENCH_PREFERENCE, config) for p in prompts]), [engine.lm.model])
     spec = engine.strategy(strategy).spec  # (a bad name fails here, early)
     if spec.uses_experts:
-        preference, models = BENCH_COMBINATION, engine.experts.stream_models()
+        preference, models = BENCH_COMBINATION, engine_experts(engine).stream_models()
     else:
         preference, models = BENCH_PREFERENCE, [engine.lm.model]
     if spec.uses_persrm and engine.persrm.separate:
@@ -156,55 +152,20 @@ def bench(engine: Personalizer, strategies: list[str], batch_sizes: list[int],
             if strategy == "reference-pad" and batch_size > 1:
                 continue  # the released code has no batching: its row is batch 1 only
             run, models = runner_for(engine, strategy, batch_size, new_tokens)
-            run()  # warm-up
-            times = []
-            with ForwardCounter(models) as counter:
-                for _ in range(repeats):
-                    began = time.perf_counter()
-                    run()
-                    times.append(time.perf_counter() - began)
-            seconds = statistics.median(times)
+            counter = ForwardCounter(models)
+            seconds = statistics.median(time_runs(run, repeats, during=counter))
             total = batch_size * new_tokens
             ms = 1000 * seconds / total
             base_ms = ms if strategy == "base" else base_ms
             row = {"strategy": strategy, "batch_size": batch_size, "new_tokens": new_tokens,
                    "ms_per_token": round(ms, 2), "tokens_per_second": round(total / seconds, 2),
-                   "overhead_vs_base": round(ms / base_ms, 3),
+                   "overhead_vs_base": ratio(ms, base_ms, 3),
                    "forward_passes_per_token": round(counter.calls / (repeats * new_tokens), 2)}
             progress(json.dumps(row))
             if strategy in strategies:
                 rows.append(row)
     return {**source, "prompt_tokens": len(render(
         engine.lm.tokenizer, BENCH_PROMPT)), "rows": rows}
-
-
-def device_name(device: torch.device) -> str:
-    """What ran the numbers: the GPU's name on CUDA, the CPU's otherwise."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_provenance(device: torch.device) -> dict:
-    """The machine, library versions and code behind a timing."""
-    import transformers
-
-    return {"device": device.type, "device_name": device_name(device),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "commit": source_commit()}
-
-
-def write_record(path: Path, payload: dict) -> None:
-    """A benchmark's machine-written record: the command line that ran it, then ``payload``
-    (atomically: a crash leaves the old file or the new one)."""
-    from padlm.atomic import write_json_atomic
-
-    write_json_atomic(path, {"command": shlex.join(["padlm", *sys.argv[1:]]), **payload})
 
 
 def provenance(engine: Personalizer, strategies: list[str]) -> dict:
@@ -216,7 +177,7 @@ def provenance(engine: Personalizer, strategies: list[str]) -> dict:
             "dtype": engine.lm.dtype_name,
             "persrm": persrm and {"path": persrm.path, "fingerprint": persrm.fingerprint(),
                                   "reference": persrm.reference, **guide_size(engine, persrm)},
-            "experts": ({"fingerprint": engine.experts.fingerprint()} if uses_experts
+            "experts": ({"fingerprint": engine_experts(engine).fingerprint()} if uses_experts
                         else None)}
 
 
@@ -235,12 +196,10 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| strategy | batch | ms/token | tokens/s | vs base | forwards/token |",
-             "|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['strategy']} | {r['batch_size']} | {r['ms_per_token']} | "
-                     f"{r['tokens_per_second']} | {r['overhead_vs_base']}x | "
-                     f"{r['forward_passes_per_token']} |")
+    lines = [render_table(
+        ("strategy", "batch", "ms/token", "tokens/s", "vs base", "forwards/token"),
+        ((r["strategy"], r["batch_size"], r["ms_per_token"], r["tokens_per_second"],
+          f"{r['overhead_vs_base']}x", r["forward_passes_per_token"]) for r in result["rows"]))]
     persrm = result.get("persrm") or {}
     if "guide" in persrm:
         lines.append(f"\npad's guide: {persrm['guide']}, a separate model of "
@@ -257,14 +216,18 @@ def record_table(record: dict) -> str:
     by_strategy: dict[str, dict[int, dict]] = {}
     for r in record["rows"]:
         by_strategy.setdefault(r["strategy"], {})[r["batch_size"]] = r
-    head = "| strategy | " + " | ".join(
-        f"batch {b} ms/token | tokens/s | vs base" for b in sizes) + " | forwards/token |"
-    lines = [head, "|---|" + "---|---|---|" * len(sizes) + "---|"]
+    head = ["strategy"]
+    for b in sizes:
+        head += [f"batch {b} ms/token", "tokens/s", "vs base"]
+    body = []
     for strategy, rows in by_strategy.items():
-        cells = [f"{rows[b]['ms_per_token']} | {rows[b]['tokens_per_second']} | "
-                 f"{rows[b]['overhead_vs_base']}x" if b in rows else "- | - | -" for b in sizes]
-        forwards = next(iter(rows.values()))["forward_passes_per_token"]
-        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {forwards} |")
+        cells: list[object] = [strategy]
+        for b in sizes:
+            r = rows.get(b)
+            cells += ([r["ms_per_token"], r["tokens_per_second"], f"{r['overhead_vs_base']}x"]
+                      if r else ["-", "-", "-"])
+        body.append([*cells, next(iter(rows.values()))["forward_passes_per_token"]])
+    lines = [render_table([*head, "forwards/token"], body)]
     lines.append(f"\n{record.get('device_name')}, {record.get('dtype')}, "
                  f"{record.get('threads')} threads, torch {record.get('torch')}, commit "
                  f"{record.get('commit')}: `{record.get('command')}`")

@@ -22,15 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated
 
 import httpx
-import typer
 
-from padlm.cli_options import DtypeOption, ModelOption, PersRMOption
+from padlm.bench.kit import Stopwatch, ratio, render_table
 from padlm.errors import PadlmError
 from padlm.preferences import PSOUPS_COMBINATIONS
 from padlm.registry import strategy_class
@@ -117,13 +114,13 @@ async def one_request(client: httpx.AsyncClient, url: str, index: int, max_token
                           "content": prompt or BENCH_PROMPTS[index % len(BENCH_PROMPTS)]}],
             "preference": preferences[index % len(preferences)],
             "strategy": strategy, "max_tokens": max_tokens, "ignore_eos": True}
-    began = time.perf_counter()
+    clock = Stopwatch()
     ttft, tokens, arrivals = None, 0, []
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
-                return Sample(False, time.perf_counter() - began,
+                return Sample(False, clock.elapsed(),
                               error=f"{response.status_code}: {text[:200]}")
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
@@ -132,17 +129,30 @@ async def one_request(client: httpx.AsyncClient, url: str, index: int, max_token
                     break
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    return Sample(False, time.perf_counter() - began,
-                                  error=chunk["error"].get("message"))
+                    return Sample(False, clock.elapsed(), error=chunk["error"].get("message"))
                 if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                    arrivals.append(time.perf_counter())
-                    ttft = arrivals[0] - began
+                    arrivals.append(clock.elapsed())
+                    ttft = arrivals[0]
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as error:
-        return Sample(False, time.perf_counter() - began, error=repr(error))
+        return Sample(False, clock.elapsed(), error=repr(error))
     gaps = tuple(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
-    return Sample(True, time.perf_counter() - began, ttft, tokens, gaps=gaps)
+    return Sample(True, clock.elapsed(), ttft, tokens, gaps=gaps)
+
+
+async def share_requests(clients: int, requests: int, send: Callable[[int], Awaitable[None]],
+                         time_left: Callable[[], bool] = lambda: True) -> None:
+    """``clients`` concurrent loops take the next of ``requests`` request indexes until none
+    is left (or ``time_left`` says stop): a client sends its next request as soon as its last
+    one is answered, as a loaded server's clients do."""
+    counter = itertools.count()
+
+    async def client_loop() -> None:
+        while time_left() and (index := next(counter)) < requests:
+            await send(index)
+
+    await asyncio.gather(*(client_loop() for _ in range(clients)))
 
 
 async def run_level(url: str, clients: int, requests: int, max_tokens: int, strategy: str,
@@ -151,18 +161,10 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int, stra
     ``time_limit`` seconds (the level then reports fewer requests). With
     ``long_prompt_tokens``, one more client sends prompts that long (``max_tokens`` 1), one
     after another, until the others are done: the row reports only the others."""
-    counter = itertools.count()
     samples: list[Sample] = []
     long_samples: list[Sample] = []
-    began = time.perf_counter()
+    clock = Stopwatch()
     done = asyncio.Event()
-
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        while time.perf_counter() - began < time_limit:
-            index = next(counter)
-            if index >= requests:
-                return
-            samples.append(await one_request(client, url, index, max_tokens, strategy))
 
     async def long_loop(client: httpx.AsyncClient) -> None:
         prompt = long_prompt(long_prompt_tokens)
@@ -170,14 +172,17 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int, stra
             long_samples.append(await one_request(client, url, 0, 1, strategy, prompt))
 
     async def ordinary(client: httpx.AsyncClient) -> None:
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        async def send(index: int) -> None:
+            samples.append(await one_request(client, url, index, max_tokens, strategy))
+
+        await share_requests(clients, requests, send, lambda: clock.elapsed() < time_limit)
         done.set()
 
     limits = httpx.Limits(max_connections=clients + 5, max_keepalive_connections=clients + 5)
     async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit + 60), limits=limits) as client:
         await asyncio.gather(ordinary(client),
                              *([long_loop(client)] if long_prompt_tokens else []))
-    row = summarize(clients, samples, time.perf_counter() - began)
+    row = summarize(clients, samples, clock.elapsed())
     if long_prompt_tokens:
         row["long_prompt"] = {"tokens": long_prompt_tokens, "requests": len(long_samples),
                               "errors": sum(not s.ok for s in long_samples),
@@ -250,21 +255,21 @@ def local_server(model: str, persrm: str, dtype: str, max_batch_size: int,
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| clients | requests | errors | tokens/s | vs 1 client | p50 latency s | "
-             "p95 latency s | p50 TTFT s | p95 TTFT s | p95 inter-token s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
     long_row = result.get("long_prompt_level")
+    rows = []
     for r in [*result["levels"], *([long_row] if long_row else [])]:
-        ratio = r.get("speedup_vs_1_client")
+        speedup = r.get("speedup_vs_1_client")
         clients = r["clients"]
         if "long_prompt" in r:
             clients = (f"{clients} + 1 sending {r['long_prompt']['tokens']}-token prompts "
                        f"({r['p95_inter_token_vs_plain']}x the plain p95 inter-token)")
-        lines.append(f"| {clients} | {r['requests']} | {r['errors']} | "
-                     f"{r['tokens_per_second']} | {'' if ratio is None else f'{ratio}x'} | "
-                     f"{r['p50_latency_s']} | {r['p95_latency_s']} | {r['p50_ttft_s']} | "
-                     f"{r['p95_ttft_s']} | {r.get('p95_inter_token_s', '')} |")
-    return "\n".join(lines)
+        rows.append((clients, r["requests"], r["errors"], r["tokens_per_second"],
+                     "" if speedup is None else f"{speedup}x", r["p50_latency_s"],
+                     r["p95_latency_s"], r["p50_ttft_s"], r["p95_ttft_s"],
+                     r.get("p95_inter_token_s", "")))
+    return render_table(("clients", "requests", "errors", "tokens/s", "vs 1 client",
+                         "p50 latency s", "p95 latency s", "p50 TTFT s", "p95 TTFT s",
+                         "p95 inter-token s"), rows)
 
 
 def engines_table(results: dict[str, dict]) -> str:
@@ -272,21 +277,24 @@ def engines_table(results: dict[str, dict]) -> str:
     first one named."""
     names = list(results)
     first = {r["clients"]: r for r in results[names[0]]["levels"]}
-    head = " | ".join(f"{name} tokens/s | {name} p50 latency s" for name in names)
-    ratios = " | ".join(f"{name} / {names[0]}" for name in names[1:])
-    lines = [f"| clients | {head} | {ratios} |",
-             "|---|" + "---|" * (2 * len(names) + len(names) - 1)]
+    head = ["clients"]
+    for name in names:
+        head += [f"{name} tokens/s", f"{name} p50 latency s"]
+    head += [f"{name} / {names[0]}" for name in names[1:]]
+    rows = []
     for level in results[names[0]]["levels"]:
         clients = level["clients"]
-        rows = [{r["clients"]: r for r in results[name]["levels"]}.get(clients)
-                for name in names]
-        cells = " | ".join(f"{r['tokens_per_second']} | {r['p50_latency_s']}" if r else " | "
-                           for r in rows)
+        measured = [{r["clients"]: r for r in results[name]["levels"]}.get(clients)
+                    for name in names]
+        cells: list[object] = [clients]
+        for r in measured:
+            cells += [r["tokens_per_second"], r["p50_latency_s"]] if r else ["", ""]
         base = first[clients]["tokens_per_second"]
-        shares = " | ".join(f"{r['tokens_per_second'] / base:.2f}x" if r and base else ""
-                            for r in rows[1:])
-        lines.append(f"| {clients} | {cells} | {shares} |")
-    return "\n".join(lines)
+        for r in measured[1:]:
+            share = ratio(r["tokens_per_second"], base, 2) if r else None
+            cells.append("" if share is None else f"{share:.2f}x")
+        rows.append(cells)
+    return render_table(head, rows)
 
 
 def run_bench(url: str, levels: Sequence[int], requests: int, max_tokens: int, strategy: str,
@@ -296,12 +304,13 @@ def run_bench(url: str, levels: Sequence[int], requests: int, max_tokens: int, s
     ``long_prompt_tokens``, the largest level once more with one of its clients sending long
     prompts instead, and its ordinary clients' p95 inter-token gap against the plain row's."""
     asyncio.run(run_level(url, min(2, max(levels)), 2, max_tokens, strategy, time_limit))
-    rows = []
+    rows: list[dict] = []
     for clients in levels:
         row = asyncio.run(run_level(url, clients, requests, max_tokens, strategy, time_limit))
-        if rows and rows[0]["clients"] == 1 and rows[0]["tokens_per_second"] > 0:
-            row["speedup_vs_1_client"] = round(
-                row["tokens_per_second"] / rows[0]["tokens_per_second"], 2)
+        first = rows[0] if rows else row
+        speedup = ratio(row["tokens_per_second"], first["tokens_per_second"], 2)
+        if first["clients"] == 1 and speedup is not None:
+            row["speedup_vs_1_client"] = speedup
         elif clients == 1:
             row["speedup_vs_1_client"] = 1.0
         rows.append(row)
@@ -312,84 +321,9 @@ def run_bench(url: str, levels: Sequence[int], requests: int, max_tokens: int, s
         plain = max(rows, key=lambda r: r["clients"])
         row = asyncio.run(run_level(url, plain["clients"] - 1, requests, max_tokens, strategy,
                                     time_limit, long_prompt_tokens))
-        row["p95_inter_token_vs_plain"] = round(
-            row["p95_inter_token_s"] / plain["p95_inter_token_s"], 2)
+        row["p95_inter_token_vs_plain"] = ratio(row["p95_inter_token_s"],
+                                                plain["p95_inter_token_s"], 2)
         progress(json.dumps(row))
         result["long_prompt_level"] = row
     return result
 
-
-def bench_serve(
-    clients: Annotated[str, typer.Option(help="Concurrency levels, e.g. 1,4,8,16.")
-                       ] = "1,4,8,16",
-    requests: Annotated[int, typer.Option(help="Requests per level.")] = 16,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per request (EOS ignored).")
-                          ] = 32,
-    strategy: Annotated[str, typer.Option()] = "pad",
-    url: Annotated[str | None, typer.Option(help="Bench a running server instead.")] = None,
-    model: ModelOption = "default",
-    persrm: PersRMOption = "default",
-    dtype: DtypeOption = "float32",
-    max_batch_size: Annotated[int | None, typer.Option(
-        help="Of the server started here (default: the largest level).")] = None,
-    time_limit: Annotated[float, typer.Option(help="Seconds per level at most.")] = 300.0,
-    engine: Annotated[str, typer.Option(
-        help="Engine(s) of the server started here, e.g. hf,vllm: each is started in turn, "
-             "with the same clients, and compared in one table.")] = "hf",
-    long_prompt_tokens: Annotated[int, typer.Option(
-        help="Also run the largest level with one client sending prompts of about this many "
-             "tokens (0: not): the ordinary clients' p95 inter-token gap beside it.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-    record: Annotated[Path | None, typer.Option(
-        help="Also write the run as machine JSON (command, commit, machine, versions, "
-             "every level) to this file, atomically.")] = None,
-) -> None:
-    """Throughput, latency and time to first token of `padlm serve` per concurrency level."""
-    from rich.console import Console
-
-    try:
-        levels = [int(c) for c in clients.split(",") if c.strip()]
-    except ValueError:
-        raise PadlmError(f"--clients must be integers, got {clients!r}") from None
-    if not levels or min(levels) < 1 or requests < 1 or max_tokens < 1 or time_limit <= 0:
-        raise PadlmError("--clients, --requests and --max-tokens must be >= 1, --time-limit > 0")
-    if long_prompt_tokens < 0 or (long_prompt_tokens and max(levels) < 2):
-        raise PadlmError("--long-prompt-tokens needs a level of 2 clients or more (one of "
-                         "them sends the long prompts)")
-    from padlm.devices import check_engine
-
-    engines = [check_engine(name.strip()) for name in engine.split(",") if name.strip()]
-    if not engines or (url is not None and len(engines) > 1):
-        raise PadlmError("--engine names one engine or more (hf,vllm), and one only with --url")
-    if strategy_class(strategy).spec.level == "sequence":
-        raise PadlmError(f"bench serve streams; {strategy} picks whole sequences and cannot "
-                         "stream")
-    console = Console(stderr=True)
-
-    def progress(line: str) -> None:
-        console.print(line, highlight=False, soft_wrap=True)
-
-    results = {}
-    for name in engines:
-        with contextlib.ExitStack() as stack:
-            target = url
-            if target is None:
-                progress(f"starting padlm serve --engine {name} on loopback ...")
-                target = stack.enter_context(local_server(model, persrm, dtype,
-                                                          max_batch_size or max(levels), name))
-            results[name] = {"engine": name, **run_bench(target.rstrip("/"), levels, requests,
-                                                         max_tokens, strategy, time_limit,
-                                                         progress, long_prompt_tokens)}
-    if record is not None:
-        from padlm.bench import machine_provenance, write_record
-        from padlm.devices import AUTO, resolve_device
-
-        write_record(record, {**machine_provenance(resolve_device(AUTO)), "model": model,
-                              "persrm": persrm, "dtype": dtype, "results": results})
-        progress(f"recorded to {record}")
-    if as_json:
-        print(json.dumps(results[engines[0]] if len(engines) == 1 else results, indent=2))
-    elif len(engines) == 1:
-        print(markdown_table(results[engines[0]]))
-    else:
-        print(engines_table(results))

@@ -10,11 +10,11 @@ Start-up (model load, vLLM's compilation) is reported apart: a build pays it onc
 from __future__ import annotations
 
 import gc
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from padlm.bench.kit import Stopwatch, render_table, with_ratio_to_first
 from padlm.data.axes import AXES
 from padlm.data.build import HH_PROMPT_SHARE, generation_pool, sample_request
 from padlm.data.samplers import Sampler, SampleRequest, SamplingSettings
@@ -37,13 +37,13 @@ def time_sampler(open_sampler: Callable[[], Sampler], requests: Sequence[SampleR
                  settings: SamplingSettings) -> dict:
     """Open a sampler, warm it up, then time one call over every request (the engine
     batches them as a build's chunk is batched)."""
-    began = time.perf_counter()
+    clock = Stopwatch()
     sampler = open_sampler()
     sampler.sample(requests[:WARMUP_REQUESTS], settings)
-    startup = time.perf_counter() - began
-    began = time.perf_counter()
+    startup = clock.elapsed()
+    clock = Stopwatch()
     samples = sampler.sample(requests, settings)
-    seconds = time.perf_counter() - began
+    seconds = clock.elapsed()
     tokens = sum(sample.tokens for sample in samples)
     result = {"engine": sampler.engine_name, "sampler": sampler.name,
               "requests": len(requests), "generated_tokens": tokens,
@@ -56,19 +56,15 @@ def time_sampler(open_sampler: Callable[[], Sampler], requests: Sequence[SampleR
 
 def with_ratios(results: Sequence[dict]) -> list[dict]:
     """Each engine's tokens/s as a ratio to the first engine's."""
-    first = results[0]["tokens_per_second"]
-    return [{**r, f"vs_{results[0]['engine']}": round(r["tokens_per_second"] / first, 2)
-             if first else None} for r in results]
+    return with_ratio_to_first(results, "tokens_per_second", f"vs_{results[0]['engine']}")
 
 
 def comparison_table(results: Sequence[dict]) -> str:
     key = f"vs_{results[0]['engine']}"
-    lines = [f"| engine | requests | tokens | seconds | tokens/s | {key} | start-up s |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['engine']} | {r['requests']} | {r['generated_tokens']} | {r['seconds']} "
-              f"| {r['tokens_per_second']} | {r[key]:.2f}x | {r['startup_seconds']} |"
-              for r in results]
-    return "\n".join(lines)
+    return render_table(
+        ("engine", "requests", "tokens", "seconds", "tokens/s", key, "start-up s"),
+        ((r["engine"], r["requests"], r["generated_tokens"], r["seconds"],
+          r["tokens_per_second"], f"{r[key]:.2f}x", r["startup_seconds"]) for r in results))
 
 
 def comparison_record(results: Sequence[dict], command: str, settings: SamplingSettings,
