@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -280,6 +281,21 @@ def plan(mode: str, out: Path, python: str, bundle: Path, work: Path) -> list[St
     return steps
 
 
+def write_entry_points(where: Path) -> Path:
+    """padlm's distribution metadata, entry points only, for a padlm run from ``src/``
+    without installing it: its registry loads orchestration's strategies through the
+    ``padlm.plugins`` entry point, and vLLM loads padlm's model classes through its own."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    info = where / f"padlm-{project['version']}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: padlm\nVersion: {project['version']}\n")
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in points.items())
+        for group, points in project["entry-points"].items()))
+    return where
+
+
 def drive(args: argparse.Namespace) -> int:
     mode = args.mode
     out = args.out.resolve()
@@ -289,7 +305,9 @@ def drive(args: argparse.Namespace) -> int:
     home = work / "home"
     env = dict(os.environ)
     source_home = env.get("PADLM_HOME", str(Path.home() / ".cache" / "padlm"))
-    paths = [str(ROOT / "src")] + ([str(work / "site")] if mode == "gpu" else [])
+    paths = [str(ROOT / "src")]
+    if mode == "gpu":  # the dry run's interpreter has padlm installed, entry points and all
+        paths += [str(write_entry_points(work / "meta")), str(work / "site")]
     env.update(PYTHONPATH=os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p]),
                PADLM_HOME=str(home), PADLM_SOURCE_HOME=source_home, PYTHONUNBUFFERED="1",
                MPLBACKEND="Agg", TOKENIZERS_PARALLELISM="false")

@@ -69,9 +69,8 @@ def test_loader_reports_bad_rows_by_line_and_strict_is_fatal(tmp_path):
 def test_cli_check_strict_exits_2(tmp_path):
     from typer.testing import CliRunner
 
-    from padlm.cli import _register_subcommands, app
+    from padlm.cli import app
 
-    _register_subcommands()
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(GOOD) + "\n[]\n")
     result = CliRunner().invoke(app, ["data", "check", str(path)])
@@ -274,9 +273,8 @@ def test_pool_dir_needs_the_files(tmp_path, monkeypatch):
 def test_axes_and_modes_are_checked_before_anything_loads():
     from typer.testing import CliRunner
 
-    from padlm.cli import _register_subcommands, app
+    from padlm.cli import app
 
-    _register_subcommands()
     for args, message in ((["--axes", "P1,nope"], "unknown axis nope"),
                           (["--mode", "P1=paraphrase"], "unknown mode 'paraphrase'"),
                           (["--mode", "P9=rewrite"], "unknown axis 'P9'"),
@@ -386,9 +384,8 @@ def test_bench_sampler_on_the_default_model_keeps_the_build_record(tmp_path):
     runs already there (real default model, HF engine)."""
     from typer.testing import CliRunner
 
-    from padlm.cli import _register_subcommands, app
+    from padlm.cli import app
 
-    _register_subcommands()
     out = tmp_path / "t.jsonl"
     (tmp_path / "t.build.json").write_text(json.dumps({"runs": [{"engine": "hf"}]}))
     result = CliRunner().invoke(app, [

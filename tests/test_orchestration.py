@@ -31,7 +31,7 @@ from padlm.orchestration.rewards import DimensionRewards, preference_reward, tra
 from padlm.orchestration.strategies import MixStrategy, SoupsStrategy
 from padlm.orchestration.train_pcm import PCMTrainConfig, PCMTrainer
 from padlm.persrm import ValueHead
-from padlm.preferences import PRESETS, PSOUPS, resolve_preference
+from padlm.preferences import PRESETS, PSOUPS, parse_preference
 from padlm.prompting import render
 from padlm.strategies import PromptStrategy
 
@@ -110,7 +110,7 @@ COMBO = "P1A+P2B+P3A"
 
 def _decode(strategy, lm, preference, mix=None, prompts=PROMPTS, tokens=8):
     config = GenerationConfig(max_new_tokens=tokens, mix=mix, ignore_eos=True)
-    requests = [Request(p, resolve_preference(preference), config) for p in prompts]
+    requests = [Request(p, parse_preference(preference), config) for p in prompts]
     return DecodeBatch(strategy, lm.tokenizer, [lm.tokenizer.eos_token_id]).run(requests)
 
 
@@ -133,12 +133,12 @@ def _head_experts(lm, dimensions=tuple(PSOUPS)) -> Experts:
 
 def test_preferences_name_their_experts():
     dims = tuple(PSOUPS)
-    assert requested_experts("P1A+P2B", dims, 3) == ("P1A", "P2B")
-    assert requested_experts(resolve_preference("P3B+P1A"), dims, 3) == ("P3B", "P1A")
+    assert requested_experts(parse_preference("P1A+P2B"), dims, 3) == ("P1A", "P2B")
+    assert requested_experts(parse_preference("P3B+P1A"), dims, 3) == ("P3B", "P1A")
     with pytest.raises(PadlmError, match="at most 3"):
-        requested_experts("P1A+P1B+P2A+P2B", dims, 3)
+        requested_experts(parse_preference("P1A+P1B+P2A+P2B"), dims, 3)
     with pytest.raises(PadlmError, match="no expert for P3A"):
-        requested_experts("P1A+P3A", ("P1A", "P1B"), 2)
+        requested_experts(parse_preference("P1A+P3A"), ("P1A", "P1B"), 2)
 
 
 def test_one_hot_fixed_weights_reproduce_that_prompted_expert(tiny_lm):
@@ -183,9 +183,9 @@ def test_one_hot_pcm_reproduces_that_head_expert(tiny_lm):
 def test_rows_with_different_combinations_share_a_batch(tiny_lm):
     strategy = MixStrategy(_head_experts(tiny_lm))
     config = GenerationConfig(max_new_tokens=6, mix="uniform", ignore_eos=True)
-    requests = [Request(PROMPTS[0], resolve_preference("P1A+P2A+P3A"), config),
-                Request(PROMPTS[1], resolve_preference("P1B+P3B"), config),
-                Request(PROMPTS[1], resolve_preference("P2A"), GenerationConfig(
+    requests = [Request(PROMPTS[0], parse_preference("P1A+P2A+P3A"), config),
+                Request(PROMPTS[1], parse_preference("P1B+P3B"), config),
+                Request(PROMPTS[1], parse_preference("P2A"), GenerationConfig(
                     max_new_tokens=3, mix="logit", ignore_eos=True))]
     together = DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run(requests)
     alone = [DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run([r])[0] for r in requests]
@@ -239,10 +239,10 @@ def test_lora_experts_run_per_row_adapters_in_one_forward(tiny_lm, tmp_path):
     experts = Experts(config, tiny_lm, backbone=lora_backbone(tiny_lm, states, lora))
     strategy = MixStrategy(experts)
     config1 = GenerationConfig(max_new_tokens=5, mix="fixed:0,0,1", ignore_eos=True)
-    requests = [Request(PROMPTS[0], resolve_preference("P1A+P2B+P3A"), config1),
-                Request(PROMPTS[1], resolve_preference("P2A+P3B"), GenerationConfig(
+    requests = [Request(PROMPTS[0], parse_preference("P1A+P2B+P3A"), config1),
+                Request(PROMPTS[1], parse_preference("P2A+P3B"), GenerationConfig(
                     max_new_tokens=2, mix="fixed:0,1", ignore_eos=True)),  # leaves early
-                Request(PROMPTS[1], resolve_preference("P1B+P2A+P3B"), config1)]
+                Request(PROMPTS[1], parse_preference("P1B+P2A+P3B"), config1)]
     together = DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run(requests)
     # prefilled a chunk at a time, joining while another row decodes: the same tokens (each
     # chunk runs its own rows' adapters)
@@ -262,13 +262,13 @@ def test_lora_experts_run_per_row_adapters_in_one_forward(tiny_lm, tmp_path):
               for d in ("P3A", "P3B")}
     for request, row, expert in zip(requests, together, ("P3A", "P3B", "P3B"), strict=True):
         alone = DecodeBatch(MixStrategy(single[expert]), tiny_lm.tokenizer, [0]).run(
-            [Request(request.prompt, resolve_preference(expert), GenerationConfig(
+            [Request(request.prompt, parse_preference(expert), GenerationConfig(
                 max_new_tokens=request.config.max_new_tokens, mix="uniform",
                 ignore_eos=True))])
         assert row.tokens == alone[0].tokens
     # the adapters differ, so the lanes really ran different experts
     assert together[0].tokens != DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run(
-        [Request(PROMPTS[0], resolve_preference("P1A+P2B+P3B"), config1)])[0].tokens
+        [Request(PROMPTS[0], parse_preference("P1A+P2B+P3B"), config1)])[0].tokens
     experts.save(tmp_path / "lora")
     loaded = load_experts(tmp_path / "lora", tiny_lm)
     again = DecodeBatch(MixStrategy(loaded), tiny_lm.tokenizer, [0]).run(
@@ -276,7 +276,7 @@ def test_lora_experts_run_per_row_adapters_in_one_forward(tiny_lm, tmp_path):
     assert [r.tokens for r in again] == [r.tokens for r in together]
     soup = _decode(SoupsStrategy(experts), tiny_lm, "P3A", prompts=[PROMPTS[0]], tokens=5)
     assert soup[0].tokens == DecodeBatch(MixStrategy(single["P3A"]), tiny_lm.tokenizer,
-                                         [0]).run([Request(PROMPTS[0], resolve_preference(
+                                         [0]).run([Request(PROMPTS[0], parse_preference(
                                              "P3A"), GenerationConfig(
                                              max_new_tokens=5, mix="uniform",
                                              ignore_eos=True))])[0].tokens
@@ -393,12 +393,10 @@ def test_pcm_training_resumes_after_an_interruption(tiny_lm, tmp_path):
 def _cli():
     import typer
 
-    from padlm.orchestration.cli import register
-    from padlm.training.cli import train_app
+    from padlm.cli.train import app as train_app
 
     app = typer.Typer()
     app.add_typer(train_app, name="train")
-    register(app)
     return app
 
 
@@ -456,7 +454,8 @@ def test_logit_space_mixing_is_not_the_probability_mixture(tiny_lm):
 def test_the_engine_runs_mix_and_soups_by_name(tiny_lm):
     from padlm.engine import Personalizer
 
-    engine = Personalizer(tiny_lm, persrm="identity", experts=_head_experts(tiny_lm))
+    engine = Personalizer(tiny_lm, persrm="identity",
+                          components={"experts": _head_experts(tiny_lm)})
     config = GenerationConfig(max_new_tokens=4, mix="fixed:0,1")
     [mixed] = engine.generate(["Name a fruit."], "P1A+P2B", "mix", config)
     [alone] = engine.generate(["Name a fruit."], "P2B", "mix",
@@ -475,12 +474,12 @@ def test_response_states_are_each_experts_view_of_a_response(tiny_lm, context):
     experts = _head_experts(tiny_lm)
     experts.config = replace(experts.config, context=context)
     rows = _decode(MixStrategy(experts), tiny_lm, COMBO, mix="uniform", tokens=5)
-    lanes = [experts.lane_experts(experts.select(COMBO))] * len(rows)
+    lanes = [experts.lane_experts(experts.select(parse_preference(COMBO)))] * len(rows)
     states = experts.response_states(PROMPTS, lanes, [row.tokens for row in rows])
     for prompt, row, (hidden, log_probs) in zip(PROMPTS, rows, states, strict=True):
         targets = torch.tensor(row.tokens)
         for lane, dimension in enumerate(lanes[0]):  # brute force: one unbatched forward
-            text = PRESETS[dimension] if context == "dimension" else resolve_preference(COMBO)
+            text = PRESETS[dimension] if context == "dimension" else parse_preference(COMBO).text
             ids = torch.tensor([render(tiny_lm.tokenizer, prompt, text,
                                        experts.config.placement) + row.tokens])
             with torch.no_grad():
@@ -502,9 +501,9 @@ def _request_experts(lm) -> Experts:
 
 def test_request_context_head_experts_are_one_lane_through_each_head(tiny_lm):
     experts = _request_experts(tiny_lm)
-    ids = experts.select(COMBO)
+    ids = experts.select(parse_preference(COMBO))
     contexts = experts.contexts(PROMPTS[0], ids)
-    request = render(tiny_lm.tokenizer, PROMPTS[0], resolve_preference(COMBO),
+    request = render(tiny_lm.tokenizer, PROMPTS[0], parse_preference(COMBO).text,
                      experts.config.placement)
     assert contexts == [[request]]  # one lane, reading the whole preference
     (stream,) = experts.new_streams()
@@ -529,7 +528,7 @@ def test_request_context_logit_mixture_of_head_experts_is_the_soup(tiny_lm):
     def run(strategy, mix=None):
         config = GenerationConfig(max_new_tokens=12, mix=mix, ignore_eos=True,
                                   no_repeat_ngram_size=1)
-        requests = [Request(p, resolve_preference(COMBO), config) for p in PROMPTS]
+        requests = [Request(p, parse_preference(COMBO), config) for p in PROMPTS]
         return [r.tokens for r in DecodeBatch(strategy, tiny_lm.tokenizer, [0]).run(requests)]
 
     experts = _request_experts(tiny_lm)

@@ -26,7 +26,7 @@ from padlm.decoding import Request
 from padlm.engine import Personalizer
 from padlm.errors import PadlmError
 from padlm.guides import default_persrm_dir
-from padlm.preferences import resolve_preference
+from padlm.preferences import parse_preference
 from padlm.vllm.requests import PadArgs, pad_args, padlm_architecture
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -144,10 +144,9 @@ def test_vllm_args_prints_the_server_flags_shell_quoted(conditioned_persrm) -> N
 
     from typer.testing import CliRunner
 
-    from padlm.cli import _register_subcommands, app
+    from padlm.cli import app
     from padlm.vllm.engine import VllmPersonalizer
 
-    _register_subcommands()
     result = CliRunner().invoke(app, ["vllm-args", "--persrm", conditioned_persrm,
                                       "--dtype", "float32"])
     assert result.exit_code == 0, result.output
@@ -238,7 +237,7 @@ def test_mixed_batch_equals_hf_engine(vllm_engine, hf_engine) -> None:
         ("prompt", PROMPTS[0], "P1B", {}),
         ("pad", PROMPTS[1], "P2A", {"weight": 0.5}),
     ]
-    requests = [Request(prompt, resolve_preference(pref),
+    requests = [Request(prompt, parse_preference(pref),
                         GenerationConfig(max_new_tokens=TOKENS, **settings))
                 for _, prompt, pref, settings in rows]
     strategies = [row[0] for row in rows]
@@ -258,7 +257,7 @@ def test_tensor_parallel_pad_equals_hf_engine(conditioned_persrm, hf_engine) -> 
 
     engine = VllmPersonalizer("default", persrm=conditioned_persrm, dtype="float32",
                               max_model_len=1024, seed=0, tensor_parallel_size=2, **GPU_SHARE)
-    requests = [Request(prompt, resolve_preference(preference),
+    requests = [Request(prompt, parse_preference(preference),
                         GenerationConfig(max_new_tokens=TOKENS, weight=weight))
                 for prompt, preference, weight in ((PROMPTS[0], "P1A", 1.0),
                                                    (PROMPTS[1], "P3B", 2.0))]
@@ -281,7 +280,7 @@ def test_repetition_control_equals_hf_engine(vllm_engine, hf_engine) -> None:
         ("prompt", PROMPTS[1], {}),
         ("pad", PROMPTS[0], {"weight": 1.0}),
     ]
-    requests = [Request(prompt, resolve_preference("P1A"),
+    requests = [Request(prompt, parse_preference("P1A"),
                         GenerationConfig(max_new_tokens=48, **settings))
                 for _, prompt, settings in rows]
     strategies = [row[0] for row in rows]
@@ -414,7 +413,7 @@ def test_padlm_server_on_the_vllm_engine(vllm_engine, hf_engine) -> None:
                     "no_repeat_ngram_size": extra.get("no_repeat_ngram_size", 0),
                     "stop": tuple(extra.get("stop", ()))}
         request = Request([{"role": "user", "content": PROMPTS[0]}],
-                          resolve_preference(preference),
+                          parse_preference(preference),
                           GenerationConfig(max_new_tokens=TOKENS, **settings))
         return hf_engine.batch(strategy).run([request])[0].text
 

@@ -43,7 +43,11 @@ class Request:
     prompt: str | Sequence[Message]
     preference: Preference = Preference()
     config: GenerationConfig = field(default_factory=GenerationConfig)
-    rendered: Rendered | None = None
+    rendered: Rendered | None = None  # set by padlm.planning.plan
+
+    def planned_for(self, strategy: str) -> bool:
+        """Whether a planner checked and rendered this request for rows of ``strategy``."""
+        return self.rendered is not None and self.rendered.strategy == strategy
 
 
 @dataclass
@@ -250,8 +254,11 @@ class DecodeBatch(RowText):
 
     def _new_rows(self, requests: Sequence[Request]) -> list[Row]:
         new_rows = []
+        name = self.strategy.spec.name
         for request in requests:
-            check_request(self.strategy.spec.name, request.config)
+            planned = request.planned_for(name)
+            if not planned:  # a planned request was checked by padlm.planning.plan
+                check_request(name, request.config)
             generator = None
             if request.config.temperature > 0:
                 generator = torch.Generator(device=self.device)
@@ -259,9 +266,7 @@ class DecodeBatch(RowText):
                 generator.manual_seed(request.config.seed if request.config.seed is not None
                                       else secrets.randbits(63))
             admit = getattr(self.strategy, "admit", None)
-            rendered = request.rendered
-            planned = rendered is not None and rendered.strategy == self.strategy.spec.name
-            contexts = rendered.contexts if planned else self.strategy.contexts(request)
+            contexts = request.rendered.contexts if planned else self.strategy.contexts(request)
             new_rows.append(Row(request, contexts, generator,
                                 state=admit(request) if admit else None))
         return new_rows

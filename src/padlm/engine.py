@@ -23,6 +23,7 @@ from padlm.errors import PadlmError
 from padlm.guides import load_persrm, persrm_placement
 from padlm.models import DEFAULT_MODEL, LoadedModel, load_model
 from padlm.persrm import PersonalizedRewardModel, PersRMConfig
+from padlm.planning import plan
 from padlm.preferences import Preference, parse_preference
 from padlm.prompting import PLACEMENTS
 from padlm.registry import (
@@ -224,7 +225,7 @@ class Personalizer:
                config: GenerationConfig | None = None) -> Iterator[StepEvent]:
         """Yield one event per generated token of a single prompt."""
         batch = self.batch(strategy)
-        batch.join([self.request(prompt, preference, config)])
+        batch.join([plan(self, strategy, self.request(prompt, preference, config))])
         while batch.rows:
             yield from batch.step()
 
@@ -235,10 +236,8 @@ class Personalizer:
     ) -> list[Generation]:
         """Decode every prompt (in batches) with one strategy; results in prompt order.
         ``n`` is the number of samples of a sequence-level strategy (best-of-n)."""
-        config = config or GenerationConfig()
-        check_request(strategy, config)
+        requests = [plan(self, strategy, self.request(p, preference, config)) for p in prompts]
         chosen = self.strategy(strategy)
-        requests = [self.request(p, preference, config) for p in prompts]
         results: list[Generation] = []
         for start in range(0, len(requests), batch_size):
             chunk = requests[start:start + batch_size]

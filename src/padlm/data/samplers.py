@@ -18,6 +18,7 @@ import httpx
 from padlm.decoding import GenerationConfig, Request
 from padlm.devices import check_engine
 from padlm.errors import PadlmError
+from padlm.planning import plan
 from padlm.preferences import parse_preference
 from padlm.prompting import Message
 
@@ -71,13 +72,12 @@ class LocalSampler:
 
     def sample(self, requests: Sequence[SampleRequest], settings: SamplingSettings
                ) -> list[Sample]:
-        return self._decode([Request(r.messages, parse_preference(r.instruction),
-                                     GenerationConfig(
-                                         max_new_tokens=settings.max_new_tokens,
-                                         temperature=r.temperature, top_p=settings.top_p,
-                                         seed=r.seed,
-                                         no_repeat_ngram_size=settings.no_repeat_ngram_size))
-                             for r in requests])
+        return self._decode([plan(self.engine, "prompt", Request(
+            r.messages, parse_preference(r.instruction), GenerationConfig(
+                max_new_tokens=settings.max_new_tokens, temperature=r.temperature,
+                top_p=settings.top_p, seed=r.seed,
+                no_repeat_ngram_size=settings.no_repeat_ngram_size)))
+            for r in requests])
 
     def _decode(self, batch: list[Request]) -> list[Sample]:
         rows = self.engine.batch("prompt").run(batch)

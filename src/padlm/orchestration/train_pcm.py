@@ -169,7 +169,8 @@ class PCMTrainer:
         prompts = [prompt for prompt, _ in pairs]
         return self.rewards.reward(prompts, [row.text for row in rows],
                                    self.reference_texts(prompts),
-                                   [self.experts.select(combo) for _, combo in pairs])
+                                   [self.experts.select(parse_preference(combo))
+                                    for _, combo in pairs])
 
     def rollouts(self, step: int) -> Rollouts:
         """Two samples of the mixture for each of this step's (prompt, combination) pairs."""
@@ -181,7 +182,7 @@ class PCMTrainer:
         doubled = [pair for pair in pairs for _ in range(2)]
         seeds = [rng.randrange(2**31) for _ in doubled]
         rows = self.decode(doubled, 1.0, seeds)
-        chosen = [self.experts.select(combo) for _, combo in doubled]
+        chosen = [self.experts.select(parse_preference(combo)) for _, combo in doubled]
         lanes = [self.experts.lane_experts(ids) for ids in chosen]
         # the response as sampled, ending in EOS when it stopped there
         responses = [row.tokens + ([self.eos] if row.finish_reason == "stop" else [])

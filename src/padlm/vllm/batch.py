@@ -78,10 +78,7 @@ class VllmBatch(RowText):
         (``chunk_tokens`` is vLLM's own business: its scheduler chunks long prefills)."""
         prepared = []
         for request in requests:
-            self.engine.check(self.strategy, request.config)
-            rendered = request.rendered  # the server's planner rendered it already
-            prompt_ids = (rendered.contexts[0][0] if rendered and rendered.strategy == self.strategy
-                          else self.engine.prompt_ids(request, self.strategy))
+            prompt_ids = self.engine.planned_ids(request, self.strategy)
             prepared.append((Row(request, [[prompt_ids]], None), prompt_ids,
                              self.engine.sampling_params(request, self.strategy, stream=True)))
         for row, prompt_ids, params in prepared:

@@ -31,6 +31,7 @@ from padlm.errors import PadlmError
 from padlm.guides import default_persrm_dir, is_persrm_dir, persrm_directory, shipped_base
 from padlm.models import DEFAULT_MODEL, resolve_model_path
 from padlm.persrm import PersonalizedRewardModel, PersRMConfig
+from padlm.planning import plan
 from padlm.preferences import parse_preference
 from padlm.prompting import DEFAULT_PLACEMENT, PLACEMENTS
 from padlm.registry import check_request, strategy_class
@@ -229,7 +230,8 @@ class VllmPersonalizer:
         are accepted so callers need not know the engine: vLLM schedules its own batches,
         and ``n`` serves only best-of-n, which this engine refuses."""
         config = config or GenerationConfig()
-        requests = [Request(p, parse_preference(preference), config) for p in prompts]
+        requests = [plan(self, strategy, Request(p, parse_preference(preference), config))
+                    for p in prompts]
         return self.generate_requests(requests, [strategy] * len(requests))
 
     def generate_requests(self, requests: Sequence[Request], strategies: Sequence[str]
@@ -238,7 +240,7 @@ class VllmPersonalizer:
         different strategies, preferences and weights side by side)."""
         params = [self.sampling_params(r, s) for r, s in zip(requests, strategies,
                                                               strict=True)]
-        prompts = [{"prompt_token_ids": self.prompt_ids(request, name)}
+        prompts = [{"prompt_token_ids": self.planned_ids(request, name)}
                    for request, name in zip(requests, strategies, strict=True)]
         began = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -251,6 +253,14 @@ class VllmPersonalizer:
         (vLLM gets ids, not text, so both engines see the same tokens)."""
         return render_lanes(self.tokenizer, request, (strategy_class(strategy).spec.lane,),
                             self.placement)[0]
+
+    def planned_ids(self, request: Request, strategy: str) -> list[int]:
+        """The context's token ids: as planned (:func:`padlm.planning.plan`), else rendered
+        now (the request is checked then, too)."""
+        if request.planned_for(strategy):
+            return request.rendered.contexts[0][0]
+        self.check(strategy, request.config)
+        return self.prompt_ids(request, strategy)
 
     def server_args(self) -> list[str]:
         """This engine as flags of vLLM's own OpenAI server, for users who run it:
@@ -329,8 +339,8 @@ class VllmPersonalizer:
                config: GenerationConfig | None = None) -> Iterator[StepEvent]:
         """Yield one event per generated token of a single prompt, as the HF engine does."""
         batch = self.batch(strategy)
-        batch.join([Request(prompt, parse_preference(preference),
-                            config or GenerationConfig())])
+        batch.join([plan(self, strategy, Request(prompt, parse_preference(preference),
+                                                 config or GenerationConfig()))])
         while batch.rows:
             yield from batch.step()
 
