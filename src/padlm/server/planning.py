@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from padlm.config import SEED_LIMIT, GenerationConfig
-from padlm.decoding import Rendered
 from padlm.decoding import Request as DecodeRequest
 from padlm.engine import Personalizer, ServedModel
 from padlm.errors import PadlmError
+from padlm.planning import plan
 from padlm.preferences import Preference, parse_preference
 from padlm.registry import strategy_class
 from padlm.server.schemas import ApiError, ChatCompletionRequest
@@ -138,7 +138,7 @@ class Planner:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise ApiError(400, f"stop takes at most {MAX_STOP} non-empty strings", "stop")
-        config = self._config(body, strategy, stop)
+        config = self._config(body, stop)
         self._check_bounds(config, body.n * best_of)
         if body.token_rewards and not self.served.token_rewards:
             raise ApiError(400, f"token_rewards cannot be reported by the {self.served.engine} "
@@ -148,8 +148,8 @@ class Planner:
         batch = picker.sampler if picker else strategy
         requests, prompt_tokens, prefill_tokens = [], 0, 0
         for prompt in prompts:
-            rendered = self._render(DecodeRequest(prompt, preference, config), batch,
-                                    prompt_param)
+            rendered = self._plan(DecodeRequest(prompt, preference, config), strategy,
+                                  prompt_param).rendered
             lengths = [len(lane) for lanes in rendered.contexts for lane in lanes]
             length, lanes = max(lengths), sum(lengths)
             room = self.context_length - length
@@ -214,7 +214,7 @@ class Planner:
             return body.strategy
         return self.default_strategy if preference else "base"
 
-    def _config(self, body, strategy: str, stop: list[str]) -> GenerationConfig:
+    def _config(self, body, stop: list[str]) -> GenerationConfig:
         pad = body.pad
         if body.mix and not isinstance(body.mix.weights, str):
             _check_float32_weights(body.mix.weights)
@@ -231,18 +231,18 @@ class Planner:
                 mix=body.mix.setting() if body.mix else None,
                 reference=pad.reference if pad else None,
             )
-            self.engine.check(strategy, config)
         except PadlmError as error:
             raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param)) from None
         return config
 
-    def _render(self, request: DecodeRequest, strategy: str, param: str) -> Rendered:
-        """Every context the strategy builds for one row of this request (its lanes' own
-        preference texts and placements), rendered once here and carried to the decode
-        thread; also where a request the strategy cannot serve (an unknown expert, a bad
-        mix) is refused before it is queued."""
+    def _plan(self, request: DecodeRequest, strategy: str, param: str) -> DecodeRequest:
+        """The shared planner (:func:`padlm.planning.plan`) on one prompt of this request:
+        its settings checked against the strategy and the engine, and every context the
+        strategy builds for its rows (their lanes' own preference texts and placements)
+        rendered once here and carried to the decode thread; a request the strategy cannot
+        serve (an unknown expert, a bad mix) is refused before it is queued."""
         try:
-            return Rendered(strategy, self.engine.contexts(strategy, request))
+            return plan(self.engine, strategy, request)
         except PadlmError as error:
             raise ApiError(400, str(error), _PARAM_OF.get(error.param, error.param or param)
                            ) from None
