@@ -102,7 +102,7 @@ def copy_guide_pair(models: Path, sources: list[Path]) -> None:
 
 
 def default_model_source() -> Path:
-    from padlm.models import ensure_default_model
+    from padlm.core.models import ensure_default_model
 
     return ensure_default_model()  # converts it once, where this machine has not yet
 
@@ -126,7 +126,7 @@ def build(out: Path) -> dict:
                     *PLATFORM, "-d", str(wheels), "-r", str(REQUIREMENTS)], check=True)
     copy_files(default_model_source(), out / "models" / "SmolLM2-135M-Instruct",
                DEFAULT_MODEL_FILES)
-    from padlm.models import ensure_model
+    from padlm.core.models import ensure_model
 
     copy_guide_pair(out / "models", [ensure_model(alias) for _, alias in GUIDE_PAIR])
     copy_files(minilm_source(), out / "minilm", MINILM_FILES)

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))  # padlm itself, before anything is instal
 from padlm.provenance import source_commit  # noqa: E402  (standard library only)
 
 SCRIPT = Path(__file__).resolve()
-DEFAULT_DIR = "SmolLM2-135M-Instruct"  # padlm.models.DEFAULT_MODEL_NAME
+DEFAULT_DIR = "SmolLM2-135M-Instruct"  # padlm.core.models.DEFAULT_MODEL_NAME
 BENCH_STRATEGIES = "base,prompt,pad,linear-alignment,mix"
 RANDOM_NOTE = "random-weights.json"  # written beside a model's config by `models`
 
@@ -411,7 +411,7 @@ def install(args: argparse.Namespace) -> int:
 # ---- env -----------------------------------------------------------------------------------
 
 # what the steps import: padlm's modules (each pulls its third-party packages) and the tests'
-IMPORTS = ("padlm", "padlm.engine", "padlm.bench.strategies", "padlm.cli", "padlm.server.app",
+IMPORTS = ("padlm", "padlm.core.engine", "padlm.bench.strategies", "padlm.cli", "padlm.server.app",
            "padlm.evaluation.harness", "padlm.judges.text", "padlm.training.pipeline",
            "padlm.orchestration.train_pcm", "fastapi", "uvicorn", "pydantic", "httpx",
            "pytest", "pytest_timeout", "filelock", "textstat", "vaderSentiment",
@@ -550,7 +550,7 @@ def models(args: argparse.Namespace) -> int:
     from gpu_bundle import DEFAULT_MODEL_FILES, copy_files
     from transformers import AutoConfig, AutoTokenizer, LlamaConfig
 
-    from padlm.models import COMPLETE_MARKER, default_model_dir
+    from padlm.core.models import COMPLETE_MARKER, default_model_dir
 
     size = SIZES[args.mode]
     device = "cuda" if args.mode == "gpu" and torch.cuda.is_available() else "cpu"
@@ -559,7 +559,7 @@ def models(args: argparse.Namespace) -> int:
     if str(source) == "default":  # the dry run: this machine's converted default model
         target_home = os.environ["PADLM_HOME"]
         os.environ["PADLM_HOME"] = os.environ.get("PADLM_SOURCE_HOME", target_home)
-        from padlm.models import ensure_default_model
+        from padlm.core.models import ensure_default_model
 
         real = ensure_default_model()
         os.environ["PADLM_HOME"] = target_home

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from padlm.atomic import write_json_atomic
-from padlm.models import load_model
+from padlm.core.models import load_model
 from padlm.orchestration.experts import PCM_DIR, load_experts
 from padlm.orchestration.pcm import PreferenceControlModel
 from padlm.orchestration.rewards import DimensionRewards

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from padlm.atomic import write_json_atomic, write_text_atomic
-from padlm.models import load_model
+from padlm.core.models import load_model
 from padlm.training.cache import weights_sha256
 from padlm.training.head import (
     HeadTrainingConfig,

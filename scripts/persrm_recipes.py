@@ -21,8 +21,8 @@ from statistics import mean
 import torch
 
 from padlm.atomic import write_json_atomic
+from padlm.core.preferences import PSOUPS
 from padlm.data.axes import HELD_OUT_DIMENSIONS
-from padlm.preferences import PSOUPS
 
 
 def recipe_row(directory: Path) -> dict:
@@ -50,8 +50,8 @@ def recipe_row(directory: Path) -> dict:
 def end_of_turn_rows(data: Path, directories: dict[str, Path]) -> dict[str, dict]:
     """The end-of-turn report of each PersRM and of the untrained head on ``data``'s validation
     pairs (its prompt-level split), from the hidden-state cache training filled."""
-    from padlm.models import load_model
-    from padlm.persrm import PersonalizedRewardModel
+    from padlm.core.models import load_model
+    from padlm.core.persrm import PersonalizedRewardModel
     from padlm.training.cache import weights_sha256
     from padlm.training.head import HeadTrainingConfig, end_of_turn_report
     from padlm.training.pipeline import TrainConfig, prepare

@@ -48,17 +48,17 @@ import torch
 
 from padlm import GenerationConfig, Personalizer
 from padlm.atomic import write_json_atomic
+from padlm.core.models import DEFAULT_MODEL
+from padlm.core.preferences import PSOUPS
+from padlm.core.registry import strategy_class
 from padlm.data.axes import AXES, HELD_OUT_AXES, HELD_OUT_DIMENSIONS, SIDES
 from padlm.data.pools import default_pool_dir, held_out_self_instruct
 from padlm.data.schema import load_rows
 from padlm.evaluation.stats import standard_error
 from padlm.judges.guards import echo, loops
 from padlm.judges.text import vader_compound, word_count
-from padlm.models import DEFAULT_MODEL
 from padlm.orchestration.rewards import train_rewards
-from padlm.preferences import PSOUPS
 from padlm.records import JsonlAppender, read_jsonl
-from padlm.registry import strategy_class
 
 PAIRS = (("P1A", "P1B"), ("P2A", "P2B"), ("P3A", "P3B"))
 UNSEEN_PAIRS = tuple((AXES[name].a.id, AXES[name].b.id) for name in HELD_OUT_AXES)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from padlm.engine import Personalizer
-from padlm.models import LoadedModel, ensure_default_model, load_model
+from padlm.core.engine import Personalizer
+from padlm.core.models import LoadedModel, ensure_default_model, load_model
 
 torch.set_num_threads(2)
 

@@ -65,7 +65,7 @@ def test_reference_pad_is_the_engines_pad_token_for_token(default_lm):
 
     from padlm import GenerationConfig, Personalizer
     from padlm.bench.strategies import reference_pad
-    from padlm.prompting import render
+    from padlm.core.prompting import render
 
     engine = Personalizer(default_lm, persrm=perturbed_persrm(default_lm, scale=0.02))
     config = GenerationConfig(max_new_tokens=24, ignore_eos=True, top_k=10, weight=1.0)

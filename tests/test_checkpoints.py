@@ -19,16 +19,16 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from padlm.checkpoints import (
+from padlm.core.checkpoints import (
     GUIDE_LAYOUTS,
     inspect_guide,
     load_guide_model,
     read_value_head,
     shared_vocabulary,
 )
+from padlm.core.models import ensure_default_model, load_model
+from padlm.core.persrm import ADAPTER_NAME, PersonalizedRewardModel, PersRMConfig, ValueHead
 from padlm.errors import PadlmError
-from padlm.models import ensure_default_model, load_model
-from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel, PersRMConfig, ValueHead
 
 HIDDEN = 16
 VOCAB = 100

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from padlm import GenerationConfig, Personalizer
-from padlm.decoding import DecodeBatch, Request
-from padlm.kvstream import KVStream
-from padlm.preferences import parse_preference
+from padlm.core.decoding import DecodeBatch, Request
+from padlm.core.kvstream import KVStream
+from padlm.core.preferences import parse_preference
 
 LONG = " ".join(f"item{i} is red." for i in range(60))
 

@@ -12,7 +12,7 @@ import pytest
 
 from padlm.cli import app
 from padlm.cli.fields import FieldOptions, config_options
-from padlm.config import GenerationConfig
+from padlm.core.config import GenerationConfig
 from padlm.data.build import BuildConfig
 from padlm.data.samplers import SamplingSettings
 from padlm.evaluation.harness import EvalPlan

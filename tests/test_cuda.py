@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from padlm import GenerationConfig, Personalizer
-from padlm.models import LoadedModel, load_model
-from padlm.persrm import PersonalizedRewardModel
+from padlm.core.models import LoadedModel, load_model
+from padlm.core.persrm import PersonalizedRewardModel
 
 DEVICE = os.environ.get("PADLM_TEST_DEVICE", "cuda")
 
@@ -182,11 +182,11 @@ def test_a_head_persrm_trains_on_the_device_and_guides_pad(tiny_lm, tiny_cpu_lm,
 def test_the_pcm_trains_on_the_device_and_mix_reads_it(tiny_lm, tmp_path):
     from test_orchestration import COMBO, _decode, _pcm_config
 
+    from padlm.core.preferences import PSOUPS
     from padlm.orchestration.experts import load_experts, prompted_experts
     from padlm.orchestration.rewards import DimensionRewards
     from padlm.orchestration.strategies import MixStrategy
     from padlm.orchestration.train_pcm import PCMTrainer
-    from padlm.preferences import PSOUPS
 
     generator = torch.Generator().manual_seed(0)
     rewards = DimensionRewards({d: torch.randn(768, generator=generator) for d in PSOUPS})
@@ -207,8 +207,8 @@ def test_the_pcm_trains_on_the_device_and_mix_reads_it(tiny_lm, tmp_path):
 def test_mix_and_soups_run_with_head_experts_and_the_shipped_ones(tiny_lm, default_lm):
     from test_orchestration import COMBO, _random_heads
 
+    from padlm.core.preferences import PSOUPS
     from padlm.orchestration.experts import Experts, ExpertsConfig
-    from padlm.preferences import PSOUPS
 
     hidden = tiny_lm.model.config.hidden_size
     heads = {d: head.to(tiny_lm.device) for d, head in _random_heads(hidden, PSOUPS).items()}

@@ -326,7 +326,7 @@ def test_label_agreement_counts_unusable_pairs_against_a_mode():
 def test_endpoint_sampler_against_padlm_serve(default_lm, tmp_path):
     """The OpenAI-endpoint sampler drives a live ``padlm serve`` over loopback: seeded rows
     repeat, a cut response is flagged, and a build through it records the endpoint."""
-    from padlm.engine import Personalizer
+    from padlm.core.engine import Personalizer
     from padlm.server.app import ServerThread, create_app
 
     app = create_app(Personalizer(default_lm, persrm="identity"), max_batch_size=4,

@@ -9,20 +9,20 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from padlm import GenerationConfig, Personalizer, guidance
-from padlm.decoding import Request
-from padlm.engine import eos_ids
-from padlm.errors import PadlmError
-from padlm.orchestration.scoring import DimensionScorer
-from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
-from padlm.preferences import Preference
-from padlm.prompting import preference_token_ids, render
-from padlm.registry import echo_guard_refusal, strategy_names
-from padlm.strategies import (
+from padlm.core.decoding import Request
+from padlm.core.engine import eos_ids
+from padlm.core.persrm import ADAPTER_NAME, PersonalizedRewardModel
+from padlm.core.preferences import Preference
+from padlm.core.prompting import preference_token_ids, render
+from padlm.core.registry import echo_guard_refusal, strategy_names
+from padlm.core.strategies import (
     ArgsStrategy,
     ImplicitRewardScorer,
     Scored,
     SequenceScorer,
 )
+from padlm.errors import PadlmError
+from padlm.orchestration.scoring import DimensionScorer
 
 PREFERENCE = "P1A"
 
@@ -281,10 +281,10 @@ def test_dimension_scorer_is_the_mean_of_the_requested_dimension_rewards(tiny_lm
     """Hand-built: each score equals ``DimensionRewards.scores`` computed the plain way (one
     prompt and one response at a time) averaged over the request's preset ids; a dialogue's
     instruction is its last user turn; one call embeds everything once."""
+    from padlm.core.preferences import parse_preference
     from padlm.judges.embedding import default_encoder
     from padlm.judges.harmlessness import features
     from padlm.orchestration.rewards import DimensionRewards, shipped_rewards_dir
-    from padlm.preferences import parse_preference
 
     tokenizer = tiny_lm.tokenizer
     dialogue = [{"role": "system", "content": "Be kind."},
@@ -550,7 +550,7 @@ def test_echo_guard_stops_linear_alignment_quoting_the_preference(default_engine
 def test_a_stream_without_logits_gives_the_same_hidden_states(tiny_lm):
     """``KVStream(logits=False)`` runs only the transformer body: its last hidden states
     equal those of the stream that also makes logits, at the prefill and at every step."""
-    from padlm.kvstream import KVStream
+    from padlm.core.kvstream import KVStream
 
     contexts = [render(tiny_lm.tokenizer, p, "", "user-prefix")
                 for p in ("Hi there.", "Tell me a long story about a cat.")]

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from padlm import GenerationConfig, Personalizer, guidance
-from padlm.kvstream import response_hidden
-from padlm.models import load_model
-from padlm.persrm import PersonalizedRewardModel, ValueHead
-from padlm.strategies import PREFERENCE, reference_lanes, render_lanes
+from padlm.core.kvstream import response_hidden
+from padlm.core.models import load_model
+from padlm.core.persrm import PersonalizedRewardModel, ValueHead
+from padlm.core.strategies import PREFERENCE, reference_lanes, render_lanes
 from padlm.training.head import HeadParam
 
 ROWS, K, VOCAB, HIDDEN = 3, 4, 50, 16

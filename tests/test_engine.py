@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from padlm import GenerationConfig, Personalizer
-from padlm.devices import default_dtype, resolve_device
+from padlm.core.devices import default_dtype, resolve_device
+from padlm.core.persrm import PersonalizedRewardModel
+from padlm.core.registry import REGISTRY, load_registry, strategy_class, strategy_names
 from padlm.errors import PadlmError
-from padlm.persrm import PersonalizedRewardModel
-from padlm.registry import REGISTRY, load_registry, strategy_class, strategy_names
 
 PREFERENCE = "P1A"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from test_checkpoints import save_causal_lm
 
-from padlm.engine import Personalizer
+from padlm.core.engine import Personalizer
 from padlm.engines import open_engine
 from padlm.errors import PadlmError
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from padlm.config import GenerationConfig
-from padlm.engine import Personalizer
+from padlm.core.config import GenerationConfig
+from padlm.core.engine import Personalizer
+from padlm.core.persrm import PersonalizedRewardModel
 from padlm.errors import PadlmError
 from padlm.evaluation import harness
 from padlm.evaluation.harness import EvalPlan, Job
@@ -26,7 +27,6 @@ from padlm.evaluation.stats import (
     standard_error,
     win_rate,
 )
-from padlm.persrm import PersonalizedRewardModel
 from padlm.records import read_jsonl
 
 PADLM = str(Path(sys.executable).parent / "padlm")

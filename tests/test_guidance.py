@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from padlm import guidance
+from padlm.core import guidance
 
 
 def pad_step(base: torch.Tensor, reward: torch.Tensor, k: torch.Tensor,

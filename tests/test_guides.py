@@ -21,16 +21,16 @@ from test_checkpoints import save_causal_lm
 from test_decoding import perturbed_persrm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from padlm import guidance
-from padlm.config import GenerationConfig
-from padlm.engine import Personalizer
+from padlm.core import guidance
+from padlm.core.config import GenerationConfig
+from padlm.core.engine import Personalizer
+from padlm.core.guides import load_persrm
+from padlm.core.models import LoadedModel
+from padlm.core.persrm import PersonalizedRewardModel
+from padlm.core.preferences import parse_preference
+from padlm.core.prompting import render
+from padlm.core.strategies import DEFAULT_TOP_K
 from padlm.errors import PadlmError
-from padlm.guides import load_persrm
-from padlm.models import LoadedModel
-from padlm.persrm import PersonalizedRewardModel
-from padlm.preferences import parse_preference
-from padlm.prompting import render
-from padlm.strategies import DEFAULT_TOP_K
 
 PREFERENCE = "P1A"
 PROMPTS = ["Describe a cat.", "What is the capital of France?", "Name three colours."]
@@ -148,7 +148,7 @@ def test_a_persrm_trained_on_another_model_runs_as_a_named_separate_guide(
         persrm.head.weight.add_(0.3 * torch.randn(48, 48, generator=torch.Generator()
                                                   .manual_seed(3)))
     persrm.save(tmp_path / "persrm")
-    with caplog.at_level(logging.INFO, logger="padlm.guides"):
+    with caplog.at_level(logging.INFO, logger="padlm.core.guides"):
         engine = Personalizer(tiny_lm, persrm=str(tmp_path / "persrm"))
         loaded = engine.persrm
     assert loaded.separate and loaded.reference == "guide"  # its own backbone, as trained

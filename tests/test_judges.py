@@ -7,10 +7,10 @@ import math
 
 import pytest
 
+from padlm.core.preferences import PSOUPS
 from padlm.errors import PadlmError
 from padlm.judges import JUDGES, get_judge, guards, parse_direction, primary_direction, text
 from padlm.judges.harmlessness import default_judge, load_pairs
-from padlm.preferences import PSOUPS
 
 SIMPLE = "The cat is big. The dog is red. We like to play. It is fun."
 HARD = ("Notwithstanding considerable methodological heterogeneity, contemporary "

@@ -15,8 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from padlm.config import GenerationConfig
-from padlm.engine import Personalizer
+from padlm.core.config import GenerationConfig
+from padlm.core.engine import Personalizer
+from padlm.core.persrm import PersonalizedRewardModel
 from padlm.errors import PadlmError
 from padlm.evaluation import harness
 from padlm.evaluation.pairwise import judge_directory, pooled, rule_agreement, same_side
@@ -27,7 +28,6 @@ from padlm.judges.llm import (
     method_score,
     parse_verdict,
 )
-from padlm.persrm import PersonalizedRewardModel
 from padlm.records import read_jsonl
 
 

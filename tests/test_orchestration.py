@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from padlm import guidance
-from padlm.config import GenerationConfig
+from padlm.core import guidance
+from padlm.core.config import GenerationConfig
+from padlm.core.decoding import DecodeBatch, Request
+from padlm.core.kvstream import StreamOutput
+from padlm.core.persrm import ValueHead
+from padlm.core.preferences import PRESETS, PSOUPS, parse_preference
+from padlm.core.prompting import render
+from padlm.core.strategies import PromptStrategy
 from padlm.data.schema import load_rows
-from padlm.decoding import DecodeBatch, Request
 from padlm.errors import PadlmError
-from padlm.kvstream import StreamOutput
 from padlm.orchestration.encoding import requested_experts
 from padlm.orchestration.experts import (
     Experts,
@@ -30,10 +34,6 @@ from padlm.orchestration.pcm import PCMConfig, PreferenceControlModel
 from padlm.orchestration.rewards import DimensionRewards, preference_reward, train_rewards
 from padlm.orchestration.strategies import MixStrategy, SoupsStrategy
 from padlm.orchestration.train_pcm import PCMTrainConfig, PCMTrainer
-from padlm.persrm import ValueHead
-from padlm.preferences import PRESETS, PSOUPS, parse_preference
-from padlm.prompting import render
-from padlm.strategies import PromptStrategy
 
 # --- the mixing math, against brute force and hand-computed numbers ---
 
@@ -452,7 +452,7 @@ def test_logit_space_mixing_is_not_the_probability_mixture(tiny_lm):
 
 
 def test_the_engine_runs_mix_and_soups_by_name(tiny_lm):
-    from padlm.engine import Personalizer
+    from padlm.core.engine import Personalizer
 
     engine = Personalizer(tiny_lm, persrm="identity",
                           components={"experts": _head_experts(tiny_lm)})

@@ -15,9 +15,9 @@ import zlib
 import pytest
 import torch
 
+from padlm.core.preferences import PRESETS, PSOUPS, parse_preference
 from padlm.orchestration import encoding
 from padlm.orchestration.encoding import embed_texts, requested_experts
-from padlm.preferences import PRESETS, PSOUPS, parse_preference
 
 MB = 2**20
 

@@ -201,7 +201,7 @@ def test_short_prompts_admitted_together_prefill_in_one_forward(tiny, monkeypatc
     """Only a request longer than --prefill-chunk-tokens (256) is chunked: a burst of short
     ones joins in one forward even when together they are longer (chunking them delayed
     every first token of a 16-client burst)."""
-    from padlm.decoding import DecodeBatch
+    from padlm.core.decoding import DecodeBatch
 
     _, engine, worker, _ = tiny
     chunks, prefill = [], DecodeBatch.prefill

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from padlm.core.guides import default_persrm_dir
+from padlm.core.models import load_model
+from padlm.core.persrm import PersonalizedRewardModel
 from padlm.data.schema import load_rows
 from padlm.data.splits import split_rows
-from padlm.guides import default_persrm_dir
-from padlm.models import load_model
-from padlm.persrm import PersonalizedRewardModel
 from padlm.training.cache import weights_sha256
 from padlm.training.head import HeadTrainingConfig
 from padlm.training.pipeline import TrainConfig, dedupe, prepare, validation_reports

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from padlm.core.persrm import PersonalizedRewardModel
 from padlm.data.schema import PreferenceRow
 from padlm.errors import PadlmError
-from padlm.persrm import PersonalizedRewardModel
 from padlm.training import cache as cache_module
 from padlm.training.cache import (
     MAX_RESPONSE_TOKENS,
@@ -166,7 +166,7 @@ def test_cached_states_match_a_plain_forward(tiny_lm):
 def test_shared_context_prefill_equals_a_whole_sequence_forward(which, tiny_lm, default_lm):
     """Each distinct context prefilled once (its KV cache shared by the responses after it)
     gives the states of one whole-sequence forward, padding and repeats included."""
-    from padlm.kvstream import response_hidden, shared_context_hidden
+    from padlm.core.kvstream import response_hidden, shared_context_hidden
 
     model = (tiny_lm if which == "tiny" else default_lm).model
     contexts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [7, 8]]
@@ -489,7 +489,7 @@ def test_cli_train_rejects_bad_input(tmp_path):
 @pytest.mark.parametrize(("name", "reference"), [("default", "unconditioned"),
                                                 ("conditioned", "conditioned")])
 def test_shipped_persrms_are_trained_for_the_default_model(name, reference):
-    from padlm.guides import default_persrm_dir
+    from padlm.core.guides import default_persrm_dir
 
     directory = default_persrm_dir(name)
     assert directory is not None

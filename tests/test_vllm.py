@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from padlm.config import GenerationConfig
-from padlm.decoding import Request
-from padlm.engine import Personalizer
+from padlm.core.config import GenerationConfig
+from padlm.core.decoding import Request
+from padlm.core.engine import Personalizer
+from padlm.core.guides import default_persrm_dir
+from padlm.core.preferences import parse_preference
 from padlm.errors import PadlmError
-from padlm.guides import default_persrm_dir
-from padlm.preferences import parse_preference
 from padlm.vllm.requests import PadArgs, pad_args, padlm_architecture
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

@@ -10,17 +10,17 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "GenerationConfig": "padlm.config",
+    "GenerationConfig": "padlm.core.config",
     "PadlmError": "padlm.errors",
-    "Request": "padlm.decoding",
-    "Generation": "padlm.engine",
-    "Personalizer": "padlm.engine",
-    "available_strategies": "padlm.engine",
-    "LoadedModel": "padlm.models",
-    "load_model": "padlm.models",
-    "PersRMConfig": "padlm.persrm",
-    "PersonalizedRewardModel": "padlm.persrm",
-    "ValueHead": "padlm.persrm",
+    "Request": "padlm.core.decoding",
+    "Generation": "padlm.core.engine",
+    "Personalizer": "padlm.core.engine",
+    "available_strategies": "padlm.core.engine",
+    "LoadedModel": "padlm.core.models",
+    "load_model": "padlm.core.models",
+    "PersRMConfig": "padlm.core.persrm",
+    "PersonalizedRewardModel": "padlm.core.persrm",
+    "ValueHead": "padlm.core.persrm",
 }
 __all__ = [
     "Generation", "GenerationConfig", "LoadedModel", "PadlmError", "PersRMConfig",
@@ -30,12 +30,12 @@ __all__ = [
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from padlm.config import GenerationConfig
-    from padlm.decoding import Request
-    from padlm.engine import Generation, Personalizer, available_strategies
+    from padlm.core.config import GenerationConfig
+    from padlm.core.decoding import Request
+    from padlm.core.engine import Generation, Personalizer, available_strategies
+    from padlm.core.models import LoadedModel, load_model
+    from padlm.core.persrm import PersonalizedRewardModel, PersRMConfig, ValueHead
     from padlm.errors import PadlmError
-    from padlm.models import LoadedModel, load_model
-    from padlm.persrm import PersonalizedRewardModel, PersRMConfig, ValueHead
 
 
 def __getattr__(name: str):

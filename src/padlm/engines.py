@@ -7,18 +7,18 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from padlm.devices import AUTO, check_engine
+from padlm.core.devices import AUTO, check_engine
+from padlm.core.models import DEFAULT_MODEL
 from padlm.errors import PadlmError
-from padlm.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    from padlm.config import GenerationConfig
-    from padlm.decoding import StepEvent
-    from padlm.engine import Generation, ServedModel
+    from padlm.core.config import GenerationConfig
+    from padlm.core.decoding import StepEvent
+    from padlm.core.engine import Generation, ServedModel
 
 
 class Engine(Protocol):
-    """What both engines offer (``padlm.engine.Personalizer``,
+    """What both engines offer (``padlm.core.engine.Personalizer``,
     ``padlm.vllm.engine.VllmPersonalizer``)."""
 
     engine_name: str
@@ -60,7 +60,7 @@ def open_engine(engine_name: str = "hf", model: str = DEFAULT_MODEL, *,
         from padlm.vllm.engine import VllmPersonalizer
 
         return VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)
-    from padlm.engine import Personalizer
+    from padlm.core.engine import Personalizer
 
     return Personalizer(model, persrm=persrm, dtype=dtype, placement=placement, device=device,
                         components={"experts": experts}, scorer=scorer, reference=reference)

@@ -17,8 +17,8 @@ import statistics
 from collections.abc import Callable
 
 from padlm.bench.kit import ratio, time_runs
-from padlm.config import GenerationConfig
-from padlm.engine import Personalizer
+from padlm.core.config import GenerationConfig
+from padlm.core.engine import Personalizer
 from padlm.vllm.engine import VllmPersonalizer
 
 PROMPTS = ("Explain how a rainbow forms.", "Why do cats purr?", "What is a black hole?",

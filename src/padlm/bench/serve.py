@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import httpx
 
 from padlm.bench.kit import Stopwatch, ratio, render_table
+from padlm.core.preferences import PSOUPS_COMBINATIONS
+from padlm.core.registry import strategy_class
 from padlm.errors import PadlmError
-from padlm.preferences import PSOUPS_COMBINATIONS
-from padlm.registry import strategy_class
 
 BENCH_PROMPTS = (
     "Explain why the sky is blue.",

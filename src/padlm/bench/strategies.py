@@ -16,14 +16,14 @@ from collections.abc import Callable
 import torch
 
 from padlm.bench.kit import machine_provenance, ratio, render_table, time_runs
-from padlm.config import GenerationConfig
-from padlm.engine import Personalizer
+from padlm.core.config import GenerationConfig
+from padlm.core.engine import Personalizer
+from padlm.core.kvstream import decoder_of
+from padlm.core.persrm import ADAPTER_NAME, PersonalizedRewardModel
+from padlm.core.prompting import render
+from padlm.core.strategies import ArgsStrategy, PadStrategy, make_scorer
 from padlm.errors import PadlmError
-from padlm.kvstream import decoder_of
 from padlm.orchestration.experts import engine_experts
-from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
-from padlm.prompting import render
-from padlm.strategies import ArgsStrategy, PadStrategy, make_scorer
 
 BENCH_PROMPT = (
     "I am preparing a short talk for a community science evening. Explain why the sky looks "

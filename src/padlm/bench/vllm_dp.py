@@ -31,10 +31,10 @@ from padlm.bench.serve import (
     share_requests,
     summarize,
 )
-from padlm.config import GenerationConfig
-from padlm.decoding import Request
+from padlm.core.config import GenerationConfig
+from padlm.core.decoding import Request
+from padlm.core.preferences import parse_preference
 from padlm.errors import PadlmError
-from padlm.preferences import parse_preference
 from padlm.vllm.engine import cpu_kv_cache_gib
 
 WEIGHTS = (1.0, 2.0)  # per-request PAD weights, alternating: rows differ in more than text

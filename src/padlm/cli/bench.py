@@ -57,7 +57,7 @@ def bench_command(
 
     from padlm.bench.kit import write_record
     from padlm.bench.strategies import BENCH_STRATEGIES, bench, markdown_table
-    from padlm.engine import Personalizer
+    from padlm.core.engine import Personalizer
 
     try:
         sizes = [int(s) for s in batch_size.split(",")]
@@ -110,8 +110,8 @@ def bench_vllm_dp(
     from rich.console import Console
 
     from padlm.bench.vllm_dp import bench_replicas, replicas_table
-    from padlm.config import GenerationConfig
-    from padlm.devices import AUTO, resolve_device
+    from padlm.core.config import GenerationConfig
+    from padlm.core.devices import AUTO, resolve_device
     from padlm.vllm.engine import VllmPersonalizer, require_vllm
 
     try:
@@ -156,10 +156,10 @@ def bench_sampler(
         time_sampler,
         with_ratios,
     )
+    from padlm.core.devices import check_engine
     from padlm.data.build import update_record
     from padlm.data.pools import default_pool_dir
     from padlm.data.samplers import SamplingSettings, is_endpoint, open_sampler
-    from padlm.devices import check_engine
 
     engines = [check_engine(name) for name in split_list(engine)]
     if not engines:
@@ -214,7 +214,7 @@ def bench_serve(
     """Throughput, latency and time to first token of `padlm serve` per concurrency level."""
     from padlm.bench.kit import machine_provenance, progress_printer, write_record
     from padlm.bench.serve import engines_table, local_server, markdown_table, run_bench
-    from padlm.registry import strategy_class
+    from padlm.core.registry import strategy_class
 
     try:
         levels = [int(c) for c in clients.split(",") if c.strip()]
@@ -225,7 +225,7 @@ def bench_serve(
     if long_prompt_tokens < 0 or (long_prompt_tokens and max(levels) < 2):
         raise PadlmError("--long-prompt-tokens needs a level of 2 clients or more (one of "
                          "them sends the long prompts)")
-    from padlm.devices import check_engine
+    from padlm.core.devices import check_engine
 
     engines = [check_engine(name.strip()) for name in engine.split(",") if name.strip()]
     if not engines or (url is not None and len(engines) > 1):
@@ -246,7 +246,7 @@ def bench_serve(
                                                          max_tokens, strategy, time_limit,
                                                          progress, long_prompt_tokens)}
     if record is not None:
-        from padlm.devices import AUTO, resolve_device
+        from padlm.core.devices import AUTO, resolve_device
 
         write_record(record, {**machine_provenance(resolve_device(AUTO)), "model": model,
                               "persrm": persrm, "dtype": dtype, "results": results})

@@ -28,10 +28,10 @@ from padlm.cli.options import (
     ReferenceOption,
     ScorerOption,
 )
-from padlm.config import GenerationConfig
+from padlm.core.config import GenerationConfig
+from padlm.core.registry import check_scorer, strategy_names
 from padlm.errors import PadlmError
 from padlm.evaluation.report import headline_table, rewrite
-from padlm.registry import check_scorer, strategy_names
 from padlm.server.settings import split_list
 
 app = typer.Typer(help="Evaluate strategies on P-Soups (default) and tools around it.",
@@ -114,8 +114,8 @@ def eval_command(
     """Generate (resumable), score with offline judges, write summary.json, report.md, plots."""
     if ctx.invoked_subcommand is not None:
         return
-    from padlm.devices import check_engine
-    from padlm.engine import Personalizer
+    from padlm.core.devices import check_engine
+    from padlm.core.engine import Personalizer
     from padlm.evaluation.harness import (
         SWEPT,
         EvalPlan,

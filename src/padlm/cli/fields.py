@@ -25,7 +25,7 @@ import typer
 
 Command = TypeVar("Command", bound=Callable[..., None])
 
-# padlm.config.GenerationConfig's fields carry no help of their own: config.py is the kernel's
+# padlm.core.config.GenerationConfig's fields carry no help of their own: config.py is the kernel's
 # torch-free settings module, owned apart from the CLI. These texts could move into its
 # fields' metadata={"help": ...}; FieldOptions reads the metadata first.
 GENERATION_HELP = {

@@ -23,7 +23,7 @@ from padlm.cli.options import (
     ReferenceOption,
     ScorerOption,
 )
-from padlm.config import GenerationConfig
+from padlm.core.config import GenerationConfig
 from padlm.errors import PadlmError
 from padlm.records import load_prompts
 
@@ -59,8 +59,8 @@ def generate(
                        ] = False,
 ) -> None:
     """Generate a personalized response (or one per line of --prompts-file)."""
-    from padlm.preferences import parse_preference
-    from padlm.registry import check_request, check_scorer, strategy_class
+    from padlm.core.preferences import parse_preference
+    from padlm.core.registry import check_request, check_scorer, strategy_class
 
     spec = strategy_class(strategy).spec
     if (prompt is None) == (prompts_file is None):

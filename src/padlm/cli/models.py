@@ -9,7 +9,7 @@ from rich.console import Console
 
 def models() -> None:
     """List cached models, fetching and converting the default one if needed."""
-    from padlm.models import cached_models, ensure_default_model
+    from padlm.core.models import cached_models, ensure_default_model
 
     path = ensure_default_model()
     Console(stderr=True).print(f"default model ready at {path}")

@@ -106,7 +106,7 @@ def serve(
     """Serve the OpenAI API with per-request preferences (and a playground page at /)."""
     import logging
 
-    from padlm.registry import check_scorer
+    from padlm.core.registry import check_scorer
     from padlm.server.app import create_app, make_server
     from padlm.server.settings import default_allowed_hosts, split_list
 

@@ -69,7 +69,7 @@ def train_persrm(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train a PersRM (PAD's stages): a value head on cached states, optionally after LoRA."""
-    from padlm.models import load_model
+    from padlm.core.models import load_model
     from padlm.training.head import HeadTrainingConfig
     from padlm.training.pipeline import TrainConfig, run_training
 
@@ -127,7 +127,7 @@ def train_experts(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train one expert per preference dimension (MoPE's frozen experts)."""
-    from padlm.models import load_model
+    from padlm.core.models import load_model
     from padlm.orchestration.experts import (
         FORMS,
         check_context,
@@ -199,7 +199,7 @@ def train_pcm(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train the Preference Control Model with REBEL on rollouts of the mixture itself."""
-    from padlm.models import load_model
+    from padlm.core.models import load_model
     from padlm.orchestration.experts import load_experts
     from padlm.orchestration.train_pcm import PCMTrainConfig, PCMTrainer
 

@@ -17,7 +17,7 @@ def vllm_args(
     (dtype default: this machine's)."""
     import shlex
 
-    from padlm.config import GenerationConfig
+    from padlm.core.config import GenerationConfig
     from padlm.vllm.engine import VllmPersonalizer
 
     engine = VllmPersonalizer(model, persrm=persrm, dtype=dtype, placement=placement)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from padlm.core.preferences import PAD_DIMENSIONS, PSOUPS
 from padlm.errors import PadlmError
-from padlm.preferences import PAD_DIMENSIONS, PSOUPS
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from padlm.core.preferences import PAD_DIMENSIONS
 from padlm.data.pools import hh_records, parse_dialogue
 from padlm.data.schema import PreferenceRow
-from padlm.preferences import PAD_DIMENSIONS
 
 
 def convert_pair(record: dict[str, str]) -> PreferenceRow | None:

@@ -15,12 +15,12 @@ from typing import Protocol
 
 import httpx
 
-from padlm.decoding import GenerationConfig, Request
-from padlm.devices import check_engine
+from padlm.core.decoding import GenerationConfig, Request
+from padlm.core.devices import check_engine
+from padlm.core.planning import plan
+from padlm.core.preferences import parse_preference
+from padlm.core.prompting import Message
 from padlm.errors import PadlmError
-from padlm.planning import plan
-from padlm.preferences import parse_preference
-from padlm.prompting import Message
 
 API_KEY_ENV = "PADLM_SAMPLER_API_KEY"
 
@@ -174,7 +174,7 @@ def open_sampler(spec: str, placement: str | None = None, dtype: str | None = No
         if not spec.rstrip("/").endswith("/v1"):
             raise PadlmError(f"sampler URL {spec} must end in /v1 (an OpenAI-compatible API)")
         return EndpointSampler(spec, endpoint_model, api_key_env)
-    from padlm.models import preferred_placement
+    from padlm.core.models import preferred_placement
 
     placement = placement or preferred_placement(spec)
     if engine == "vllm":
@@ -182,7 +182,7 @@ def open_sampler(spec: str, placement: str | None = None, dtype: str | None = No
 
         return VllmSampler(VllmPersonalizer(spec, persrm="identity", dtype=dtype,
                                             placement=placement))
-    from padlm.engine import Personalizer
+    from padlm.core.engine import Personalizer
 
     return LocalSampler(Personalizer(spec, persrm="identity", dtype=dtype,
                                      placement=placement))

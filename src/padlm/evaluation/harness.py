@@ -27,7 +27,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from padlm.atomic import write_json_atomic
-from padlm.config import MIX_MODES, GenerationConfig
+from padlm.core.config import MIX_MODES, GenerationConfig
+from padlm.core.preferences import PRESETS, PSOUPS, looks_like_ids, parse_preference, preference_ids
+from padlm.core.registry import strategy_class, strategy_names
 from padlm.errors import PadlmError
 from padlm.evaluation.report import write_report
 from padlm.evaluation.stats import (
@@ -38,9 +40,7 @@ from padlm.evaluation.stats import (
 )
 from padlm.judges import JUDGES, get_judge, primary_direction
 from padlm.judges import guards as _guards
-from padlm.preferences import PRESETS, PSOUPS, looks_like_ids, parse_preference, preference_ids
 from padlm.records import JsonlAppender, load_prompts, read_jsonl
-from padlm.registry import strategy_class, strategy_names
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from padlm.atomic import write_json_atomic
+from padlm.core.preferences import PSOUPS
 from padlm.errors import PadlmError
 from padlm.evaluation.harness import (
     BASE,
@@ -26,7 +27,6 @@ from padlm.evaluation.harness import (
 )
 from padlm.evaluation.stats import bootstrap_ci
 from padlm.judges.llm import LLMJudge
-from padlm.preferences import PSOUPS
 from padlm.records import read_jsonl
 
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from padlm.atomic import write_text_atomic
-from padlm.preferences import PSOUPS
-from padlm.registry import strategy_names
+from padlm.core.preferences import PSOUPS
+from padlm.core.registry import strategy_names
 
 WIN_PLOT = "win_rates.png"
 SWEEP_PLOT = "pad_weight_sweep.png"

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from padlm.devices import AUTO, resolve_device
+from padlm.core.devices import AUTO, resolve_device
 from padlm.errors import PadlmError
 
 MAX_TOKENS = 128  # all-MiniLM-L6-v2 was trained on 128 word pieces; the rest is cut off

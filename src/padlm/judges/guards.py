@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
+from padlm.core.kvstream import response_hidden
+from padlm.core.prompting import PAD_TEMPLATE, render
 from padlm.judges.text import words
-from padlm.kvstream import response_hidden
-from padlm.prompting import PAD_TEMPLATE, render
 
 ECHO_WORDS = 6
 LOOP_WORDS, LOOP_TIMES = 4, 3
@@ -68,7 +68,7 @@ def perplexity(lm, prompts: Sequence[str], responses: Sequence[str],
                batch_size: int = 8) -> list[float]:
     """exp(mean token NLL) of each response under ``lm`` (a ``LoadedModel``) given its bare
     prompt in the chat template, ``batch_size`` rows per forward (the scorer's and the
-    training cache's :func:`~padlm.kvstream.response_hidden`, then the lm_head on the
+    training cache's :func:`~padlm.core.kvstream.response_hidden`, then the lm_head on the
     response positions only). NaN for empty responses."""
     if len(prompts) != len(responses):
         raise ValueError("prompts and responses differ in length")

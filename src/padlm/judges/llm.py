@@ -31,8 +31,8 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
+from padlm.core.preferences import parse_preference
 from padlm.errors import PadlmError
-from padlm.preferences import parse_preference
 from padlm.records import JsonlAppender, read_jsonl
 
 log = logging.getLogger(__name__)

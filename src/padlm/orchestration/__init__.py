@@ -8,10 +8,10 @@ the ``dimensions`` scorer to padlm's registry: the decode kernel never names orc
 
 
 def register() -> None:
-    """Called by :func:`padlm.registry.load_registry` (the strategy classes register as their
+    """Called by :func:`padlm.core.registry.load_registry` (the strategy classes register as their
     module imports)."""
     import padlm.orchestration.strategies  # noqa: F401
+    from padlm.core.registry import register_scorer
     from padlm.orchestration.scoring import dimension_scorer
-    from padlm.registry import register_scorer
 
     register_scorer("dimensions", dimension_scorer)

@@ -20,8 +20,8 @@ from typing import Generic, TypeVar
 
 import torch
 
+from padlm.core.preferences import PRESETS, Preference
 from padlm.errors import PadlmError
-from padlm.preferences import PRESETS, Preference
 
 V = TypeVar("V")
 

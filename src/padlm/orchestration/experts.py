@@ -34,14 +34,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from padlm.atomic import atomic_directory, write_json_atomic
+from padlm.core.kvstream import KVStream, StreamOutput, response_hidden
+from padlm.core.models import LoadedModel, load_model
+from padlm.core.persrm import ValueHead, tensor_fingerprint
+from padlm.core.preferences import PRESETS, PSOUPS, Preference, preset_text
+from padlm.core.prompting import DEFAULT_PLACEMENT, render
 from padlm.errors import PadlmError
-from padlm.kvstream import KVStream, StreamOutput, response_hidden
-from padlm.models import LoadedModel, load_model
 from padlm.orchestration.encoding import requested_experts
 from padlm.orchestration.streams import AdapterLaneStream, LaneContext
-from padlm.persrm import ValueHead, tensor_fingerprint
-from padlm.preferences import PRESETS, PSOUPS, Preference, preset_text
-from padlm.prompting import DEFAULT_PLACEMENT, render
 
 FORMS = ("prompted", "head", "lora", "models")
 CONTEXTS = ("dimension", "request")  # what each expert reads: its own text, or the request's

@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from padlm import guidance
 from padlm.atomic import write_json_atomic
+from padlm.core import guidance
 from padlm.errors import PadlmError
 
 CONFIG_NAME = "config.json"

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
-from padlm.decoding import Request
+from padlm.core.decoding import Request
+from padlm.core.models import LoadedModel
+from padlm.core.persrm import PersonalizedRewardModel, tensor_fingerprint
+from padlm.core.preferences import Preference
+from padlm.core.strategies import Scored, SequenceScorer
 from padlm.errors import PadlmError
-from padlm.models import LoadedModel
 from padlm.orchestration.rewards import DimensionRewards, shipped_rewards_dir
-from padlm.persrm import PersonalizedRewardModel, tensor_fingerprint
-from padlm.preferences import Preference
-from padlm.strategies import Scored, SequenceScorer
 
 # ARGS's w with the dimension rewards. Their score of a growing response moves little per
 # token (one token shifts a MiniLM embedding slightly): on the default model (4 Koala prompts

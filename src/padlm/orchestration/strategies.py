@@ -24,20 +24,20 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from padlm import guidance
-from padlm.config import mix_weights
-from padlm.decoding import Request, Rows
+from padlm.core import guidance
+from padlm.core.config import mix_weights
+from padlm.core.decoding import Request, Rows
+from padlm.core.kvstream import KVStream, StreamOutput
+from padlm.core.persrm import ValueHead
+from padlm.core.preferences import PRESETS
+from padlm.core.registry import StrategySpec, register
 from padlm.errors import PadlmError
-from padlm.kvstream import KVStream, StreamOutput
 from padlm.orchestration.encoding import embed_texts
 from padlm.orchestration.experts import Experts, add_adapter, engine_experts, lora_state
 from padlm.orchestration.streams import AdapterLaneStream, LaneContext
-from padlm.persrm import ValueHead
-from padlm.preferences import PRESETS
-from padlm.registry import StrategySpec, register
 
 if TYPE_CHECKING:
-    from padlm.engine import Personalizer
+    from padlm.core.engine import Personalizer
 
 Process = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_MIX = "pcm"

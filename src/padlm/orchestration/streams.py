@@ -1,7 +1,7 @@
 """A KV stream whose rows each run their own LoRA adapter, so LoRA experts of different
 combinations share ONE batched forward.
 
-:class:`padlm.kvstream.KVStream` fixes one adapter per lane for every request. A mixture
+:class:`padlm.core.kvstream.KVStream` fixes one adapter per lane for every request. A mixture
 request's lane ``j`` runs whichever expert that request put ``j``-th, so the adapter is a
 property of the row, not of the lane: each context arrives as a :class:`LaneContext` naming
 its adapter, and the stream keeps the names aligned with its rows as rows join and leave.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from padlm.kvstream import KVStream, Prefill, StreamOutput
+from padlm.core.kvstream import KVStream, Prefill, StreamOutput
 
 
 class LaneContext(list):

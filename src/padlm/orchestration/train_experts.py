@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from padlm.models import LoadedModel
+from padlm.core.models import LoadedModel
+from padlm.core.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.orchestration.experts import (
     LORA_TARGETS,
     Experts,
@@ -26,7 +27,6 @@ from padlm.orchestration.experts import (
     lora_backbone,
     lora_state,
 )
-from padlm.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.training.pipeline import TrainConfig, file_sha256, run_training
 
 log = logging.getLogger(__name__)

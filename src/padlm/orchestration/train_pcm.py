@@ -5,7 +5,7 @@ Each step takes training prompts from the Self-Instruct and HH-RLHF pools (never
 ``(P1A|P1B) x (P2A|P2B) x (P3A|P3B)`` in turn, samples TWO responses per pair from the
 mixture itself (the current PCM, temperature 1), scores them with the per-dimension reward
 models against the base model's greedy response, and regresses their log-ratio gap onto the
-reward gap (:func:`padlm.guidance.rebel_loss`). The experts are frozen and only ``alpha``
+reward gap (:func:`padlm.core.guidance.rebel_loss`). The experts are frozen and only ``alpha``
 depends on the PCM, so the experts' log-probs of the sampled tokens are computed once per
 step and every update reuses them.
 
@@ -29,9 +29,12 @@ from pathlib import Path
 
 import torch
 
-from padlm import guidance
 from padlm.atomic import atomic_directory
-from padlm.config import GenerationConfig
+from padlm.core import guidance
+from padlm.core.config import GenerationConfig
+from padlm.core.decoding import DecodeBatch, Request, Row
+from padlm.core.preferences import PSOUPS_COMBINATIONS, parse_preference
+from padlm.core.strategies import NEUTRAL, BaseStrategy
 from padlm.data.pools import (
     PoolPrompt,
     default_pool_dir,
@@ -40,14 +43,11 @@ from padlm.data.pools import (
 )
 from padlm.data.schema import load_rows
 from padlm.data.splits import is_validation
-from padlm.decoding import DecodeBatch, Request, Row
 from padlm.errors import PadlmError
 from padlm.orchestration.experts import PCM_DIR, Experts
 from padlm.orchestration.pcm import PCMConfig, PreferenceControlModel
 from padlm.orchestration.rewards import DimensionRewards, train_rewards
 from padlm.orchestration.strategies import MixStrategy, pcm_weights
-from padlm.preferences import PSOUPS_COMBINATIONS, parse_preference
-from padlm.strategies import NEUTRAL, BaseStrategy
 from padlm.training.pipeline import file_sha256
 
 log = logging.getLogger(__name__)

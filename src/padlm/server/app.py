@@ -28,7 +28,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from padlm.engine import Personalizer
+from padlm.core.engine import Personalizer
 from padlm.server.gate import Gate, TimedH11Protocol
 from padlm.server.metrics import ServerMetrics
 from padlm.server.planning import Planner

@@ -15,13 +15,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from padlm.config import SEED_LIMIT, GenerationConfig
-from padlm.decoding import Request as DecodeRequest
-from padlm.engine import Personalizer, ServedModel
+from padlm.core.config import SEED_LIMIT, GenerationConfig
+from padlm.core.decoding import Request as DecodeRequest
+from padlm.core.engine import Personalizer, ServedModel
+from padlm.core.planning import plan
+from padlm.core.preferences import Preference, parse_preference
+from padlm.core.registry import strategy_class
 from padlm.errors import PadlmError
-from padlm.planning import plan
-from padlm.preferences import Preference, parse_preference
-from padlm.registry import strategy_class
 from padlm.server.schemas import ApiError, ChatCompletionRequest
 from padlm.server.settings import ServerSettings
 
@@ -236,7 +236,7 @@ class Planner:
         return config
 
     def _plan(self, request: DecodeRequest, strategy: str, param: str) -> DecodeRequest:
-        """The shared planner (:func:`padlm.planning.plan`) on one prompt of this request:
+        """The shared planner (:func:`padlm.core.planning.plan`) on one prompt of this request:
         its settings checked against the strategy and the engine, and every context the
         strategy builds for its rows (their lanes' own preference texts and placements)
         rendered once here and carried to the decode thread; a request the strategy cannot
@@ -249,7 +249,7 @@ class Planner:
 
 
 def _check_float32_weights(weights: Sequence[float]) -> None:
-    """Fixed mix/soups weights are normalised in float64 (:func:`padlm.config.mix_weights`),
+    """Fixed mix/soups weights are normalised in float64 (:func:`padlm.core.config.mix_weights`),
     but the decode step, and the ``mix_weights`` a response reports, are float32: a weight
     float32 cannot hold (``1e300`` overflows to infinity, ``1e-50`` rounds to 0) would be
     decoded as some other weight than the one sent, so it is refused, naming the field."""

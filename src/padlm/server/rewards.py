@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from padlm import guidance
-from padlm.decoding import DecodeBatch, Row
-from padlm.persrm import PersonalizedRewardModel
-from padlm.strategies import DEFAULT_TOP_K
+from padlm.core import guidance
+from padlm.core.decoding import DecodeBatch, Row
+from padlm.core.persrm import PersonalizedRewardModel
+from padlm.core.strategies import DEFAULT_TOP_K
 
 
 def chosen_token_reward(

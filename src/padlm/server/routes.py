@@ -25,8 +25,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from padlm.engine import Personalizer, ServedModel
-from padlm.preferences import PRESETS
+from padlm.core.engine import Personalizer, ServedModel
+from padlm.core.preferences import PRESETS
 from padlm.server.gate import CLIENT_CLOSED, error_response
 from padlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from padlm.server.planning import Plan, Planner

@@ -78,7 +78,7 @@ class MixOptions(_Strict):
     weights: str | list[float]
 
     def setting(self) -> str:
-        """As :attr:`padlm.config.GenerationConfig.mix` spells it."""
+        """As :attr:`padlm.core.config.GenerationConfig.mix` spells it."""
         if isinstance(self.weights, str):
             return self.weights
         return "fixed:" + ",".join(repr(float(w)) for w in self.weights)

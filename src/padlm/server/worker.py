@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
-from padlm.decoding import DecodeBatch, Request, Row
-from padlm.engine import Personalizer
+from padlm.core.decoding import DecodeBatch, Request, Row
+from padlm.core.engine import Personalizer
 from padlm.errors import PadlmError
 from padlm.server.rewards import TokenRewards
 from padlm.server.schemas import ApiError

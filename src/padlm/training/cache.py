@@ -31,11 +31,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from padlm.atomic import write_json_atomic
+from padlm.core.kvstream import shared_context_hidden
+from padlm.core.models import LoadedModel, padlm_home
+from padlm.core.prompting import render
 from padlm.data.schema import PreferenceRow
 from padlm.errors import PadlmError
-from padlm.kvstream import shared_context_hidden
-from padlm.models import LoadedModel, padlm_home
-from padlm.prompting import render
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ By default the log-probs are taken over the base model's top-k candidates at eac
 plus the actual token (the set PAD's decoding re-ranks, so training matches use); ``vocab=
 "full"`` uses the whole vocabulary. The head can be ``full`` (``W = I + D``), ``lowrank``
 (``W = I + U V^T``) or ``diagonal`` (``W = diag(1 + s)``); all export to the ``d x d`` W of
-:class:`padlm.persrm.ValueHead`. Optional terms: an NLL term on the chosen response (keeps the
+:class:`padlm.core.persrm.ValueHead`. Optional terms: an NLL term on the chosen response (keeps the
 head a good language model, e.g. it must still end answers), an L2 pull toward identity, and
 a per-dimension balance of the loss (``dimension_balance``): without it a dataset whose human
 pairs outnumber each teacher axis thirty to one trains a head mostly on the human pairs.
@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from padlm.core.persrm import REFERENCES
 from padlm.errors import PadlmError
-from padlm.persrm import REFERENCES
 from padlm.training.cache import SequenceStates
 
 HEAD_FORMS = ("full", "lowrank", "diagonal")

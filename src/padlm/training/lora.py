@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from padlm.core.models import LoadedModel
+from padlm.core.persrm import ADAPTER_NAME
+from padlm.core.prompting import as_messages, place_preference
 from padlm.data.schema import load_rows
 from padlm.data.splits import split_rows
 from padlm.errors import PadlmError
-from padlm.models import LoadedModel
-from padlm.persrm import ADAPTER_NAME
-from padlm.prompting import as_messages, place_preference
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from padlm.data.schema import PreferenceRow, load_rows
-from padlm.data.splits import VALIDATION_FRACTION, split_rows
-from padlm.errors import PadlmError
-from padlm.models import LoadedModel
-from padlm.persrm import (
+from padlm.core.models import LoadedModel
+from padlm.core.persrm import (
     PersonalizedRewardModel,
     PersRMConfig,
     ValueHead,
 )
-from padlm.prompting import DEFAULT_PLACEMENT, PLACEMENTS
+from padlm.core.prompting import DEFAULT_PLACEMENT, PLACEMENTS
+from padlm.data.schema import PreferenceRow, load_rows
+from padlm.data.splits import VALIDATION_FRACTION, split_rows
+from padlm.errors import PadlmError
 from padlm.training.cache import (
     HiddenStateCache,
     ReferenceCache,

@@ -6,7 +6,7 @@ whose client left. Here every strategy's batch is a view on one vLLM ``LLMEngine
 batches all of them together (continuously, on its own scheduler): a :class:`VllmRouter` adds
 and aborts requests and hands each batch the outputs of its own rows. vLLM chooses the tokens
 (PAD through padlm's logits processor); what the tokens *mean* (end-of-sequence, stop strings,
-the length limit, the streamed text) is decided by :class:`padlm.decoding.RowText`, the same
+the length limit, the streamed text) is decided by :class:`padlm.core.decoding.RowText`, the same
 code as on padlm's own loop, so the responses and their deltas match token for token.
 """
 
@@ -16,7 +16,7 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from padlm.decoding import Request, Row, RowText, StepEvent
+from padlm.core.decoding import Request, Row, RowText, StepEvent
 
 if TYPE_CHECKING:
     from padlm.vllm.engine import VllmPersonalizer
@@ -58,7 +58,7 @@ class VllmRouter:
 
 class VllmBatch(RowText):
     """The rows of one strategy on the shared engine, with the interface of
-    :class:`padlm.decoding.DecodeBatch` that the server's worker uses."""
+    :class:`padlm.core.decoding.DecodeBatch` that the server's worker uses."""
 
     streams: tuple = ()  # no KV state on this side: vLLM holds it
     prefilling: tuple = ()  # vLLM prefills long prompts in chunks on its own scheduler

@@ -1,8 +1,8 @@
 """``--engine vllm``: padlm's strategies on a vLLM engine, with padlm's own arguments.
 
-:class:`VllmPersonalizer` takes what :class:`padlm.engine.Personalizer` takes (a model name or
+:class:`VllmPersonalizer` takes what :class:`padlm.core.engine.Personalizer` takes (a model name or
 directory, a PersRM, a dtype, a placement), renders every context with padlm's prompting (so
-both engines see the same token ids), and returns :class:`padlm.engine.Generation` objects.
+both engines see the same token ids), and returns :class:`padlm.core.engine.Generation` objects.
 It runs ``base``, ``prompt`` and ``pad`` (a conditioned, head-only PersRM); everything else
 is refused naming the strategy and the engine. Greedy output equals the HF engine's token for
 token (``tests/test_vllm.py``); sampled output does not (vLLM draws its own random numbers).
@@ -23,19 +23,19 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from padlm.config import GenerationConfig
-from padlm.decoding import Request, StepEvent
-from padlm.devices import AUTO, default_dtype, resolve_device
-from padlm.engine import Generation, ServedModel, eos_ids
+from padlm.core.config import GenerationConfig
+from padlm.core.decoding import Request, StepEvent
+from padlm.core.devices import AUTO, default_dtype, resolve_device
+from padlm.core.engine import Generation, ServedModel, eos_ids
+from padlm.core.guides import default_persrm_dir, is_persrm_dir, persrm_directory, shipped_base
+from padlm.core.models import DEFAULT_MODEL, resolve_model_path
+from padlm.core.persrm import PersonalizedRewardModel, PersRMConfig
+from padlm.core.planning import plan
+from padlm.core.preferences import parse_preference
+from padlm.core.prompting import DEFAULT_PLACEMENT, PLACEMENTS
+from padlm.core.registry import check_request, strategy_class
+from padlm.core.strategies import render_lanes
 from padlm.errors import PadlmError
-from padlm.guides import default_persrm_dir, is_persrm_dir, persrm_directory, shipped_base
-from padlm.models import DEFAULT_MODEL, resolve_model_path
-from padlm.persrm import PersonalizedRewardModel, PersRMConfig
-from padlm.planning import plan
-from padlm.preferences import parse_preference
-from padlm.prompting import DEFAULT_PLACEMENT, PLACEMENTS
-from padlm.registry import check_request, strategy_class
-from padlm.strategies import render_lanes
 from padlm.vllm.requests import (
     ADDITIONAL_CONFIG_KEY,
     ENGINE,
@@ -255,7 +255,7 @@ class VllmPersonalizer:
                             self.placement)[0]
 
     def planned_ids(self, request: Request, strategy: str) -> list[int]:
-        """The context's token ids: as planned (:func:`padlm.planning.plan`), else rendered
+        """The context's token ids: as planned (:func:`padlm.core.planning.plan`), else rendered
         now (the request is checked then, too)."""
         if request.planned_for(strategy):
             return request.rendered.contexts[0][0]

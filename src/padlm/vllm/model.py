@@ -33,8 +33,8 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
+from padlm.core.persrm import PersonalizedRewardModel
 from padlm.errors import PadlmError
-from padlm.persrm import PersonalizedRewardModel
 from padlm.vllm.requests import ADDITIONAL_CONFIG_KEY, check_persrm
 
 _ACTIVE: weakref.ReferenceType[PadModelMixin] | None = None

@@ -13,7 +13,7 @@ Per step, for the rows whose ``SamplingParams.extra_args`` ask for PAD (see
 :func:`padlm.vllm.requests.pad_args`), it takes the top-k of the row's logits, asks the model
 for the PersRM logits at those k rows of the lm_head (:mod:`padlm.vllm.model` kept ``h``),
 and writes PAD's scores back (``-inf`` off the candidates): the math is
-:mod:`padlm.guidance`'s, as on the HF engine. Other rows are untouched.
+:mod:`padlm.core.guidance`'s, as on the HF engine. Other rows are untouched.
 
 padlm's repetition control (``padlm_no_repeat_ngram_size``, ``padlm_repetition_penalty``)
 of a PAD row happens here, as on the HF engine: the candidates and the proposal come from the
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from padlm import guidance
+from padlm.core import guidance
 from padlm.errors import PadlmError
 from padlm.vllm.repetition import controlled
 from padlm.vllm.requests import ARCHITECTURES, RepetitionArgs, pad_args, repetition_args
@@ -88,8 +88,8 @@ class PadLogitsProcessor(TrackedRowsProcessor[PadRow]):
         args = pad_args(params.extra_args)
         if args is None:
             return None
-        from padlm.prompting import preference_token_ids
-        from padlm.strategies import DEFAULT_TOP_K
+        from padlm.core.prompting import preference_token_ids
+        from padlm.core.strategies import DEFAULT_TOP_K
         from padlm.vllm.model import active_model
 
         saved = active_model().padlm_persrm.config

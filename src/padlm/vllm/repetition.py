@@ -3,7 +3,7 @@
 vLLM's own ``repetition_penalty`` counts the prompt's tokens too and has no no-repeat-ngram
 rule; padlm's HF loop penalises and bans on the *response* tokens only (the answer may still
 quote the question) and does so before PAD chooses its candidates. This processor applies
-:func:`padlm.guidance.repetition_control` to the plain rows that ask for it; PAD rows are
+:func:`padlm.core.guidance.repetition_control` to the plain rows that ask for it; PAD rows are
 left to the PAD processor, which needs the raw logits for its reward and the controlled ones
 for its candidates, as on the HF engine.
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from padlm import guidance
+from padlm.core import guidance
 from padlm.vllm.requests import RepetitionArgs, pad_args, repetition_args
 from padlm.vllm.rows import ActiveRow, TrackedRowsProcessor
 

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from padlm.config import GenerationConfig
+from padlm.core.config import GenerationConfig
+from padlm.core.persrm import PersRMConfig
 from padlm.errors import PadlmError
-from padlm.persrm import PersRMConfig
 
 ENGINE = "vllm"
 EXTRA_KEY = "padlm"  # SamplingParams.extra_args["padlm"] = {"weight": ..., "top_k": ..., ...}

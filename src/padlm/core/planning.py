@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from padlm.decoding import Rendered, Request
-from padlm.registry import strategy_class
+from padlm.core.decoding import Rendered, Request
+from padlm.core.registry import strategy_class
 
 if TYPE_CHECKING:
     from padlm.engines import Engine

@@ -16,24 +16,24 @@ from dataclasses import dataclass
 
 import torch
 
-from padlm.config import GenerationConfig
-from padlm.decoding import DecodeBatch, Request, Row, StepEvent, Strategy
-from padlm.devices import AUTO, resolve_device
-from padlm.errors import PadlmError
-from padlm.guides import load_persrm, persrm_placement
-from padlm.models import DEFAULT_MODEL, LoadedModel, load_model
-from padlm.persrm import PersonalizedRewardModel, PersRMConfig
-from padlm.planning import plan
-from padlm.preferences import Preference, parse_preference
-from padlm.prompting import PLACEMENTS
-from padlm.registry import (
+from padlm.core.config import GenerationConfig
+from padlm.core.decoding import DecodeBatch, Request, Row, StepEvent, Strategy
+from padlm.core.devices import AUTO, resolve_device
+from padlm.core.guides import load_persrm, persrm_placement
+from padlm.core.models import DEFAULT_MODEL, LoadedModel, load_model
+from padlm.core.persrm import PersonalizedRewardModel, PersRMConfig
+from padlm.core.planning import plan
+from padlm.core.preferences import Preference, parse_preference
+from padlm.core.prompting import PLACEMENTS
+from padlm.core.registry import (
     DEFAULT_SCORER,
     check_request,
     check_scorer,
     load_registry,
     strategy_class,
 )
-from padlm.strategies import BestOfNStrategy, SequenceScorer, make_scorer
+from padlm.core.strategies import BestOfNStrategy, SequenceScorer, make_scorer
+from padlm.errors import PadlmError
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,13 @@ class Personalizer:
         components: Mapping[str, object] | None = None,
         reference: str | None = None,
     ) -> None:
-        """``persrm``: the PersRM or guide (see :func:`padlm.guides.load_persrm`), loaded on
+        """``persrm``: the PersRM or guide (see :func:`padlm.core.guides.load_persrm`), loaded on
         first use, so a guide that cannot steer this model refuses ``pad`` alone.
         ``reference``: PAD's reward reference, overriding the guide's saved one.
         ``scorer``: what scores ``args`` and ``best-of-n``: ``"dimensions"`` (the
         per-dimension reward models, independent of the PersRM; preset preferences only),
         ``"persrm"`` (the PersRM's implicit reward, which PAD follows too), or any
-        :class:`~padlm.strategies.SequenceScorer` or ``items -> scores`` callable.
+        :class:`~padlm.core.strategies.SequenceScorer` or ``items -> scores`` callable.
         ``components``: settings of the parts plugged-in strategies share, by name (e.g.
         ``{"experts": path}`` for orchestration's ``mix`` and ``soups``; see
         :meth:`component`)."""

@@ -16,16 +16,16 @@ import logging
 from importlib import resources
 from pathlib import Path
 
-from padlm.errors import PadlmError
-from padlm.models import LoadedModel, load_model, resolve_model_path
-from padlm.persrm import (
+from padlm.core.models import LoadedModel, load_model, resolve_model_path
+from padlm.core.persrm import (
     CONFIG_NAME,
     HEAD_NAME,
     PersonalizedRewardModel,
     PersRMConfig,
     ValueHead,
 )
-from padlm.prompting import DEFAULT_PLACEMENT
+from padlm.core.prompting import DEFAULT_PLACEMENT
+from padlm.errors import PadlmError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _load_padlm_persrm(directory: Path, lm: LoadedModel, spec: str
 
 def _load_checkpoint(directory: Path, lm: LoadedModel) -> PersonalizedRewardModel:
     """Another project's layout (PAD's released PersRM, a PEFT adapter, a causal LM)."""
-    from padlm.checkpoints import inspect_guide, load_guide_model
+    from padlm.core.checkpoints import inspect_guide, load_guide_model
 
     checkpoint = inspect_guide(directory)
     for warning in checkpoint.warnings:
@@ -159,7 +159,7 @@ def _separate(config: PersRMConfig, head: ValueHead, guide: LoadedModel, lm: Loa
               path: str | None, reference: str | None, spec: str | None = None
               ) -> PersonalizedRewardModel:
     """A guide with its own stream; refused unless it reads the base model's tokens."""
-    from padlm.checkpoints import shared_vocabulary
+    from padlm.core.checkpoints import shared_vocabulary
 
     try:
         scoreable = shared_vocabulary(

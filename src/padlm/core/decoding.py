@@ -17,12 +17,12 @@ from typing import Any, Protocol
 
 import torch
 
-from padlm import guidance
-from padlm.config import GenerationConfig
-from padlm.kvstream import KVStream, Prefill, StreamOutput
-from padlm.preferences import Preference
-from padlm.prompting import Message
-from padlm.registry import StrategySpec, check_request
+from padlm.core import guidance
+from padlm.core.config import GenerationConfig
+from padlm.core.kvstream import KVStream, Prefill, StreamOutput
+from padlm.core.preferences import Preference
+from padlm.core.prompting import Message
+from padlm.core.registry import StrategySpec, check_request
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Request:
     prompt: str | Sequence[Message]
     preference: Preference = Preference()
     config: GenerationConfig = field(default_factory=GenerationConfig)
-    rendered: Rendered | None = None  # set by padlm.planning.plan
+    rendered: Rendered | None = None  # set by padlm.core.planning.plan
 
     def planned_for(self, strategy: str) -> bool:
         """Whether a planner checked and rendered this request for rows of ``strategy``."""
@@ -95,7 +95,7 @@ class Rows(list):
 
 
 class Strategy(Protocol):
-    """How a method turns model outputs into next-token scores (see padlm.strategies).
+    """How a method turns model outputs into next-token scores (see padlm.core.strategies).
 
     A strategy whose rows carry settings it must parse (experts, mixing weights) may also
     define ``admit(request) -> state``: called once as the row joins, its result is
@@ -257,7 +257,7 @@ class DecodeBatch(RowText):
         name = self.strategy.spec.name
         for request in requests:
             planned = request.planned_for(name)
-            if not planned:  # a planned request was checked by padlm.planning.plan
+            if not planned:  # a planned request was checked by padlm.core.planning.plan
                 check_request(name, request.config)
             generator = None
             if request.config.temperature > 0:

@@ -33,9 +33,9 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file
 
+from padlm.core.models import LoadedModel, load_model
+from padlm.core.persrm import ADAPTER_NAME
 from padlm.errors import PadlmError
-from padlm.models import LoadedModel, load_model
-from padlm.persrm import ADAPTER_NAME
 
 GUIDE_LAYOUTS = ("pad-released", "causal-lm", "peft-adapter")
 
@@ -75,7 +75,7 @@ class GuideCheckpoint:
     # (W [H, H], b [H]) float32 from a value-head file (pad-released, or a peft-adapter that
     # ships one); None means the identity head
     head: tuple[torch.Tensor, torch.Tensor] | None
-    default_reference: str  # a rule of padlm.config.REWARD_REFERENCES
+    default_reference: str  # a rule of padlm.core.config.REWARD_REFERENCES
     warnings: tuple[str, ...] = ()  # one-line warnings for the caller to log
 
 

@@ -1,7 +1,7 @@
 """The strategy registry: what each method is and needs, in one table everyone reads.
 
 Torch-free on purpose: the registry's types and lookups cost nothing to import. The built-in
-classes register when :mod:`padlm.strategies` imports; a feature package adds its own
+classes register when :mod:`padlm.core.strategies` imports; a feature package adds its own
 strategies and scorers through the ``padlm.plugins`` entry-point group (as vLLM loads its
 ``vllm.general_plugins``), so the kernel never names one. :func:`load_registry` makes sure
 both have run.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from importlib.metadata import entry_points
 
-from padlm.config import GenerationConfig
+from padlm.core.config import GenerationConfig
 from padlm.errors import PadlmError
 
 # the two contexts a lane can hold: the prompt with the preference placed in it, or without
@@ -43,7 +43,7 @@ REGISTRY: dict[str, type] = {}
 SCORERS = ("dimensions", "persrm")
 DEFAULT_SCORER = "dimensions"
 SCORER_FACTORIES: dict[str, Callable] = {}
-BUILT_IN = "padlm.strategies"
+BUILT_IN = "padlm.core.strategies"
 PLUGIN_GROUP = "padlm.plugins"
 _plugins_loaded = False
 

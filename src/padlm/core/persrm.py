@@ -22,12 +22,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from padlm.atomic import atomic_directory, write_json_atomic
-from padlm.config import REWARD_REFERENCES
+from padlm.core.config import REWARD_REFERENCES
+from padlm.core.prompting import DEFAULT_PLACEMENT
 from padlm.errors import PadlmError
-from padlm.prompting import DEFAULT_PLACEMENT
 
 if TYPE_CHECKING:
-    from padlm.models import LoadedModel
+    from padlm.core.models import LoadedModel
 
 CONFIG_NAME = "config.json"
 HEAD_NAME = "head.safetensors"
@@ -113,7 +113,8 @@ class PersonalizedRewardModel:
     copy of it, or a separate guide model with its own KV stream (any size; the same
     tokenizer as the base).
 
-    ``reference`` is the token reward's reference rule (:data:`padlm.config.REWARD_REFERENCES`):
+    ``reference`` is the token reward's reference rule
+    (:data:`padlm.core.config.REWARD_REFERENCES`):
     by default what the head was trained against, on its own backbone (``conditioned`` ->
     ``base`` when that backbone is the base model, ``guide`` when it is a separate guide).
     """

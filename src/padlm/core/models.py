@@ -27,7 +27,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from padlm.devices import AUTO, default_dtype, resolve_device
+from padlm.core.devices import AUTO, default_dtype, resolve_device
 from padlm.errors import PadlmError
 
 log = logging.getLogger(__name__)

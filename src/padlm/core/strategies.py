@@ -1,12 +1,12 @@
 """The methods, each one small class that declares what it needs, plus the one registry.
 
 A strategy says how to score and nothing else: it holds references to frozen models, never a
-KV cache. Each :class:`padlm.decoding.DecodeBatch` asks it for fresh streams
+KV cache. Each :class:`padlm.core.decoding.DecodeBatch` asks it for fresh streams
 (:meth:`Strategy.new_streams`), so any number of batches run side by side from one engine.
 
 Every place that lists, validates, routes or reports strategies reads
-:data:`padlm.registry.REGISTRY` and each class's :class:`~padlm.registry.StrategySpec`; a new
-method is one class and one ``@register`` line.
+:data:`padlm.core.registry.REGISTRY` and each class's
+:class:`~padlm.core.registry.StrategySpec`; a new method is one class and one ``@register`` line.
 
 Lanes: a stream runs ``L`` contexts per request in one batched forward. A lane is either the
 context WITH the preference (``PREFERENCE``) or without it (``NEUTRAL``). A PersRM whose reward
@@ -24,19 +24,18 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from padlm import guidance
-from padlm.decoding import Request, Row, Rows
-from padlm.errors import PadlmError
-from padlm.kvstream import KVStream, StreamOutput, response_hidden
-from padlm.models import LoadedModel
-from padlm.persrm import (
+from padlm.core import guidance
+from padlm.core.decoding import Request, Row, Rows
+from padlm.core.kvstream import KVStream, StreamOutput, response_hidden
+from padlm.core.models import LoadedModel
+from padlm.core.persrm import (
     ADAPTER_NAME,
     BASE_ADAPTER,
     PersonalizedRewardModel,
     candidate_logits,
 )
-from padlm.prompting import DEFAULT_PLACEMENT, preference_token_ids, render
-from padlm.registry import (
+from padlm.core.prompting import DEFAULT_PLACEMENT, preference_token_ids, render
+from padlm.core.registry import (
     NEUTRAL,
     PREFERENCE,
     StrategySpec,
@@ -44,9 +43,10 @@ from padlm.registry import (
     register_scorer,
     scorer_factory,
 )
+from padlm.errors import PadlmError
 
 if TYPE_CHECKING:
-    from padlm.engine import Personalizer
+    from padlm.core.engine import Personalizer
 
 DEFAULT_TOP_K = 10
 BEST_OF_N_TEMPERATURE = 0.7  # best-of-n needs diverse samples; used when none is given
@@ -422,7 +422,7 @@ class ImplicitRewardScorer(SequenceScorer):
 
 
 def make_scorer(scorer, lm: LoadedModel, persrm: PersonalizedRewardModel) -> SequenceScorer:
-    """A scorer from its name (:data:`padlm.registry.SCORERS`), or any scorer or callable."""
+    """A scorer from its name (:data:`padlm.core.registry.SCORERS`), or any scorer or callable."""
     if isinstance(scorer, SequenceScorer):
         return scorer
     if callable(scorer):
