@@ -8,7 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from padlm import GenerationConfig, Personalizer, guidance
+from padlm import GenerationConfig, Personalizer
+from padlm.core import guidance
 from padlm.core.decoding import Request
 from padlm.core.engine import eos_ids
 from padlm.core.persrm import ADAPTER_NAME, PersonalizedRewardModel

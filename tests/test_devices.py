@@ -19,7 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from padlm import GenerationConfig, Personalizer, guidance
+from padlm import GenerationConfig, Personalizer
+from padlm.core import guidance
 from padlm.core.kvstream import response_hidden
 from padlm.core.models import load_model
 from padlm.core.persrm import PersonalizedRewardModel, ValueHead

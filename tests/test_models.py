@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from padlm import models
+from padlm.core import models
 from padlm.errors import PadlmError
 
 # A child process whose converter is slow and counts its calls: the real conversion
@@ -19,7 +19,7 @@ from padlm.errors import PadlmError
 FAKE_CONVERT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from padlm import models
+    from padlm.core import models
 
     def convert(gguf, out_dir):
         with open(sys.argv[1], "a") as log:

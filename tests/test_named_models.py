@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from padlm import models
+from padlm.core import models
 from padlm.errors import PadlmError
 
 CHUNKS = [b"GGUF" + bytes(range(7)) * 3, b"second part" * 5, b"tail\x00\xff"]
