@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from padlm import GenerationConfig, Personalizer
+from padlm.core.planning import Expansion
 from padlm.server.app import ServerThread, create_app
 from padlm.server.worker import Job, JobDone, JobFailed, admissible, find_culprits
 
@@ -120,9 +121,12 @@ def test_top_k_equal_to_the_vocabulary_is_served(tiny):
 
 # ---- the worker without admission checks -------------------------------------------------
 
-def submit(worker, requests, batch: str = "pad", **fields) -> queue.Queue:
+PAD_ROWS = Expansion("pad")
+
+
+def submit(worker, requests, expansion: Expansion = PAD_ROWS, **fields) -> queue.Queue:
     events: queue.Queue = queue.Queue()
-    worker.submit(Job(list(requests), batch, events.put, **fields))
+    worker.submit(Job(list(requests), expansion, events.put, **fields))
     return events
 
 
@@ -229,8 +233,7 @@ def test_a_failing_best_of_n_scorer_fails_only_that_request(tiny):
     samples = engine.strategy("best-of-n").sample_requests(
         request(engine, GenerationConfig(max_new_tokens=4)), 2)
     with worker._wake:
-        best = submit(worker, samples, "prompt", picker=BrokenScorer(), best_of=2,
-                      stream=False)
+        best = submit(worker, samples, Expansion("prompt", 2, BrokenScorer()), stream=False)
         plain = submit(worker, [request(engine, GenerationConfig(max_new_tokens=3))])
     _, failed = outcome(best)
     assert isinstance(failed, JobFailed) and failed.error.status == 500

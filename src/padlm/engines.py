@@ -13,13 +13,18 @@ from padlm.errors import PadlmError
 
 if TYPE_CHECKING:
     from padlm.core.config import GenerationConfig
-    from padlm.core.decoding import StepEvent
+    from padlm.core.decoding import DecodeBatch, Request, StepEvent
     from padlm.core.engine import Generation, ServedModel
+    from padlm.vllm.batch import VllmBatch
 
 
 class Engine(Protocol):
     """What both engines offer (``padlm.core.engine.Personalizer``,
-    ``padlm.vllm.engine.VllmPersonalizer``)."""
+    ``padlm.vllm.engine.VllmPersonalizer``), and all the server, the planner and the
+    samplers call. Two things only padlm's own engine has, and an engine without them refuses
+    the requests that need them first: ``strategy(name)`` (a sequence-level strategy's picker;
+    ``check`` refuses best-of-n elsewhere) and ``persrm`` / ``lm`` for per-token rewards
+    (``served_model().token_rewards`` is false elsewhere, so the planner refuses them)."""
 
     engine_name: str
     placement: str
@@ -38,6 +43,10 @@ class Engine(Protocol):
                config: GenerationConfig | None = None) -> Iterator[StepEvent]: ...
 
     def served_model(self) -> ServedModel: ...
+
+    def batch(self, strategy: str) -> DecodeBatch | VllmBatch: ...
+
+    def contexts(self, strategy: str, request: Request) -> list[list[list[int]]]: ...
 
 
 def open_engine(engine_name: str = "hf", model: str = DEFAULT_MODEL, *,

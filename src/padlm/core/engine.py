@@ -22,7 +22,7 @@ from padlm.core.devices import AUTO, resolve_device
 from padlm.core.guides import load_persrm, persrm_placement
 from padlm.core.models import DEFAULT_MODEL, LoadedModel, load_model
 from padlm.core.persrm import PersonalizedRewardModel, PersRMConfig
-from padlm.core.planning import plan
+from padlm.core.planning import expansion, plan
 from padlm.core.preferences import Preference, parse_preference
 from padlm.core.prompting import PLACEMENTS
 from padlm.core.registry import (
@@ -32,7 +32,7 @@ from padlm.core.registry import (
     load_registry,
     strategy_class,
 )
-from padlm.core.strategies import BestOfNStrategy, SequenceScorer, make_scorer
+from padlm.core.strategies import SequenceScorer, make_scorer
 from padlm.errors import PadlmError
 
 log = logging.getLogger(__name__)
@@ -237,15 +237,14 @@ class Personalizer:
         """Decode every prompt (in batches) with one strategy; results in prompt order.
         ``n`` is the number of samples of a sequence-level strategy (best-of-n)."""
         requests = [plan(self, strategy, self.request(p, preference, config)) for p in prompts]
-        chosen = self.strategy(strategy)
+        rows = expansion(self, strategy, n)
         results: list[Generation] = []
         for start in range(0, len(requests), batch_size):
             chunk = requests[start:start + batch_size]
             began = time.perf_counter()
-            if chosen.spec.level == "sequence":
-                picked = self._pick_best(chosen, chunk, n)
-            else:
-                picked = [(row, None) for row in self.batch(chosen).run(chunk)]
+            # best-of-n: every request's samples in ONE decode batch
+            picked = rows.pick(self.batch(rows.rows).run(
+                [row for request in chunk for row in rows.expand(request)]))
             seconds = (time.perf_counter() - began) / len(chunk)
             results.extend(_as_generation(row, seconds, score) for row, score in picked)
             if on_batch is not None:
@@ -254,14 +253,6 @@ class Personalizer:
 
     def _decode(self, strategy: str, requests: Sequence[Request]) -> list[Row]:
         return self.batch(strategy).run(requests)
-
-    def _pick_best(self, strategy: BestOfNStrategy, requests: Sequence[Request], n: int
-                   ) -> list[tuple[Row, float]]:
-        """Best-of-n for several requests in ONE decode batch (``len(requests) * n`` rows)."""
-        samples = [sample for request in requests
-                   for sample in strategy.sample_requests(request, n)]
-        rows = self.batch(strategy.sampler).run(samples)
-        return strategy.pick_many(rows, n)
 
     def best_of_n(self, prompt, preference: str | None = None,
                   config: GenerationConfig | None = None, n: int = 4) -> Generation:

@@ -28,7 +28,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from padlm.core.engine import Personalizer
+from padlm.engines import Engine
 from padlm.server.gate import Gate, TimedH11Protocol
 from padlm.server.metrics import ServerMetrics
 from padlm.server.planning import Planner
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_FLUSH_S = 5  # after the drain, connections get this long to send their last bytes
 
 
-def create_app(engine: Personalizer, settings: ServerSettings | None = None,
+def create_app(engine: Engine, settings: ServerSettings | None = None,
                **fields) -> FastAPI:
     """The FastAPI app; its decode worker starts and stops with the app's lifespan.
     ``fields`` override single settings: ``create_app(engine, max_batch_size=4)``."""

@@ -17,10 +17,11 @@ import numpy as np
 
 from padlm.core.config import SEED_LIMIT, GenerationConfig
 from padlm.core.decoding import Request as DecodeRequest
-from padlm.core.engine import Personalizer, ServedModel
-from padlm.core.planning import plan
+from padlm.core.engine import ServedModel
+from padlm.core.planning import Expansion, expansion, plan
 from padlm.core.preferences import Preference, parse_preference
 from padlm.core.registry import strategy_class
+from padlm.engines import Engine
 from padlm.errors import PadlmError
 from padlm.server.schemas import ApiError, ChatCompletionRequest
 from padlm.server.settings import ServerSettings
@@ -48,16 +49,14 @@ class Plan:
     # and --max-prompt-tokens weigh this, the real work, not the usage count)
     prefill_tokens: int
     strategy: str
-    batch: str  # the token-level strategy the rows decode with
+    expansion: Expansion  # the rows' token-level strategy; best-of-n's sampling and picking
     preference: Preference
-    best_of: int = 1
-    picker: object | None = None  # best-of-n: keeps one of each choice's best_of samples
 
 
 class Planner:
     """Turns a request body into a :class:`Plan` or a 400, for one served model."""
 
-    def __init__(self, engine: Personalizer, settings: ServerSettings,
+    def __init__(self, engine: Engine, settings: ServerSettings,
                  served: ServedModel) -> None:
         self.engine = engine
         self.settings = settings
@@ -144,8 +143,7 @@ class Planner:
             raise ApiError(400, f"token_rewards cannot be reported by the {self.served.engine} "
                            "engine (the PersRM runs inside it); use padlm serve --engine hf",
                            "token_rewards")
-        picker = self.engine.strategy(strategy) if spec.level == "sequence" else None
-        batch = picker.sampler if picker else strategy
+        rows = expansion(self.engine, strategy, best_of)
         requests, prompt_tokens, prefill_tokens = [], 0, 0
         for prompt in prompts:
             rendered = self._plan(DecodeRequest(prompt, preference, config), strategy,
@@ -175,12 +173,11 @@ class Planner:
                                         replace(config, max_new_tokens=wanted, seed=seed),
                                         rendered)  # the decode thread renders nothing again
                 try:  # best-of-n's scorer refuses what it cannot score (free text)
-                    requests.extend(picker.sample_requests(request, best_of) if picker
-                                    else [request])
+                    requests.extend(rows.expand(request))
                 except PadlmError as error:
                     raise ApiError(400, str(error), error.param or prompt_param) from None
         return Plan(requests, len(prompts) * body.n, prompt_tokens, prefill_tokens, strategy,
-                    batch, preference, best_of, picker)
+                    rows, preference)
 
     def _check_bounds(self, config: GenerationConfig, samples: int) -> None:
         """What a valid config may still break in this model or this server: a top-k beyond

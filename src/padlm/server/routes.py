@@ -25,8 +25,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from padlm.core.engine import Personalizer, ServedModel
+from padlm.core.engine import ServedModel
 from padlm.core.preferences import PRESETS
+from padlm.engines import Engine
 from padlm.server.gate import CLIENT_CLOSED, error_response
 from padlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from padlm.server.planning import Plan, Planner
@@ -54,7 +55,7 @@ _CLOSE = {"Connection": "close"}
 class Service:
     """State shared by the handlers (``app.state.service``): one app, one of each."""
 
-    engine: Personalizer
+    engine: Engine
     settings: ServerSettings
     served: ServedModel
     names: tuple[str, ...]  # the names the model answers to; the first is its own
@@ -171,9 +172,8 @@ async def _respond(request: Request, service: Service, body, plan: Plan, kind: s
             loop.call_soon_threadsafe(queue.put_nowait, items)
 
     worker = service.worker
-    job = Job(plan.rows, plan.batch, sink, picker=plan.picker, best_of=plan.best_of,
-              token_rewards=body.token_rewards, stream=body.stream,
-              timeout_s=service.settings.request_timeout_s,
+    job = Job(plan.rows, plan.expansion, sink, token_rewards=body.token_rewards,
+              stream=body.stream, timeout_s=service.settings.request_timeout_s,
               prefill_tokens=plan.prefill_tokens)
     worker.submit(job)
     service.metrics.labelled(service.metrics.prompt_tokens).inc(plan.prompt_tokens)

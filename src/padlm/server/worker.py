@@ -31,7 +31,8 @@ from functools import cached_property
 from typing import Protocol
 
 from padlm.core.decoding import DecodeBatch, Request, Row
-from padlm.core.engine import Personalizer
+from padlm.core.planning import Expansion
+from padlm.engines import Engine
 from padlm.errors import PadlmError
 from padlm.server.rewards import TokenRewards
 from padlm.server.schemas import ApiError
@@ -71,15 +72,14 @@ class JobFailed:
 
 @dataclass
 class Job:
-    """One API request. ``rows`` decode in the token-level strategy ``batch``: one row per
-    choice, or, with a ``picker`` (best-of-n), ``best_of`` consecutive sample rows per choice
-    of which the picker keeps one. Events go to ``sink`` (called on the worker thread)."""
+    """One API request. ``rows`` decode in the token-level strategy ``expansion.rows``: one
+    row per choice, or for best-of-n ``expansion.n`` consecutive sample rows per choice of
+    which ``expansion.pick`` keeps one. Events go to ``sink`` (called on the worker
+    thread)."""
 
     rows: list[Request]
-    batch: str
+    expansion: Expansion  # the batch its rows decode in, and how they become its choices
     sink: Callable[[list], None]
-    picker: object | None = None  # a sequence-level strategy with pick_many(rows, n)
-    best_of: int = 1
     token_rewards: bool = False
     prefill_tokens: int = 0  # prompt tokens over all rows, lanes and streams
     stream: bool = True  # False: only the finishing event of each choice is sent
@@ -174,7 +174,7 @@ class BatchWorker:
     """Owns the decode batches. ``submit``, ``cancel`` and ``drain`` are called from other
     threads; everything else runs on the worker's thread."""
 
-    def __init__(self, engine: Personalizer, settings: ServerSettings | None = None,
+    def __init__(self, engine: Engine, settings: ServerSettings | None = None,
                  observer: WorkerObserver | None = None) -> None:
         self.engine = engine
         self.settings = settings or ServerSettings()
@@ -378,7 +378,7 @@ class BatchWorker:
             if self.observer:
                 self.observer.waited(now - job.submitted)
             job.finished = [None] * len(job.rows)
-            groups.setdefault(job.batch, []).append(job)
+            groups.setdefault(job.expansion.rows, []).append(job)
         chunk = self.settings.prefill_chunk_tokens
         for name, group in groups.items():
             group = [job for job in group if not job.ended]
@@ -499,7 +499,7 @@ class BatchWorker:
         for i, event in enumerate(events):
             job, slot = self._owners[id(event.row)]
             self._observe_token(job, slot, now)
-            if job.picker is not None or not (job.stream or event.finished):
+            if job.expansion.picker is not None or not (job.stream or event.finished):
                 continue
             appended = event.token not in batch.eos_ids or event.row.config.ignore_eos
             item = TokenEvent(slot, event.delta, event.token if appended else None)
@@ -559,9 +559,9 @@ class BatchWorker:
     def _complete(self, job: Job) -> None:
         """Every row finished: best-of-n picks one sample per choice, then the job ends."""
         items: list = []
-        if job.picker is not None:
+        if job.expansion.picker is not None:
             try:
-                picked = job.picker.pick_many(job.finished, job.best_of)
+                picked = job.expansion.pick(job.finished)
             except Exception as error:
                 log.exception("the best-of-n scorer failed")
                 self._fail(job, _job_error(error, "scoring the samples"))
