@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import torch
 
-from padlm import Personalizer
+from padlm import GenerationConfig, Personalizer
+from padlm.core.planning import expansion
 from padlm.server.app import ServerThread, create_app
 
 
@@ -31,3 +33,22 @@ def test_each_prompt_is_rendered_once_per_request(tiny_lm, monkeypatch, body):
     assert reply.status_code == 200, reply.text
     assert len(reply.json()["choices"]) == body["n"]
     assert len(renders) == 1  # was 1 + n (x best_of): the planner, then every row again
+
+
+@pytest.mark.parametrize(("strategy", "n"), [("pad", 1), ("linear-alignment", 1),
+                                              ("best-of-n", 3)])
+def test_generate_plans_each_prompt_once(tiny_lm, monkeypatch, strategy, n):
+    """The library's path goes through the same planner: each prompt rendered once, however
+    many rows (best-of-n's samples) decode it, and the decode batch renders nothing again."""
+    engine = Personalizer(tiny_lm, persrm="identity", scorer=lambda items: torch.zeros(
+        len(items)))
+    rows = expansion(engine, strategy).rows
+    rendering = engine.strategy(rows)
+    original, renders = rendering.contexts, []
+    monkeypatch.setattr(rendering, "contexts",
+                        lambda request: renders.append(request) or original(request))
+    prompts = ["Name a fruit.", "Name a colour."]
+    config = GenerationConfig(max_new_tokens=3, temperature=0.7, seed=1)
+    got = engine.generate(prompts, "P1A", strategy, config, n=n)
+    assert len(got) == len(prompts) and all(g.tokens for g in got)
+    assert len(renders) == len(prompts)

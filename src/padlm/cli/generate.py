@@ -81,7 +81,6 @@ def generate(
     engine = open_engine(engine_name, model, persrm=persrm, dtype=dtype, placement=placement,
                          device=device, experts=experts, scorer=scorer, reference=reference)
     engine.check(strategy, config)  # on vLLM: refused before its minute of start-up
-    extra = {"batch_size": batch_size, "n": n} if engine_name == "hf" else {}
     meta = {"strategy": strategy, "preference": preference, "model": engine.model_name}
     if spec.uses_persrm or scorer == "persrm":
         meta["persrm"] = engine.persrm_name
@@ -98,7 +97,7 @@ def generate(
             f"[dim]{count} tokens, {count / (time.perf_counter() - began):.1f} tok/s")
         return
     results = engine.generate([i["prompt"] for i in items], preference, strategy, config,
-                              **extra)
+                              batch_size=batch_size, n=n)
     for item, result in zip(items, results, strict=True):
         if as_json or prompts_file:
             record = {"text": result.text, **meta, "new_tokens": result.new_tokens,
