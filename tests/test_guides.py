@@ -24,7 +24,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from padlm.core import guidance
 from padlm.core.config import GenerationConfig
 from padlm.core.engine import Personalizer
-from padlm.core.guides import load_persrm
+from padlm.core.guides import (
+    PersRMSource,
+    default_persrm_dir,
+    load_persrm,
+    resolve_persrm,
+)
 from padlm.core.models import LoadedModel
 from padlm.core.persrm import PersonalizedRewardModel
 from padlm.core.preferences import parse_preference
@@ -158,6 +163,47 @@ def test_a_persrm_trained_on_another_model_runs_as_a_named_separate_guide(
     pad = engine.generate(PROMPTS[:2], PREFERENCE, "pad", config)
     prompted = engine.generate(PROMPTS[:2], PREFERENCE, "prompt", config)
     assert [g.tokens for g in pad] != [g.tokens for g in prompted]
+
+
+def test_the_resolver_says_what_a_spec_names_without_loading_it(tiny_lm, guide_dir, tmp_path,
+                                                                monkeypatch):
+    """Every engine reads ``--persrm`` through ``resolve_persrm``: the kind, the directory,
+    the config and the model it was trained on, whether it is a head on this very model; a
+    path to nothing is refused only when the PersRM is needed."""
+    own = PersonalizedRewardModel.identity(tiny_lm.name, tiny_lm.model.config.hidden_size)
+    own.config.placement = "bracket"
+    own.save(tmp_path / "own")
+    PersonalizedRewardModel.identity(str(guide_dir), 48).save(tmp_path / "other")
+    assert resolve_persrm(None, tiny_lm.name) == PersRMSource(None, "identity")
+    assert resolve_persrm("identity", tiny_lm.name) == PersRMSource("identity", "identity")
+    source = resolve_persrm(str(tmp_path / "own"), tiny_lm.name)
+    assert source == PersRMSource(str(tmp_path / "own"), "padlm", tmp_path / "own",
+                                  source.config, tiny_lm.name, True)
+    assert source.config.placement == "bracket"
+    other = resolve_persrm(str(tmp_path / "other"), tiny_lm.name)
+    assert (other.kind, other.base_model, other.shares_backbone) == (
+        "padlm", str(guide_dir), False)
+    assert resolve_persrm(str(guide_dir), tiny_lm.name) == PersRMSource(
+        str(guide_dir), "foreign", guide_dir)  # read when loaded: inspecting reads weights
+    assert resolve_persrm("org/some-model", tiny_lm.name) == PersRMSource(
+        "org/some-model", "guide", base_model="org/some-model")
+    missing = resolve_persrm(str(tmp_path / "nowhere"), tiny_lm.name)
+    assert missing.kind == "missing"
+    with pytest.raises(PadlmError, match="nowhere does not exist"):
+        missing.require()
+    # ``default``: the first preferred shipped PersRM trained on this model, else the first
+    shipped = resolve_persrm("default", "SmolLM2-135M-Instruct")
+    assert shipped.directory == default_persrm_dir("default") and shipped.shares_backbone
+    one_lane = ("conditioned", "default")
+    assert resolve_persrm("default", "SmolLM2-135M-Instruct", one_lane).directory == \
+        default_persrm_dir("conditioned")
+    elsewhere = resolve_persrm("default", tiny_lm.name, one_lane)
+    assert elsewhere.directory == default_persrm_dir("conditioned")
+    assert elsewhere.base_model == "SmolLM2-135M-Instruct" and not elsewhere.shares_backbone
+    assert resolve_persrm("default", tiny_lm.name).directory == default_persrm_dir("default")
+    monkeypatch.setattr("padlm.core.guides.default_persrm_dir", lambda name: None)
+    with pytest.raises(PadlmError, match="this build ships no PersRM 'conditioned'"):
+        resolve_persrm("conditioned", tiny_lm.name)
 
 
 def test_the_shipped_persrm_steers_another_model_of_its_tokenizer_as_a_guide(tiny_lm):

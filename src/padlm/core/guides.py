@@ -11,10 +11,11 @@ with an error that names both models.
 from __future__ import annotations
 
 import copy
-import json
 import logging
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from padlm.core.models import LoadedModel, load_model, resolve_model_path
 from padlm.core.persrm import (
@@ -34,6 +35,32 @@ log = logging.getLogger(__name__)
 # runs on vLLM)
 SHIPPED_PERSRMS = ("default", "conditioned")
 
+PersRMKind = Literal["identity", "padlm", "foreign", "guide", "missing"]
+
+
+@dataclass(frozen=True)
+class PersRMSource:
+    """What a ``--persrm`` spec names, read from configs alone (no weights), so that every
+    engine runs the same rules and only decides what it can run: ``identity`` (no PersRM),
+    ``padlm`` (padlm's own directory, with its config), ``foreign`` (another project's
+    checkpoint directory, inspected when loaded), ``guide`` (a model name, run as a whole
+    causal LM beside the base) or ``missing`` (a path to nothing, refused when needed)."""
+
+    spec: str | None  # as the user wrote it: refusals name it so
+    kind: PersRMKind
+    directory: Path | None = None
+    config: PersRMConfig | None = None  # padlm directories only
+    base_model: str | None = None  # what it was trained on (a guide: the model itself)
+    shares_backbone: bool = False  # a padlm head on this very model: one-stream PAD
+
+    def require(self) -> PersRMSource:
+        """This source, or the refusal of a path that names nothing. Not raised by
+        :func:`resolve_persrm`, so that the placement can be read and the refusal kept for
+        ``pad`` alone until the PersRM is needed."""
+        if self.kind == "missing":
+            raise PadlmError(f"PersRM directory {self.spec} does not exist", param="persrm")
+        return self
+
 
 def default_persrm_dir(name: str = "default") -> Path | None:
     """The PersRM shipped inside the package under ``name``, if this build has one."""
@@ -41,25 +68,38 @@ def default_persrm_dir(name: str = "default") -> Path | None:
     return path if (path / CONFIG_NAME).exists() else None
 
 
-def shipped_base(directory: Path) -> str:
-    return json.loads((directory / CONFIG_NAME).read_text()).get("base_model", "")
-
-
-def is_persrm_dir(path: Path) -> bool:
-    """padlm's own PersRM layout (``config.json`` + ``head.safetensors``)."""
-    return (path / CONFIG_NAME).exists() and (path / HEAD_NAME).exists()
-
-
-def persrm_directory(spec: str) -> Path | None:
-    """The directory ``spec`` names (a shipped name or a path), None for a model name."""
+def resolve_persrm(spec: str | None, model_name: str, prefer: tuple[str, ...] = ("default",)
+                   ) -> PersRMSource:
+    """What ``spec`` names for the base model ``model_name``: ``None``/``identity``, a shipped
+    name, a directory (padlm's or another layout), a path to nothing, else a model used as a
+    guide. ``default`` means the first shipped PersRM in ``prefer`` that was trained on
+    ``model_name``, else the first shipped at all (an engine that runs only some of them
+    prefers those). A shipped name this build lacks is refused here, before anything loads."""
+    if spec is None or spec == "identity":
+        return PersRMSource(spec, "identity")
     if spec in SHIPPED_PERSRMS:
-        shipped = default_persrm_dir(spec)
-        if shipped is None:
+        names = prefer if spec == "default" else (spec,)
+        shipped = [_directory_source(spec, directory, model_name)
+                   for directory in map(default_persrm_dir, names) if directory is not None]
+        if not shipped:
             raise PadlmError(f"this build ships no PersRM {spec!r}: pass --persrm DIR",
                              param="persrm")
-        return shipped
+        return next((source for source in shipped if source.shares_backbone), shipped[0])
     path = Path(spec).expanduser()
-    return path if path.is_dir() else None
+    if path.is_dir():
+        return _directory_source(spec, path, model_name)
+    if spec.startswith((".", "/", "~")):
+        return PersRMSource(spec, "missing")
+    return PersRMSource(spec, "guide", base_model=spec)
+
+
+def _directory_source(spec: str, directory: Path, model_name: str) -> PersRMSource:
+    """padlm's own layout (``config.json`` + ``head.safetensors``), else another project's."""
+    if not ((directory / CONFIG_NAME).exists() and (directory / HEAD_NAME).exists()):
+        return PersRMSource(spec, "foreign", directory)
+    config = PersonalizedRewardModel.read_config(directory)
+    return PersRMSource(spec, "padlm", directory, config, config.base_model,
+                        config.base_model == model_name)
 
 
 def persrm_placement(spec: str | PersonalizedRewardModel | None, model_name: str) -> str:
@@ -67,68 +107,61 @@ def persrm_placement(spec: str | PersonalizedRewardModel | None, model_name: str
     trained with, else the default (read from its config alone, before any weights load)."""
     if isinstance(spec, PersonalizedRewardModel):
         return spec.config.placement
-    directory = persrm_directory(spec) if isinstance(spec, str) and spec != "identity" \
-        else None
-    if directory is None or not is_persrm_dir(directory):
-        return DEFAULT_PLACEMENT
-    config = PersonalizedRewardModel.read_config(directory)
-    return config.placement if config.base_model == model_name else DEFAULT_PLACEMENT
+    source = resolve_persrm(spec, model_name)
+    return source.config.placement if source.shares_backbone else DEFAULT_PLACEMENT
 
 
 def load_persrm(spec: str | PersonalizedRewardModel | None, lm: LoadedModel,
                 reference: str | None = None) -> PersonalizedRewardModel:
-    """Resolve ``--persrm`` for the base model ``lm``: ``identity``, a shipped name, a PersRM
-    or guide-checkpoint directory, or a model (alias, directory, hub id) used as a guide.
+    """Load what ``--persrm`` names for the base model ``lm`` (see :func:`resolve_persrm`).
     ``reference`` overrides the guide's saved reward reference."""
     if isinstance(spec, PersonalizedRewardModel):
         persrm = spec
-    elif spec is None or spec == "identity":
-        persrm = PersonalizedRewardModel.identity(lm.name, lm.model.config.hidden_size)
     else:
-        persrm = _load_named(spec, lm)
+        persrm = _load_source(resolve_persrm(spec, lm.name).require(), lm)
     if reference is not None:
         persrm.reference = reference  # the setter refuses what this PersRM cannot run
     return persrm
 
 
-def _load_named(spec: str, lm: LoadedModel) -> PersonalizedRewardModel:
-    directory = persrm_directory(spec)
-    if directory is not None and is_persrm_dir(directory):
-        return _load_padlm_persrm(directory, lm, spec)
-    if directory is not None:
-        return _load_checkpoint(directory, lm)
-    if spec.startswith((".", "/", "~")):
-        raise PadlmError(f"PersRM directory {spec} does not exist", param="persrm")
-    guide = _guide_model(spec, lm)
+def _load_source(source: PersRMSource, lm: LoadedModel) -> PersonalizedRewardModel:
+    """The weights ``source`` names (a ``missing`` one was refused by ``require``); a model
+    named as a guide gets the identity head: its own logits are the reward."""
+    if source.kind == "identity":
+        return PersonalizedRewardModel.identity(lm.name, lm.model.config.hidden_size)
+    if source.kind == "padlm":
+        return _load_padlm_persrm(source, lm)
+    if source.kind == "foreign":
+        return _load_checkpoint(source.directory, lm)
+    guide = _guide_model(source.spec, lm)
     separate = _separate(PersRMConfig(base_model=guide.name,
                                       hidden_size=guide.model.config.hidden_size,
                                       training={"stage": "none"}),
                          ValueHead(guide.model.config.hidden_size), guide, lm, None,
-                         "guide-unconditioned", spec)
+                         "guide-unconditioned", source.spec)
     log.info("guide %s (a whole causal LM, no head) steers %s as a separate model",
              guide.name, lm.name)
     return separate
 
 
-def _load_padlm_persrm(directory: Path, lm: LoadedModel, spec: str
-                       ) -> PersonalizedRewardModel:
-    config = PersonalizedRewardModel.read_config(directory)
-    if config.base_model == lm.name:
+def _load_padlm_persrm(source: PersRMSource, lm: LoadedModel) -> PersonalizedRewardModel:
+    directory, config = source.directory, source.config
+    if source.shares_backbone:
         # a LoRA PersRM wraps its own copy so the base model stays adapter-free
         loaded = PersonalizedRewardModel.load(
             directory, copy.deepcopy(lm.model) if config.lora else None)
         _check_hidden(directory, config.hidden_size, lm)
         return loaded
-    guide = _guide_model(config.base_model, lm, f"PersRM {spec} (trained on "
+    guide = _guide_model(config.base_model, lm, f"PersRM {source.spec} (trained on "
                                                   f"{config.base_model})")
     _check_hidden(directory, config.hidden_size, guide)
     loaded = PersonalizedRewardModel.load(
         directory, copy.deepcopy(guide.model) if config.lora else None)
     if loaded.backbone is not None:  # the LoRA-adapted guide is the guide's backbone
         guide = LoadedModel(loaded.backbone, guide.tokenizer, guide.name)
-    separate = _separate(config, loaded.head, guide, lm, str(directory), None, spec)
+    separate = _separate(config, loaded.head, guide, lm, str(directory), None, source.spec)
     log.info("PersRM %s was trained on %s, not %s: it runs as a separate guide model",
-             spec, config.base_model, lm.name)
+             source.spec, config.base_model, lm.name)
     return separate
 
 

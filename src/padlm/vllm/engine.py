@@ -27,9 +27,9 @@ from padlm.core.config import GenerationConfig
 from padlm.core.decoding import Request, StepEvent
 from padlm.core.devices import AUTO, default_dtype, resolve_device
 from padlm.core.engine import Generation, ServedModel, eos_ids
-from padlm.core.guides import default_persrm_dir, is_persrm_dir, persrm_directory, shipped_base
+from padlm.core.guides import resolve_persrm
 from padlm.core.models import DEFAULT_MODEL, resolve_model_path
-from padlm.core.persrm import PersonalizedRewardModel, PersRMConfig
+from padlm.core.persrm import PersRMConfig
 from padlm.core.planning import plan
 from padlm.core.preferences import parse_preference
 from padlm.core.prompting import DEFAULT_PLACEMENT, PLACEMENTS
@@ -100,6 +100,10 @@ def cpu_environment() -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
 
 
+# what ``--persrm default`` means here: the one-lane PersRM first, the only one vLLM runs
+VLLM_SHIPPED_PREFERENCE = ("conditioned", "default")
+
+
 @dataclass(frozen=True)
 class PersRMChoice:
     """The PersRM asked for, and why ``pad`` cannot run on it (None: it can)."""
@@ -114,40 +118,34 @@ class PersRMChoice:
 
 
 def choose_persrm(persrm: str | None, model_name: str) -> PersRMChoice:
-    """Resolve ``--persrm`` as the HF engine does, except that ``default`` means the shipped
-    PersRM this engine can run (``conditioned``, else ``default``) when it was made for this
-    model; a PersRM vLLM cannot run (another model's, a separate guide) is kept as a refusal
-    for ``pad`` only, so ``base`` and ``prompt`` still run."""
-    if persrm in (None, "identity"):
+    """What vLLM can run of the PersRM ``--persrm`` names (:func:`resolve_persrm`, with
+    ``default`` preferring the shipped ``conditioned`` PersRM): a conditioned head on this
+    very model. Anything else (the identity, another model's PersRM, a separate guide) is kept
+    as a refusal for ``pad`` only, so ``base`` and ``prompt`` still run; a path to nothing is
+    refused at once."""
+    source = resolve_persrm(persrm, model_name, VLLM_SHIPPED_PREFERENCE).require()
+    if source.kind == "identity":
         return PersRMChoice(None, None, engine_refusal(
             "pad", "it needs a PersRM directory (--persrm DIR); the identity PersRM is the "
             "base model"))
-    if persrm == "default":
-        shipped = [d for d in map(default_persrm_dir, ("conditioned", "default")) if d]
-        fitting = [d for d in shipped if shipped_base(d) == model_name]
-        if not fitting:
-            made_for = shipped_base(shipped[0]) if shipped else "no model in this build"
-            return PersRMChoice(None, None, engine_refusal(
-                "pad", f"the shipped PersRMs were trained on {made_for}, not {model_name}: "
-                       f"pass --persrm with a PersRM trained on {model_name}"))
-        persrm = str(fitting[0])
-    directory = persrm_directory(persrm)
-    if directory is None and persrm.startswith((".", "/", "~")):
-        raise PadlmError(f"PersRM directory {persrm} does not exist", param="persrm")
-    if directory is None or not is_persrm_dir(directory):
-        return PersRMChoice(persrm, None, engine_refusal(
-            "pad", f"{persrm} is a guide model of its own, which runs beside the base as a "
-                   f"separate guide"))
-    config = PersonalizedRewardModel.read_config(directory)
-    if config.base_model != model_name:
-        return PersRMChoice(str(directory), config, engine_refusal(
-            "pad", f"PersRM {persrm} was trained on {config.base_model}, not {model_name}, "
-                   f"so it steers {model_name} as a separate guide"))
-    try:
-        check_persrm(config, str(directory))
-    except PadlmError as refusal:
-        return PersRMChoice(str(directory), config, refusal)
-    return PersRMChoice(str(directory), config, None)
+    if source.kind != "padlm":
+        return PersRMChoice(source.spec, None, engine_refusal(
+            "pad", f"{source.spec} is a guide model of its own, which runs beside the base as "
+                   f"a separate guide"))
+    directory = str(source.directory)
+    if source.shares_backbone:
+        try:
+            check_persrm(source.config, directory)
+        except PadlmError as refusal:
+            return PersRMChoice(directory, source.config, refusal)
+        return PersRMChoice(directory, source.config, None)
+    if persrm == "default":  # no shipped PersRM fits: asked for none in particular
+        return PersRMChoice(None, None, engine_refusal(
+            "pad", f"the shipped PersRMs were trained on {source.base_model}, not "
+                   f"{model_name}: pass --persrm with a PersRM trained on {model_name}"))
+    return PersRMChoice(directory, source.config, engine_refusal(
+        "pad", f"PersRM {persrm} was trained on {source.base_model}, not {model_name}, so it "
+               f"steers {model_name} as a separate guide"))
 
 
 class VllmPersonalizer:
