@@ -20,10 +20,11 @@ from pathlib import Path
 
 from padlm.atomic import write_json_atomic
 from padlm.core.models import load_model
+from padlm.orchestration.configs import PCMTrainConfig
 from padlm.orchestration.experts import PCM_DIR, load_experts
 from padlm.orchestration.pcm import PreferenceControlModel
 from padlm.orchestration.rewards import DimensionRewards
-from padlm.orchestration.train_pcm import PCMTrainConfig, PCMTrainer
+from padlm.orchestration.train_pcm import PCMTrainer
 
 
 def main() -> None:

@@ -24,14 +24,14 @@ import torch
 from padlm.atomic import write_json_atomic, write_text_atomic
 from padlm.core.models import load_model
 from padlm.training.cache import weights_sha256
+from padlm.training.configs import HeadTrainingConfig, TrainConfig
 from padlm.training.head import (
-    HeadTrainingConfig,
     accuracy_report,
     baseline_margins,
     reward_margins,
     train_head,
 )
-from padlm.training.pipeline import TrainConfig, prepare
+from padlm.training.pipeline import prepare
 
 VARIANTS = [
     # name, head overrides, pipeline overrides

@@ -53,8 +53,9 @@ def end_of_turn_rows(data: Path, directories: dict[str, Path]) -> dict[str, dict
     from padlm.core.models import load_model
     from padlm.core.persrm import PersonalizedRewardModel
     from padlm.training.cache import weights_sha256
-    from padlm.training.head import HeadTrainingConfig, end_of_turn_report
-    from padlm.training.pipeline import TrainConfig, prepare
+    from padlm.training.configs import HeadTrainingConfig, TrainConfig
+    from padlm.training.head import end_of_turn_report
+    from padlm.training.pipeline import prepare
 
     lm = load_model("default")
     lm_head = lm.model.get_output_embeddings().weight.detach().float()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -16,10 +17,9 @@ from padlm.core.config import GenerationConfig
 from padlm.data.build import BuildConfig
 from padlm.data.samplers import SamplingSettings
 from padlm.evaluation.harness import EvalPlan
-from padlm.orchestration.train_pcm import PCMTrainConfig
+from padlm.orchestration.configs import PCMTrainConfig
 from padlm.server.settings import ServerSettings
-from padlm.training.head import HeadTrainingConfig
-from padlm.training.pipeline import TrainConfig
+from padlm.training.configs import HeadTrainingConfig, TrainConfig
 
 # command -> the configs its options fill, each with {option name: field name} where they differ
 BUILDS = {
@@ -31,6 +31,7 @@ BUILDS = {
     "data build": [(BuildConfig, {})],
     "data label-check": [(SamplingSettings, {})],
     "train persrm": [(HeadTrainingConfig, {}), (TrainConfig, {"weight": "recommended_weight"})],
+    "train experts": [(HeadTrainingConfig, {"head_form": "form"}), (TrainConfig, {})],
     "train pcm": [(PCMTrainConfig, {})],
 }
 
@@ -40,6 +41,13 @@ DELIBERATE = {
                       "a fresh seed when sampling",
     ("eval", "weights"): "the PAD weight sweep the CLI runs when `pad` is evaluated, written "
                          "as text; the plan's empty list is 'no sweep' for Python callers",
+    **{("train experts", name): "the experts' heads take the PersRM recipe of "
+                                "docs/training.md, not the head trainer's plain DPO"
+       for name in ("epochs", "nll_weight", "identity_l2")},
+    ("train experts", "form"): "the experts' form (prompted | head | lora | models); the "
+                               "head's is --head-form",
+    ("train experts", "dimensions"): "the experts to train, one per dimension (each run then "
+                                     "sets TrainConfig.dimensions to its own)",
 }
 
 
@@ -115,3 +123,24 @@ def test_a_generated_option_needs_help_and_an_existing_field():
         FieldOptions(GenerationConfig, ("top_k",)).parameters()
     with pytest.raises(TypeError, match="no field nope"):
         FieldOptions(GenerationConfig, ("nope",))
+
+
+def test_train_options_read_comma_lists_and_the_pcm_data_defaults_to_the_pairs():
+    from padlm.cli.train import DEFAULT_DATA, PCM, PERSRM_RUN
+
+    given = {parameter.name: parameter.default for parameter in PERSRM_RUN.parameters()}
+    assert given["dimensions"] is None and given["holdout_dimensions"] is None
+    given.update(data=Path("pairs.jsonl"), out=Path("out"), holdout_dimensions="P3A, P3B")
+    config = TrainConfig(**PERSRM_RUN.values(given))
+    assert config.holdout_dimensions == ("P3A", "P3B") and config.dimensions == ()
+    assert not given  # every option taken
+    given = {parameter.name: parameter.default for parameter in PCM.parameters()}
+    assert given["data"] == [DEFAULT_DATA]
+    assert PCM.values(given)["data"] == (DEFAULT_DATA,)
+
+
+def test_the_training_placement_default_is_the_kernels():
+    """TrainConfig restates it: padlm.core.prompting imports transformers."""
+    from padlm.core.prompting import DEFAULT_PLACEMENT
+
+    assert field_defaults(TrainConfig)["placement"] == DEFAULT_PLACEMENT

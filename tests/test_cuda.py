@@ -159,8 +159,8 @@ def test_the_engine_loads_a_lora_persrm_directory(tiny_lm, tmp_path):
 def test_a_head_persrm_trains_on_the_device_and_guides_pad(tiny_lm, tiny_cpu_lm, tmp_path):
     from test_training import tiny_rows
 
-    from padlm.training.head import HeadTrainingConfig
-    from padlm.training.pipeline import TrainConfig, run_training
+    from padlm.training.configs import HeadTrainingConfig, TrainConfig
+    from padlm.training.pipeline import run_training
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(row.to_json() + "\n" for row in tiny_rows()))

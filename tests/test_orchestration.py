@@ -21,6 +21,7 @@ from padlm.core.prompting import render
 from padlm.core.strategies import PromptStrategy
 from padlm.data.schema import load_rows
 from padlm.errors import PadlmError
+from padlm.orchestration.configs import PCMTrainConfig
 from padlm.orchestration.encoding import requested_experts
 from padlm.orchestration.experts import (
     Experts,
@@ -33,7 +34,7 @@ from padlm.orchestration.experts import (
 from padlm.orchestration.pcm import PCMConfig, PreferenceControlModel
 from padlm.orchestration.rewards import DimensionRewards, preference_reward, train_rewards
 from padlm.orchestration.strategies import MixStrategy, SoupsStrategy
-from padlm.orchestration.train_pcm import PCMTrainConfig, PCMTrainer
+from padlm.orchestration.train_pcm import PCMTrainer
 
 # --- the mixing math, against brute force and hand-computed numbers ---
 
@@ -423,8 +424,7 @@ def test_cli_trains_prompted_experts_and_refuses_bad_input(tiny_lm, tmp_path):
 
 def test_head_experts_train_one_head_per_dimension(tiny_lm, tmp_path):
     from padlm.orchestration.train_experts import train_head_experts, work_dir
-    from padlm.training.head import HeadTrainingConfig
-    from padlm.training.pipeline import TrainConfig
+    from padlm.training.configs import HeadTrainingConfig, TrainConfig
 
     rows = [line for line in DATA.read_text().splitlines()
             if '"dimension": "P1A"' in line or '"dimension": "P1B"' in line][:40]

@@ -15,8 +15,8 @@ from padlm.core.persrm import PersonalizedRewardModel
 from padlm.data.schema import load_rows
 from padlm.data.splits import split_rows
 from padlm.training.cache import weights_sha256
-from padlm.training.head import HeadTrainingConfig
-from padlm.training.pipeline import TrainConfig, dedupe, prepare, validation_reports
+from padlm.training.configs import HeadTrainingConfig, TrainConfig
+from padlm.training.pipeline import dedupe, prepare, validation_reports
 
 ROOT = Path(__file__).resolve().parents[1]
 # One dimension's validation pairs, all of them (the record has per-dimension accuracies, so

@@ -24,9 +24,9 @@ from padlm.training.cache import (
     response_states,
     row_key,
 )
+from padlm.training.configs import HeadTrainingConfig, TrainConfig
 from padlm.training.head import (
     HeadParam,
-    HeadTrainingConfig,
     collate,
     dimension_weights,
     dpo_loss,
@@ -36,7 +36,7 @@ from padlm.training.head import (
     token_log_probs,
     train_head,
 )
-from padlm.training.pipeline import TrainConfig, consistency_scores, run_training
+from padlm.training.pipeline import consistency_scores, run_training
 
 PROMPTS = ["Name a fruit.", "What is rain?", "Say something about cats.", "Describe the sea.",
            "Why do birds sing?", "What is a star?", "Tell me about bread.", "What is snow?"]
@@ -510,7 +510,7 @@ def test_shipped_persrms_are_trained_for_the_default_model(name, reference):
 ])
 def test_a_bad_training_setting_fails_when_the_config_is_made(tmp_path, field, value, message):
     """Before any model load or ~37-minute cache: the config refuses itself."""
-    from padlm.training.pipeline import TrainConfig
+    from padlm.training.configs import TrainConfig
 
     with pytest.raises(PadlmError, match=message):
         TrainConfig(data=tmp_path / "pairs.jsonl", out=tmp_path / "out", **{field: value})

@@ -52,13 +52,15 @@ class FieldOptions:
     """The options one command takes from one config dataclass: ``fields`` in option order;
     ``helps`` for fields whose metadata has no help; ``names`` an option named apart from its
     field; ``defaults`` a default the command deliberately sets apart from the field's (the
-    command says why where it declares it)."""
+    command says why where it declares it); ``parsers`` a field the command line writes as
+    one text (a comma list for a tuple, say), parsed into the field's value."""
 
     config: type
     fields: tuple[str, ...]
     helps: Mapping[str, str] = field(default_factory=dict)
     names: Mapping[str, str] = field(default_factory=dict)
     defaults: Mapping[str, object] = field(default_factory=dict)
+    parsers: Mapping[str, Callable[[str], object]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         known = {f.name for f in dataclasses.fields(self.config)}
@@ -71,8 +73,9 @@ class FieldOptions:
 
     def parameters(self) -> list[inspect.Parameter]:
         """Each field as a keyword parameter typer reads: ``Annotated[type, Option(help)]``
-        with the field's default. A tuple field becomes a repeatable option whose absence
-        (``None``) stands for the field's default."""
+        with the field's default. A tuple field becomes a repeatable option and a parsed field
+        a text option; either, when absent (``None``), stands for the field's default, unless
+        the command sets a default of its own."""
         by_name = {f.name: f for f in dataclasses.fields(self.config)}
         parameters = []
         for name in self.fields:
@@ -81,10 +84,14 @@ class FieldOptions:
             if not help_text:
                 raise TypeError(f"{self.config.__name__}.{name} has no help text")
             kind = _hints(self.config)[name]
-            if _repeatable(self.config, name):
-                kind, default = list[typing.get_args(kind)[0]] | None, None
-            elif name in self.defaults:
+            if name in self.parsers:
+                kind = str | None
+            elif _repeatable(self.config, name):
+                kind = list[typing.get_args(kind)[0]] | None
+            if name in self.defaults:
                 default = self.defaults[name]
+            elif self._absent_is_default(name):
+                default = None
             elif spec.default is not dataclasses.MISSING:
                 default = spec.default
             else:
@@ -94,16 +101,24 @@ class FieldOptions:
                 annotation=Annotated[kind, typer.Option(help=help_text)]))
         return parameters
 
+    def _absent_is_default(self, name: str) -> bool:
+        """A repeatable or parsed option's type is not its field's (a list or a text for a
+        tuple), so it cannot carry the field's default: ``None`` stands for it."""
+        return name in self.parsers or _repeatable(self.config, name)
+
     def values(self, given: dict[str, Any]) -> dict[str, Any]:
         """Take this config's options out of a command's keyword arguments, by field name;
-        an absent repeatable option leaves its field to the config's default."""
+        an absent repeatable or parsed option leaves its field to the config's default."""
         values = {}
         for name in self.fields:
             value = given.pop(self.option_name(name))
-            if isinstance(value, list):
+            if value is None and self._absent_is_default(name):
+                continue
+            if name in self.parsers:
+                value = self.parsers[name](value)
+            elif isinstance(value, list):
                 value = tuple(value)
-            if value is not None or not _repeatable(self.config, name):
-                values[name] = value
+            values[name] = value
         return values
 
 

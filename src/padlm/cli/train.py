@@ -1,10 +1,9 @@
 """``padlm train``: the PersRM (PAD's stages), the orchestration experts and their PCM.
 
-The options of ``persrm`` and ``experts`` restate the fields of
-:class:`padlm.training.head.HeadTrainingConfig` and :class:`padlm.training.pipeline.TrainConfig`
-instead of being generated from them (:mod:`padlm.cli.fields`): those modules import torch,
-and the command tree is built on every start, ``padlm --help`` included (0.3 s, against 4 s
-with torch and transformers). ``tests/test_cli_defaults.py`` holds the defaults equal.
+The options that set a training config's fields are generated from those fields
+(:mod:`padlm.cli.fields`): their configs live in torch-free modules
+(:mod:`padlm.training.configs`, :mod:`padlm.orchestration.configs`), as the command tree is
+built on every start, ``padlm --help`` included.
 """
 
 from __future__ import annotations
@@ -12,18 +11,16 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from padlm.cli.options import (
-    DtypeOption,
-    ModelOption,
-    PlacementOption,
-    invocation,
-)
+from padlm.cli.fields import FieldOptions, config_options
+from padlm.cli.options import DtypeOption, ModelOption, invocation
 from padlm.errors import PadlmError
+from padlm.orchestration.configs import PCMTrainConfig
 from padlm.server.settings import split_list
+from padlm.training.configs import HeadTrainingConfig, TrainConfig
 
 app = typer.Typer(help="Train personalization models.", no_args_is_help=True)
 PSOUPS_DIMENSIONS = "P1A,P1B,P2A,P2B,P3A,P3B"
@@ -32,65 +29,38 @@ CONTEXT_HELP = ("What each expert reads: dimension (its own dimension's text) or
 DEFAULT_DATA = Path("data/persrm_pairs.jsonl")
 
 
+# the dimension lists are comma lists on the command line, as `padlm eval --preferences`
+DIMENSION_LISTS = {"holdout_dimensions": split_list, "dimensions": split_list}
+PERSRM_RUN = FieldOptions(TrainConfig, (
+    "data", "out", "stage", "holdout_dimensions", "dimensions", "label_filter",
+    "recommended_weight", "top_k", "placement", "lora_steps", "lora_rank", "cache_dir",
+    "strict"), names={"recommended_weight": "weight"}, parsers=DIMENSION_LISTS)
+PERSRM_HEAD = FieldOptions(HeadTrainingConfig, (
+    "beta", "epochs", "lr", "form", "rank", "identity_l2", "nll_weight", "dimension_balance",
+    "vocab", "reference", "seed"))
+
+
 @app.command("persrm")
+@config_options(run=PERSRM_RUN, head=PERSRM_HEAD)
 def train_persrm(
-    data: Annotated[Path, typer.Option(help="Preference JSONL (padlm data build).")],
-    out: Annotated[Path, typer.Option(help="Output PersRM directory.")],
-    stage: Annotated[str, typer.Option(help="head | lora | both")] = "head",
-    beta: Annotated[float, typer.Option()] = 0.1,
-    epochs: Annotated[int, typer.Option()] = 5,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    form: Annotated[str, typer.Option(help="full | lowrank | diagonal")] = "lowrank",
-    rank: Annotated[int, typer.Option()] = 16,
-    identity_l2: Annotated[float, typer.Option(help="L2 pull of W, b toward I, 0.")] = 0.0,
-    nll_weight: Annotated[float, typer.Option(help="Weight of an NLL term (chosen).")] = 0.0,
-    dimension_balance: Annotated[float, typer.Option(
-        help="Per-pair loss weight n_dim^-b, 0..1: 0 every pair alike, 1 every dimension "
-             "alike (human pairs then stop outweighing each teacher axis).")] = 0.0,
-    vocab: Annotated[str, typer.Option(help="topk | full (log-prob normalisation)")] = "topk",
-    reference: Annotated[str, typer.Option(
-        help="conditioned (the reward's reference base model sees the preference, as in "
-             "PAD's code; one stream at decoding) | unconditioned (it does not: an untrained "
-             "head is Linear Alignment; a second stream at decoding)")] = "conditioned",
-    holdout_dimensions: Annotated[str | None, typer.Option(
-        help="Comma list of dimensions left out of training (e.g. P3A,P3B).")] = None,
-    dimensions: Annotated[str | None, typer.Option(help="Only these dimensions.")] = None,
-    label_filter: Annotated[str, typer.Option(help="consistency | none")] = "consistency",
-    weight: Annotated[float, typer.Option(help="recommended_weight saved in the config.")
-                      ] = 1.0,
-    top_k: Annotated[int, typer.Option()] = 10,
-    placement: PlacementOption = "user-prefix",
-    lora_steps: Annotated[int, typer.Option()] = 100,
-    lora_rank: Annotated[int, typer.Option()] = 16,
-    cache_dir: Annotated[Path | None, typer.Option(help="Hidden-state cache root.")] = None,
+    run: dict[str, Any],
+    head: dict[str, Any],
     model: ModelOption = "default",
     dtype: DtypeOption = None,
-    strict: Annotated[bool, typer.Option(help="Any bad data row is fatal.")] = False,
-    seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train a PersRM (PAD's stages): a value head on cached states, optionally after LoRA."""
     from padlm.core.models import load_model
-    from padlm.training.head import HeadTrainingConfig
-    from padlm.training.pipeline import TrainConfig, run_training
+    from padlm.training.pipeline import run_training
 
-    if not data.exists():
-        raise PadlmError(f"data file {data} does not exist")
-    head = HeadTrainingConfig(form=form, rank=rank, beta=beta, lr=lr, epochs=epochs,
-                              identity_l2=identity_l2, nll_weight=nll_weight, vocab=vocab,
-                              reference=reference, dimension_balance=dimension_balance,
-                              seed=seed)
-    config = TrainConfig(
-        data=data, out=out, stage=stage, head=head,
-        holdout_dimensions=split_list(holdout_dimensions), dimensions=split_list(dimensions),
-        label_filter=label_filter, placement=placement, top_k=top_k,
-        recommended_weight=weight, cache_dir=cache_dir, strict=strict, lora_steps=lora_steps,
-        lora_rank=lora_rank, command=invocation(),
-    )
+    if not run["data"].exists():
+        raise PadlmError(f"data file {run['data']} does not exist")
+    config = TrainConfig(**run, head=HeadTrainingConfig(**head), command=invocation())
     persrm = run_training(load_model(model, dtype=dtype), config)
     summary = persrm.config.training["validation"]
-    typer.echo(json.dumps({"out": str(out), "validation": summary,
+    typer.echo(json.dumps({"out": str(config.out), "validation": summary,
                            "head_training_seconds":
                                persrm.config.training["head_training_seconds"]}, indent=1))
+
 
 def _threads(threads: int | None) -> None:
     if threads is not None:
@@ -101,8 +71,21 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+# The head's form is `--head-form`: `--form` is the experts' own (prompted | head | lora |
+# models). The experts decode (mix, soups), so their heads default to the PersRM recipe of
+# docs/training.md rather than the head trainer's plain DPO: 15 epochs, an NLL term (a head
+# trained without one can rank pairs well and still stop ending answers) and a light pull
+# toward the identity.
+EXPERTS_HEAD = FieldOptions(HeadTrainingConfig, (
+    "epochs", "beta", "lr", "form", "rank", "nll_weight", "identity_l2", "seed"),
+    names={"form": "head_form"}, defaults={"epochs": 15, "nll_weight": 0.1, "identity_l2": 0.01})
+EXPERTS_RUN = FieldOptions(TrainConfig, ("lora_steps", "lora_rank", "placement", "cache_dir"))
+
+
 @app.command("experts")
+@config_options(head=EXPERTS_HEAD, run=EXPERTS_RUN)
 def train_experts(
+    *,
     out: Annotated[Path, typer.Option(help="Output experts directory.")],
     form: Annotated[str, typer.Option(help="prompted | head | lora | models")] = "head",
     data: Annotated[Path, typer.Option(help="Preference JSONL (head, lora).")] = DEFAULT_DATA,
@@ -110,21 +93,11 @@ def train_experts(
                           ] = PSOUPS_DIMENSIONS,
     models: Annotated[str | None, typer.Option(
         help="form models: comma list of HF ids or directories, one per dimension.")] = None,
-    epochs: Annotated[int, typer.Option()] = 15,
-    beta: Annotated[float, typer.Option()] = 0.1,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    head_form: Annotated[str, typer.Option(help="full | lowrank | diagonal")] = "lowrank",
-    rank: Annotated[int, typer.Option()] = 16,
-    nll_weight: Annotated[float, typer.Option()] = 0.1,
-    identity_l2: Annotated[float, typer.Option()] = 0.01,
-    lora_steps: Annotated[int, typer.Option()] = 100,
-    lora_rank: Annotated[int, typer.Option()] = 16,
-    placement: PlacementOption = "user-prefix",
+    head: dict[str, Any],
+    run: dict[str, Any],
     context: Annotated[str, typer.Option(help=CONTEXT_HELP)] = "dimension",
-    cache_dir: Annotated[Path | None, typer.Option(help="Hidden-state cache root.")] = None,
     model: ModelOption = "default",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train one expert per preference dimension (MoPE's frozen experts)."""
     from padlm.core.models import load_model
@@ -134,8 +107,6 @@ def train_experts(
         model_experts,
         prompted_experts,
     )
-    from padlm.training.head import HeadTrainingConfig
-    from padlm.training.pipeline import TrainConfig
 
     if form not in FORMS:
         raise PadlmError(f"unknown experts form {form!r}; choose {', '.join(FORMS)}")
@@ -150,19 +121,15 @@ def train_experts(
     _threads(threads)
     lm = load_model(model)
     if form == "prompted":
-        experts = prompted_experts(lm, dims, placement, context)
+        experts = prompted_experts(lm, dims, run["placement"], context)
         experts.save(out)
     elif form == "models":
-        experts = model_experts(lm, split_list(models), dims, placement, context)
+        experts = model_experts(lm, split_list(models), dims, run["placement"], context)
         experts.save(out)
     else:
         from padlm.orchestration.train_experts import train_head_experts, train_lora_experts
 
-        head = HeadTrainingConfig(form=head_form, rank=rank, beta=beta, lr=lr, epochs=epochs,
-                                  identity_l2=identity_l2, nll_weight=nll_weight,
-                                  seed=seed)
-        base = TrainConfig(data=data, out=out, head=head, placement=placement,
-                           cache_dir=cache_dir, lora_steps=lora_steps, lora_rank=lora_rank,
+        base = TrainConfig(data=data, out=out, head=HeadTrainingConfig(**head), **run,
                            command=invocation())
         trainer = train_head_experts if form == "head" else train_lora_experts
         experts = trainer(lm, base, dims, context)
@@ -172,47 +139,34 @@ def train_experts(
                            "validation_accuracy": summary}, indent=1))
 
 
+# `--data` defaults to the repository's pairs, as `train experts` does; a Python caller of the
+# config names its files
+PCM = FieldOptions(PCMTrainConfig, (
+    "out", "steps", "data", "prompts_per_step", "max_new_tokens", "eta", "lr",
+    "updates_per_step", "width", "eval_per_combination", "checkpoint_every", "pool_dir",
+    "seed"), defaults={"data": [DEFAULT_DATA]})
+
+
 @app.command("pcm")
+@config_options(pcm=PCM)
 def train_pcm(
+    *,
     experts: Annotated[Path, typer.Option(help="Experts directory (padlm train experts).")],
-    out: Annotated[Path, typer.Option(help="Output: the experts plus the PCM in pcm/.")],
-    steps: Annotated[int, typer.Option(help="REBEL steps.")] = 100,
-    data: Annotated[list[Path] | None, typer.Option(
-        help="Preference JSONL for the reward models; repeat to fit them on several files "
-             f"(default {DEFAULT_DATA}).")] = None,
-    prompts_per_step: Annotated[int, typer.Option(help="Prompts per step (2 samples each).")
-                                ] = 4,
-    max_new_tokens: Annotated[int, typer.Option()] = 48,
-    eta: Annotated[float, typer.Option(help="REBEL's step size.")] = 1.0,
-    lr: Annotated[float, typer.Option()] = 3e-3,
-    updates_per_step: Annotated[int, typer.Option()] = 4,
-    width: Annotated[int, typer.Option(help="PCM hidden width.")] = 64,
-    eval_per_combination: Annotated[int, typer.Option(
-        help="Held-out prompts per combination for the reward before/after.")] = 2,
-    checkpoint_every: Annotated[int, typer.Option()] = 5,
+    pcm: dict[str, Any],
     context: Annotated[str | None, typer.Option(
         help=CONTEXT_HELP + " Default: the experts' own; the output keeps it.")] = None,
-    pool_dir: Annotated[Path | None, typer.Option(help="Directory with the prompt pools.")
-                        ] = None,
     model: ModelOption = "default",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train the Preference Control Model with REBEL on rollouts of the mixture itself."""
     from padlm.core.models import load_model
     from padlm.orchestration.experts import load_experts
-    from padlm.orchestration.train_pcm import PCMTrainConfig, PCMTrainer
+    from padlm.orchestration.train_pcm import PCMTrainer
 
-    data_files = tuple(data or [DEFAULT_DATA])
-    for path in data_files:
+    for path in pcm["data"]:
         if not path.exists():
             raise PadlmError(f"data file {path} does not exist")
-    config = PCMTrainConfig(
-        out=out, data=data_files, steps=steps, prompts_per_step=prompts_per_step,
-        max_new_tokens=max_new_tokens, eta=eta, lr=lr, updates_per_step=updates_per_step,
-        width=width, eval_per_combination=eval_per_combination,
-        checkpoint_every=checkpoint_every, pool_dir=pool_dir, seed=seed,
-        command=invocation()).validate()
+    config = PCMTrainConfig(**pcm, command=invocation()).validate()
     _threads(threads)
     loaded = load_experts(experts, load_model(model))
     if context is not None:  # the config refuses a context its form cannot use
@@ -220,8 +174,7 @@ def train_pcm(
     trainer = PCMTrainer(loaded, config)
     trained = trainer.train().pcm
     training = trained.config.training
-    typer.echo(json.dumps({"out": str(out), "parameters": training["parameters"],
+    typer.echo(json.dumps({"out": str(config.out), "parameters": training["parameters"],
                            "reward_before": training["before"].get("reward"),
                            "reward_after": training["after"].get("reward"),
                            "seconds": training["seconds"]}, indent=1))
-

@@ -27,7 +27,8 @@ from padlm.orchestration.experts import (
     lora_backbone,
     lora_state,
 )
-from padlm.training.pipeline import TrainConfig, file_sha256, run_training
+from padlm.training.configs import TrainConfig
+from padlm.training.pipeline import file_sha256, run_training
 
 log = logging.getLogger(__name__)
 

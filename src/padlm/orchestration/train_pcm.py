@@ -17,7 +17,6 @@ uninterrupted one does (each step's prompts and sampling seeds are functions of 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -43,7 +42,7 @@ from padlm.data.pools import (
 )
 from padlm.data.schema import load_rows
 from padlm.data.splits import is_validation
-from padlm.errors import PadlmError
+from padlm.orchestration.configs import PCMTrainConfig
 from padlm.orchestration.experts import PCM_DIR, Experts
 from padlm.orchestration.pcm import PCMConfig, PreferenceControlModel
 from padlm.orchestration.rewards import DimensionRewards, train_rewards
@@ -51,40 +50,6 @@ from padlm.orchestration.strategies import MixStrategy, pcm_weights
 from padlm.training.pipeline import file_sha256
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PCMTrainConfig:
-    out: Path
-    data: tuple[Path, ...]  # preference pair files: the reward models are fitted on them all
-    steps: int = 100
-    prompts_per_step: int = 4  # (prompt, combination) pairs per step, two samples each
-    max_new_tokens: int = 48
-    eta: float = 1.0
-    lr: float = 3e-3
-    updates_per_step: int = 4
-    width: int = 64
-    eval_per_combination: int = 2  # held-out prompts per combination for reward before/after
-    checkpoint_every: int = 5
-    pool_dir: Path | None = None
-    seed: int = 0
-    command: str = ""
-
-    def validate(self) -> PCMTrainConfig:
-        if min(self.steps, self.prompts_per_step, self.max_new_tokens, self.updates_per_step,
-               self.width, self.checkpoint_every) < 1 or self.eval_per_combination < 0:
-            raise PadlmError("steps, prompts per step, max new tokens, updates, width and "
-                             "checkpoint interval must be >= 1")
-        if not (self.eta > 0 and self.lr > 0):
-            raise PadlmError("eta and lr must be > 0")
-        return self
-
-    def signature(self) -> dict:
-        """What a checkpoint must match to be resumed (everything but the step count)."""
-        data = asdict(self)
-        for key in ("steps", "out", "command", "checkpoint_every"):
-            data.pop(key)
-        return json.loads(json.dumps(data, default=str))
 
 
 @dataclass

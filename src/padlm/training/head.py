@@ -30,41 +30,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from padlm.core.persrm import REFERENCES
 from padlm.errors import PadlmError
 from padlm.training.cache import SequenceStates
-
-HEAD_FORMS = ("full", "lowrank", "diagonal")
-
-
-@dataclass
-class HeadTrainingConfig:
-    form: str = "lowrank"
-    rank: int = 16
-    beta: float = 0.1
-    lr: float = 1e-3
-    epochs: int = 5
-    batch_pairs: int = 32
-    identity_l2: float = 0.0
-    nll_weight: float = 0.0
-    vocab: str = "topk"  # "topk" (candidates + target) or "full"
-    reference: str = "conditioned"  # the base model with or without the preference
-    dimension_balance: float = 0.0  # 0: every pair weighs alike; 1: every dimension alike
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        """Checked when made, so a bad setting fails before any cache is built."""
-        if self.form not in HEAD_FORMS:
-            raise PadlmError(f"unknown head form {self.form!r}; choose {', '.join(HEAD_FORMS)}")
-        if self.vocab not in ("topk", "full"):
-            raise PadlmError("vocab must be 'topk' or 'full'")
-        if self.reference not in REFERENCES:
-            raise PadlmError(f"reference must be one of {', '.join(REFERENCES)}")
-        if not (self.beta > 0 and self.lr > 0 and self.epochs >= 1 and self.batch_pairs >= 1):
-            raise PadlmError("beta and lr must be > 0, epochs and batch size >= 1")
-        if not 0 <= self.dimension_balance <= 1:
-            raise PadlmError("dimension balance must be between 0 and 1, not "
-                             f"{self.dimension_balance}")
+from padlm.training.configs import HeadTrainingConfig
 
 
 class HeadParam(nn.Module):

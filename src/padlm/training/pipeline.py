@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,9 +26,8 @@ from padlm.core.persrm import (
     PersRMConfig,
     ValueHead,
 )
-from padlm.core.prompting import DEFAULT_PLACEMENT, PLACEMENTS
 from padlm.data.schema import PreferenceRow, load_rows
-from padlm.data.splits import VALIDATION_FRACTION, split_rows
+from padlm.data.splits import split_rows
 from padlm.errors import PadlmError
 from padlm.training.cache import (
     HiddenStateCache,
@@ -36,8 +35,8 @@ from padlm.training.cache import (
     SequenceStates,
     weights_sha256,
 )
+from padlm.training.configs import HeadTrainingConfig, TrainConfig
 from padlm.training.head import (
-    HeadTrainingConfig,
     baseline_report,
     end_of_turn_report,
     evaluate,
@@ -45,45 +44,6 @@ from padlm.training.head import (
 )
 
 log = logging.getLogger(__name__)
-STAGES = ("head", "lora", "both")
-LABEL_FILTERS = ("consistency", "none")
-
-
-@dataclass
-class TrainConfig:
-    data: Path
-    out: Path
-    stage: str = "head"
-    head: HeadTrainingConfig = field(default_factory=HeadTrainingConfig)
-    holdout_dimensions: tuple[str, ...] = ()
-    dimensions: tuple[str, ...] = ()  # empty: every dimension in the data
-    label_filter: str = "consistency"  # "consistency" | "none"
-    max_train_pairs: int | None = None
-    placement: str = DEFAULT_PLACEMENT
-    top_k: int = 10
-    recommended_weight: float = 1.0
-    cache_dir: Path | None = None
-    strict: bool = False
-    validation_fraction: float = VALIDATION_FRACTION
-    fold: tuple[int, int] | None = None  # prompt-level k-fold instead of the fixed split
-    lora_steps: int = 100
-    lora_rank: int = 16
-    command: str = ""
-
-    def __post_init__(self) -> None:
-        """Checked when made: a bad setting must not surface after a ~37-minute cache."""
-        if self.stage not in STAGES:
-            raise PadlmError(f"unknown stage {self.stage!r}; choose {', '.join(STAGES)}")
-        if self.label_filter not in LABEL_FILTERS:
-            raise PadlmError(f"label filter must be one of {', '.join(LABEL_FILTERS)}, "
-                             f"not {self.label_filter!r}")
-        if self.placement not in PLACEMENTS:
-            raise PadlmError(f"unknown placement {self.placement!r}; choose one of "
-                             f"{', '.join(PLACEMENTS)}")
-        if self.top_k < 1 or (self.max_train_pairs is not None and self.max_train_pairs < 1):
-            raise PadlmError("top-k and max train pairs must be >= 1")
-        if not 0 < self.validation_fraction < 1:
-            raise PadlmError("validation fraction must be in (0, 1)")
 
 
 def file_sha256(path: Path) -> str:
