@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from padlm import GenerationConfig, Personalizer
 from padlm.core import guidance
 from padlm.core.decoding import Request
-from padlm.core.engine import eos_ids
+from padlm.core.models import eos_ids
 from padlm.core.persrm import ADAPTER_NAME, PersonalizedRewardModel
 from padlm.core.preferences import Preference
 from padlm.core.prompting import preference_token_ids, render

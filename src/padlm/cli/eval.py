@@ -115,7 +115,6 @@ def eval_command(
     if ctx.invoked_subcommand is not None:
         return
     from padlm.core.devices import check_engine
-    from padlm.core.engine import Personalizer
     from padlm.evaluation.harness import (
         SWEPT,
         EvalPlan,
@@ -152,16 +151,16 @@ def eval_command(
     if scorer is not None:
         check_scorer(scorer)
     check_engine(engine_name)
+    from padlm.engines import open_engine
+
     decoder = None
     if engine_name == "vllm":  # generates; the HF engine still scores (perplexity, PersRM)
-        from padlm.engines import open_engine
-
         decoder = open_engine("vllm", model, persrm=persrm, dtype=dtype, placement=placement,
                               reference=reference)
         for job in jobs(plan, 1.0):
             decoder.check(job.strategy, plan.config)  # before either engine loads
-    engine = Personalizer(model, persrm=persrm, dtype=dtype, placement=placement,
-                          device=device, experts=experts, scorer=scorer, reference=reference)
+    engine = open_engine("hf", model, persrm=persrm, dtype=dtype, placement=placement,
+                         device=device, experts=experts, scorer=scorer, reference=reference)
     # the command that regenerates this report (flags that do not change results dropped)
     quiet = {"--no-generate", "--no-progress", "--progress", "--generate"}
     command = "padlm eval " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a not in quiet) \

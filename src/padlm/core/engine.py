@@ -20,7 +20,7 @@ from padlm.core.config import GenerationConfig
 from padlm.core.decoding import DecodeBatch, Request, Row, StepEvent, Strategy
 from padlm.core.devices import AUTO, resolve_device
 from padlm.core.guides import load_persrm, persrm_placement
-from padlm.core.models import DEFAULT_MODEL, LoadedModel, load_model
+from padlm.core.models import DEFAULT_MODEL, LoadedModel, eos_ids, load_model
 from padlm.core.persrm import PersonalizedRewardModel, PersRMConfig
 from padlm.core.planning import expansion, plan
 from padlm.core.preferences import Preference, parse_preference
@@ -268,16 +268,3 @@ def available_strategies() -> tuple[str, ...]:
 def _as_generation(row: Row, seconds: float, score: float | None = None) -> Generation:
     return Generation(row.text, list(row.tokens), row.finish_reason or "length", seconds,
                       score)
-
-
-def eos_ids(tokenizer, generation_config) -> list[int]:
-    """The tokens that end a response: the tokenizer's EOS and the generation config's
-    (chat models often end turns with another token); both engines use this one set."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(generation_config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    return sorted(i for i in ids if i is not None)
-

@@ -339,3 +339,16 @@ def cached_models() -> list[dict[str, str]]:
                     if entry.is_dir() and not entry.name.startswith(".")
                     and entry.name not in named]
     return entries
+
+
+def eos_ids(tokenizer, generation_config) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS and the generation config's
+    (chat models often end turns with another token); both engines use this one set."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return sorted(i for i in ids if i is not None)
+

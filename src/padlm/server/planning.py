@@ -143,11 +143,12 @@ class Planner:
             raise ApiError(400, f"token_rewards cannot be reported by the {self.served.engine} "
                            "engine (the PersRM runs inside it); use padlm serve --engine hf",
                            "token_rewards")
-        rows = expansion(self.engine, strategy, best_of)
         requests, prompt_tokens, prefill_tokens = [], 0, 0
         for prompt in prompts:
             rendered = self._plan(DecodeRequest(prompt, preference, config), strategy,
                                   prompt_param).rendered
+            # after the engine's check, which refuses what it cannot run (best-of-n on vLLM)
+            rows = expansion(self.engine, strategy, best_of)
             lengths = [len(lane) for lanes in rendered.contexts for lane in lanes]
             length, lanes = max(lengths), sum(lengths)
             room = self.context_length - length

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from padlm.core.config import GenerationConfig
 from padlm.core.decoding import Request, StepEvent
 from padlm.core.devices import AUTO, default_dtype, resolve_device
-from padlm.core.engine import Generation, ServedModel, eos_ids
+from padlm.core.engine import Generation, ServedModel
 from padlm.core.guides import resolve_persrm
-from padlm.core.models import DEFAULT_MODEL, resolve_model_path
+from padlm.core.models import DEFAULT_MODEL, eos_ids, resolve_model_path
 from padlm.core.persrm import PersRMConfig
 from padlm.core.planning import plan
 from padlm.core.preferences import parse_preference
