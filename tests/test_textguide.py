@@ -4,14 +4,21 @@ the guide's cache in lock-step with the base (a fresh encoding as the reference)
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from padlm import GenerationConfig, Personalizer
 from padlm.core.models import LoadedModel
+from padlm.core.preferences import parse_preference
+from padlm.core.prompting import render
 from padlm.core.textguide import TextGuideStream
 from padlm.core.transduction import END, Transducer
+from padlm.errors import PadlmError
 
 TEXT = ("Hello there! Café au lait costs 3€ — naïve 東京 🙂 friends. "
         "The quick brown fox jumps over the lazy dog; résumé, jalapeño, 😀 emoji.")
@@ -131,3 +138,121 @@ def test_the_guides_cache_after_steps_equals_a_fresh_encoding(tiny_lm, other_gui
         for lane in range(2):
             torch.testing.assert_close(out.hidden[row, lane], hidden, atol=1e-4, rtol=1e-4)
     assert stream.mask.shape[1] >= len(contexts[1]) + 12
+
+
+PREFERENCE = "P1A"
+PROMPTS = ["Why is the sky blue?", "Name three fruits that are red, and say why 🍎 is one."]
+
+
+@pytest.fixture(scope="module")
+def other_guide_dir(other_guide, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("other-guide")
+    other_guide.model.save_pretrained(directory)
+    other_guide.tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("reference", ["guide-unconditioned", "none", "base"])
+def test_reading_text_with_the_same_tokenizer_equals_reading_ids(tiny_lm, guide_dir,
+                                                                 reference):
+    """The strongest check of the text alignment: a guide with the base's own tokenizer,
+    made to read text, picks exactly the tokens it picks reading ids."""
+    config = GenerationConfig(max_new_tokens=10, ignore_eos=True, weight=50.0)
+    runs = {}
+    for alignment in ("ids", "text"):
+        engine = Personalizer(tiny_lm, persrm=str(guide_dir), reference=reference,
+                              guide_alignment=alignment)
+        assert (engine.persrm.transducer is not None) == (alignment == "text")
+        runs[alignment] = [g.tokens for g in engine.generate(PROMPTS, PREFERENCE, "pad",
+                                                              config)]
+    assert runs["text"] == runs["ids"]
+
+
+def brute_force_text_pad(base: LoadedModel, guide: LoadedModel, transducer: Transducer,
+                         prompt: str, steps: int, weight: float, first_token_only: bool
+                         ) -> list[int]:
+    """Greedy PAD with a guide of another tokenizer and no reference, recomputing both models
+    over whole sequences at every step: each candidate's reward is the guide's
+    log-probability of its text's guide tokens (or of the first only), softmaxed over K."""
+    text = parse_preference(PREFERENCE).text
+    context = render(base.tokenizer, prompt, text, "user-prefix")
+    guide_context = render(guide.tokenizer, prompt, text, "user-prefix")
+    end = guide.tokenizer.eos_token_id
+    tokens: list[int] = []
+    for _ in range(steps):
+        with torch.inference_mode():
+            z_b = base.model(torch.tensor([context + tokens])).logits[0, -1].float()
+        candidates = z_b.topk(10).indices.tolist()
+        read = guide_context + [g for t in tokens for g in transducer.segment(t)]
+        guide_scores = []
+        for candidate in candidates:
+            segment = transducer.segment(candidate)
+            segment = [end] if segment == END else list(segment)
+            guide_scores.append(sequence_log_prob(
+                guide, read, segment[:1] if first_token_only else segment))
+        reward = torch.tensor(guide_scores).log_softmax(-1)
+        tokens.append(candidates[int((z_b[candidates] + weight * reward).argmax())])
+    return tokens
+
+
+@pytest.mark.parametrize("alignment", ["auto", "first-token"])
+def test_a_guide_with_its_own_tokenizer_equals_recomputing_both_models(
+        tiny_lm, other_guide_dir, alignment, caplog):
+    with caplog.at_level(logging.INFO, logger="padlm.core.guides"):
+        engine = Personalizer(tiny_lm, persrm=str(other_guide_dir), reference="none",
+                              guide_alignment=alignment)
+        transducer = engine.persrm.transducer
+    assert transducer is not None
+    assert alignment != "auto" or "its own tokenizer" in caplog.text
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True, weight=50.0)
+    together = engine.generate(PROMPTS, PREFERENCE, "pad", config)  # rows of two lengths
+    for prompt, generation in zip(PROMPTS, together, strict=True):
+        assert generation.tokens == brute_force_text_pad(
+            tiny_lm, engine.persrm.guide, transducer, prompt, 8, 50.0,
+            alignment == "first-token")
+
+
+def test_first_token_scoring_cannot_tell_apart_what_exact_scoring_can(tiny_lm, other_guide):
+    """Two candidates whose text starts with the same guide token (``Hello`` / ``Help``):
+    PAD's released mapping scores them alike, exact scoring by their whole text does not."""
+    base = tiny_lm.tokenizer
+    transducer = Transducer(base, other_guide.tokenizer, [base.eos_token_id], "base", "guide")
+    by_first: dict[int, list[int]] = {}
+    for token in range(5000):
+        segment = transducer.segment(token)
+        if len(segment) > 1:
+            by_first.setdefault(segment[0], []).append(token)
+    pair = next(tokens[:2] for tokens in by_first.values()
+                if len(tokens) > 1 and transducer.segment(tokens[0]) != transducer.segment(
+                    tokens[1]))
+    stream = TextGuideStream(other_guide.model, transducer, [0])
+    out = stream.join([other_guide.tokenizer.encode("The fox and")])
+    segments = [transducer.segments(pair)]
+    first = out.candidate_log_probs(segments, [(0, plain(other_guide))], True)[0, 0]
+    exact = out.candidate_log_probs(segments, [(0, plain(other_guide))])[0, 0]
+    assert first[0] == first[1] and exact[0] != exact[1]
+
+
+def test_a_stop_string_split_across_tokens_ends_the_row(tiny_lm, other_guide_dir):
+    engine = Personalizer(tiny_lm, persrm=str(other_guide_dir))
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True, weight=5.0)
+    [free] = engine.generate(PROMPTS[:1], PREFERENCE, "pad", config)
+    pieces = [tiny_lm.tokenizer.decode(free.tokens[:n]) for n in range(1, 13)]
+    cut = next(n for n in range(4, 12) if len(pieces[n]) > len(pieces[n - 1]) + 1)
+    stop = pieces[cut][len(pieces[cut - 1]) - 1:len(pieces[cut - 1]) + 1]  # spans a boundary
+    [stopped] = engine.generate(PROMPTS[:1], PREFERENCE, "pad",
+                                GenerationConfig(max_new_tokens=12, ignore_eos=True,
+                                                 weight=5.0, stop=(stop,)))
+    assert stopped.finish_reason == "stop" and stop not in stopped.text
+    assert free.text.startswith(stopped.text) and free.text[len(stopped.text):].startswith(stop)
+
+
+def test_guide_alignment_is_refused_where_it_cannot_apply(tiny_lm, other_guide_dir):
+    with pytest.raises(PadlmError, match="guide alignment must be one of"):
+        Personalizer(tiny_lm, persrm="identity", guide_alignment="bytes")
+    with pytest.raises(PadlmError, match="cannot read the base's token ids"):
+        Personalizer(tiny_lm, persrm=str(other_guide_dir), guide_alignment="ids").check(
+            "pad", GenerationConfig())
+    with pytest.raises(PadlmError, match="applies to a guide model of its own"):
+        Personalizer(tiny_lm, persrm="identity", guide_alignment="text").check(
+            "pad", GenerationConfig())

@@ -19,7 +19,7 @@ import torch
 from padlm.core.config import GenerationConfig
 from padlm.core.decoding import DecodeBatch, Request, Row, StepEvent, Strategy
 from padlm.core.devices import AUTO, resolve_device
-from padlm.core.guides import load_persrm, persrm_placement
+from padlm.core.guides import check_alignment, load_persrm, persrm_placement
 from padlm.core.models import DEFAULT_MODEL, LoadedModel, eos_ids, load_model
 from padlm.core.persrm import PersonalizedRewardModel, PersRMConfig
 from padlm.core.planning import expansion, plan
@@ -88,6 +88,7 @@ class Personalizer:
         device: str = AUTO,
         components: Mapping[str, object] | None = None,
         reference: str | None = None,
+        guide_alignment: str = "auto",
     ) -> None:
         """``persrm``: the PersRM or guide (see :func:`padlm.core.guides.load_persrm`), loaded on
         first use, so a guide that cannot steer this model refuses ``pad`` alone.
@@ -96,6 +97,9 @@ class Personalizer:
         per-dimension reward models, independent of the PersRM; preset preferences only),
         ``"persrm"`` (the PersRM's implicit reward, which PAD follows too), or any
         :class:`~padlm.core.strategies.SequenceScorer` or ``items -> scores`` callable.
+        ``guide_alignment``: how a separate guide reads the base's tokens
+        (:data:`~padlm.core.guides.GUIDE_ALIGNMENTS`: ``auto`` takes the ids where the guide
+        shares the base's vocabulary, else their text).
         ``components``: settings of the parts plugged-in strategies share, by name (e.g.
         ``{"experts": path}`` for orchestration's ``mix`` and ``soups``; see
         :meth:`component`)."""
@@ -106,11 +110,13 @@ class Personalizer:
                              f"{', '.join(PLACEMENTS)}", param="placement")
         if reference is not None:
             GenerationConfig(reference=reference)  # refused before any model loads
+        check_alignment(guide_alignment)  # refused before any model loads
         self.lm = (model if isinstance(model, LoadedModel)
                    else load_model(model, dtype, resolve_device(device)))
         self._persrm: PersonalizedRewardModel | PadlmError | None = None
         self._persrm_spec = persrm
         self._reference = reference
+        self._guide_alignment = guide_alignment
         # the user's placement, else the one the PersRM was trained with
         self.placement = placement or persrm_placement(persrm, self.lm.name)
         self._scorer = DEFAULT_SCORER if scorer is None else scorer
@@ -160,7 +166,8 @@ class Personalizer:
         with self._building:
             if self._persrm is None:
                 try:
-                    self._persrm = load_persrm(self._persrm_spec, self.lm, self._reference)
+                    self._persrm = load_persrm(self._persrm_spec, self.lm, self._reference,
+                                               self._guide_alignment)
                     self._persrm.head.to(self.lm.device)
                 except PadlmError as refusal:
                     self._persrm = refusal

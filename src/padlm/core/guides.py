@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from padlm.core.models import LoadedModel, load_model, resolve_model_path
+from padlm.core.models import LoadedModel, eos_ids, load_model, resolve_model_path
 from padlm.core.persrm import (
     CONFIG_NAME,
     HEAD_NAME,
@@ -26,9 +26,12 @@ from padlm.core.persrm import (
     ValueHead,
 )
 from padlm.core.prompting import DEFAULT_PLACEMENT
+from padlm.core.transduction import Transducer
 from padlm.errors import PadlmError
 
 log = logging.getLogger(__name__)
+# how a separate guide reads the base's tokens (auto: ids where it shares the vocabulary)
+GUIDE_ALIGNMENTS = ("auto", "ids", "text", "first-token")
 
 # PersRMs shipped for the default model, as ``--persrm`` names them: ``default`` (the most
 # accurate, with a preference-free reference lane) and ``conditioned`` (one lane, so it also
@@ -112,13 +115,16 @@ def persrm_placement(spec: str | PersonalizedRewardModel | None, model_name: str
 
 
 def load_persrm(spec: str | PersonalizedRewardModel | None, lm: LoadedModel,
-                reference: str | None = None) -> PersonalizedRewardModel:
+                reference: str | None = None, alignment: str = "auto"
+                ) -> PersonalizedRewardModel:
     """Load what ``--persrm`` names for the base model ``lm`` (see :func:`resolve_persrm`).
-    ``reference`` overrides the guide's saved reward reference."""
+    ``reference`` overrides the guide's saved reward reference; ``alignment`` how a
+    separate guide reads the base's tokens (:func:`align_guide`)."""
     if isinstance(spec, PersonalizedRewardModel):
         persrm = spec
     else:
         persrm = _load_source(resolve_persrm(spec, lm.name).require(), lm)
+    persrm = align_guide(persrm, alignment, lm)
     if reference is not None:
         persrm.reference = reference  # the setter refuses what this PersRM cannot run
     return persrm
@@ -191,19 +197,68 @@ def _load_checkpoint(directory: Path, lm: LoadedModel) -> PersonalizedRewardMode
 def _separate(config: PersRMConfig, head: ValueHead, guide: LoadedModel, lm: LoadedModel,
               path: str | None, reference: str | None, spec: str | None = None
               ) -> PersonalizedRewardModel:
-    """A guide with its own stream; refused unless it reads the base model's tokens."""
+    """A guide with its own stream: it reads the base's token ids where it shares the base's
+    vocabulary, else the text of the base's tokens (byte-level BPE on both sides), said in a
+    log line; refused, naming both tokenizers, when it can do neither."""
     from padlm.core.checkpoints import shared_vocabulary
 
+    name = spec or path or guide.name
     try:
         scoreable = shared_vocabulary(
             lm.tokenizer, guide.tokenizer, guide.model.get_output_embeddings().weight.shape[0],
             lm.name, guide.name)
+        transducer = None
     except PadlmError as error:
-        raise PadlmError(f"--persrm {spec or path or guide.name} cannot steer {lm.name}: "
-                         f"{error}", param="persrm") from None
+        scoreable = None
+        try:
+            transducer = text_transducer(guide, lm, name)
+        except PadlmError as text_error:
+            raise PadlmError(f"--persrm {name} cannot steer {lm.name}: {error}; nor read "
+                             f"its text: {text_error}", param="persrm") from None
+        log.info("guide %s has its own tokenizer: it scores %s's candidates by their text",
+                 name, lm.name)
     head.to(lm.device)
     return PersonalizedRewardModel(config, head, path=path, guide=guide, reference=reference,
-                                   scoreable=scoreable)
+                                   scoreable=scoreable, transducer=transducer)
+
+
+def text_transducer(guide: LoadedModel, lm: LoadedModel, name: str) -> Transducer:
+    """How ``guide`` reads ``lm``'s tokens as text, or why it cannot."""
+    if hasattr(guide.model, "peft_config"):
+        raise PadlmError(f"guide {name} carries a LoRA adapter, which a guide with its own "
+                         "tokenizer does not run yet", param="persrm")
+    return Transducer(lm.tokenizer, guide.tokenizer,
+                      eos_ids(lm.tokenizer, lm.model.generation_config), lm.name, guide.name)
+
+
+def check_alignment(alignment: str) -> None:
+    if alignment not in GUIDE_ALIGNMENTS:
+        raise PadlmError(f"guide alignment must be one of {', '.join(GUIDE_ALIGNMENTS)}, got "
+                         f"{alignment!r}", param="guide_alignment")
+
+
+def align_guide(persrm: PersonalizedRewardModel, alignment: str, lm: LoadedModel
+                ) -> PersonalizedRewardModel:
+    """``persrm`` reading the base's tokens as :data:`GUIDE_ALIGNMENTS` says: ``ids`` (the
+    base's ids: the same tokenizer), ``text`` (their bytes, exact scoring) or
+    ``first-token`` (PAD's released mapping: each candidate's first guide token only)."""
+    check_alignment(alignment)
+    if alignment == "auto":
+        return persrm
+    if not persrm.separate:
+        raise PadlmError(f"guide alignment {alignment} applies to a guide model of its own; "
+                         f"PersRM {persrm.name} is a head on {lm.name}'s backbone",
+                         param="guide_alignment")
+    if alignment == "ids":
+        if persrm.transducer is not None:
+            raise PadlmError(f"guide {persrm.name} does not share {lm.name}'s tokenizer, so it "
+                             "cannot read the base's token ids: use text or first-token",
+                             param="guide_alignment")
+        return persrm
+    persrm.transducer = persrm.transducer or text_transducer(persrm.guide, lm, persrm.name)
+    persrm.scoreable = None
+    persrm.first_token_only = alignment == "first-token"
+    return persrm
 
 
 def _guide_model(name: str, lm: LoadedModel, what: str | None = None) -> LoadedModel:

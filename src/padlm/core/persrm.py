@@ -28,6 +28,7 @@ from padlm.errors import PadlmError
 
 if TYPE_CHECKING:
     from padlm.core.models import LoadedModel
+    from padlm.core.transduction import Transducer
 
 CONFIG_NAME = "config.json"
 HEAD_NAME = "head.safetensors"
@@ -123,6 +124,7 @@ class PersonalizedRewardModel:
         self, config: PersRMConfig, head: ValueHead, backbone: nn.Module | None = None,
         path: str | None = None, guide: LoadedModel | None = None,
         reference: str | None = None, scoreable: int | None = None,
+        transducer: Transducer | None = None,
     ) -> None:
         self.config = config
         self.head = head
@@ -131,6 +133,9 @@ class PersonalizedRewardModel:
         self.guide = guide  # a separate guide model (its own stream); None: the base's backbone
         # base-model token ids below this the guide can score (its shared vocabulary)
         self.scoreable = scoreable
+        # a guide with its own tokenizer reads the base's tokens as text (None: as ids)
+        self.transducer = transducer
+        self.first_token_only = False  # PAD's released first-token mapping, for comparison
         # refused now, not at the first decode step; a rule set is kept in canonical form
         self._reference = None if reference is None else self.canonical_reference(reference)
         if reference is None:
@@ -203,6 +208,8 @@ class PersonalizedRewardModel:
             reference += f",rule={self.reference}"
         if self.guide is not None:
             reference += f",guide={self.guide.name}"
+        if self.transducer is not None:
+            reference += ",alignment=" + ("first-token" if self.first_token_only else "text")
         tensors = [self.head.weight, self.head.bias]
         if self.backbone is not None:
             from peft import get_peft_model_state_dict

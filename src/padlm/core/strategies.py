@@ -27,7 +27,7 @@ import torch
 from padlm.core import guidance
 from padlm.core.decoding import Request, Row, Rows
 from padlm.core.kvstream import KVStream, StreamOutput, response_hidden
-from padlm.core.models import LoadedModel
+from padlm.core.models import LoadedModel, eos_ids
 from padlm.core.persrm import (
     ADAPTER_NAME,
     BASE_ADAPTER,
@@ -43,6 +43,7 @@ from padlm.core.registry import (
     register_scorer,
     scorer_factory,
 )
+from padlm.core.textguide import TextGuideStream
 from padlm.errors import PadlmError
 
 if TYPE_CHECKING:
@@ -165,9 +166,12 @@ class PadStrategy(Strategy):
     Lanes of the base stream: the preference-conditioned base (lane 0; on the shared backbone
     the head reads its hidden state too), the PersRM (a LoRA PersRM on the base only) and,
     for the ``base-unconditioned`` reference, the preference-free base. A separate guide
-    model is a second stream in lock-step (same tokenizer: the same token ids): its PersRM
-    lane (through its adapter, if any), and the reference lanes of its own backbone that
-    :func:`pad_rules` asks for. Each row may pick any rule in :attr:`rules`.
+    model is a second stream in lock-step: its PersRM lane (through its adapter, if any), and
+    the reference lanes of its own backbone that :func:`pad_rules` asks for. It reads the
+    base's token ids where it shares the base's tokenizer; a guide with its own tokenizer
+    reads their text instead and scores each candidate's text
+    (:class:`~padlm.core.textguide.TextGuideStream`). Each row may pick any rule in
+    :attr:`rules`.
     """
 
     spec = StrategySpec("pad", "PAD: PersRM token rewards re-rank the base top-k",
@@ -213,9 +217,14 @@ class PadStrategy(Strategy):
 
     def new_streams(self) -> list[KVStream]:
         streams = super().new_streams()
-        if self.persrm.separate:  # hidden states only, unless PEFT lanes need the full model
-            streams.append(KVStream(self.persrm.guide.model, len(self.guide_lanes),
-                                    self.guide_adapters, logits=self.persrm.adapted))
+        guide = self.persrm.guide
+        if self.persrm.transducer is not None:
+            streams.append(TextGuideStream(
+                guide.model, self.persrm.transducer,
+                eos_ids(guide.tokenizer, guide.model.generation_config), len(self.guide_lanes)))
+        elif self.persrm.separate:  # hidden states only, unless PEFT lanes need the full model
+            streams.append(KVStream(guide.model, len(self.guide_lanes), self.guide_adapters,
+                                    logits=self.persrm.adapted))
         return streams
 
     def contexts(self, request: Request) -> list[list[list[int]]]:
@@ -254,21 +263,48 @@ class PadStrategy(Strategy):
             return outputs[0].logits[:, lane].gather(1, candidates)
         return candidate_logits(outputs[1].hidden[:, lane], self.guide_head, scoring)
 
+    def _text_rewards(self, outputs: list[StreamOutput], candidates: torch.Tensor,
+                      rules: list[str]) -> tuple[torch.Tensor, dict]:
+        """A guide with its own tokenizer: the PersRM's and each guide-side reference's
+        log-probabilities of every candidate's text (:class:`TextGuideOutput`), from one
+        scoring pass; base-side references read the base's logits as usual."""
+        segments = [self.persrm.transducer.segments(row) for row in candidates.tolist()]
+        head = self.guide_head
+        readers = {"persrm": (self.at["persrm"][1],
+                              lambda hidden: self.persrm.reward_logits(hidden, head))}
+        for rule in dict.fromkeys(rules):
+            if rule.startswith("guide"):
+                readers[rule] = (self.at[rule][1],
+                                 lambda hidden: hidden.to(head.dtype) @ head.T)
+        scored = outputs[1].candidate_log_probs(segments, list(readers.values()),
+                                                self.persrm.first_token_only)
+        by_reader = dict(zip(readers, scored.unbind(1), strict=True))
+        references = {rule: by_reader[rule] if rule in by_reader
+                      else self._reference(rule, outputs, candidates, candidates)
+                      for rule in dict.fromkeys(rules)}
+        return by_reader["persrm"], references
+
     def scores(self, outputs, rows, process):
         proposal = process(outputs[0].logits[:, 0])
 
         def reward(candidates: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-            scoring, scored = guidance.scoreable_candidates(candidates, valid,
-                                                            self.persrm.scoreable)
-            stream, lane = self.at["persrm"]
-            reward_logits = self.persrm.reward_logits(
-                outputs[stream].hidden[:, lane], self.guide_head if stream else self.lm_head,
-                scoring)
             rules = [row.state for row in rows]
+            if self.persrm.transducer is not None:
+                reward_logits, references = self._text_rewards(outputs, candidates, rules)
+                scored = valid
+            else:
+                scoring, scored = guidance.scoreable_candidates(candidates, valid,
+                                                                self.persrm.scoreable)
+                stream, lane = self.at["persrm"]
+                reward_logits = self.persrm.reward_logits(
+                    outputs[stream].hidden[:, lane],
+                    self.guide_head if stream else self.lm_head, scoring)
+                references = {rule: self._reference(rule, outputs, candidates, scoring)
+                              for rule in dict.fromkeys(rules)}
             combined = None
             for rule in dict.fromkeys(rules):
-                rule_reward = guidance.pad_token_reward(
-                    self._reference(rule, outputs, candidates, scoring), reward_logits, scored)
+                rule_reward = guidance.pad_token_reward(references[rule], reward_logits,
+                                                        scored)
                 if combined is None:
                     combined = rule_reward
                     continue
