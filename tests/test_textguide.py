@@ -256,3 +256,18 @@ def test_guide_alignment_is_refused_where_it_cannot_apply(tiny_lm, other_guide_d
     with pytest.raises(PadlmError, match="applies to a guide model of its own"):
         Personalizer(tiny_lm, persrm="identity", guide_alignment="text").check(
             "pad", GenerationConfig())
+
+
+@pytest.mark.slow
+def test_on_the_default_model_reading_text_equals_reading_ids(default_lm):
+    """The real default model guided by itself as a separate guide: through its text, PAD
+    decodes the very tokens it decodes through its ids (real tokenizer, chat template and
+    weights; greedy, so any difference in a reward would show in the tokens)."""
+    config = GenerationConfig(max_new_tokens=24, weight=2.0)
+    prompts = ["Explain photosynthesis.", "Give me a tip for a job interview, café-style ☕."]
+    decoded = {}
+    for alignment in ("ids", "text"):
+        engine = Personalizer(default_lm, persrm=default_lm.name,
+                              reference="guide-unconditioned", guide_alignment=alignment)
+        decoded[alignment] = [g.tokens for g in engine.generate(prompts, "P3A", "pad", config)]
+    assert decoded["text"] == decoded["ids"]

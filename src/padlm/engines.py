@@ -52,14 +52,15 @@ class Engine(Protocol):
 def open_engine(engine_name: str = "hf", model: str = DEFAULT_MODEL, *,
                 persrm: str | None = "default", dtype: str | None = None,
                 placement: str | None = None, device: str = AUTO, experts: str = "default",
-                scorer: str | None = None, reference: str | None = None) -> Engine:
+                scorer: str | None = None, reference: str | None = None,
+                guide_alignment: str = "auto") -> Engine:
     """The engine ``engine_name`` over ``model``; settings only padlm's loop has are refused
     for vLLM, all at once, before anything loads."""
     check_engine(engine_name)
     if engine_name == "vllm":
         given = [f"--{name}" for name, value, default in (
-            ("device", device, AUTO), ("experts", experts, "default"), ("scorer", scorer, None))
-            if value != default]
+            ("device", device, AUTO), ("experts", experts, "default"), ("scorer", scorer, None),
+            ("guide-alignment", guide_alignment, "auto")) if value != default]
         if reference not in (None, "base"):
             given.append("--reference")
         if given:
@@ -72,4 +73,5 @@ def open_engine(engine_name: str = "hf", model: str = DEFAULT_MODEL, *,
     from padlm.core.engine import Personalizer
 
     return Personalizer(model, persrm=persrm, dtype=dtype, placement=placement, device=device,
-                        components={"experts": experts}, scorer=scorer, reference=reference)
+                        components={"experts": experts}, scorer=scorer, reference=reference,
+                        guide_alignment=guide_alignment)

@@ -98,10 +98,11 @@ class ForwardCounter:
             handle.remove()
 
 
-def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens: int
-               ) -> tuple[Callable[[], None], list[torch.nn.Module]]:
-    """A zero-argument function that decodes one batch, and the models it runs."""
-    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens: int,
+               top_k: int | None = None) -> tuple[Callable[[], None], list[torch.nn.Module]]:
+    """A zero-argument function that decodes one batch, and the models it runs. ``top_k``:
+    the guided strategies' candidates (None: each strategy's default)."""
+    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, top_k=top_k)
     prompts = [BENCH_PROMPT] * batch_size
     if strategy == "pad-echo-guard":  # the default pad plus the guard's per-step lookups
         strategy, config = "pad", dataclasses.replace(config, echo_guard=True)
@@ -139,7 +140,7 @@ def runner_for(engine: Personalizer, strategy: str, batch_size: int, new_tokens:
 
 def bench(engine: Personalizer, strategies: list[str], batch_sizes: list[int],
           new_tokens: int, repeats: int, progress: Callable[[str], None] = lambda s: None,
-          ) -> dict:
+          top_k: int | None = None) -> dict:
     unknown = [s for s in strategies if s not in BENCH_STRATEGIES]
     if unknown:
         raise PadlmError(f"unknown bench strategy {', '.join(unknown)}; choose from "
@@ -151,7 +152,7 @@ def bench(engine: Personalizer, strategies: list[str], batch_sizes: list[int],
         for strategy in (["base"] if "base" not in strategies else []) + strategies:
             if strategy == "reference-pad" and batch_size > 1:
                 continue  # the released code has no batching: its row is batch 1 only
-            run, models = runner_for(engine, strategy, batch_size, new_tokens)
+            run, models = runner_for(engine, strategy, batch_size, new_tokens, top_k)
             counter = ForwardCounter(models)
             seconds = statistics.median(time_runs(run, repeats, during=counter))
             total = batch_size * new_tokens
@@ -164,7 +165,7 @@ def bench(engine: Personalizer, strategies: list[str], batch_sizes: list[int],
             progress(json.dumps(row))
             if strategy in strategies:
                 rows.append(row)
-    return {**source, "prompt_tokens": len(render(
+    return {**source, "top_k": top_k, "prompt_tokens": len(render(
         engine.lm.tokenizer, BENCH_PROMPT)), "rows": rows}
 
 

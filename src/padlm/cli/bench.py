@@ -15,6 +15,7 @@ from padlm.cli.options import (
     DeviceOption,
     DtypeOption,
     ExpertsOption,
+    GuideAlignmentOption,
     ModelOption,
     PersRMOption,
     ReferenceOption,
@@ -42,6 +43,9 @@ def bench_command(
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
     reference: ReferenceOption = None,
+    guide_alignment: GuideAlignmentOption = "auto",
+    top_k: Annotated[int | None, typer.Option(
+        help="The guided strategies' candidates per step (default: each one's own).")] = None,
     experts: ExpertsOption = "default",
     dtype: DtypeOption = None,
     device: DeviceOption = "auto",
@@ -67,11 +71,12 @@ def bench_command(
         raise PadlmError("--batch-size, --repeats and --max-new-tokens must be >= 1")
     console = Console(stderr=True)
     engine = Personalizer(model, persrm=persrm, dtype=dtype, device=device,
-                          components={"experts": experts}, reference=reference)
+                          components={"experts": experts}, reference=reference,
+                          guide_alignment=guide_alignment)
     chosen = (list(BENCH_STRATEGIES) if strategies == "all"
               else [s.strip() for s in strategies.split(",") if s.strip()])
-    result = bench(engine, chosen, sizes,
-                   max_new_tokens, repeats, progress=lambda line: console.print(line))
+    result = bench(engine, chosen, sizes, max_new_tokens, repeats,
+                   progress=lambda line: console.print(line), top_k=top_k)
     if record is not None:
         write_record(record, {"repeats": repeats, **result})
         console.print(f"recorded to {record}")

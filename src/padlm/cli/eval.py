@@ -22,6 +22,7 @@ from padlm.cli.options import (
     DtypeOption,
     EngineOption,
     ExpertsOption,
+    GuideAlignmentOption,
     ModelOption,
     PersRMOption,
     PlacementOption,
@@ -91,6 +92,7 @@ def eval_command(
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
     reference: ReferenceOption = None,
+    guide_alignment: GuideAlignmentOption = "auto",
     experts: ExpertsOption = "default",
     scorer: ScorerOption = None,
     placement: PlacementOption = None,
@@ -156,11 +158,12 @@ def eval_command(
     decoder = None
     if engine_name == "vllm":  # generates; the HF engine still scores (perplexity, PersRM)
         decoder = open_engine("vllm", model, persrm=persrm, dtype=dtype, placement=placement,
-                              reference=reference)
+                              reference=reference, guide_alignment=guide_alignment)
         for job in jobs(plan, 1.0):
             decoder.check(job.strategy, plan.config)  # before either engine loads
     engine = open_engine("hf", model, persrm=persrm, dtype=dtype, placement=placement,
-                         device=device, experts=experts, scorer=scorer, reference=reference)
+                         device=device, experts=experts, scorer=scorer, reference=reference,
+                         guide_alignment=guide_alignment)
     # the command that regenerates this report (flags that do not change results dropped)
     quiet = {"--no-generate", "--no-progress", "--progress", "--generate"}
     command = "padlm eval " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a not in quiet) \

@@ -17,6 +17,7 @@ from padlm.cli.options import (
     DtypeOption,
     EngineOption,
     ExpertsOption,
+    GuideAlignmentOption,
     ModelOption,
     PersRMOption,
     PlacementOption,
@@ -46,6 +47,7 @@ def generate(
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
     reference: ReferenceOption = None,
+    guide_alignment: GuideAlignmentOption = "auto",
     scorer: ScorerOption = None,
     placement: PlacementOption = None,
     dtype: DtypeOption = None,
@@ -79,7 +81,8 @@ def generate(
 
     # torch, transformers (and vLLM): only once the input is valid
     engine = open_engine(engine_name, model, persrm=persrm, dtype=dtype, placement=placement,
-                         device=device, experts=experts, scorer=scorer, reference=reference)
+                         device=device, experts=experts, scorer=scorer, reference=reference,
+                         guide_alignment=guide_alignment)
     engine.check(strategy, config)  # on vLLM: refused before its minute of start-up
     meta = {"strategy": strategy, "preference": preference, "model": engine.model_name}
     if spec.uses_persrm or scorer == "persrm":

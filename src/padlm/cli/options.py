@@ -13,7 +13,12 @@ PersRMOption = Annotated[str, typer.Option(
     help="PAD's guide: a PersRM directory, 'default', 'conditioned' (the shipped one-lane "
          "PersRM; what 'default' means on --engine vllm), 'identity', or another model "
          "steering this one as a separate guide (a model name or directory, PAD's released "
-         "PersRM, a PEFT adapter; the same tokenizer).")]
+         "PersRM, a PEFT adapter; a guide with another byte-level BPE tokenizer reads the "
+         "base's text).")]
+GuideAlignmentOption = Annotated[str, typer.Option(
+    help="How a separate guide reads the base's tokens: auto (their ids where it shares the "
+         "base's vocabulary, else their text) | ids | text (each candidate scored by its "
+         "whole text) | first-token (PAD's released mapping, for comparison).")]
 ReferenceOption = Annotated[str | None, typer.Option(
     help="pad's reward reference: base | base-unconditioned | guide | guide-unconditioned | "
          "none (the guide's log-probs alone); default: the guide's own.")]

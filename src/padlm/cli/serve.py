@@ -13,6 +13,7 @@ from padlm.cli.options import (
     DtypeOption,
     EngineOption,
     ExpertsOption,
+    GuideAlignmentOption,
     ModelOption,
     PersRMOption,
     PlacementOption,
@@ -84,6 +85,7 @@ def serve(
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
     reference: ReferenceOption = None,
+    guide_alignment: GuideAlignmentOption = "auto",
     experts: ExpertsOption = "default",
     scorer: ScorerOption = None,
     placement: PlacementOption = None,
@@ -127,6 +129,7 @@ def serve(
     from padlm.engines import open_engine
 
     engine = open_engine(engine_name, model, persrm=persrm, dtype=dtype, placement=placement,
-                         device=device, experts=experts, scorer=scorer, reference=reference)
+                         device=device, experts=experts, scorer=scorer, reference=reference,
+                         guide_alignment=guide_alignment)
     make_server(create_app(engine, settings), host, port, log_level,
                 on_exit=engine.close if engine_name == "vllm" else None).run()

@@ -145,7 +145,9 @@ def choose_persrm(persrm: str | None, model_name: str) -> PersRMChoice:
                    f"{model_name}: pass --persrm with a PersRM trained on {model_name}"))
     return PersRMChoice(directory, source.config, engine_refusal(
         "pad", f"PersRM {persrm} was trained on {source.base_model}, not {model_name}, so it "
-               f"steers {model_name} as a separate guide"))
+               f"steers {model_name} as a separate guide, reading {model_name}'s tokens with "
+               f"{source.base_model}'s tokenizer (its ids where the two tokenizers share a "
+               f"vocabulary, else their text)"))
 
 
 class VllmPersonalizer:
