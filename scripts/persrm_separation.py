@@ -199,6 +199,9 @@ def main() -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--persrm", default="default")
     parser.add_argument("--reference", default=None, help="PAD's reward reference")
+    parser.add_argument("--guide-alignment", default="auto",
+                        help="how a separate guide reads the base's tokens (ids, text, "
+                             "first-token)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="rows per forward (default: all prompts of a preference)")
     parser.add_argument("--weight", type=float, default=None)
@@ -224,7 +227,7 @@ def main() -> None:
     preferences = [*PSOUPS, *unseen]
     if not args.summarize_only:
         engine = Personalizer(args.model, persrm=args.persrm, dtype=args.dtype,
-                              reference=args.reference)
+                              reference=args.reference, guide_alignment=args.guide_alignment)
         config = GenerationConfig(max_new_tokens=args.max_new_tokens,
                                   no_repeat_ngram_size=args.no_repeat_ngram_size,
                                   weight=args.weight)
