@@ -75,16 +75,17 @@ def serve(tiny_lm):
 
 
 @pytest.fixture(scope="session")
-def guide_dir(tiny_lm, tmp_path_factory) -> Path:
+def guide_dir(tiny_cpu_lm, tmp_path_factory) -> Path:
     """A second tiny model (48 wide, 3 layers) with the base's tokenizer, saved as a plain
     causal LM directory."""
     directory = tmp_path_factory.mktemp("guide")
     config = LlamaConfig(
-        vocab_size=len(tiny_lm.tokenizer), hidden_size=48, intermediate_size=96,
+        vocab_size=len(tiny_cpu_lm.tokenizer), hidden_size=48, intermediate_size=96,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=1024, tie_word_embeddings=True,
-        eos_token_id=tiny_lm.tokenizer.eos_token_id, pad_token_id=tiny_lm.tokenizer.pad_token_id)
+        eos_token_id=tiny_cpu_lm.tokenizer.eos_token_id,
+        pad_token_id=tiny_cpu_lm.tokenizer.pad_token_id)
     torch.manual_seed(7)
     LlamaForCausalLM(config).save_pretrained(directory)
-    tiny_lm.tokenizer.save_pretrained(directory)
+    tiny_cpu_lm.tokenizer.save_pretrained(directory)
     return directory

@@ -34,6 +34,8 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path):
         "unknown preference id P9Z;": ["generate", "hi", "--preference", "P1A+P9Z",
                                        "--model", str(tmp_path / "missing-model")],
         "unknown scorer 'magic'": ["generate", "hi", "--strategy", "args", "--scorer", "magic"],
+        "guide alignment must be one of": ["generate", "hi", "--guide-alignment", "bytes",
+                                           "--model", str(tmp_path / "missing-model")],
         "not the free-text preference 'be brief': use preset ids, or --scorer persrm": [
             "generate", "hi", "--strategy", "args", "--preference", "be brief"],
         "unknown bench strategy": ["bench", "--strategies", "base,warp"],

@@ -13,6 +13,7 @@ import pytest
 
 from padlm.cli import app
 from padlm.cli.fields import FieldOptions, config_options
+from padlm.cli.options import EngineSettings
 from padlm.core.config import GenerationConfig
 from padlm.data.build import BuildConfig
 from padlm.data.samplers import SamplingSettings
@@ -23,11 +24,13 @@ from padlm.training.configs import HeadTrainingConfig, TrainConfig
 
 # command -> the configs its options fill, each with {option name: field name} where they differ
 BUILDS = {
-    "generate": [(GenerationConfig, {})],
+    "generate": [(GenerationConfig, {}), (EngineSettings, {"engine": "engine_name"})],
     "serve": [(ServerSettings, {name.removesuffix("_s"): name for name in (
         "request_timeout_s", "drain_timeout_s", "keep_alive_timeout_s", "header_timeout_s",
-        "body_timeout_s", "body_chunk_timeout_s")})],
-    "eval": [(EvalPlan, {}), (GenerationConfig, {})],
+        "body_timeout_s", "body_chunk_timeout_s")}),
+              (EngineSettings, {"engine": "engine_name"})],
+    "eval": [(EvalPlan, {}), (GenerationConfig, {}),
+             (EngineSettings, {"engine": "engine_name"})],
     "data build": [(BuildConfig, {})],
     "data label-check": [(SamplingSettings, {})],
     "train persrm": [(HeadTrainingConfig, {}), (TrainConfig, {"weight": "recommended_weight"})],
@@ -139,8 +142,12 @@ def test_train_options_read_comma_lists_and_the_pcm_data_defaults_to_the_pairs()
     assert PCM.values(given)["data"] == (DEFAULT_DATA,)
 
 
-def test_the_training_placement_default_is_the_kernels():
-    """TrainConfig restates it: padlm.core.prompting imports transformers."""
-    from padlm.core.prompting import DEFAULT_PLACEMENT
+def test_engine_settings_are_open_engines_arguments():
+    """The options generate, serve and eval open an engine with are open_engine's own
+    parameters, with its defaults (the engine is opened with them as they are)."""
+    from padlm.engines import open_engine
 
-    assert field_defaults(TrainConfig)["placement"] == DEFAULT_PLACEMENT
+    opened = inspect.signature(open_engine).parameters
+    settings = {f.name: f.default for f in dataclasses.fields(EngineSettings)}
+    assert settings == {name: p.default for name, p in opened.items()}
+

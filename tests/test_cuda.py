@@ -56,14 +56,12 @@ from test_engine import (  # noqa: E402
     test_an_open_stream_and_a_generate_run_side_by_side_on_one_engine,
 )
 from test_guides import (  # noqa: E402
-    guide_dir,
     test_a_guide_equal_to_the_base_reproduces_shared_backbone_pad,
     test_a_separate_guide_equals_recomputing_both_models_every_step,
     test_rows_with_different_references_share_a_batch,
 )
 
 __all__ = [
-    "guide_dir",
     "test_a_guide_equal_to_the_base_reproduces_shared_backbone_pad",
     "test_a_separate_guide_equals_recomputing_both_models_every_step",
     "test_rows_with_different_references_share_a_batch",

@@ -17,18 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from padlm.cli.fields import GENERATION_HELP, FieldOptions, config_options
-from padlm.cli.options import (
-    DeviceOption,
-    DtypeOption,
-    EngineOption,
-    ExpertsOption,
-    GuideAlignmentOption,
-    ModelOption,
-    PersRMOption,
-    PlacementOption,
-    ReferenceOption,
-    ScorerOption,
-)
+from padlm.cli.options import ENGINE
 from padlm.core.config import GenerationConfig
 from padlm.core.registry import check_scorer, strategy_names
 from padlm.errors import PadlmError
@@ -67,7 +56,7 @@ def _floats(text: str, option: str) -> list[float]:
 
 
 @app.callback()
-@config_options(decoding=DECODING)
+@config_options(decoding=DECODING, engine_args=ENGINE)
 def eval_command(
     ctx: typer.Context,
     *,
@@ -89,15 +78,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option()] = 8,
     judge: Annotated[list[str] | None, typer.Option(
         help="Direction for free-text preferences, e.g. friendliness:+ (repeatable).")] = None,
-    model: ModelOption = "default",
-    persrm: PersRMOption = "default",
-    reference: ReferenceOption = None,
-    guide_alignment: GuideAlignmentOption = "auto",
-    experts: ExpertsOption = "default",
-    scorer: ScorerOption = None,
-    placement: PlacementOption = None,
-    dtype: DtypeOption = None,
-    device: DeviceOption = "auto",
+    engine_args: dict[str, Any],
     judge_url: Annotated[str | None, typer.Option(
         help="Also run the pairwise LLM judge against this OpenAI-compatible base URL.")
                          ] = None,
@@ -111,7 +92,6 @@ def eval_command(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     generate: Annotated[bool, typer.Option(
         help="--no-generate: only score and summarise the cells already generated.")] = True,
-    engine_name: EngineOption = "hf",
 ) -> None:
     """Generate (resumable), score with offline judges, write summary.json, report.md, plots."""
     if ctx.invoked_subcommand is not None:
@@ -150,20 +130,19 @@ def eval_command(
     for spec in plan.preferences:
         dimensions(spec, plan.directions)
     jobs(plan, 1.0)  # unknown strategies fail here, before the model loads
-    if scorer is not None:
-        check_scorer(scorer)
-    check_engine(engine_name)
+    if engine_args["scorer"] is not None:
+        check_scorer(engine_args["scorer"])
+    check_engine(engine_args["engine_name"])
     from padlm.engines import open_engine
 
     decoder = None
-    if engine_name == "vllm":  # generates; the HF engine still scores (perplexity, PersRM)
-        decoder = open_engine("vllm", model, persrm=persrm, dtype=dtype, placement=placement,
-                              reference=reference, guide_alignment=guide_alignment)
+    if engine_args["engine_name"] == "vllm":  # generates; the HF engine still scores
+        # (perplexity, the PersRM's rewards): the hf-only settings are the scorer's alone
+        decoder = open_engine(**{name: value for name, value in engine_args.items()
+                                 if name not in ("device", "experts", "scorer")})
         for job in jobs(plan, 1.0):
             decoder.check(job.strategy, plan.config)  # before either engine loads
-    engine = open_engine("hf", model, persrm=persrm, dtype=dtype, placement=placement,
-                         device=device, experts=experts, scorer=scorer, reference=reference,
-                         guide_alignment=guide_alignment)
+    engine = open_engine(**{**engine_args, "engine_name": "hf"})
     # the command that regenerates this report (flags that do not change results dropped)
     quiet = {"--no-generate", "--no-progress", "--progress", "--generate"}
     command = "padlm eval " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a not in quiet) \

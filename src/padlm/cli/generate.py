@@ -12,18 +12,7 @@ import typer
 from rich.console import Console
 
 from padlm.cli.fields import GENERATION_HELP, FieldOptions, config_options
-from padlm.cli.options import (
-    DeviceOption,
-    DtypeOption,
-    EngineOption,
-    ExpertsOption,
-    GuideAlignmentOption,
-    ModelOption,
-    PersRMOption,
-    PlacementOption,
-    ReferenceOption,
-    ScorerOption,
-)
+from padlm.cli.options import ENGINE
 from padlm.core.config import GenerationConfig
 from padlm.errors import PadlmError
 from padlm.records import load_prompts
@@ -33,7 +22,7 @@ DECODING = FieldOptions(GenerationConfig, (
     "no_repeat_ngram_size", "repetition_penalty", "echo_guard", "mix"), helps=GENERATION_HELP)
 
 
-@config_options(decoding=DECODING)
+@config_options(decoding=DECODING, engine_args=ENGINE)
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="The instruction to answer.")] = None,
     *,
@@ -43,16 +32,7 @@ def generate(
         help="A registered strategy (`padlm strategies` lists them).")] = "pad",
     decoding: dict[str, Any],
     n: Annotated[int, typer.Option(help="Samples for best-of-n.")] = 4,
-    experts: ExpertsOption = "default",
-    model: ModelOption = "default",
-    persrm: PersRMOption = "default",
-    reference: ReferenceOption = None,
-    guide_alignment: GuideAlignmentOption = "auto",
-    scorer: ScorerOption = None,
-    placement: PlacementOption = None,
-    dtype: DtypeOption = None,
-    device: DeviceOption = "auto",
-    engine_name: EngineOption = "hf",
+    engine_args: dict[str, Any],
     prompts_file: Annotated[Path | None, typer.Option(help="JSON, JSONL or text file.")
                             ] = None,
     batch_size: Annotated[int, typer.Option()] = 8,
@@ -71,7 +51,8 @@ def generate(
         raise PadlmError("the prompt is empty")
     if batch_size < 1:
         raise PadlmError("--batch-size must be >= 1")
-    config = GenerationConfig(**decoding, reference=reference)
+    scorer = engine_args["scorer"]
+    config = GenerationConfig(**decoding, reference=engine_args["reference"])
     check_request(strategy, config)
     parse_preference(preference)  # a typo like P9Z fails here, before any model loads
     if scorer is not None:
@@ -80,9 +61,7 @@ def generate(
     from padlm.engines import open_engine
 
     # torch, transformers (and vLLM): only once the input is valid
-    engine = open_engine(engine_name, model, persrm=persrm, dtype=dtype, placement=placement,
-                         device=device, experts=experts, scorer=scorer, reference=reference,
-                         guide_alignment=guide_alignment)
+    engine = open_engine(**engine_args)
     engine.check(strategy, config)  # on vLLM: refused before its minute of start-up
     meta = {"strategy": strategy, "preference": preference, "model": engine.model_name}
     if spec.uses_persrm or scorer == "persrm":

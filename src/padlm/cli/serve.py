@@ -8,18 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from padlm.cli.fields import FieldOptions, config_options
-from padlm.cli.options import (
-    DeviceOption,
-    DtypeOption,
-    EngineOption,
-    ExpertsOption,
-    GuideAlignmentOption,
-    ModelOption,
-    PersRMOption,
-    PlacementOption,
-    ReferenceOption,
-    ScorerOption,
-)
+from padlm.cli.options import ENGINE
 from padlm.errors import PadlmError
 from padlm.server.settings import ServerSettings
 
@@ -77,20 +66,12 @@ def check_port(host: str, port: int) -> None:
         raise PadlmError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
-@config_options(limits=LIMITS)
+@config_options(engine_args=ENGINE, limits=LIMITS)
 def serve(
     *,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
-    model: ModelOption = "default",
-    persrm: PersRMOption = "default",
-    reference: ReferenceOption = None,
-    guide_alignment: GuideAlignmentOption = "auto",
-    experts: ExpertsOption = "default",
-    scorer: ScorerOption = None,
-    placement: PlacementOption = None,
-    dtype: DtypeOption = None,
-    device: DeviceOption = "auto",
+    engine_args: dict[str, Any],
     limits: dict[str, Any],
     api_key: Annotated[str | None, typer.Option(
         envvar="PADLM_API_KEY", show_envvar=True,
@@ -103,7 +84,6 @@ def serve(
     served_model_name: Annotated[list[str] | None, typer.Option(
         help="A name the model answers to (repeatable); default: the model's own.")] = None,
     log_level: Annotated[str, typer.Option()] = "info",
-    engine_name: EngineOption = "hf",
 ) -> None:
     """Serve the OpenAI API with per-request preferences (and a playground page at /)."""
     import logging
@@ -120,16 +100,14 @@ def serve(
                        else split_list(allowed_hosts)),
         cors_origins=split_list(cors_origins),
         served_model_names=tuple(served_model_name or ()))
-    if scorer is not None:
-        check_scorer(scorer)
+    if engine_args["scorer"] is not None:
+        check_scorer(engine_args["scorer"])
     check_port(host, port)
     if not logging.getLogger().handlers:  # the access log and the worker's warnings
         logging.basicConfig(level=log_level.upper(),
                             format="%(levelname)s %(name)s: %(message)s")
     from padlm.engines import open_engine
 
-    engine = open_engine(engine_name, model, persrm=persrm, dtype=dtype, placement=placement,
-                         device=device, experts=experts, scorer=scorer, reference=reference,
-                         guide_alignment=guide_alignment)
+    engine = open_engine(**engine_args)
     make_server(create_app(engine, settings), host, port, log_level,
-                on_exit=engine.close if engine_name == "vllm" else None).run()
+                on_exit=getattr(engine, "close", None)).run()

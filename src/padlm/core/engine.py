@@ -24,7 +24,7 @@ from padlm.core.models import DEFAULT_MODEL, LoadedModel, eos_ids, load_model
 from padlm.core.persrm import PersonalizedRewardModel, PersRMConfig
 from padlm.core.planning import expansion, plan
 from padlm.core.preferences import Preference, parse_preference
-from padlm.core.prompting import PLACEMENTS
+from padlm.core.prompting import check_placement
 from padlm.core.registry import (
     DEFAULT_SCORER,
     check_request,
@@ -105,9 +105,8 @@ class Personalizer:
         :meth:`component`)."""
         if isinstance(scorer, str):
             check_scorer(scorer)
-        if placement is not None and placement not in PLACEMENTS:
-            raise PadlmError(f"unknown placement {placement!r}; choose one of "
-                             f"{', '.join(PLACEMENTS)}", param="placement")
+        if placement is not None:
+            check_placement(placement)
         if reference is not None:
             GenerationConfig(reference=reference)  # refused before any model loads
         check_alignment(guide_alignment)  # refused before any model loads

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from padlm.errors import PadlmError
+
+if TYPE_CHECKING:  # transformers-free at import: the CLI's configs check placements
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 PLACEMENTS = ("system", "user-prefix", "bracket")
 DEFAULT_PLACEMENT = "user-prefix"
@@ -26,10 +28,16 @@ PAD_TEMPLATE = (
 Message = dict[str, str]
 
 
+def check_placement(placement: str) -> None:
+    """The one refusal of an unknown placement (engines, training configs, rendering)."""
+    if placement not in PLACEMENTS:
+        raise PadlmError(f"unknown placement {placement!r}; choose one of "
+                         f"{', '.join(PLACEMENTS)}", param="placement")
+
+
 def place_preference(messages: Sequence[Message], preference: str, placement: str) -> list[Message]:
     """Return a copy of ``messages`` with ``preference`` put where ``placement`` says."""
-    if placement not in PLACEMENTS:
-        raise PadlmError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+    check_placement(placement)
     messages = [dict(m) for m in messages]
     if not preference:
         return messages

@@ -208,7 +208,7 @@ class Planner:
         """The request's strategy; one that names none gets the server's default, or
         ``base`` without a preference: a plain OpenAI client (an LLM judge, say) gets the
         base model on every engine, not PAD toward an empty preference."""
-        if "strategy" in body.model_fields_set:
+        if body.strategy is not None:
             return body.strategy
         return self.default_strategy if preference else "base"
 

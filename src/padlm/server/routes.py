@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -136,29 +137,37 @@ async def presets(service: ServiceDep) -> dict:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, service: ServiceDep) -> Response:
-    raw = await read_body(request, service.settings, service.closing)
-    body = parse_body(ChatCompletionRequest, raw)
-    _log_extras(ChatCompletionRequest, raw)
-    name = service.model_name(body.model)
-    if not body.messages:
-        raise ApiError(400, "messages must not be empty", "messages")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    plan = await service.planner.plan_off_loop(body, [messages], "messages")
-    return await _respond(request, service, body, plan, "chat",
-                          f"chatcmpl-{uuid.uuid4().hex}", name)
+    def conversation(body: ChatCompletionRequest) -> list:
+        if not body.messages:
+            raise ApiError(400, "messages must not be empty", "messages")
+        return [[{"role": m.role, "content": m.text()} for m in body.messages]]
+
+    return await _complete(request, service, ChatCompletionRequest, conversation, "messages",
+                           "chat", "chatcmpl")
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, service: ServiceDep) -> Response:
+    def prompts(body: CompletionRequest) -> list:
+        found = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not found:
+            raise ApiError(400, "prompt must not be empty", "prompt")
+        return found
+
+    return await _complete(request, service, CompletionRequest, prompts, "prompt", "text",
+                           "cmpl")
+
+
+async def _complete(request: Request, service: Service, kind_of_body: type,
+                    prompts_of: Callable, param: str, kind: str, prefix: str) -> Response:
+    """What both completion routes do around their own prompts: read and parse the body
+    strictly, check the model name, plan off the loop, then queue and answer."""
     raw = await read_body(request, service.settings, service.closing)
-    body = parse_body(CompletionRequest, raw)
-    _log_extras(CompletionRequest, raw)
+    body = parse_body(kind_of_body, raw)
+    _log_extras(kind_of_body, raw)
     name = service.model_name(body.model)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
-        raise ApiError(400, "prompt must not be empty", "prompt")
-    plan = await service.planner.plan_off_loop(body, prompts, "prompt")
-    return await _respond(request, service, body, plan, "text", f"cmpl-{uuid.uuid4().hex}",
+    plan = await service.planner.plan_off_loop(body, prompts_of(body), param)
+    return await _respond(request, service, body, plan, kind, f"{prefix}-{uuid.uuid4().hex}",
                           name)
 
 

@@ -125,7 +125,7 @@ class _Common(_Strict):
     logit_bias: dict[str, float] | None = None
     # padlm's extensions
     preference: str | None = None
-    strategy: str = Field(default="pad", description=(
+    strategy: str | None = Field(default=None, description=(
         "unset: pad with a preference (prompt where this server cannot run pad), base "
         "without one"))
     pad: PadOptions | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from padlm.core.prompting import DEFAULT_PLACEMENT, check_placement
 from padlm.data.splits import VALIDATION_FRACTION
 from padlm.errors import PadlmError
 
@@ -77,9 +78,7 @@ class TrainConfig:
     label_filter: str = field(default="consistency", metadata={"help": "consistency | none"})
     max_train_pairs: int | None = field(default=None, metadata={
         "help": "Train on at most this many pairs."})
-    # core.prompting.DEFAULT_PLACEMENT, restated: that module imports transformers
-    # (tests/test_cli_defaults.py holds the two equal)
-    placement: str = field(default="user-prefix", metadata={
+    placement: str = field(default=DEFAULT_PLACEMENT, metadata={
         "help": "Where the preference goes: system | user-prefix | bracket."})
     top_k: int = field(default=10, metadata={
         "help": "Candidates per position: those the head trains on (vocab topk), and the "
@@ -99,16 +98,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Checked when made: a bad setting must not surface after a ~37-minute cache."""
-        from padlm.core.prompting import PLACEMENTS
-
         if self.stage not in STAGES:
             raise PadlmError(f"unknown stage {self.stage!r}; choose {', '.join(STAGES)}")
         if self.label_filter not in LABEL_FILTERS:
             raise PadlmError(f"label filter must be one of {', '.join(LABEL_FILTERS)}, "
                              f"not {self.label_filter!r}")
-        if self.placement not in PLACEMENTS:
-            raise PadlmError(f"unknown placement {self.placement!r}; choose one of "
-                             f"{', '.join(PLACEMENTS)}")
+        check_placement(self.placement)
         if self.top_k < 1 or (self.max_train_pairs is not None and self.max_train_pairs < 1):
             raise PadlmError("top-k and max train pairs must be >= 1")
         if not 0 < self.validation_fraction < 1:

@@ -32,7 +32,7 @@ from padlm.core.models import DEFAULT_MODEL, eos_ids, resolve_model_path
 from padlm.core.persrm import PersRMConfig
 from padlm.core.planning import plan
 from padlm.core.preferences import parse_preference
-from padlm.core.prompting import DEFAULT_PLACEMENT, PLACEMENTS
+from padlm.core.prompting import DEFAULT_PLACEMENT, check_placement
 from padlm.core.registry import check_request, strategy_class
 from padlm.core.strategies import render_lanes
 from padlm.errors import PadlmError
@@ -163,9 +163,8 @@ class VllmPersonalizer:
     def __init__(self, model: str = DEFAULT_MODEL, persrm: str | None = "default",
                  dtype: str | None = None, placement: str | None = None,
                  **engine_args: Any) -> None:
-        if placement is not None and placement not in PLACEMENTS:
-            raise PadlmError(f"unknown placement {placement!r}; choose one of "
-                             f"{', '.join(PLACEMENTS)}", param="placement")
+        if placement is not None:
+            check_placement(placement)
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         self.path = resolve_model_path(model)
