@@ -49,11 +49,6 @@ def expansion(engine: Engine, strategy: str, n: int = 1) -> Expansion:
     return Expansion(strategy)
 
 
-def rows_strategy(engine: Engine, strategy: str) -> str:
-    """The token-level strategy whose rows decode ``strategy``."""
-    return expansion(engine, strategy).rows
-
-
 def plan(engine: Engine, strategy: str, request: Request) -> Request:
     """``request`` ready to decode with ``strategy`` on ``engine``: its settings checked
     against the strategy and the engine (``engine.check``: before any decoding starts) and
@@ -61,5 +56,5 @@ def plan(engine: Engine, strategy: str, request: Request) -> Request:
     neither re-checks nor re-renders it. Raises :class:`~padlm.errors.PadlmError` for what
     the strategy cannot serve (an unknown expert, free text a scorer cannot score)."""
     engine.check(strategy, request.config)
-    rows = rows_strategy(engine, strategy)
+    rows = expansion(engine, strategy).rows  # best-of-n renders for its sampler's rows
     return replace(request, rendered=Rendered(rows, engine.contexts(rows, request)))
