@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PADLM := $(VENV)/bin/padlm
 
-.PHONY: setup setup-vllm demo test lint bench system-deps gpu-bundle gpu-check-dry-run
+.PHONY: setup setup-vllm demo test lint bench system-deps postgres gpu-bundle gpu-check-dry-run
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,12 @@ lint: setup
 # Debian's chromium for the playground's browser test (skips itself when present)
 system-deps:
 	bash scripts/install-system-deps.sh
+
+# A local PostgreSQL for the profile store's tests; prints its URL (.ci/run does this):
+#   export PADLM_TEST_POSTGRES_URL="$$(make -s postgres)"; make test
+# Without PADLM_TEST_POSTGRES_URL, `make test` skips the store's PostgreSQL cases.
+postgres:
+	@bash scripts/start-postgres.sh
 
 # then the vLLM engine's tests (and its --json stdout check), in their own environment
 test: setup setup-vllm lint system-deps
