@@ -385,10 +385,10 @@ def test_unknown_field_names_are_logged_escaped_and_bounded(serve, caplog):
 
 def test_a_non_ascii_api_key_is_refused_at_startup():
     with pytest.raises(PadlmError, match="ASCII"):
-        ServerSettings(api_key="clé-secrète")
+        ServerSettings(api_keys=("clé-secrète",))
     with pytest.raises(PadlmError, match="ASCII"):
-        ServerSettings(api_key="key\twith-tab")
-    assert ServerSettings(api_key="plain-key_1").api_key == "plain-key_1"
+        ServerSettings(api_keys=("key\twith-tab",))
+    assert ServerSettings(api_keys=("plain-key_1",)).api_keys == ("plain-key_1",)
 
 
 def test_the_access_log_records_a_handler_error_as_500(serve, caplog):

@@ -172,7 +172,7 @@ def test_requests_past_the_deadline_end_with_504(serve):
 # ---- the gate ------------------------------------------------------------------------------
 
 def test_api_key(serve):
-    server, _ = serve(api_key="sekret")
+    server, _ = serve(api_keys=("sekret",))
     body = {"messages": HI, "max_tokens": 2}
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sekret"}):
         refused = chat(server.url, body, headers)
@@ -226,7 +226,7 @@ def test_cors_only_when_configured(serve):
     plain, _ = serve()
     closed = httpx.options(f"{plain.url}/v1/chat/completions", headers=preflight)
     assert "access-control-allow-origin" not in closed.headers
-    server, _ = serve(cors_origins=("http://app.example",), api_key="k")
+    server, _ = serve(cors_origins=("http://app.example",), api_keys=("k",))
     opened = httpx.options(f"{server.url}/v1/chat/completions", headers=preflight)
     assert opened.status_code == 200
     assert opened.headers["access-control-allow-origin"] == "http://app.example"
@@ -236,7 +236,7 @@ def test_cors_only_when_configured(serve):
 
 
 def test_request_id(serve):
-    server, _ = serve(api_key="k")
+    server, _ = serve(api_keys=("k",))
     echoed = httpx.get(f"{server.url}/health", headers={"x-request-id": "abc-123"})
     assert echoed.headers["x-request-id"] == "abc-123"
     made = httpx.get(f"{server.url}/health").headers["x-request-id"]
@@ -450,7 +450,7 @@ CHROMIUM = "/usr/bin/chromium"
 def test_playground_asks_for_the_key_and_then_works(serve):
     from playwright.sync_api import expect, sync_playwright
 
-    server, service = serve(api_key="sekret")
+    server, service = serve(api_keys=("sekret",))
 
     worker = service.worker
     with sync_playwright() as playwright:

@@ -13,7 +13,17 @@ import sys
 import typer
 from rich.console import Console
 
-from padlm.cli import bench, data, generate, models, serve, strategies, train, vllm_args
+from padlm.cli import (
+    bench,
+    data,
+    generate,
+    models,
+    profile,
+    serve,
+    strategies,
+    train,
+    vllm_args,
+)
 from padlm.cli import eval as evaluation  # not to shadow the builtin
 from padlm.errors import PadlmError
 
@@ -30,6 +40,7 @@ app.add_typer(train.app, name="train")
 app.command("serve")(serve.serve)
 app.command("vllm-args")(vllm_args.vllm_args)
 app.add_typer(evaluation.app, name="eval")
+app.add_typer(profile.app, name="profile")
 
 
 def main(args: list[str] | None = None) -> None:

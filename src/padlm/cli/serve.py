@@ -73,9 +73,14 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     engine_args: dict[str, Any],
     limits: dict[str, Any],
-    api_key: Annotated[str | None, typer.Option(
+    api_key: Annotated[list[str] | None, typer.Option(
         envvar="PADLM_API_KEY", show_envvar=True,
-        help="Require 'Authorization: Bearer <key>' on every /v1 route.")] = None,
+        help="Require 'Authorization: Bearer <key>' on every /v1 route (repeatable: each "
+             "key is a tenant, whose users' profiles only its clients see).")] = None,
+    profiles: Annotated[str, typer.Option(
+        help="Where users' profiles live: sqlite:///PATH, postgresql://... (several "
+             "replicas share one), or 'none'. Default: profiles.db under $PADLM_HOME.")
+    ] = "default",
     allowed_hosts: Annotated[str | None, typer.Option(
         help="Comma-separated Host names to answer ('*': any); default: the loopback "
              "names when bound to loopback, else any.")] = None,
@@ -89,13 +94,14 @@ def serve(
     import logging
 
     from padlm.core.registry import check_scorer
+    from padlm.profiles.service import ProfileService, open_profiles
     from padlm.server.app import create_app, make_server
     from padlm.server.settings import default_allowed_hosts, split_list
 
     if not 0 <= port <= 65535:
         raise PadlmError(f"--port must be in 0..65535, got {port}")
     settings = ServerSettings(
-        **limits, api_key=api_key,
+        **limits, api_keys=tuple(api_key or ()),
         allowed_hosts=(default_allowed_hosts(host) if allowed_hosts is None
                        else split_list(allowed_hosts)),
         cors_origins=split_list(cors_origins),
@@ -108,6 +114,15 @@ def serve(
                             format="%(levelname)s %(name)s: %(message)s")
     from padlm.engines import open_engine
 
+    store = open_profiles(profiles)  # refused before the model loads
     engine = open_engine(**engine_args)
-    make_server(create_app(engine, settings), host, port, log_level,
-                on_exit=getattr(engine, "close", None)).run()
+    service = ProfileService(store) if store is not None else None
+
+    def close() -> None:
+        if store is not None:
+            store.close()
+        if hasattr(engine, "close"):
+            engine.close()
+
+    make_server(create_app(engine, settings, service), host, port, log_level,
+                on_exit=close).run()

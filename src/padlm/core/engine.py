@@ -23,7 +23,7 @@ from padlm.core.guides import check_alignment, load_persrm, persrm_placement
 from padlm.core.models import DEFAULT_MODEL, LoadedModel, eos_ids, load_model
 from padlm.core.persrm import PersonalizedRewardModel, PersRMConfig
 from padlm.core.planning import expansion, plan
-from padlm.core.preferences import Preference, parse_preference
+from padlm.core.preferences import Preference, PreferenceSource, parse_preference
 from padlm.core.prompting import check_placement
 from padlm.core.registry import (
     DEFAULT_SCORER,
@@ -89,6 +89,7 @@ class Personalizer:
         components: Mapping[str, object] | None = None,
         reference: str | None = None,
         guide_alignment: str = "auto",
+        profiles: PreferenceSource | None = None,
     ) -> None:
         """``persrm``: the PersRM or guide (see :func:`padlm.core.guides.load_persrm`), loaded on
         first use, so a guide that cannot steer this model refuses ``pad`` alone.
@@ -100,6 +101,8 @@ class Personalizer:
         ``guide_alignment``: how a separate guide reads the base's tokens
         (:data:`~padlm.core.guides.GUIDE_ALIGNMENTS`: ``auto`` takes the ids where the guide
         shares the base's vocabulary, else their text).
+        ``profiles``: where ``generate(user=...)`` finds the preference of a user who
+        states none (:class:`padlm.profiles.service.TenantProfiles`).
         ``components``: settings of the parts plugged-in strategies share, by name (e.g.
         ``{"experts": path}`` for orchestration's ``mix`` and ``soups``; see
         :meth:`component`)."""
@@ -121,6 +124,7 @@ class Personalizer:
         self._scorer = DEFAULT_SCORER if scorer is None else scorer
         self.eos_ids = eos_ids(self.lm.tokenizer, self.lm.model.generation_config)
         self.components = dict(components or {})
+        self.profiles = profiles
         self._built: dict[str, object] = {}
         self._strategies: dict[str, object] = {}
         # the server's handlers and its decode thread may ask for a strategy first at once
@@ -227,22 +231,38 @@ class Personalizer:
                 config: GenerationConfig | None = None) -> Request:
         return Request(prompt, parse_preference(preference), config or GenerationConfig())
 
+    def preference_of(self, preference: str | Preference | None, user: str | None
+                      ) -> Preference:
+        """The request's own preference, else (with ``user``) the user's learned one."""
+        stated = parse_preference(preference)
+        if stated or user is None:
+            return stated
+        if self.profiles is None:
+            raise PadlmError(f"user={user!r} needs profiles: Personalizer(profiles=...)",
+                             param="user")
+        return self.profiles.preference_for(user)
+
     def stream(self, prompt, preference: str | None = None, strategy: str = "pad",
-               config: GenerationConfig | None = None) -> Iterator[StepEvent]:
-        """Yield one event per generated token of a single prompt."""
+               config: GenerationConfig | None = None, user: str | None = None
+               ) -> Iterator[StepEvent]:
+        """Yield one event per generated token of a single prompt (``user``: decoded for
+        that user's profile when no preference is given)."""
         batch = self.batch(strategy)
-        batch.join([plan(self, strategy, self.request(prompt, preference, config))])
+        request = self.request(prompt, self.preference_of(preference, user), config)
+        batch.join([plan(self, strategy, request)])
         while batch.rows:
             yield from batch.step()
 
     def generate(
         self, prompts: Sequence, preference: str | None = None, strategy: str = "pad",
         config: GenerationConfig | None = None, batch_size: int = 8, n: int = 4,
-        on_batch=None,
+        on_batch=None, user: str | None = None,
     ) -> list[Generation]:
         """Decode every prompt (in batches) with one strategy; results in prompt order.
-        ``n`` is the number of samples of a sequence-level strategy (best-of-n)."""
-        requests = [plan(self, strategy, self.request(p, preference, config)) for p in prompts]
+        ``n`` is the number of samples of a sequence-level strategy (best-of-n); ``user``:
+        decode for that user's profile when no preference is given."""
+        chosen = self.preference_of(preference, user)
+        requests = [plan(self, strategy, self.request(p, chosen, config)) for p in prompts]
         rows = expansion(self, strategy, n)
         results: list[Generation] = []
         for start in range(0, len(requests), batch_size):

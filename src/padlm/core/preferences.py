@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
+from typing import Protocol
 
 from padlm.errors import PadlmError
 
@@ -66,6 +67,13 @@ class Preference:
 
     def __bool__(self) -> bool:
         return bool(self.text)
+
+
+class PreferenceSource(Protocol):
+    """Where a user's preference comes from when they state none (a learned profile,
+    :mod:`padlm.profiles`): the kernel asks, and knows nothing of how it was learned."""
+
+    def preference_for(self, user: str) -> Preference: ...
 
 
 def parse_preference(spec: str | Preference | None) -> Preference:

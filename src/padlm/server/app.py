@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from padlm.engines import Engine
+from padlm.profiles.service import ProfileService
 from padlm.server.gate import Gate, TimedH11Protocol
 from padlm.server.metrics import ServerMetrics
 from padlm.server.planning import Planner
@@ -42,9 +43,11 @@ SHUTDOWN_FLUSH_S = 5  # after the drain, connections get this long to send their
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None,
-               **fields) -> FastAPI:
+               profiles: ProfileService | None = None, **fields) -> FastAPI:
     """The FastAPI app; its decode worker starts and stops with the app's lifespan.
-    ``fields`` override single settings: ``create_app(engine, max_batch_size=4)``."""
+    ``fields`` override single settings: ``create_app(engine, max_batch_size=4)``.
+    ``profiles``: where users' profiles live (None: requests' ``user`` is not learned
+    from, and the profile routes answer 404)."""
     settings = replace(settings or ServerSettings(), **fields)
     served = engine.served_model()
     # a model loaded from a directory is named by its path: answer to the last part only
@@ -54,8 +57,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
     metrics = ServerMetrics(names[0])
     worker = BatchWorker(engine, settings, observer=metrics)
     metrics.watch(worker.snapshot)
-    service = Service(engine, settings, served, names, Planner(engine, settings, served),
-                      worker, metrics)
+    service = Service(engine, settings, served, names,
+                      Planner(engine, settings, served, profiles), worker, metrics, profiles)
 
     app = FastAPI(title="padlm", version="0.1.0", lifespan=_lifespan, docs_url="/docs",
                   exception_handlers=EXCEPTION_HANDLERS)
@@ -65,7 +68,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
     app.add_middleware(Gate, settings=settings, metrics=metrics, routes=routes)
     if settings.cors_origins:  # outermost: preflights are answered before the gate
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
                            expose_headers=["X-Request-Id", "Retry-After"])
     return app

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -44,8 +45,15 @@ from padlm.server.settings import ServerSettings
 access_log = logging.getLogger("padlm.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
+PUBLIC_TENANT = "public"  # the one namespace of a server without API keys
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before its response
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def tenant_of(key: str) -> str:
+    """The namespace of an API key's profiles, named without the key (exports, logs and
+    ``padlm profile --tenant`` show this): the first 16 hex digits of its SHA-256."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -70,7 +78,7 @@ class Gate:
         self.settings = settings
         self.metrics = metrics
         self.routes = routes
-        self.key = settings.api_key.encode() if settings.api_key else None
+        self.keys = [(key.encode(), tenant_of(key)) for key in settings.api_keys]
         self.hosts = (None if settings.allowed_hosts is None
                       else {host_name(h) for h in settings.allowed_hosts})
 
@@ -116,10 +124,15 @@ class Gate:
             return ApiError(400, "invalid Host header; the server answers to "
                             f"{', '.join(sorted(self.hosts))} (--allowed-hosts)",
                             code="invalid_host")
-        if self.key is not None and scope["path"].startswith("/v1"):
+        if self.keys and scope["path"].startswith("/v1"):
             scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    token.strip().encode(), self.key):
+            # every key compared (in constant time each): the time taken says nothing of
+            # which key, if any, was close
+            matches = [tenant for key, tenant in self.keys
+                       if hmac.compare_digest(token.strip().encode(), key)]
+            if matches and scheme.lower() == "bearer":
+                scope["state"]["tenant"] = matches[0]
+            else:
                 return ApiError(401, "invalid or missing API key: send Authorization: "
                                 "Bearer <key>", code="invalid_api_key",
                                 headers={"WWW-Authenticate": "Bearer"})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from padlm.core.preferences import Preference, parse_preference
 from padlm.core.registry import strategy_class
 from padlm.engines import Engine
 from padlm.errors import PadlmError
+from padlm.profiles.service import ProfileError, ProfileService
 from padlm.server.schemas import ApiError, ChatCompletionRequest
 from padlm.server.settings import ServerSettings
 
@@ -51,16 +52,21 @@ class Plan:
     strategy: str
     expansion: Expansion  # the rows' token-level strategy; best-of-n's sampling and picking
     preference: Preference
+    prompts: list = field(default_factory=list)  # choice c answers prompts[c // n]
+    n: int = 1
+    user: str | None = None  # decoded for this user's profile; its responses remembered
+    profile: dict | None = None  # the profile state it was decoded with (padlm.profile)
 
 
 class Planner:
     """Turns a request body into a :class:`Plan` or a 400, for one served model."""
 
     def __init__(self, engine: Engine, settings: ServerSettings,
-                 served: ServedModel) -> None:
+                 served: ServedModel, profiles: ProfileService | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.served = served
+        self.profiles = profiles
         # planning (render, tokenize, embed a mix preference) is CPU work proportional to the
         # request: it runs here, off the event loop so that no request stalls the others'
         # streams, and on one thread so that no tokenizer is ever used by two planner threads
@@ -69,13 +75,14 @@ class Planner:
         self.context_length = served.context_length
         self.vocab_size = served.vocab_size
 
-    async def plan_off_loop(self, body, prompts: Sequence, prompt_param: str) -> Plan:
+    async def plan_off_loop(self, body, prompts: Sequence, prompt_param: str,
+                            tenant: str) -> Plan:
         """:meth:`plan` on the planner thread, after the size caps (checked here, on the
         loop: they are cheap, and a flood of huge requests is refused before it queues up
         for the planner)."""
         self.check_sizes(body, prompts, prompt_param)
         return await asyncio.get_running_loop().run_in_executor(
-            self.pool, self.plan, body, prompts, prompt_param)
+            self.pool, self.plan, body, prompts, prompt_param, tenant)
 
     def check_sizes(self, body, prompts: Sequence, prompt_param: str) -> None:
         """Character caps, before any tokenization: what the planner and the decode loop do
@@ -97,14 +104,16 @@ class Planner:
             raise ApiError(400, f"each stop string may have at most {limits.max_stop_chars} "
                            "characters", "stop")
 
-    def plan(self, body, prompts: Sequence, prompt_param: str) -> Plan:
+    def plan(self, body, prompts: Sequence, prompt_param: str, tenant: str) -> Plan:
         """Check everything a client can get wrong before any decoding starts, against the
         loaded model and the server's limits, so no request can fail in the decode loop."""
         try:
             preference = parse_preference(body.preference)
         except PadlmError as error:
             raise ApiError(400, str(error), "preference", "unknown_preference") from None
-        strategy = self.strategy_of(body, preference)
+        preferences, profile = self._profile(body, tenant, preference)
+        preference = preferences[0] if profile and "explore" not in profile else preference
+        strategy = self.strategy_of(body, preferences[0])
         try:
             spec = strategy_class(strategy).spec
         except PadlmError as error:
@@ -145,12 +154,16 @@ class Planner:
                            "token_rewards")
         requests, prompt_tokens, prefill_tokens = [], 0, 0
         for prompt in prompts:
-            rendered = self._plan(DecodeRequest(prompt, preference, config), strategy,
-                                  prompt_param).rendered
+            renders = {choice: self._plan(DecodeRequest(prompt, choice, config), strategy,
+                                          prompt_param).rendered
+                       for choice in dict.fromkeys(preferences)}
             # after the engine's check, which refuses what it cannot run (best-of-n on vLLM)
             rows = expansion(self.engine, strategy, best_of)
-            lengths = [len(lane) for lanes in rendered.contexts for lane in lanes]
-            length, lanes = max(lengths), sum(lengths)
+            # each choice's rows prefill every lane of its own contexts
+            lane_tokens = {choice: [len(lane) for lanes in rendered.contexts for lane in lanes]
+                           for choice, rendered in renders.items()}
+            choices = [preferences[i % len(preferences)] for i in range(body.n)]
+            length = max(max(tokens) for tokens in lane_tokens.values())
             room = self.context_length - length
             wanted = max_tokens if max_tokens is not None else min(DEFAULT_MAX_TOKENS, room,
                                                                    cap)
@@ -160,7 +173,8 @@ class Planner:
                                f"{wanted} more were requested", prompt_param,
                                "context_length_exceeded")
             # after the model's own limit, which a client can act on alone
-            prefill_tokens += lanes * body.n * best_of
+            lanes = max(sum(tokens) for tokens in lane_tokens.values())
+            prefill_tokens += sum(sum(lane_tokens[c]) for c in choices) * best_of
             if prefill_tokens > self.settings.max_prompt_tokens:
                 raise ApiError(400, f"this request would prefill {prefill_tokens} or more "
                                f"prompt tokens (each prompt's {lanes} over its lanes, times "
@@ -168,17 +182,43 @@ class Planner:
                                f"{self.settings.max_prompt_tokens} (--max-prompt-tokens)",
                                prompt_param, "prompt_too_long")
             prompt_tokens += length
-            for i in range(body.n):
+            for i, choice in enumerate(choices):
                 seed = None if config.seed is None else config.seed + i * best_of
-                request = DecodeRequest(prompt, preference,
-                                        replace(config, max_new_tokens=wanted, seed=seed),
-                                        rendered)  # the decode thread renders nothing again
+                # rendered once, above: the decode thread renders nothing again
+                request = DecodeRequest(prompt, choice, replace(
+                    config, max_new_tokens=wanted, seed=seed), renders[choice])
                 try:  # best-of-n's scorer refuses what it cannot score (free text)
                     requests.extend(rows.expand(request))
                 except PadlmError as error:
                     raise ApiError(400, str(error), error.param or prompt_param) from None
         return Plan(requests, len(prompts) * body.n, prompt_tokens, prefill_tokens, strategy,
-                    rows, preference)
+                    rows, preference, list(prompts), body.n,
+                    body.user if profile is not None else None, profile)
+
+    def _profile(self, body, tenant: str, preference: Preference
+                 ) -> tuple[list[Preference], dict | None]:
+        """The preferences the request's choices decode with, and the profile state behind
+        them: the request's own preference wins; a ``user`` without one decodes for the
+        user's profile (``padlm.explore``: its two sides of the axis least certain)."""
+        explore = bool(body.padlm and body.padlm.explore)
+        if explore:
+            problem = (
+                "needs a server with profiles (padlm serve --profiles)" if self.profiles is None
+                else "needs user" if not body.user
+                else "needs n=2" if body.n != 2
+                else "decodes for the profile, so it takes no preference"
+                if preference else None)
+            if problem:
+                raise ApiError(400, f"padlm.explore {problem}", "padlm.explore")
+        if self.profiles is None or not body.user or preference:
+            return [preference], None
+        try:
+            if explore:
+                return self.profiles.exploring(tenant, body.user)
+            decoded, profile = self.profiles.decoding(tenant, body.user)
+        except ProfileError as error:
+            raise ApiError(error.status, str(error), error.param, error.code) from None
+        return [decoded], profile
 
     def _check_bounds(self, config: GenerationConfig, samples: int) -> None:
         """What a valid config may still break in this model or this server: a top-k beyond

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -40,6 +40,29 @@ class Reply:
     # frees the job's rows (the worker's cancel): called when the reply ends, however it
     # ends, so a client that left frees its rows at the next step
     release: Callable[[], None]
+    # called with every choice's final text before the reply ends (a profile remembers
+    # them for feedback); None: nothing to do
+    finished: Callable[[list[str]], Awaitable[None]] | None = None
+
+    def meta(self) -> dict:
+        """The reply's ``padlm`` object (a stream sends it in its last chunk)."""
+        meta = {"strategy": self.plan.strategy,
+                "preference": self.plan.preference.text or None, "persrm": self.persrm}
+        if self.plan.profile is not None:
+            meta["profile"] = self.plan.profile
+        return meta
+
+    async def finish(self, texts: list[str]) -> None:
+        """Hand the texts on; a failure to remember them is logged, and the response (which
+        the client is owed) still goes out, saying so."""
+        if self.finished is None:
+            return
+        try:
+            await self.finished(texts)
+        except Exception:
+            log.exception("could not remember the choices of %s for feedback", self.rid)
+            if self.plan.profile is not None:
+                self.plan.profile["remembered"] = False
 
     def chunk(self, choice: dict, **extra) -> str:
         return _chunk(self.kind, self.rid, self.created, self.model, choice, **extra)
@@ -72,14 +95,14 @@ async def collect(request: Request, reply: Reply) -> Response:
     finally:
         gone.cancel()
         reply.release()
+    await reply.finish(texts)
     if reply.kind == "chat":
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                     "logprobs": None, "finish_reason": finishes[i]} for i in range(count)]
     else:
         choices = [{"index": i, "text": texts[i], "logprobs": None,
                     "finish_reason": finishes[i]} for i in range(count)]
-    meta = {"strategy": reply.plan.strategy, "preference": reply.plan.preference.text or None,
-            "persrm": reply.persrm}
+    meta = reply.meta()
     if any(traces):  # mix: each choice's expert weights, token by token
         meta["mix_weights"] = traces
     return JSONResponse({
@@ -93,7 +116,7 @@ async def stream_sse(reply: Reply, include_usage: bool) -> AsyncIterator[str]:
     """The SSE events. A chunk that cannot be written as JSON (a value that is not
     finite) ends the stream with a 500 error event, logged, as the same failure does in
     a non-streamed response; nothing invalid is ever sent."""
-    completion = 0
+    completion, texts = 0, [""] * reply.plan.choices
     try:
         if reply.kind == "chat":
             for i in range(reply.plan.choices):
@@ -121,8 +144,12 @@ async def stream_sse(reply: Reply, include_usage: bool) -> AsyncIterator[str]:
                                       **extra)
                 if item.finish_reason is not None:
                     completion += item.completion_tokens
+                    texts[item.index] = item.text or ""
                     yield reply.chunk(_choice(reply.kind, item.index, None,
                                               item.finish_reason))
+        if reply.plan.profile is not None:  # the profile behind it, once the texts are kept
+            await reply.finish(texts)
+            yield reply.chunk({}, padlm=reply.meta())
         if include_usage:
             yield reply.chunk({}, usage=_usage(reply.plan.prompt_tokens, completion))
         yield "data: [DONE]\n\n"

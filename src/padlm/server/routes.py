@@ -29,7 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from padlm.core.engine import ServedModel
 from padlm.core.preferences import PRESETS
 from padlm.engines import Engine
-from padlm.server.gate import CLIENT_CLOSED, error_response
+from padlm.profiles.service import ProfileError, ProfileService, ResponseRef
+from padlm.server.gate import CLIENT_CLOSED, PUBLIC_TENANT, error_response
 from padlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from padlm.server.planning import Plan, Planner
 from padlm.server.replies import Reply, collect, stream_sse
@@ -37,6 +38,7 @@ from padlm.server.schemas import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    FeedbackRequest,
     extra_fields,
     parse_body,
 )
@@ -63,6 +65,7 @@ class Service:
     planner: Planner
     worker: BatchWorker
     metrics: ServerMetrics
+    profiles: ProfileService | None = None
     # set when uvicorn starts shutting down: unfinished uploads then end with a 503
     closing: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -166,7 +169,8 @@ async def _complete(request: Request, service: Service, kind_of_body: type,
     body = parse_body(kind_of_body, raw)
     _log_extras(kind_of_body, raw)
     name = service.model_name(body.model)
-    plan = await service.planner.plan_off_loop(body, prompts_of(body), param)
+    plan = await service.planner.plan_off_loop(body, prompts_of(body), param,
+                                               tenant_of_request(request))
     return await _respond(request, service, body, plan, kind, f"{prefix}-{uuid.uuid4().hex}",
                           name)
 
@@ -187,13 +191,79 @@ async def _respond(request: Request, service: Service, body, plan: Plan, kind: s
     worker.submit(job)
     service.metrics.labelled(service.metrics.prompt_tokens).inc(plan.prompt_tokens)
     reply = Reply(kind, rid, int(time.time()), model, plan, queue, body.token_rewards,
-                  service.persrm_label, functools.partial(worker.cancel, job))
+                  service.persrm_label, functools.partial(worker.cancel, job),
+                  _remembering(request, service, plan, rid))
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
             stream_sse(reply, usage), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await collect(request, reply)
+
+
+def _remembering(request: Request, service: Service, plan: Plan, rid: str):
+    """What a reply calls with its choices' texts once they are final, before it answers: a
+    profile's response is remembered (its features, for feedback) before the client can
+    send feedback on it, on a thread (the store and the reward models block)."""
+    if plan.user is None or service.profiles is None:
+        return None
+    tenant, prompts = tenant_of_request(request), plan.prompts
+
+    async def remember(texts: list[str]) -> None:
+        answered = [prompts[c // plan.n] for c in range(len(texts))]
+        await asyncio.get_running_loop().run_in_executor(
+            None, service.profiles.remember, tenant, plan.user, rid, answered, texts)
+
+    return remember
+
+
+def tenant_of_request(request: Request) -> str:
+    """The API key's namespace the gate found, or the one namespace of a keyless server."""
+    return getattr(request.state, "tenant", PUBLIC_TENANT)
+
+
+def _profiles(service: Service) -> ProfileService:
+    if service.profiles is None:
+        raise ApiError(404, "this server keeps no profiles (padlm serve --profiles URL)",
+                       code="profiles_disabled")
+    return service.profiles
+
+
+async def _profile_call(method, *args):
+    """A profile operation on a thread (the store blocks), its refusals as API errors."""
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+    except ProfileError as error:
+        raise ApiError(error.status, str(error), error.param, error.code) from None
+
+
+@router.post("/v1/feedback")
+async def feedback(request: Request, service: ServiceDep) -> dict:
+    """Learn from a user's choice between two answers, or a thumb on one; answers with the
+    profile as it now is."""
+    profiles = _profiles(service)
+    body = parse_body(FeedbackRequest, await read_body(request, service.settings,
+                                                       service.closing))
+    tenant = tenant_of_request(request)
+    if body.response is not None:
+        return await _profile_call(profiles.rate, tenant, body.user,
+                                   ResponseRef(body.response.id, body.response.index),
+                                   body.rating == "up")
+    return await _profile_call(profiles.choose, tenant, body.user,
+                               ResponseRef(body.chosen.id, body.chosen.index),
+                               ResponseRef(body.rejected.id, body.rejected.index))
+
+
+@router.get("/v1/profiles/{user}")
+async def profile(user: str, request: Request, service: ServiceDep) -> dict:
+    return await _profile_call(_profiles(service).show, tenant_of_request(request), user)
+
+
+@router.delete("/v1/profiles/{user}")
+async def forget(user: str, request: Request, service: ServiceDep) -> dict:
+    """A user's right to be forgotten: profile, choices and remembered responses."""
+    deleted = await _profile_call(_profiles(service).delete, tenant_of_request(request), user)
+    return {"user": user, "deleted": deleted}
 
 
 def _model_card(service: Service, name: str) -> dict:

@@ -37,6 +37,9 @@ class ApiError(Exception):
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    def check(self) -> None:
+        """What a body of the right shape may still get wrong: a 400, after parsing."""
+
 
 class TextPart(_Strict):
     type: str
@@ -88,6 +91,48 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class PadlmOptions(_Strict):
+    """``padlm: {explore}``: with ``user`` and ``n=2``, two answers that differ where the
+    user's profile is least certain (one side of that axis each), for an A/B choice."""
+
+    explore: bool = False
+
+
+class ResponseChoice(_Strict):
+    """One answer a user saw: a response's ``id`` and the choice's ``index`` in it."""
+
+    id: str = Field(min_length=1, max_length=200)
+    index: int = Field(default=0, ge=0)
+
+
+class FeedbackRequest(_Strict):
+    """``POST /v1/feedback``: ``user`` preferred ``chosen`` to ``rejected``, or rated one
+    ``response`` ``"up"`` or ``"down"``."""
+
+    user: str
+    chosen: ResponseChoice | None = None
+    rejected: ResponseChoice | None = None
+    response: ResponseChoice | None = None
+    rating: str | None = None
+
+    def check(self) -> None:
+        """Exactly one of the two forms, whole, for a valid user."""
+        pair = self.chosen is not None or self.rejected is not None
+        rated = self.response is not None or self.rating is not None
+        if pair == rated:
+            raise ApiError(400, "send either chosen and rejected (a choice between two "
+                           "answers) or response and rating (a thumb), not both or neither",
+                           "chosen", "invalid_feedback")
+        if pair and (self.chosen is None or self.rejected is None):
+            raise ApiError(400, "a choice needs both chosen and rejected",
+                           "rejected" if self.rejected is None else "chosen",
+                           "invalid_feedback")
+        if rated and (self.response is None or self.rating not in ("up", "down")):
+            raise ApiError(400, "a thumb needs response and rating 'up' or 'down'",
+                           "rating" if self.response is not None else "response",
+                           "invalid_feedback")
+
+
 # OpenAI fields padlm cannot honour, and the values that ask for nothing (accepted)
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
@@ -134,11 +179,12 @@ class _Common(_Strict):
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
     ignore_eos: bool = False
+    padlm: PadlmOptions | None = None
     token_rewards: bool = Field(default=False, description=(
         "add a non-standard `padlm: {index, token, text, reward}` object to every stream "
         "chunk: the personalized reward of the token just generated"))
 
-    def unsupported(self) -> None:
+    def check(self) -> None:
         """Reject standard fields padlm cannot honour rather than ignore them silently."""
         for name, neutral in UNSUPPORTED_FIELDS.items():
             if getattr(self, name) not in neutral:
@@ -158,8 +204,8 @@ class ChatCompletionRequest(_Common):
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
-    def unsupported(self) -> None:
-        super().unsupported()
+    def check(self) -> None:
+        super().check()
         if self.logprobs or self.top_logprobs:
             raise ApiError(400, "logprobs are not supported", "logprobs")
 
@@ -170,8 +216,8 @@ class CompletionRequest(_Common):
     suffix: str | None = None
     logprobs: int | None = None
 
-    def unsupported(self) -> None:
-        super().unsupported()
+    def check(self) -> None:
+        super().check()
         if self.echo:
             raise ApiError(400, "echo is not supported", "echo")
         if self.suffix:
@@ -180,7 +226,7 @@ class CompletionRequest(_Common):
             raise ApiError(400, "logprobs are not supported", "logprobs")
 
 
-def parse_body(model: type[_Common], raw: bytes) -> _Common:
+def parse_body(model: type[_Strict], raw: bytes) -> _Strict:
     """Validate a raw JSON body; malformed JSON is a 400, a wrong shape or type a 422."""
     try:
         body = model.model_validate_json(raw or b"")
@@ -195,7 +241,7 @@ def parse_body(model: type[_Common], raw: bytes) -> _Common:
         param = _param(first["loc"])
         raise ApiError(422, f"{param}: {first['msg']}" if param else first["msg"], param,
                        code=first["type"]) from None
-    body.unsupported()
+    body.check()
     return body
 
 
@@ -210,7 +256,7 @@ def _param(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
-def extra_fields(model: type[_Common], body: Any) -> list[str]:
+def extra_fields(model: type[_Strict], body: Any) -> list[str]:
     """Top-level keys of a JSON object that no field declares (logged, then ignored)."""
     if not isinstance(body, dict):
         return []

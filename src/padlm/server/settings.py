@@ -62,8 +62,9 @@ class ServerSettings:
     body_timeout_s: float = 30.0
     body_chunk_timeout_s: float = 10.0
     max_header_bytes: int = 16384  # a request head larger than this is refused (h11)
-    # then every /v1 route needs "Authorization: Bearer <key>" (kept out of the repr/logs)
-    api_key: str | None = field(default=None, repr=False)
+    # then every /v1 route needs "Authorization: Bearer <key>" with one of these keys (kept
+    # out of the repr/logs); each key is a tenant: its users' profiles are its own
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     allowed_hosts: tuple[str, ...] | None = None  # Host header names accepted; None: any
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
     served_model_names: tuple[str, ...] = ()  # names the model answers to; (): its own name
@@ -88,14 +89,14 @@ class ServerSettings:
             if not (math.isfinite(value) and value > 0):
                 raise PadlmError(f"--{name.removesuffix('_s').replace('_', '-')} must be a "
                                  "positive number of seconds", param=name)
-        if self.api_key is not None and not self.api_key.strip():
-            raise PadlmError("--api-key must not be empty", param="api_key")
-        if self.api_key is not None and not (self.api_key.isascii()
-                                             and self.api_key.isprintable()):
-            # HTTP header values are bytes that clients encode differently (UTF-8, Latin-1),
-            # so a non-ASCII key would match some clients and never others
-            raise PadlmError("--api-key must be printable ASCII (HTTP clients encode other "
-                             "characters in headers differently)", param="api_key")
+        for key in self.api_keys:
+            if not key.strip():
+                raise PadlmError("--api-key must not be empty", param="api_keys")
+            if not (key.isascii() and key.isprintable()):
+                # HTTP header values are bytes that clients encode differently (UTF-8,
+                # Latin-1), so a non-ASCII key would match some clients and never others
+                raise PadlmError("--api-key must be printable ASCII (HTTP clients encode "
+                                 "other characters in headers differently)", param="api_keys")
 
     @property
     def n_limit(self) -> int:
