@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from padlm.cli.fields import GENERATION_HELP, FieldOptions, config_options
-from padlm.cli.options import ENGINE
+from padlm.cli.options import ENGINE, invocation
 from padlm.core.config import GenerationConfig
 from padlm.core.registry import check_scorer, strategy_names
 from padlm.errors import PadlmError
@@ -161,6 +161,52 @@ def eval_command(
                   on_summary=with_llm_judge, generate_missing=generate, decoder=decoder)
     print(headline_table(summary))
     print(f"\nwrote {out / 'summary.json'}, {out / 'report.md'} and plots")
+
+
+@app.command("feedback")
+@config_options(decoding=DECODING, engine_args=ENGINE)
+def feedback_command(
+    *,
+    out: Annotated[Path, typer.Option(help="Output directory (resumable).")],
+    strategy: Annotated[str, typer.Option(
+        help="What the profiles and the oracle decode with.")] = "pad",
+    rounds: Annotated[int, typer.Option(help="Choices each simulated user makes.")] = 32,
+    checkpoints: Annotated[str, typer.Option(
+        help="After how many choices the learned profile decodes the benchmark.")
+    ] = "0,2,4,8,16,32",
+    limit: Annotated[int | None, typer.Option(help="Use the first N benchmark prompts.")
+                     ] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows decoded together.")] = 16,
+    pool_dir: Annotated[Path | None, typer.Option(
+        help="The training pool's directory (default: $PADLM_DATA_DIR or ./data).")] = None,
+    decoding: dict[str, Any],
+    engine_args: dict[str, Any],
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Simulated users learn profiles from their choices; learning curves against the
+    oracle and a random chooser (feedback-summary.json, feedback.md, feedback.png)."""
+    from padlm.core.registry import strategy_class
+    from padlm.evaluation.feedback import run
+    from padlm.evaluation.harness import load_benchmark
+
+    strategy_class(strategy)  # an unknown strategy fails before the model loads
+    try:
+        marks = sorted({int(part) for part in split_list(checkpoints)})
+    except ValueError:
+        raise PadlmError(f"--checkpoints must be comma-separated integers, got "
+                         f"{checkpoints!r}") from None
+    if rounds < 1 or batch_size < 1:
+        raise PadlmError("--rounds and --batch-size must be >= 1")
+    load_benchmark("psoups", limit)
+    if engine_args["engine_name"] != "hf":
+        raise PadlmError("padlm eval feedback decodes with --engine hf (its rounds batch "
+                         "rows of different users through the HF decode batch)")
+    from padlm.engines import open_engine
+
+    engine = open_engine(**engine_args)
+    run(engine, out, strategy, rounds, marks, GenerationConfig(**decoding), batch_size,
+        decoding["seed"], limit, pool_dir, progress, command=invocation())
+    print((out / "feedback.md").read_text("utf-8"))
 
 
 @app.command("report")

@@ -1,0 +1,306 @@
+"""``padlm eval feedback``: does a profile learned from choices decode what the user wanted?
+
+Simulated users each hold a hidden target (one side of each P-Soups axis: the eight
+combinations) and choose between two answers by the rule judges as their taste: for each
+axis, the answer the axis's judge (readability grade for P1, word count for P2, VADER for
+P3) says is further to the target's side gets that axis's vote; the majority wins. The
+learner never sees the judges: it learns from padlm's own per-dimension reward models
+(:mod:`padlm.profiles.features`). A second user per target chooses at random (the control
+that must stay at ``base``).
+
+Each round, every user is shown the two answers the profile's explore mode decodes (its two
+sides of the axis it is least sure of) to a prompt of the training pool (self-instruct,
+never ``koala_eval_50``), and chooses. After ``n`` choices the profile's preference decodes
+the 50 ``koala_eval_50`` prompts, scored by directional win against ``base`` for the hidden
+target (mean over its three sides), beside the oracle: the same strategy given the target as
+a stated preference.
+
+Resumable: profiles and their choices live in ``out/profiles.db`` (a choice and its event in
+one transaction), each round's answers in ``out/rounds.jsonl``; the learned preference at
+``n`` choices is replayed from the stored choices. The koala generations go through the
+evaluation harness's keyed cache (``out/generations.jsonl``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from padlm.atomic import write_json_atomic
+from padlm.core.config import GenerationConfig
+from padlm.core.decoding import Request
+from padlm.core.planning import plan
+from padlm.core.preferences import OPPOSITE, parse_preference
+from padlm.errors import PadlmError
+from padlm.evaluation import harness
+from padlm.evaluation.stats import outcomes, standard_error
+from padlm.judges import JUDGES, primary_direction
+from padlm.profiles.learning import Posterior, update
+from padlm.profiles.profile import learned_sides
+from padlm.profiles.service import ProfileService
+from padlm.profiles.store import open_store
+from padlm.records import JsonlAppender
+
+log = logging.getLogger(__name__)
+
+TENANT = "simulation"
+CHOOSERS = ("taste", "random")
+DEFAULT_CHECKPOINTS = (0, 2, 4, 8, 16, 32)
+MAX_TRAINING_PROMPT_CHARS = 400  # the pool's long inputs (whole articles) would dominate time
+ROUNDS_FILE = "rounds.jsonl"
+SUMMARY_FILE = "feedback-summary.json"
+
+
+@dataclass(frozen=True)
+class SimulatedUser:
+    target: tuple[str, ...]  # one side per axis, e.g. ("P1A", "P2B", "P3A")
+    chooser: str  # "taste" (the judges) or "random"
+
+    @property
+    def name(self) -> str:
+        return f"{'+'.join(self.target)}/{self.chooser}"
+
+
+def simulated_users() -> list[SimulatedUser]:
+    """Every P-Soups combination, once per chooser."""
+    targets = list(product(("P1A", "P1B"), ("P2A", "P2B"), ("P3A", "P3B")))
+    return [SimulatedUser(t, c) for c in CHOOSERS for t in targets]
+
+
+def judge_scores(prompts: Sequence[str], texts: Sequence[str]) -> list[dict[str, float]]:
+    """The rule judges a simulated user's taste reads, per answer."""
+    names = sorted({primary_direction(side)[0] for side in OPPOSITE})
+    columns = {name: JUDGES[name].score(prompts, texts) for name in names}
+    return [{name: columns[name][i] for name in names} for i in range(len(texts))]
+
+
+def taste_choice(target: Sequence[str], first: dict[str, float], second: dict[str, float],
+                 tie_break: random.Random) -> int:
+    """0 when the first answer wins the target's majority vote, 1 when the second does
+    (an axis whose judge scores both alike abstains; a tied vote is a coin flip)."""
+    votes = 0
+    for side in target:
+        judge, sign = primary_direction(side)
+        votes += int(np.sign(sign * (first[judge] - second[judge])))
+    if votes == 0:
+        return tie_break.randrange(2)
+    return 0 if votes > 0 else 1
+
+
+def training_prompts(pool_dir: Path, rounds: int, seed: int) -> list[dict]:
+    """The rounds' prompts: short self-instruct tasks in a seeded order, the same for every
+    user (so users differ by taste alone)."""
+    from padlm.data.pools import self_instruct_prompts
+
+    pool = [p for p in self_instruct_prompts(pool_dir)
+            if len(p.prompt) <= MAX_TRAINING_PROMPT_CHARS]
+    random.Random(seed).shuffle(pool)
+    if len(pool) < rounds:
+        raise PadlmError(f"the training pool has {len(pool)} short prompts, fewer than "
+                         f"--rounds {rounds}")
+    return [{"id": p.id, "prompt": p.prompt} for p in pool[:rounds]]
+
+
+def decode(engine, strategy: str, items: Sequence[tuple[str, object]],
+           config: GenerationConfig, batch_size: int) -> list[str]:
+    """Each (prompt, preference) with ``strategy``, users' rows sharing batches; texts in
+    order."""
+    requests = [plan(engine, strategy, Request(prompt, parse_preference(preference), config))
+                for prompt, preference in items]
+    texts = []
+    for start in range(0, len(requests), batch_size):
+        rows = engine.batch(strategy).run(requests[start:start + batch_size])
+        texts.extend(row.text for row in rows)
+    return texts
+
+
+def replayed_sides(events: Sequence[dict], checkpoints: Sequence[int]) -> dict[int, list[str]]:
+    """The profile's sides after ``n`` choices, for each checkpoint it has reached, from the
+    stored choices (the learner is deterministic, so replaying them is exact)."""
+    posterior, out = Posterior.prior(3), {}
+    choices = [e["z"] for e in events if e.get("kind") == "choice"]
+    for n in range(len(choices) + 1):
+        if n in checkpoints:
+            out[n] = learned_sides(posterior)
+        if n < len(choices):
+            posterior = update(posterior, choices[n])
+    return out
+
+
+def learn(engine, service: ProfileService, users: Sequence[SimulatedUser],
+          prompts: Sequence[dict], strategy: str, config: GenerationConfig, out: Path,
+          batch_size: int, seed: int, progress: bool = True) -> None:
+    """Play every round not yet played; a round's choices are stored before the next."""
+    appender = JsonlAppender(out / ROUNDS_FILE)
+    try:
+        bar = tqdm(total=len(prompts), desc="rounds", unit="round", disable=not progress)
+        for number, item in enumerate(prompts):
+            playing = [u for u in users
+                       if _choices(service, u) == number]
+            bar.update(1)
+            if not playing:
+                continue
+            pairs = [service.exploring(TENANT, u.name)[0] for u in playing]
+            texts = decode(engine, strategy, [(item["prompt"], p) for pair in pairs
+                                              for p in pair], config, batch_size)
+            scores = judge_scores([item["prompt"]] * len(texts), texts)
+            for i, user in enumerate(playing):
+                first, second = texts[2 * i], texts[2 * i + 1]
+                coin = random.Random(f"{seed}/{user.name}/{number}")
+                picked = (taste_choice(user.target, scores[2 * i], scores[2 * i + 1], coin)
+                          if user.chooser == "taste" else coin.randrange(2))
+                chosen, rejected = (first, second) if picked == 0 else (second, first)
+                service.choose_texts(TENANT, user.name, item["prompt"], chosen, rejected)
+                appender.write({"user": user.name, "round": number, "prompt": item["id"],
+                                "preferences": [p.text for p in pairs[i]],
+                                "texts": [first, second], "picked": picked})
+        bar.close()
+    finally:
+        appender.close()
+
+
+def _choices(service: ProfileService, user: SimulatedUser) -> int:
+    record = service.store.get(TENANT, user.name)
+    return record.choices if record else 0
+
+
+def user_score(target: Sequence[str], texts: dict[str, str], base: dict[str, str],
+               ids: Sequence[str]) -> np.ndarray:
+    """Per-prompt directional outcome (win 1, tie 1/2, loss 0) against ``base``, averaged
+    over the target's sides."""
+    prompts = list(ids)
+    per_side = []
+    for side in target:
+        judge, sign = primary_direction(side)
+        method = JUDGES[judge].score(prompts, [texts[i] for i in ids])
+        reference = JUDGES[judge].score(prompts, [base[i] for i in ids])
+        per_side.append(outcomes(method, reference, sign))
+    return np.mean(per_side, axis=0)
+
+
+def summarize(users: Sequence[SimulatedUser], sides: dict[str, dict[int, list[str]]],
+              cells: dict[str, dict[str, str]], ids: Sequence[str],
+              checkpoints: Sequence[int]) -> dict:
+    """Learning curves: each chooser's mean directional win over its users after ``n``
+    choices, with its SE over users, the oracle's, and the fraction of the oracle's gain
+    over ``base`` (a win rate of 1/2) the learned profile reaches."""
+    base = cells[""]
+    oracle = {u.target: float(user_score(u.target, cells["+".join(u.target)], base,
+                                         ids).mean()) for u in users}
+    oracle_values = list(oracle.values())
+    rows = []
+    for n in checkpoints:
+        row = {"choices": n}
+        for chooser in CHOOSERS:
+            scores = [float(user_score(u.target, cells["+".join(sides[u.name][n])], base,
+                                       ids).mean())
+                      for u in users if u.chooser == chooser and n in sides[u.name]]
+            if scores:
+                row[chooser] = {"win": round(float(np.mean(scores)), 4),
+                                "se": round(standard_error(scores), 4), "users": len(scores)}
+        taste_users = [u for u in users if u.chooser == "taste" and n in sides[u.name]]
+        if taste_users:
+            gains = [float(user_score(u.target, cells["+".join(sides[u.name][n])], base,
+                                      ids).mean()) - 0.5 for u in taste_users]
+            oracle_gain = np.mean([oracle[u.target] - 0.5 for u in taste_users])
+            row["fraction_of_oracle_gain"] = round(float(np.mean(gains) / oracle_gain), 4)
+        rows.append(row)
+    return {"oracle": {"win": round(float(np.mean(oracle_values)), 4),
+                       "se": round(standard_error(oracle_values), 4),
+                       "per_target": {"+".join(t): round(v, 4) for t, v in oracle.items()}},
+            "curve": rows,
+            "learned_sides": {name: {str(n): "+".join(s) for n, s in by_n.items()}
+                              for name, by_n in sides.items()}}
+
+
+def run(engine, out: Path, strategy: str = "pad", rounds: int = 32,
+        checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS, config: GenerationConfig | None = None,
+        batch_size: int = 16, seed: int = 0, limit: int | None = None,
+        pool_dir: Path | None = None, progress: bool = True, command: str | None = None
+        ) -> dict:
+    """Play the rounds, decode the benchmark for every learned preference and the oracles,
+    and write the curve (``feedback-summary.json``, ``feedback.md``, ``feedback.png``)."""
+    from padlm.data.pools import default_pool_dir
+
+    if not checkpoints or min(checkpoints) < 0 or max(checkpoints) > rounds:
+        raise PadlmError(f"--checkpoints must lie in 0..--rounds ({rounds})",
+                         param="checkpoints")
+    config = config or GenerationConfig()
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = training_prompts(pool_dir or default_pool_dir(), rounds, seed)
+    users = simulated_users()
+    service = ProfileService(open_store(f"sqlite:///{out / 'profiles.db'}"))
+    try:
+        learn(engine, service, users, prompts, strategy, replace(config, seed=seed), out,
+              batch_size, seed, progress)
+        sides = {u.name: replayed_sides(service.store.events(TENANT, u.name), checkpoints)
+                 for u in users}
+    finally:
+        service.store.close()
+    compositions = sorted({"+".join(s) for by_n in sides.values() for s in by_n.values()}
+                          | {"+".join(u.target) for u in users} - {""})
+    plan_ = harness.EvalPlan("psoups", compositions, [strategy], limit=limit, config=config,
+                             batch_size=batch_size)
+    records = harness.generate(engine, plan_, out, progress)
+    keys = harness.CellKeys.of(engine, plan_)
+    items = harness.load_benchmark("psoups", limit)
+    ids = [i["id"] for i in items]
+    by_key = {r["key"]: r["text"] for r in records}
+    weight = harness.recommended_weight(engine, plan_)
+    cells: dict[str, dict[str, str]] = {}
+    for job in harness.jobs(plan_, weight):
+        cells[job.preference] = {i: by_key[keys.key(i, job)] for i in ids}
+    summary = summarize(users, sides, cells, ids, checkpoints)
+    summary.update(strategy=strategy, rounds=rounds, seed=seed, prompts=len(ids),
+                   model=engine.lm.name, command=command,
+                   config=harness.config_key(config, engine))
+    write_json_atomic(out / SUMMARY_FILE, summary)
+    write_curve(summary, out)
+    return summary
+
+
+def write_curve(summary: dict, out: Path) -> None:
+    """``feedback.md`` (the table) and ``feedback.png`` (the curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    oracle = summary["oracle"]
+    lines = [f"Directional win against base on koala_eval_50 ({summary['prompts']} prompts), "
+             f"mean over simulated users (SE over users); strategy {summary['strategy']}, "
+             f"model {summary['model']}.", "",
+             "| choices | learned (taste) | random chooser | oracle | fraction of oracle gain |",
+             "|---|---|---|---|---|"]
+    for row in summary["curve"]:
+        cell = {c: f"{row[c]['win']:.3f} ({row[c]['se']:.3f})" if c in row else "-"
+                for c in CHOOSERS}
+        fraction = row.get("fraction_of_oracle_gain")
+        lines.append(f"| {row['choices']} | {cell['taste']} | {cell['random']} | "
+                     f"{oracle['win']:.3f} ({oracle['se']:.3f}) | "
+                     f"{'-' if fraction is None else f'{fraction:.2f}'} |")
+    (out / "feedback.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for chooser, style in zip(CHOOSERS, ("o-", "s--"), strict=True):
+        points = [(r["choices"], r[chooser]["win"], r[chooser]["se"])
+                  for r in summary["curve"] if chooser in r]
+        if points:
+            x, y, e = zip(*points, strict=True)
+            axes.errorbar(x, y, yerr=e, fmt=style, capsize=3,
+                          label="learned profile" if chooser == "taste" else "random chooser")
+    axes.axhline(oracle["win"], color="green", linestyle=":", label="oracle (stated target)")
+    axes.axhline(0.5, color="grey", linewidth=0.8, label="base")
+    axes.set_xscale("symlog", linthresh=2)
+    axes.set_xlabel("choices seen")
+    axes.set_ylabel("directional win vs base (target sides)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "feedback.png", dpi=120)
+    plt.close(figure)
