@@ -263,6 +263,11 @@ def test_tenants_never_see_each_others_profiles(serve, service):
 
 def test_delete_forgets_the_user_and_their_responses(serve, service):
     server, _ = serve(profiles=service)
+    slashed = chat(server, {"messages": HI, "max_tokens": 2, "user": "team/alice"})
+    assert profile(server, "team/alice")["user"] == "team/alice"  # a name with a slash
+    assert httpx.delete(f"{server.url}/v1/profiles/team/alice", timeout=30
+                        ).json()["deleted"] is True  # its remembered response
+    assert service.store.recall("public", slashed.json()["id"], 0) is None
     first = chat(server, {"messages": HI, "max_tokens": 4, "n": 2, "user": "alice"}).json()
     choice = {"user": "alice", "chosen": {"id": first["id"], "index": 0},
               "rejected": {"id": first["id"], "index": 1}}

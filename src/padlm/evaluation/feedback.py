@@ -244,8 +244,8 @@ def run(engine, out: Path, strategy: str = "pad", rounds: int = 32,
                  for u in users}
     finally:
         service.store.close()
-    compositions = sorted({"+".join(s) for by_n in sides.values() for s in by_n.values()}
-                          | {"+".join(u.target) for u in users} - {""})
+    compositions = sorted(({"+".join(s) for by_n in sides.values() for s in by_n.values()}
+                           | {"+".join(u.target) for u in users}) - {""})
     plan_ = harness.EvalPlan("psoups", compositions, [strategy], limit=limit, config=config,
                              batch_size=batch_size)
     records = harness.generate(engine, plan_, out, progress)

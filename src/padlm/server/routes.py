@@ -254,12 +254,12 @@ async def feedback(request: Request, service: ServiceDep) -> dict:
                                ResponseRef(body.rejected.id, body.rejected.index))
 
 
-@router.get("/v1/profiles/{user}")
+@router.get("/v1/profiles/{user:path}")
 async def profile(user: str, request: Request, service: ServiceDep) -> dict:
     return await _profile_call(_profiles(service).show, tenant_of_request(request), user)
 
 
-@router.delete("/v1/profiles/{user}")
+@router.delete("/v1/profiles/{user:path}")
 async def forget(user: str, request: Request, service: ServiceDep) -> dict:
     """A user's right to be forgotten: profile, choices and remembered responses."""
     deleted = await _profile_call(_profiles(service).delete, tenant_of_request(request), user)
