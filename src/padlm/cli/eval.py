@@ -186,7 +186,7 @@ def feedback_command(
     """Simulated users learn profiles from their choices; learning curves against the
     oracle and a random chooser (feedback-summary.json, feedback.md, feedback.png)."""
     from padlm.core.registry import strategy_class
-    from padlm.evaluation.feedback import run
+    from padlm.evaluation.feedback import check_checkpoints, run
     from padlm.evaluation.harness import load_benchmark
 
     strategy_class(strategy)  # an unknown strategy fails before the model loads
@@ -197,6 +197,7 @@ def feedback_command(
                          f"{checkpoints!r}") from None
     if rounds < 1 or batch_size < 1:
         raise PadlmError("--rounds and --batch-size must be >= 1")
+    check_checkpoints(marks, rounds)
     load_benchmark("psoups", limit)
     if engine_args["engine_name"] != "hf":
         raise PadlmError("padlm eval feedback decodes with --engine hf (its rounds batch "

@@ -220,6 +220,12 @@ def summarize(users: Sequence[SimulatedUser], sides: dict[str, dict[int, list[st
                               for name, by_n in sides.items()}}
 
 
+def check_checkpoints(checkpoints: Sequence[int], rounds: int) -> None:
+    if not checkpoints or min(checkpoints) < 0 or max(checkpoints) > rounds:
+        raise PadlmError(f"--checkpoints must lie in 0..--rounds ({rounds})",
+                         param="checkpoints")
+
+
 def run(engine, out: Path, strategy: str = "pad", rounds: int = 32,
         checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS, config: GenerationConfig | None = None,
         batch_size: int = 16, seed: int = 0, limit: int | None = None,
@@ -229,9 +235,7 @@ def run(engine, out: Path, strategy: str = "pad", rounds: int = 32,
     and write the curve (``feedback-summary.json``, ``feedback.md``, ``feedback.png``)."""
     from padlm.data.pools import default_pool_dir
 
-    if not checkpoints or min(checkpoints) < 0 or max(checkpoints) > rounds:
-        raise PadlmError(f"--checkpoints must lie in 0..--rounds ({rounds})",
-                         param="checkpoints")
+    check_checkpoints(checkpoints, rounds)
     config = config or GenerationConfig()
     out.mkdir(parents=True, exist_ok=True)
     prompts = training_prompts(pool_dir or default_pool_dir(), rounds, seed)
