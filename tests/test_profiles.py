@@ -246,6 +246,36 @@ def test_explore_is_refused_where_it_cannot_work(serve, service, tiny_lm):
                     ).status_code == 404
 
 
+def test_a_profile_text_from_the_users_history(serve, service, default_lm):
+    """The served model (the real default one: the tiny random model writes only newlines,
+    which the route refuses) writes the profile text from the user's messages."""
+    from padlm.server.app import ServerThread, create_app
+
+    app = create_app(Personalizer(default_lm, persrm="identity"), profiles=service)
+    with ServerThread(app) as real:
+        written = httpx.post(f"{real.url}/v1/profiles/alice/history", json={"messages": [
+            "explain like im 5", {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "short answers please"}]}, timeout=300)
+    assert written.status_code == 200, written.text
+    text = written.json()["text"]
+    assert text and written.json()["preference"] == text
+    assert service.store.get("public", "alice").text == text
+    server, _ = serve(profiles=service)
+    url = f"{server.url}/v1/profiles/bob/history"
+    empty = httpx.post(url, json={"messages": ["hi"]}, timeout=120)
+    assert empty.status_code == 422 and "empty profile" in empty.text
+    assert service.store.get("public", "bob") is None  # nothing written
+    for body, status in (({"messages": []}, 422),
+                         ({"messages": [{"role": "assistant", "content": "hi"}]}, 400),
+                         ({"messages": "hello"}, 422)):
+        refused = httpx.post(url, json=body, timeout=30)
+        assert refused.status_code == status, refused.text
+        assert refused.json()["error"]["param"] == "messages"
+    bare, _ = serve()
+    assert httpx.post(f"{bare.url}/v1/profiles/alice/history", json={"messages": ["hi"]},
+                      timeout=30).status_code == 404
+
+
 def test_tenants_never_see_each_others_profiles(serve, service):
     server, _ = serve(profiles=service, api_keys=("key-one", "key-two"))
     mine = chat(server, {"messages": HI, "max_tokens": 4, "n": 2, "user": "alice"},

@@ -68,11 +68,20 @@ class Reply:
         return _chunk(self.kind, self.rid, self.created, self.model, choice, **extra)
 
 
-async def collect(request: Request, reply: Reply) -> Response:
-    """The non-streamed body, once every choice has finished; a 499 if the client left."""
+@dataclass
+class Gathered:
+    """Every choice of a reply once it has finished."""
+
+    texts: list[str]
+    finishes: list[str]
+    tokens: list[int]
+    traces: list[list | None]
+
+
+async def gather(request: Request, reply: Reply) -> Gathered | Response:
+    """Wait for every choice; a 499 if the client left, the error if the job failed."""
     count = reply.plan.choices
-    texts, finishes, tokens = [""] * count, ["length"] * count, [0] * count
-    traces: list[list | None] = [None] * count
+    done = Gathered([""] * count, ["length"] * count, [0] * count, [None] * count)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         while True:
@@ -86,15 +95,24 @@ async def collect(request: Request, reply: Reply) -> Response:
                 if isinstance(item, JobFailed):
                     return error_response(item.error)
                 if isinstance(item, TokenEvent) and item.finish_reason is not None:
-                    texts[item.index] = item.text or ""
-                    finishes[item.index] = item.finish_reason
-                    tokens[item.index] = item.completion_tokens
-                    traces[item.index] = item.trace
+                    done.texts[item.index] = item.text or ""
+                    done.finishes[item.index] = item.finish_reason
+                    done.tokens[item.index] = item.completion_tokens
+                    done.traces[item.index] = item.trace
             if any(isinstance(item, JobDone) for item in items):
-                break
+                return done
     finally:
         gone.cancel()
         reply.release()
+
+
+async def collect(request: Request, reply: Reply) -> Response:
+    """The non-streamed body, once every choice has finished; a 499 if the client left."""
+    gathered = await gather(request, reply)
+    if isinstance(gathered, Response):
+        return gathered
+    count, texts, finishes = reply.plan.choices, gathered.texts, gathered.finishes
+    tokens, traces = gathered.tokens, gathered.traces
     await reply.finish(texts)
     if reply.kind == "chat":
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},

@@ -33,12 +33,14 @@ from padlm.profiles.service import ProfileError, ProfileService, ResponseRef
 from padlm.server.gate import CLIENT_CLOSED, PUBLIC_TENANT, error_response
 from padlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from padlm.server.planning import Plan, Planner
-from padlm.server.replies import Reply, collect, stream_sse
+from padlm.server.replies import Reply, collect, gather, stream_sse
 from padlm.server.schemas import (
     ApiError,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     FeedbackRequest,
+    HistoryRequest,
     extra_fields,
     parse_body,
 )
@@ -176,8 +178,9 @@ async def _complete(request: Request, service: Service, kind_of_body: type,
 
 
 async def _respond(request: Request, service: Service, body, plan: Plan, kind: str, rid: str,
-                   model: str) -> Response:
-    """Queue the plan's rows as one job, then stream or collect what comes back."""
+                   model: str, answer=collect):
+    """Queue the plan's rows as one job, then stream what comes back, or ``answer`` it
+    (the response body; :func:`~padlm.server.replies.gather`: the texts)."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
     def sink(items: list) -> None:  # called on the decode thread
@@ -198,7 +201,7 @@ async def _respond(request: Request, service: Service, body, plan: Plan, kind: s
         return StreamingResponse(
             stream_sse(reply, usage), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await collect(request, reply)
+    return await answer(request, reply)
 
 
 def _remembering(request: Request, service: Service, plan: Plan, rid: str):
@@ -257,6 +260,33 @@ async def feedback(request: Request, service: ServiceDep) -> dict:
 @router.get("/v1/profiles/{user:path}")
 async def profile(user: str, request: Request, service: ServiceDep) -> dict:
     return await _profile_call(_profiles(service).show, tenant_of_request(request), user)
+
+
+@router.post("/v1/profiles/{user:path}/history", response_model=None)
+async def history(user: str, request: Request, service: ServiceDep) -> Response | dict:
+    """Guided Profile Generation: the served model reads the user's past messages and
+    writes how to answer them (the base model, greedy, as one request of the batch); the
+    text becomes the profile's."""
+    from padlm.profiles.history import PROFILE_TOKENS, history_prompt
+
+    profiles = _profiles(service)
+    body = parse_body(HistoryRequest, await read_body(request, service.settings,
+                                                      service.closing))
+    prompt = history_prompt(body.texts())
+    messages = [{"role": "user", "content": prompt}]
+    asked = ChatCompletionRequest(messages=[ChatMessage(role="user", content=prompt)],
+                                  max_tokens=PROFILE_TOKENS, strategy="base")
+    plan = await service.planner.plan_off_loop(asked, [messages], "messages",
+                                               tenant_of_request(request))
+    written = await _respond(request, service, asked, plan, "chat",
+                             f"profile-{uuid.uuid4().hex}", service.names[0], gather)
+    if isinstance(written, Response):
+        return written
+    text = " ".join(written.texts[0].split())
+    if not text:
+        raise ApiError(422, "the model wrote an empty profile from these messages",
+                       "messages")
+    return await _profile_call(profiles.set_text, tenant_of_request(request), user, text)
 
 
 @router.delete("/v1/profiles/{user:path}")

@@ -105,6 +105,21 @@ class ResponseChoice(_Strict):
     index: int = Field(default=0, ge=0)
 
 
+class HistoryRequest(_Strict):
+    """``POST /v1/profiles/{user}/history``: the user's past messages (strings, or chat
+    messages of which the user's own turns count)."""
+
+    messages: list[str | ChatMessage] = Field(min_length=1)
+
+    def texts(self) -> list[str]:
+        found = [m if isinstance(m, str) else m.text() for m in self.messages
+                 if isinstance(m, str) or m.role == "user"]
+        found = [text.strip() for text in found if text.strip()]
+        if not found:
+            raise ApiError(400, "messages hold no user messages", "messages")
+        return found
+
+
 class FeedbackRequest(_Strict):
     """``POST /v1/feedback``: ``user`` preferred ``chosen`` to ``rejected``, or rated one
     ``response`` ``"up"`` or ``"down"``."""
