@@ -14,22 +14,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from padlm.core.preferences import PSOUPS
+from padlm.data.axes import AXES as DATA_AXES
+from padlm.data.axes import Axis
 
-
-@dataclass(frozen=True)
-class Axis:
-    """An axis of a profile: two opposed preset sides; a positive weight means side ``a``."""
-
-    name: str
-    a: str
-    b: str
-
-
-AXES: tuple[Axis, ...] = tuple(Axis(f"P{i}", f"P{i}A", f"P{i}B") for i in (1, 2, 3))
-assert all(axis.a in PSOUPS and axis.b in PSOUPS for axis in AXES)
+# a profile's axes; a positive weight means side ``a``
+AXES: tuple[Axis, ...] = tuple(DATA_AXES[name] for name in ("P1", "P2", "P3"))
 
 
 class AxisFeatures:
@@ -59,5 +49,5 @@ class AxisFeatures:
         with self._lock:  # one encoder call at a time (the tokenizer is not re-entrant)
             scores = rewards.scores(list(prompts), list(responses))
         index = rewards.dimensions.index
-        sides = [(index(axis.a), index(axis.b)) for axis in self.axes]
+        sides = [(index(axis.a.id), index(axis.b.id)) for axis in self.axes]
         return [[(row[a] - row[b]) / 2 for a, b in sides] for row in scores.tolist()]

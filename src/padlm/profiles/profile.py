@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from padlm.core.preferences import Preference, parse_preference
-from padlm.profiles.features import AXES, Axis
+from padlm.data.axes import Axis
+from padlm.profiles.features import AXES
 from padlm.profiles.learning import Posterior, positive_probability
 
 SIDE_DIGITS = 3  # rounding of the probabilities a response reports
@@ -71,7 +72,7 @@ def learned_sides(posterior: Posterior, axes: Sequence[Axis] = AXES,
     sides = []
     for index, (axis, p) in enumerate(zip(axes, positive_probability(posterior), strict=True)):
         if index != skip and p != 0.5:
-            sides.append(axis.a if p > 0.5 else axis.b)
+            sides.append(axis.a.id if p > 0.5 else axis.b.id)
     return sides
 
 
@@ -92,7 +93,7 @@ def summary(state: ProfileState, choices: int, version: int, text: str | None,
     variances = [posterior.cov[i][i] for i in range(posterior.dims)]
     return {
         "version": version, "choices": choices,
-        "axes": {axis.name: {"sides": [axis.a, axis.b], "weight": round(mean, 4),
+        "axes": {axis.name: {"sides": [axis.a.id, axis.b.id], "weight": round(mean, 4),
                              "sd": round(variance ** 0.5, 4),
                              "p_side_a": round(p, SIDE_DIGITS)}
                  for axis, mean, variance, p in zip(axes, posterior.mean, variances,

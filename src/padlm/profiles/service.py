@@ -117,10 +117,10 @@ class ProfileService:
         axis = AXES[most_uncertain_axis(state.posterior)]
         rest = learned_sides(state.posterior, skip=AXES.index(axis))
         text = record.text if record else None
-        pair = [compose(sorted([*rest, side]), text) for side in (axis.a, axis.b)]
+        pair = [compose(sorted([*rest, side]), text) for side in (axis.a.id, axis.b.id)]
         body = self._summary(user, record, state, compose(learned_sides(state.posterior),
                                                           text))
-        body["explore"] = {"axis": axis.name, "sides": [axis.a, axis.b],
+        body["explore"] = {"axis": axis.name, "sides": [axis.a.id, axis.b.id],
                            "preferences": [choice.text for choice in pair]}
         return pair, body
 
