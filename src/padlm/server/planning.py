@@ -112,7 +112,8 @@ class Planner:
         except PadlmError as error:
             raise ApiError(400, str(error), "preference", "unknown_preference") from None
         preferences, profile = self._profile(body, tenant, preference)
-        preference = preferences[0] if profile and "explore" not in profile else preference
+        if len(preferences) == 1:  # the request's own, or its user's profile's
+            preference = preferences[0]
         strategy = self.strategy_of(body, preferences[0])
         try:
             spec = strategy_class(strategy).spec
