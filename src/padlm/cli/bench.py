@@ -197,7 +197,16 @@ def bench_serve(
     requests: Annotated[int, typer.Option(help="Requests per level.")] = 16,
     max_tokens: Annotated[int, typer.Option(help="New tokens per request (EOS ignored).")
                           ] = 32,
-    strategy: Annotated[str, typer.Option()] = "pad",
+    strategy: Annotated[str, typer.Option(
+        help="Of every request, with profiles too (they then state no preference: a fresh "
+             "profile decodes this strategy toward the empty preference, a learned one toward "
+             "its sides), so both runs of --profiles both decode alike.")] = "pad",
+    profiles: Annotated[str, typer.Option(
+        help="off: no users (the server keeps no profiles); on: client c is user "
+             "bench-user-c, whose requests decode for their profile (a fresh SQLite store), "
+             "and who rates each answer up, down, in turn before the next request; both: off "
+             "then on, the same clients and requests, with on's tokens/s over off's per "
+             "level.")] = "off",
     url: Annotated[str | None, typer.Option(help="Bench a running server instead.")] = None,
     model: ModelOption = "default",
     persrm: PersRMOption = "default",
@@ -216,9 +225,10 @@ def bench_serve(
         help="Also write the run as machine JSON (command, commit, machine, versions, "
              "every level) to this file, atomically.")] = None,
 ) -> None:
-    """Throughput, latency and time to first token of `padlm serve` per concurrency level."""
+    """Throughput, latency and time to first token of `padlm serve` per concurrency level;
+    with --profiles both, what users' profiles and their feedback cost it, in one run."""
     from padlm.bench.kit import machine_provenance, progress_printer, write_record
-    from padlm.bench.serve import engines_table, local_server, markdown_table, run_bench
+    from padlm.bench.serve import local_server, run_bench, runs_report
     from padlm.core.registry import strategy_class
 
     try:
@@ -235,21 +245,34 @@ def bench_serve(
     engines = [check_engine(name.strip()) for name in engine.split(",") if name.strip()]
     if not engines or (url is not None and len(engines) > 1):
         raise PadlmError("--engine names one engine or more (hf,vllm), and one only with --url")
-    if strategy_class(strategy).spec.level == "sequence":
+    spec = strategy_class(strategy).spec
+    if spec.level == "sequence":
         raise PadlmError(f"bench serve streams; {strategy} picks whole sequences and cannot "
                          "stream")
+    modes = {"off": [False], "on": [True], "both": [False, True]}.get(profiles)
+    if modes is None:
+        raise PadlmError(f"--profiles is off, on or both, got {profiles!r}")
+    if len(modes) > 1 and (url is not None or len(engines) > 1):
+        raise PadlmError("--profiles both starts its own server twice, on one engine: not "
+                         "with --url or several engines")
+    if True in modes and (spec.uses_experts or spec.uses_scorer):
+        raise PadlmError(f"{strategy} needs a stated preference, which a fresh profile does "
+                         "not have; bench profiles with e.g. pad, prompt or base")
     progress = progress_printer()
     results = {}
     for name in engines:
-        with contextlib.ExitStack() as stack:
-            target = url
-            if target is None:
-                progress(f"starting padlm serve --engine {name} on loopback ...")
-                target = stack.enter_context(local_server(model, persrm, dtype,
-                                                          max_batch_size or max(levels), name))
-            results[name] = {"engine": name, **run_bench(target.rstrip("/"), levels, requests,
-                                                         max_tokens, strategy, time_limit,
-                                                         progress, long_prompt_tokens)}
+        for profiled in modes:
+            with contextlib.ExitStack() as stack:
+                target = url
+                if target is None:
+                    progress(f"starting padlm serve --engine {name} "
+                             f"{'with' if profiled else 'without'} profiles on loopback ...")
+                    target = stack.enter_context(local_server(
+                        model, persrm, dtype, max_batch_size or max(levels), name, profiled))
+                results[name + ("+profiles" if profiled and len(modes) > 1 else "")] = {
+                    "engine": name, **run_bench(target.rstrip("/"), levels, requests,
+                                                max_tokens, strategy, time_limit, progress,
+                                                long_prompt_tokens, profiled)}
     if record is not None:
         from padlm.core.devices import AUTO, resolve_device
 
@@ -257,8 +280,7 @@ def bench_serve(
                               "persrm": persrm, "dtype": dtype, "results": results})
         progress(f"recorded to {record}")
     if as_json:
-        print(json.dumps(results[engines[0]] if len(engines) == 1 else results, indent=2))
-    elif len(engines) == 1:
-        print(markdown_table(results[engines[0]]))
+        print(json.dumps(next(iter(results.values())) if len(results) == 1 else results,
+                         indent=2))
     else:
-        print(engines_table(results))
+        print(runs_report(results))
