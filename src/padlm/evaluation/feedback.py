@@ -207,10 +207,19 @@ def summarize(users: Sequence[SimulatedUser], sides: dict[str, dict[int, list[st
                                 "se": round(standard_error(scores), 4), "users": len(scores)}
         taste_users = [u for u in users if u.chooser == "taste" and n in sides[u.name]]
         if taste_users:
-            gains = [float(user_score(u.target, cells["+".join(sides[u.name][n])], base,
-                                      ids).mean()) - 0.5 for u in taste_users]
+            learned = [float(user_score(u.target, cells["+".join(sides[u.name][n])], base,
+                                        ids).mean()) for u in taste_users]
+            gaps = [value - oracle[u.target] for value, u in zip(learned, taste_users,
+                                                                  strict=True)]
             oracle_gain = np.mean([oracle[u.target] - 0.5 for u in taste_users])
-            row["fraction_of_oracle_gain"] = round(float(np.mean(gains) / oracle_gain), 4)
+            row["fraction_of_oracle_gain"] = round(float((np.mean(learned) - 0.5)
+                                                         / oracle_gain), 4)
+            # paired by user: what the target's own difficulty adds to both cancels
+            row["minus_oracle"] = {"mean": round(float(np.mean(gaps)), 4),
+                                   "se": round(standard_error(gaps), 4)}
+            row["sides_right"] = round(float(np.mean(
+                [sum(side in u.target for side in sides[u.name][n]) / len(u.target)
+                 for u in taste_users])), 4)
         rows.append(row)
     return {"oracle": {"win": round(float(np.mean(oracle_values)), 4),
                        "se": round(standard_error(oracle_values), 4),
@@ -281,15 +290,20 @@ def write_curve(summary: dict, out: Path) -> None:
     lines = [f"Directional win against base on koala_eval_50 ({summary['prompts']} prompts), "
              f"mean over simulated users (SE over users); strategy {summary['strategy']}, "
              f"model {summary['model']}.", "",
-             "| choices | learned (taste) | random chooser | oracle | fraction of oracle gain |",
-             "|---|---|---|---|---|"]
+             "| choices | learned (taste) | random chooser | oracle | fraction of oracle gain "
+             "| learned - oracle, paired by user | target sides learned |",
+             "|---|---|---|---|---|---|---|"]
     for row in summary["curve"]:
         cell = {c: f"{row[c]['win']:.3f} ({row[c]['se']:.3f})" if c in row else "-"
                 for c in CHOOSERS}
         fraction = row.get("fraction_of_oracle_gain")
+        gap = row.get("minus_oracle")
+        paired = "-" if gap is None else f"{gap['mean']:+.3f} ({gap['se']:.3f})"
         lines.append(f"| {row['choices']} | {cell['taste']} | {cell['random']} | "
                      f"{oracle['win']:.3f} ({oracle['se']:.3f}) | "
-                     f"{'-' if fraction is None else f'{fraction:.2f}'} |")
+                     f"{'-' if fraction is None else f'{fraction:.2f}'} | "
+                     f"{paired} | "
+                     f"{row.get('sides_right', 0):.2f} |")
     (out / "feedback.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     figure, axes = plt.subplots(figsize=(6, 4))
     for chooser, style in zip(CHOOSERS, ("o-", "s--"), strict=True):
@@ -301,7 +315,10 @@ def write_curve(summary: dict, out: Path) -> None:
                           label="learned profile" if chooser == "taste" else "random chooser")
     axes.axhline(oracle["win"], color="green", linestyle=":", label="oracle (stated target)")
     axes.axhline(0.5, color="grey", linewidth=0.8, label="base")
-    axes.set_xscale("symlog", linthresh=2)
+    marks = [row["choices"] for row in summary["curve"]]
+    axes.set_xscale("symlog", linthresh=1, base=2)
+    axes.set_xticks(marks, [str(m) for m in marks])
+    axes.set_xlim(-0.3, max(marks) * 1.3)
     axes.set_xlabel("choices seen")
     axes.set_ylabel("directional win vs base (target sides)")
     axes.legend(fontsize=8)
