@@ -1,0 +1,99 @@
+"""How often a profile feature points the same way as the judge a simulated user chooses by.
+
+Reads the explore pairs a ``padlm eval feedback`` run decoded on the training pool
+(``rounds.jsonl``: two answers per user and round) and, per P-Soups axis, counts the pairs in
+which the feature difference and the judge difference (in side A's direction) have the same
+sign. A learner can only recover a user's taste as fast as its features agree with it, so
+this is the ceiling on the curve that ``padlm eval feedback`` draws. Two feature sources:
+
+- ``rewards``: the per-dimension reward models (what profiles learn on);
+- ``persrm``: the shipped PersRM's summed implicit reward under side A's text minus side B's
+  (the reference cancels), an alternative the issue names; it costs six PersRM scorings of
+  each answer, so ``--persrm-pairs`` caps how many pairs it reads.
+
+    python scripts/profile_feature_agreement.py reports/profiles/feedback-smollm2 \\
+        --persrm-pairs 64 --out reports/profiles/feature-agreement.json
+
+Uses the training pool's prompts only (never ``koala_eval_50``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from padlm.atomic import write_json_atomic
+from padlm.data.pools import default_pool_dir, self_instruct_prompts
+from padlm.evaluation.feedback import ROUNDS_FILE, judge_scores
+from padlm.judges import primary_direction
+from padlm.profiles.features import AXES, AxisFeatures
+from padlm.records import read_jsonl
+
+
+def agreement(features: list[list[float]], judges: list[dict[str, float]]) -> dict:
+    """Per axis: pairs (answers 2i, 2i+1) where both differences are non-zero, and the share
+    of them whose signs agree."""
+    out = {}
+    for index, axis in enumerate(AXES):
+        judge, sign = primary_direction(axis.a.id)
+        agree = counted = 0
+        for i in range(0, len(features), 2):
+            feature = features[i][index] - features[i + 1][index]
+            judged = sign * (judges[i][judge] - judges[i + 1][judge])
+            if feature and judged:
+                counted += 1
+                agree += (feature > 0) == (judged > 0)
+        out[axis.name] = {"pairs": counted, "agree": round(agree / counted, 3)
+                          if counted else None}
+    return out
+
+
+def persrm_features(prompts: list[str], texts: list[str]) -> list[list[float]]:
+    """``(R(y | A) - R(y | B)) / 2`` per axis with the shipped PersRM (its implicit reward)."""
+    from padlm.core.engine import Personalizer
+    from padlm.core.prompting import render
+    from padlm.core.strategies import ImplicitRewardScorer
+
+    engine = Personalizer("default", persrm="default")
+    scorer = ImplicitRewardScorer(engine.lm, engine.persrm)
+    tokenizer = engine.lm.tokenizer
+    responses = [tokenizer(t, add_special_tokens=False)["input_ids"]
+                 or [tokenizer.eos_token_id] for t in texts]
+    neutral = [render(tokenizer, p, "", engine.placement) for p in prompts]
+    columns = []
+    for axis in AXES:
+        sides = [scorer.score_ids([render(tokenizer, p, side.text, engine.placement)
+                                   for p in prompts], responses, neutral)
+                 for side in (axis.a, axis.b)]
+        columns.append(((sides[0] - sides[1]) / 2).tolist())
+    return [list(row) for row in zip(*columns, strict=True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a padlm eval feedback output directory")
+    parser.add_argument("--persrm-pairs", type=int, default=0,
+                        help="also score the first N pairs with the PersRM (0: not)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    pool = {p.id: p.prompt for p in self_instruct_prompts(default_pool_dir())}
+    rounds = read_jsonl(args.run / ROUNDS_FILE)
+    prompts = [pool[r["prompt"]] for r in rounds for _ in r["texts"]]
+    texts = [t for r in rounds for t in r["texts"]]
+    judges = judge_scores(prompts, texts)
+    record = {"run": str(args.run), "pairs": len(rounds),
+              "rewards": agreement(AxisFeatures()(prompts, texts), judges)}
+    if args.persrm_pairs:
+        n = 2 * args.persrm_pairs
+        began = time.perf_counter()
+        scored = persrm_features(prompts[:n], texts[:n])
+        record["persrm"] = {**agreement(scored, judges[:n]),
+                            "seconds_per_answer": round((time.perf_counter() - began) / n, 3)}
+    write_json_atomic(args.out, record)
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
