@@ -74,6 +74,28 @@ def serve(tiny_lm):
         server.__exit__()
 
 
+class TextFeatures:
+    """Profile features read off the text, so a test knows which way a choice points: P1
+    (simple) falls with long words, P2 (concise) with words, P3 (friendly) rises with
+    exclamation marks. No reward model loads."""
+
+    def __call__(self, prompts, responses):
+        return [[-sum(len(w) > 8 for w in r.split()) / 4, -len(r.split()) / 20,
+                 r.count("!") / 2] for r in responses]
+
+
+@pytest.fixture
+def text_profiles(tmp_path):
+    """Profiles in a fresh SQLite store, learning on :class:`TextFeatures`."""
+    from padlm.profiles.service import ProfileService
+    from padlm.profiles.store import open_store
+
+    service = ProfileService(open_store(f"sqlite:///{tmp_path / 'profiles.db'}"),
+                             TextFeatures())
+    yield service
+    service.store.close()
+
+
 @pytest.fixture(scope="session")
 def guide_dir(tiny_cpu_lm, tmp_path_factory) -> Path:
     """A second tiny model (48 wide, 3 layers) with the base's tokenizer, saved as a plain

@@ -19,29 +19,14 @@ from typer.testing import CliRunner
 from padlm.bench.serve import BENCH_USER, run_level, runs_report
 from padlm.cli import app
 from padlm.errors import PadlmError
-from padlm.profiles.features import AXES
-from padlm.profiles.service import ProfileService
-from padlm.profiles.store import open_store
 from padlm.server.gate import PUBLIC_TENANT
 
 PADLM = str(Path(sys.executable).parent / "padlm")
 
 
-class LengthFeatures:
-    """Features without a reward model: the bench measures plumbing, not what is learned."""
-
-    axes = AXES
-
-    def __call__(self, prompts, responses):
-        return [[len(r) / 100, 0.0, 0.0] for r in responses]
-
-
 @pytest.fixture
-def profiles(tmp_path):
-    service = ProfileService(open_store(f"sqlite:///{tmp_path / 'profiles.db'}"),
-                             LengthFeatures())
-    yield service
-    service.store.close()
+def profiles(text_profiles):
+    return text_profiles
 
 
 def test_each_client_is_a_user_who_rates_every_answer(serve, profiles):

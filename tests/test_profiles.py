@@ -10,9 +10,10 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import TextFeatures
 
 from padlm.core.engine import Personalizer
-from padlm.profiles.features import AXES, AxisFeatures
+from padlm.profiles.features import AxisFeatures
 from padlm.profiles.learning import Posterior
 from padlm.profiles.profile import compose, learned_sides
 from padlm.profiles.service import (
@@ -27,24 +28,9 @@ from padlm.profiles.store import open_store
 HI = [{"role": "user", "content": "Say hi."}]
 
 
-class TextFeatures:
-    """Deterministic features read off the text, so tests know which way a choice points:
-    P1 (simple) falls with long words, P2 (concise) with words, P3 (friendly) rises with
-    exclamation marks."""
-
-    axes = AXES
-
-    def __call__(self, prompts, responses):
-        return [[-sum(len(w) > 8 for w in r.split()) / 4, -len(r.split()) / 20,
-                 r.count("!") / 2] for r in responses]
-
-
 @pytest.fixture
-def service(tmp_path):
-    profiles = ProfileService(open_store(f"sqlite:///{tmp_path / 'profiles.db'}"),
-                              TextFeatures())
-    yield profiles
-    profiles.store.close()
+def service(text_profiles):
+    return text_profiles
 
 
 FRIENDLY = "Hi there! Great question! Fun!"
