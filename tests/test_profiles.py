@@ -182,6 +182,10 @@ def test_explore_feedback_and_the_learned_profile_over_http(serve, service):
                            "preference": "P3A"}).json()
     assert stated["padlm"]["preference"].startswith("Generate") and \
         "profile" not in stated["padlm"]
+    # its answer still teaches alice's profile (a thumb on it is learned from)
+    thumb = feedback(server, {"user": "alice", "response": {"id": stated["id"]},
+                              "rating": "up"})
+    assert thumb.status_code == 200 and thumb.json()["choices"] == 2
 
 
 def test_malformed_or_foreign_feedback_is_refused_and_changes_nothing(serve, service):

@@ -54,7 +54,9 @@ class Plan:
     preference: Preference
     prompts: list = field(default_factory=list)  # choice c answers prompts[c // n]
     n: int = 1
-    user: str | None = None  # decoded for this user's profile; its responses remembered
+    # a user of a server with profiles: the answers are remembered for their feedback, also
+    # when the request states its own preference (then ``profile`` is None: not applied)
+    user: str | None = None
     profile: dict | None = None  # the profile state it was decoded with (padlm.profile)
 
 
@@ -194,7 +196,7 @@ class Planner:
                     raise ApiError(400, str(error), error.param or prompt_param) from None
         return Plan(requests, len(prompts) * body.n, prompt_tokens, prefill_tokens, strategy,
                     rows, preference, list(prompts), body.n,
-                    body.user if profile is not None else None, profile)
+                    body.user if self.profiles is not None and body.user else None, profile)
 
     def _profile(self, body, tenant: str, preference: Preference
                  ) -> tuple[list[Preference], dict | None]:

@@ -165,8 +165,8 @@ async def stream_sse(reply: Reply, include_usage: bool) -> AsyncIterator[str]:
                     texts[item.index] = item.text or ""
                     yield reply.chunk(_choice(reply.kind, item.index, None,
                                               item.finish_reason))
-        if reply.plan.profile is not None:  # the profile behind it, once the texts are kept
-            await reply.finish(texts)
+        await reply.finish(texts)  # kept for feedback before the client can send it
+        if reply.plan.profile is not None:  # the profile behind it
             yield reply.chunk({}, padlm=reply.meta())
         if include_usage:
             yield reply.chunk({}, usage=_usage(reply.plan.prompt_tokens, completion))
