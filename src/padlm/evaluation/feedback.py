@@ -192,28 +192,33 @@ def summarize(users: Sequence[SimulatedUser], sides: dict[str, dict[int, list[st
     choices, with its SE over users, the oracle's, and the fraction of the oracle's gain
     over ``base`` (a win rate of 1/2) the learned profile reaches."""
     base = cells[""]
-    oracle = {u.target: float(user_score(u.target, cells["+".join(u.target)], base,
-                                         ids).mean()) for u in users}
+    scored: dict[tuple, float] = {}
+
+    def win(target: tuple[str, ...], sides_: Sequence[str]) -> float:
+        """A target's mean outcome for a composition's cell, judged once per pair."""
+        key = (target, "+".join(sides_))
+        if key not in scored:
+            scored[key] = float(user_score(target, cells[key[1]], base, ids).mean())
+        return scored[key]
+
+    oracle = {u.target: win(u.target, u.target) for u in users}
     oracle_values = list(oracle.values())
     rows = []
     for n in checkpoints:
         row = {"choices": n}
+        reached = [u for u in users if n in sides[u.name]]
+        learned = {u.name: win(u.target, sides[u.name][n]) for u in reached}
         for chooser in CHOOSERS:
-            scores = [float(user_score(u.target, cells["+".join(sides[u.name][n])], base,
-                                       ids).mean())
-                      for u in users if u.chooser == chooser and n in sides[u.name]]
+            scores = [learned[u.name] for u in reached if u.chooser == chooser]
             if scores:
                 row[chooser] = {"win": round(float(np.mean(scores)), 4),
                                 "se": round(standard_error(scores), 4), "users": len(scores)}
-        taste_users = [u for u in users if u.chooser == "taste" and n in sides[u.name]]
+        taste_users = [u for u in reached if u.chooser == "taste"]
         if taste_users:
-            learned = [float(user_score(u.target, cells["+".join(sides[u.name][n])], base,
-                                        ids).mean()) for u in taste_users]
-            gaps = [value - oracle[u.target] for value, u in zip(learned, taste_users,
-                                                                  strict=True)]
+            gaps = [learned[u.name] - oracle[u.target] for u in taste_users]
             oracle_gain = np.mean([oracle[u.target] - 0.5 for u in taste_users])
-            row["fraction_of_oracle_gain"] = round(float((np.mean(learned) - 0.5)
-                                                         / oracle_gain), 4)
+            row["fraction_of_oracle_gain"] = round(float(
+                (np.mean([learned[u.name] for u in taste_users]) - 0.5) / oracle_gain), 4)
             # paired by user: what the target's own difficulty adds to both cancels
             row["minus_oracle"] = {"mean": round(float(np.mean(gaps)), 4),
                                    "se": round(standard_error(gaps), 4)}

@@ -100,35 +100,36 @@ class ProfileService:
     def _state(self, record: ProfileRecord | None) -> ProfileState:
         return ProfileState.from_json(record.state if record else None)
 
-    def decoding(self, tenant: str, user: str) -> tuple[Preference, dict]:
-        """The preference a request of ``user`` with none of its own decodes with, and the
-        response's ``padlm.profile`` (which state it was)."""
-        record = self.store.get(tenant, check_user(user))
+    def _current(self, tenant: str, user: str, record: ProfileRecord | None = None
+                 ) -> tuple[ProfileRecord | None, ProfileState, Preference, dict]:
+        """What every read of a profile starts from: the stored record (``record`` when the
+        caller holds it), its learned state, the preference it decodes with and the
+        summary a response or ``show`` reports."""
+        record = record or self.store.get(tenant, check_user(user))
         state = self._state(record)
         text = record.text if record else None
         preference = compose(learned_sides(state.posterior), text)
-        return preference, self._summary(user, record, state, preference)
+        body = {"user": user, **summary(state, record.choices if record else 0,
+                                        record.version if record else 0, text, preference)}
+        return record, state, preference, body
+
+    def decoding(self, tenant: str, user: str) -> tuple[Preference, dict]:
+        """The preference a request of ``user`` with none of its own decodes with, and the
+        response's ``padlm.profile`` (which state it was)."""
+        _, _, preference, body = self._current(tenant, user)
+        return preference, body
 
     def exploring(self, tenant: str, user: str) -> tuple[list[Preference], dict]:
         """Two preferences that differ on the axis the profile is least sure of (its two
         sides), and agree on the rest, for an A/B choice that teaches the most there."""
-        record = self.store.get(tenant, check_user(user))
-        state = self._state(record)
+        record, state, _, body = self._current(tenant, user)
         axis = AXES[most_uncertain_axis(state.posterior)]
         rest = learned_sides(state.posterior, skip=AXES.index(axis))
         text = record.text if record else None
         pair = [compose(sorted([*rest, side]), text) for side in (axis.a.id, axis.b.id)]
-        body = self._summary(user, record, state, compose(learned_sides(state.posterior),
-                                                          text))
         body["explore"] = {"axis": axis.name, "sides": [axis.a.id, axis.b.id],
                            "preferences": [choice.text for choice in pair]}
         return pair, body
-
-    def _summary(self, user: str, record: ProfileRecord | None, state: ProfileState,
-                 preference: Preference) -> dict:
-        return {"user": user, **summary(state, record.choices if record else 0,
-                                        record.version if record else 0,
-                                        record.text if record else None, preference)}
 
     def remember(self, tenant: str, user: str, response_id: str, prompts: Sequence,
                  texts: Sequence[str]) -> None:
@@ -233,10 +234,7 @@ class ProfileService:
 
     def show(self, tenant: str, user: str, record: ProfileRecord | None = None) -> dict:
         """The profile as ``padlm profile show`` and ``GET /v1/profiles/{user}`` give it."""
-        record = record or self.store.get(tenant, check_user(user))
-        state = self._state(record)
-        preference = compose(learned_sides(state.posterior), record.text if record else None)
-        body = self._summary(user, record, state, preference)
+        record, _, _, body = self._current(tenant, user, record)
         if record is not None:
             body.update(created=record.created, updated=record.updated)
         return body
