@@ -173,8 +173,11 @@ def test_playground_ab_learns_the_users_profile(default_lm, tmp_path):
         page.fill("#prompt", "Explain how a rainbow forms.")
         page.fill("#max-tokens", "12")
         run_ab(page)
-        assert page.locator("#ab-side-0").inner_text() == "(P1A: simple)"  # fresh: P1 first
-        assert page.locator("#ab-side-1").inner_text() == "(P1B: expert)"
+        # a fresh profile is unsure of every axis: the two answers differ on all three
+        assert page.locator("#ab-side-0").inner_text() == \
+            "(P1A: simple · P2A: concise · P3A: friendly)"
+        assert page.locator("#ab-side-1").inner_text() == \
+            "(P1B: expert · P2B: detailed · P3B: unfriendly)"
         page.get_by_role("button", name="Prefer B").click()
         expect(page.locator("#ab-choices")).to_have_text("1")
         expect(page.locator("#ab-status")).to_have_attribute("data-state", "learned")

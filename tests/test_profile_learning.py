@@ -3,6 +3,7 @@ finite-difference Hessians, a batch Newton fit and Monte Carlo, all written plai
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -244,24 +245,52 @@ def test_positive_probability_matches_monte_carlo():
     assert learning.positive_probability(post)[2] == 0.5
 
 
-def test_most_uncertain_axis_by_hand():
-    # |m| / sd: 1.0 / 0.5 = 2, 0.3 / 1 = 0.3, 0.6 / 2 = 0.3 (a tie: the lower index), 5 / 3.
-    post = Posterior((1.0, -0.3, 0.6, 5.0), ((0.25, 0, 0, 0), (0, 1.0, 0, 0), (0, 0, 4.0, 0),
-                                             (0, 0, 0, 9.0)))
-    assert learning.most_uncertain_axis(post) == 1
-    assert learning.most_uncertain_axis(post, exclude={1}) == 2
-    assert learning.most_uncertain_axis(post, exclude=[1, 2]) == 3
-    assert learning.most_uncertain_axis(post, exclude=(1, 2, 3)) == 0
-    with pytest.raises(ValueError, match="every axis"):
-        learning.most_uncertain_axis(post, exclude=range(4))
-    with pytest.raises(ValueError, match="excluded axis 4"):
-        learning.most_uncertain_axis(post, exclude=[4])
+def brute_force_contrast_gain(post: Posterior, x: tuple[int, ...]) -> float:
+    """1/2 log(1 + p(1-p) x^T S x) at the probit-moderated p, in plain floats."""
+    d = len(x)
+    s = sum(post.mean[a] * x[a] for a in range(d))
+    q = sum(x[a] * post.cov[a][b] * x[b] for a in range(d) for b in range(d))
+    p = 1.0 / (1.0 + math.exp(-s / math.sqrt(1.0 + math.pi * q / 8.0)))
+    return 0.5 * math.log1p(p * (1.0 - p) * q)
 
 
-def test_most_uncertain_axis_weighs_the_variance():
-    # A small mean known precisely is surer than a larger mean known vaguely.
-    post = Posterior((0.1, 1.0), ((0.0001, 0.0), (0.0, 100.0)))
-    assert learning.most_uncertain_axis(post) == 1
+def test_explore_contrast_from_the_prior_contrasts_every_axis():
+    # at the prior every contrast has p = 1/2, so the gain grows with x^T x = the axes it moves
+    assert learning.explore_contrast(Posterior.prior(3)) == (1, 1, 1)
+    assert learning.explore_contrast(Posterior.prior(1)) == (1,)
+
+
+def test_explore_contrast_leaves_out_an_axis_the_profile_is_sure_of():
+    # axis 0: mean 3, sd 0.3. Contrasting it moves p to ~0.9: (0, 1, 1) gains more
+    post = Posterior((3.0, 0.0, 0.0), ((0.09, 0, 0), (0, 1.0, 0), (0, 0, 1.0)))
+    assert learning.explore_contrast(post) == (0, 1, 1)
+
+
+def test_explore_contrast_turns_to_directions_not_yet_asked():
+    # after a choice along (1, 1, 1) the variance along it shrank: a one-minus pattern next
+    post = learning.update(Posterior.prior(3), [0.5, 0.5, 0.5])
+    nxt = learning.explore_contrast(post)
+    assert nxt != (1, 1, 1) and sorted(nxt) == [-1, 1, 1]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_explore_contrast_maximises_the_gain_over_every_contrast(seed):
+    generator = torch.Generator().manual_seed(seed)
+    d = 1 + seed % 4
+    a = torch.randn(d, d, generator=generator, dtype=F64)
+    mean = torch.randn(d, generator=generator, dtype=F64) * 2
+    post = Posterior(tuple(mean.tolist()), tuple(map(tuple, (a @ a.T + 0.1 * torch.eye(
+        d, dtype=F64)).tolist())))
+    every = [x for x in itertools.product((-1, 0, 1), repeat=d) if any(x)]
+    best = max(brute_force_contrast_gain(post, x) for x in every)
+    chosen = learning.explore_contrast(post)
+    assert chosen in every and next(v for v in chosen if v) == 1  # canonical sign
+    assert brute_force_contrast_gain(post, chosen) == pytest.approx(best, rel=1e-9)
+
+
+def test_explore_contrast_refuses_more_axes_than_it_can_enumerate():
+    with pytest.raises(ValueError, match="11 axes"):
+        learning.explore_contrast(Posterior.prior(learning.MAX_EXPLORE_DIMS + 1))
 
 
 # 6. JSON and validation

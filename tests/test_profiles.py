@@ -13,9 +13,10 @@ import pytest
 from conftest import TextFeatures
 
 from padlm.core.engine import Personalizer
+from padlm.data.axes import generation_text
 from padlm.profiles.features import AxisFeatures
-from padlm.profiles.learning import Posterior
-from padlm.profiles.profile import compose, learned_sides
+from padlm.profiles.learning import Posterior, explore_contrast
+from padlm.profiles.profile import ProfileState, compose, explore_sides, learned_sides
 from padlm.profiles.service import (
     LOCAL_TENANT,
     ProfileError,
@@ -40,7 +41,11 @@ COLD = "The question is noted and will be handled in due course by our staff."
 def test_learned_sides_follow_the_sign_of_the_posterior():
     posterior = Posterior((0.7, -0.2, 0.0), ((1.0, 0, 0), (0, 1.0, 0), (0, 0, 1.0)))
     assert learned_sides(posterior) == ["P1A", "P2B"]  # no lean on P3: no side
-    assert learned_sides(posterior, skip=0) == ["P2B"]
+    assert learned_sides(posterior, skip=[0]) == ["P2B"]
+    # an explore pair: opposite sides where contrasted, the profile's lean elsewhere
+    assert explore_sides(posterior, (0, -1, 1)) == (["P1A", "P2B", "P3A"],
+                                                    ["P1A", "P2A", "P3B"])
+    assert explore_sides(posterior, (1, 0, 0)) == (["P1A", "P2B"], ["P1B", "P2B"])
     assert compose(["P1A", "P2B"], None).ids == ("P1A", "P2B")
     text = compose(["P1A"], "Answer in French.")
     assert text.ids is None and text.text.endswith("Answer in French.")
@@ -102,13 +107,24 @@ def test_a_thumb_compares_with_what_the_user_rated_before(service):
     assert second["axes"]["P3"]["p_side_a"] > 0.5 and second["choices"] == 2
 
 
-def test_explore_pairs_differ_on_the_least_certain_axis_only(service):
+def test_explore_pairs_differ_where_a_choice_teaches_the_most(service):
+    (a, b), fresh = service.exploring("t", "alice")
+    # a fresh profile is unsure of everything: the two answers differ on every axis
+    assert fresh["explore"]["axes"] == ["P1", "P2", "P3"]
+    assert fresh["explore"]["sides"] == [["P1A", "P2A", "P3A"], ["P1B", "P2B", "P3B"]]
+    assert (a.ids, b.ids) == (("P1A", "P2A", "P3A"), ("P1B", "P2B", "P3B"))
+    # each side with the sampler's stronger instruction, so the two answers differ clearly
+    assert a.text == " ".join(generation_text(side) for side in a.ids)
     service.remember("t", "alice", "r1", ["q", "q"], [FRIENDLY, COLD])
     service.choose("t", "alice", ResponseRef("r1", 0), ResponseRef("r1", 1))
     (a, b), body = service.exploring("t", "alice")
-    axis = body["explore"]["axis"]
-    assert axis == "P1"  # the only axis this choice said nothing about
-    assert set(a.ids) ^ set(b.ids) == {"P1A", "P1B"}
+    record = service.store.get("t", "alice")
+    contrast = explore_contrast(ProfileState.from_json(record.state).posterior)
+    axes = ("P1", "P2", "P3")
+    assert body["explore"]["axes"] == [a for a, x in zip(axes, contrast, strict=True) if x]
+    assert contrast != (1, 1, 1)  # that direction was just asked
+    assert sorted(set(a.ids) ^ set(b.ids)) == sorted(
+        side for sides in body["explore"]["sides"] for side in sides)
     assert body["explore"]["preferences"] == [a.text, b.text]
 
 
@@ -166,7 +182,7 @@ def test_explore_feedback_and_the_learned_profile_over_http(serve, service):
         model=server.model, messages=HI, max_tokens=6, n=2, user="alice",
         extra_body={"padlm": {"explore": True}})
     meta = pair.model_extra["padlm"]["profile"]
-    assert meta["version"] == 0 and meta["explore"]["axis"] == "P1"
+    assert meta["version"] == 0 and meta["explore"]["axes"] == ["P1", "P2", "P3"]
     assert len(pair.choices) == 2
     learned = feedback(server, {"user": "alice", "chosen": {"id": pair.id, "index": 1},
                                 "rejected": {"id": pair.id, "index": 0}})

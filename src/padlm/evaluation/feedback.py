@@ -8,12 +8,12 @@ learner never sees the judges: it learns from padlm's own per-dimension reward m
 (:mod:`padlm.profiles.features`). A second user per target chooses at random (the control
 that must stay at ``base``).
 
-Each round, every user is shown the two answers the profile's explore mode decodes (its two
-sides of the axis it is least sure of) to a prompt of the training pool (self-instruct,
-never ``koala_eval_50``), and chooses. After ``n`` choices the profile's preference decodes
-the 50 ``koala_eval_50`` prompts, scored by directional win against ``base`` for the hidden
-target (mean over its three sides), beside the oracle: the same strategy given the target as
-a stated preference.
+Each round, every user is shown the two answers the profile's explore mode decodes (they
+differ on the axes the profile is least sure of) to a prompt of the training pool
+(self-instruct, never ``koala_eval_50``), and chooses. After ``n`` choices the profile's
+preference decodes the 50 ``koala_eval_50`` prompts, scored by directional win against
+``base`` for the hidden target (mean over its three sides), beside the oracle: the same
+strategy given the target as a stated preference.
 
 Resumable: profiles and their choices live in ``out/profiles.db`` (a choice and its event in
 one transaction), each round's answers in ``out/rounds.jsonl``; the learned preference at
@@ -111,14 +111,18 @@ def training_prompts(pool_dir: Path, rounds: int, seed: int) -> list[dict]:
 def decode(engine, strategy: str, items: Sequence[tuple[str, object]],
            config: GenerationConfig, batch_size: int) -> list[str]:
     """Each (prompt, preference) with ``strategy``, users' rows sharing batches; texts in
-    order."""
-    requests = [plan(engine, strategy, Request(prompt, parse_preference(preference), config))
-                for prompt, preference in items]
+    order. A (prompt, preference) several users were shown is decoded once (users of alike
+    profiles are often shown the same pair; one input decodes to one text at one config)."""
+    distinct = list(dict.fromkeys((prompt, parse_preference(preference))
+                                  for prompt, preference in items))
+    requests = [plan(engine, strategy, Request(prompt, preference, config))
+                for prompt, preference in distinct]
     texts = []
     for start in range(0, len(requests), batch_size):
         rows = engine.batch(strategy).run(requests[start:start + batch_size])
         texts.extend(row.text for row in rows)
-    return texts
+    decoded = dict(zip(distinct, texts, strict=True))
+    return [decoded[prompt, parse_preference(preference)] for prompt, preference in items]
 
 
 def replayed_sides(events: Sequence[dict], checkpoints: Sequence[int]) -> dict[int, list[str]]:

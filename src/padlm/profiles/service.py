@@ -17,8 +17,14 @@ from dataclasses import dataclass, replace
 from padlm.core.preferences import Preference
 from padlm.errors import PadlmError
 from padlm.profiles.features import AXES, AxisFeatures
-from padlm.profiles.learning import most_uncertain_axis, update
-from padlm.profiles.profile import ProfileState, compose, learned_sides, summary
+from padlm.profiles.learning import explore_contrast, update
+from padlm.profiles.profile import (
+    ProfileState,
+    compose,
+    explore_sides,
+    learned_sides,
+    summary,
+)
 from padlm.profiles.store import (
     ProfileRecord,
     ProfileStore,
@@ -120,15 +126,19 @@ class ProfileService:
         return preference, body
 
     def exploring(self, tenant: str, user: str) -> tuple[list[Preference], dict]:
-        """Two preferences that differ on the axis the profile is least sure of (its two
-        sides), and agree on the rest, for an A/B choice that teaches the most there."""
+        """Two preferences that differ where one choice teaches the profile the most (every
+        axis it is unsure of: :func:`~padlm.profiles.learning.explore_contrast`) and agree
+        on the rest, for an A/B choice."""
         record, state, _, body = self._current(tenant, user)
-        axis = AXES[most_uncertain_axis(state.posterior)]
-        rest = learned_sides(state.posterior, skip=AXES.index(axis))
+        contrast = explore_contrast(state.posterior)
+        sides = explore_sides(state.posterior, contrast)
         text = record.text if record else None
-        pair = [compose(sorted([*rest, side]), text) for side in (axis.a.id, axis.b.id)]
-        body["explore"] = {"axis": axis.name, "sides": [axis.a.id, axis.b.id],
-                           "preferences": [choice.text for choice in pair]}
+        pair = [compose(answer, text, instructed=True) for answer in sides]
+        first, second = set(sides[0]), set(sides[1])
+        body["explore"] = {
+            "axes": [axis.name for axis, x in zip(AXES, contrast, strict=True) if x],
+            "sides": [sorted(first - second), sorted(second - first)],
+            "preferences": [choice.text for choice in pair]}
         return pair, body
 
     def remember(self, tenant: str, user: str, response_id: str, prompts: Sequence,

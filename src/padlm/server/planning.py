@@ -202,7 +202,7 @@ class Planner:
                  ) -> tuple[list[Preference], dict | None]:
         """The preferences the request's choices decode with, and the profile state behind
         them: the request's own preference wins; a ``user`` without one decodes for the
-        user's profile (``padlm.explore``: its two sides of the axis least certain)."""
+        user's profile (``padlm.explore``: two that differ where the profile is least sure)."""
         explore = bool(body.padlm and body.padlm.explore)
         if explore:
             problem = (
