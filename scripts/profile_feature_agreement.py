@@ -4,9 +4,11 @@ Reads the explore pairs a ``padlm eval feedback`` run decoded on the training po
 (``rounds.jsonl``: two answers per user and round) and, per P-Soups axis, counts the pairs in
 which the feature difference and the judge difference (in side A's direction) have the same
 sign. A learner can only recover a user's taste as fast as its features agree with it, so
-this is the ceiling on the curve that ``padlm eval feedback`` draws. Two feature sources:
+this is the ceiling on the curve that ``padlm eval feedback`` draws. Feature sources:
 
 - ``rewards``: the per-dimension reward models (what profiles learn on);
+- ``design``: the sides the explore pair was decoded for (+1 side A, -1 side B), i.e. how
+  often decoding for a side moves the judge that way at all;
 - ``persrm``: the shipped PersRM's summed implicit reward under side A's text minus side B's
   (the reference cancels), an alternative the issue names; it costs six PersRM scorings of
   each answer, so ``--persrm-pairs`` caps how many pairs it reads.
@@ -14,7 +16,11 @@ this is the ceiling on the curve that ``padlm eval feedback`` draws. Two feature
     python scripts/profile_feature_agreement.py reports/profiles/feedback-smollm2 \\
         --persrm-pairs 64 --out reports/profiles/feature-agreement.json
 
-Uses the training pool's prompts only (never ``koala_eval_50``).
+``ideal`` is a reference ceiling no learner of these choices can beat on average: a
+Bayes-optimal learner that knows each pair's design and the ``design`` agreement rates, with
+the simulated user's votes independent per axis at those rates, picking the most likely of
+the eight targets after ``n`` all-axis contrasts (Monte Carlo). Uses the training pool's
+prompts only (never ``koala_eval_50``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from itertools import product
 from pathlib import Path
+
+import numpy as np
 
 from padlm.atomic import write_json_atomic
 from padlm.data.pools import default_pool_dir, self_instruct_prompts
@@ -48,6 +57,44 @@ def agreement(features: list[list[float]], judges: list[dict[str, float]]) -> di
         out[axis.name] = {"pairs": counted, "agree": round(agree / counted, 3)
                           if counted else None}
     return out
+
+
+def design_features(rounds: list[dict]) -> list[list[float]]:
+    """Per answer and axis: +1 when it was decoded for side A, -1 for side B, 0 for neither
+    (its preference text names each side's preset text)."""
+    return [[1.0 if axis.a.text in preference else -1.0 if axis.b.text in preference else 0.0
+             for axis in AXES] for r in rounds for preference in r["preferences"]]
+
+
+def ideal_sides_right(agree: list[float], choices: int, trials: int = 4000,
+                      seed: int = 0) -> dict:
+    """The Bayes-optimal learner's share of target sides right, and of targets wholly right,
+    after ``choices`` all-axis contrasts (cycled), each axis's vote agreeing with the design
+    with probability ``agree[a]`` and the majority deciding (a tie is a coin flip)."""
+    rng = np.random.default_rng(seed)
+    targets = np.array(list(product((1, -1), repeat=len(agree))))
+    contrasts = targets[targets[:, 0] == 1]
+    votes = np.array(list(product((1, -1), repeat=len(agree))))  # right (+1) or wrong
+    weight = np.prod(np.where(votes == 1, agree, 1 - np.array(agree)), axis=1)
+
+    def first_wins(target, contrast) -> float:
+        margin = (votes * target * contrast).sum(axis=1)
+        return float((weight * ((margin > 0) + 0.5 * (margin == 0))).sum())
+
+    table = np.array([[first_wins(t, c) for c in contrasts] for t in targets])
+    sides = whole = 0.0
+    for _ in range(trials):
+        truth = rng.integers(len(targets))
+        log_likelihood = np.zeros(len(targets))
+        for n in range(choices):
+            c = n % len(contrasts)
+            first = rng.random() < table[truth, c]
+            log_likelihood += np.log(table[:, c] if first else 1 - table[:, c])
+        guess = np.argmax(log_likelihood + rng.random(len(targets)) * 1e-9)
+        sides += float(np.mean(targets[guess] == targets[truth]))
+        whole += float(guess == truth)
+    return {"choices": choices, "sides_right": round(sides / trials, 3),
+            "targets_right": round(whole / trials, 3)}
 
 
 def persrm_features(prompts: list[str], texts: list[str]) -> list[list[float]]:
@@ -84,7 +131,10 @@ def main() -> None:
     texts = [t for r in rounds for t in r["texts"]]
     judges = judge_scores(prompts, texts)
     record = {"run": str(args.run), "pairs": len(rounds),
-              "rewards": agreement(AxisFeatures()(prompts, texts), judges)}
+              "rewards": agreement(AxisFeatures()(prompts, texts), judges),
+              "design": agreement(design_features(rounds), judges)}
+    rates = [record["design"][axis.name]["agree"] for axis in AXES]
+    record["ideal"] = [ideal_sides_right(rates, n) for n in (2, 4, 8, 16, 32)]
     if args.persrm_pairs:
         n = 2 * args.persrm_pairs
         began = time.perf_counter()
