@@ -47,6 +47,21 @@ def test_counts_are_exact():
     assert text.content_words("It is the cat, a cat, the Cat.") == 1
 
 
+def test_free_text_surface_judges_by_hand():
+    # 2 of 3 non-empty lines are items (the blank line does not count); numbered items count
+    assert text.list_lines("- a\n\n* b\nplain") == pytest.approx(2 / 3)
+    assert text.list_lines("1. one\n2) two") == 1.0
+    assert text.list_lines("-not an item\nA sentence - with a dash.") == 0.0
+    assert text.list_lines("") == 0.0
+    # 2 marks over 4 words; no words: 0
+    assert text.exclamations("Wow! That is great!") == pytest.approx(50.0)
+    assert text.exclamations("!!!") == 0.0
+    assert primary_direction("bullets") == ("list_lines", 1)
+    assert primary_direction("prose") == ("list_lines", -1)
+    assert primary_direction("enthusiastic") == ("exclamations", 1)
+    assert primary_direction("calm") == ("exclamations", -1)
+
+
 def test_directions_match_psoups():
     assert primary_direction("P1A") == ("expertise", -1)
     assert primary_direction("P1B") == ("expertise", 1)

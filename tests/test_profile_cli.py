@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+from padlm.profiles.features import parse_axes
 from padlm.profiles.service import ProfileService
 from padlm.profiles.store import open_store
 
@@ -44,6 +45,11 @@ def test_profile_commands_read_learn_and_forget(tmp_path):
 
 def test_profile_mistakes_are_one_line_errors(tmp_path):
     url = f"sqlite:///{tmp_path / 'p.db'}"
+    # a profile learned over a free-text axis, read by a command that learns P1-P3 only
+    wide = ProfileService(open_store(url), features=lambda prompts, texts: [[0.0] * 4] * len(
+        texts), axes=parse_axes("P1,P2,P3,format"))
+    wide.set_text("local", "wide", "Use lists.")
+    wide.store.close()
     cases = {
         "no response chatcmpl-nope[0] to learn from": [
             "profile", "choose", "--user", "a", "--chosen", "chatcmpl-nope", "--rejected",
@@ -53,6 +59,12 @@ def test_profile_mistakes_are_one_line_errors(tmp_path):
                                             "--profiles", url],
         "cannot read --messages": ["profile", "from-history", "--user", "a", "--messages",
                                    str(tmp_path / "missing.json"), "--profiles", url],
+        "unknown profile axis bogus": ["profile", "show", "--user", "a", "--profiles", url,
+                                       "--profile-axes", "P1,bogus"],
+        "this profile has learned axes format": [
+            "profile", "show", "--user", "wide", "--profiles", url],
+        "held out of training": ["train", "rewards", "--dimensions", "bullets,sassy",
+                                 "--out", str(tmp_path / "r")],
         "--checkpoints must lie in 0..--rounds": [
             "eval", "feedback", "--out", str(tmp_path / "f"), "--rounds", "4",
             "--checkpoints", "0,8", "--model", str(tmp_path / "missing-model")],
@@ -82,3 +94,29 @@ def test_from_history_writes_a_profile_text_with_the_real_model(tmp_path):
     store = open_store(url)
     assert store.get("local", "kid").text == body["text"]
     store.close()
+
+
+def test_train_rewards_fits_heads_that_rank_held_out_pairs(tmp_path):
+    """``padlm train rewards`` on the teacher data's format pairs: real MiniLM, real pairs;
+    the heads rank the validation split's pairs well above chance and load as profile
+    features."""
+    data = tmp_path / "pairs.jsonl"
+    with open("data/teacher_pairs.jsonl", encoding="utf-8") as source:
+        rows = [line for line in source if json.loads(line)["dimension"] in ("bullets", "prose")]
+    data.write_text("".join(rows), encoding="utf-8")
+    out = tmp_path / "heads"
+    result = padlm("train", "rewards", "--data", str(data), "--dimensions", "bullets,prose",
+                   "--out", str(out), "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "rewards.json").read_text("utf-8"))
+    assert record["command"].startswith("padlm train rewards")
+    for side in ("bullets", "prose"):
+        assert record["metrics"][side]["heldout_accuracy"] > 0.75, record
+    from padlm.orchestration.rewards import DimensionRewards
+
+    heads = DimensionRewards.load(out)
+    listed = "- red apples\n- yellow bananas\n- green grapes"
+    prose = "Apples are red, bananas are yellow, and grapes are green."
+    scores = heads.scores(["Name three fruits and their colours."] * 2, [listed, prose])
+    bullets = heads.dimensions.index("bullets")
+    assert scores[0, bullets] > scores[1, bullets]

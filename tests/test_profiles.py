@@ -13,8 +13,10 @@ import pytest
 from conftest import TextFeatures
 
 from padlm.core.engine import Personalizer
-from padlm.data.axes import generation_text
-from padlm.profiles.features import AxisFeatures
+from padlm.core.preferences import PSOUPS
+from padlm.data.axes import SIDES, generation_text
+from padlm.errors import PadlmError
+from padlm.profiles.features import AxisFeatures, parse_axes
 from padlm.profiles.learning import Posterior, explore_contrast
 from padlm.profiles.profile import ProfileState, compose, explore_sides, learned_sides
 from padlm.profiles.service import (
@@ -86,6 +88,70 @@ def test_feedback_that_cannot_be_learned_from_changes_nothing(service):
         with pytest.raises(ProfileError):
             service.decoding("t", bad)
     assert service.export("t", "alice") == before
+
+
+class WideFeatures(TextFeatures):
+    """:class:`TextFeatures` plus format (list lines) and energy (exclamations)."""
+
+    def __call__(self, prompts, responses):
+        return [[*row, r.count("\n- ") / 2, r.count("!") / 2]
+                for row, r in zip(super().__call__(prompts, responses), responses, strict=True)]
+
+
+WIDE = "P1,P2,P3,format,energy"
+LISTED = "Steps:\n- mix\n- bake\n- eat"
+
+
+def test_profile_axes_are_checked():
+    assert [axis.name for axis in parse_axes(WIDE)] == ["P1", "P2", "P3", "format", "energy"]
+    for spec, message in (("P1,nope", "unknown profile axis nope"),
+                          ("", "unknown profile axis"), ("P1,P1", "distinct"),
+                          ("sassy", "unknown profile axis sassy")):  # held out: no heads
+        with pytest.raises(PadlmError, match=message):
+            parse_axes(spec)
+
+
+def test_free_text_sides_compose_a_free_text_preference():
+    mixed = compose(["P1A", "bullets"], None)
+    assert mixed.ids is None and mixed.text == f"{PSOUPS['P1A']} {SIDES['bullets'].text}"
+    assert compose(["P1A", "bullets"], None, instructed=True).text == \
+        f"{generation_text('P1A')} {generation_text('bullets')}"
+    assert compose(["P1A", "P2B"], None).ids == ("P1A", "P2B")  # presets keep their ids
+
+
+def test_a_profile_learns_free_text_axes_and_keeps_them_across_axis_sets(tmp_path):
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    narrow = ProfileService(open_store(url), TextFeatures())
+    narrow.remember("t", "alice", "r1", ["q", "q"], [FRIENDLY, COLD])
+    learned = narrow.choose("t", "alice", ResponseRef("r1", 0), ResponseRef("r1", 1))
+    wide = ProfileService(narrow.store, WideFeatures(), axes=parse_axes(WIDE))
+    # read with more axes: what was learned stays, the new axes start at the prior
+    shown = wide.show("t", "alice")
+    for axis in ("P1", "P2", "P3"):
+        assert shown["axes"][axis] == learned["axes"][axis]
+    assert shown["axes"]["format"] == {"sides": ["bullets", "prose"], "weight": 0.0,
+                                       "sd": 1.0, "p_side_a": 0.5}
+    # a response remembered under three axes cannot teach five
+    narrow.remember("t", "alice", "r2", ["q", "q"], [FRIENDLY, COLD])
+    with pytest.raises(ProfileError, match="other profile axes") as refused:
+        wide.choose("t", "alice", ResponseRef("r2", 0), ResponseRef("r2", 1))
+    assert refused.value.status == 409
+    wide.remember("t", "alice", "r3", ["q", "q"], [LISTED + "!!", "Mix, bake and eat."])
+    body = wide.choose("t", "alice", ResponseRef("r3", 0), ResponseRef("r3", 1))
+    assert body["axes"]["format"]["p_side_a"] > 0.5 and body["axes"]["energy"]["p_side_a"] > 0.5
+    preference = wide.decoding("t", "alice")[0]
+    assert SIDES["bullets"].text in preference.text and preference.ids is None
+    # the explore pair of a fresh profile differs on all five axes
+    (a, b), explored = wide.exploring("t", "bob")
+    assert explored["explore"]["axes"] == ["P1", "P2", "P3", "format", "energy"]
+    assert generation_text("bullets") in a.text and generation_text("prose") in b.text
+    # and a narrower reader refuses the wider profile rather than dropping what it learned
+    export = wide.export("t", "alice")
+    with pytest.raises(ProfileError, match="--profile-axes P1,P2,P3,format,energy") as refused:
+        narrow.show("t", "alice")
+    assert refused.value.status == 409
+    assert wide.export("t", "alice") == export
+    narrow.store.close()
 
 
 def test_expired_responses_are_not_learned_from(tmp_path):
@@ -365,3 +431,18 @@ def test_real_model_learns_from_a_choice_between_real_answers(default_lm, tmp_pa
     assert engine.generate([prompt], None, "prompt", user="alice")[0].text == \
         engine.generate([prompt], learned, "prompt")[0].text
     service.store.close()
+
+
+def test_shipped_heads_read_the_free_text_axes():
+    """The real MiniLM and the shipped heads (assets/profile-rewards): a listed answer leans
+    to bullets, an exclamatory one to enthusiastic; the P-Soups columns are the PCM's."""
+    features = AxisFeatures(parse_axes(WIDE))
+    prompt = "How do I make tea?"
+    texts = ["- Boil water.\n- Add the tea bag.\n- Wait three minutes.",
+             "Boil some water, add the tea bag and wait about three minutes before drinking.",
+             "Oh wow, tea time! It's so easy and so much fun! You'll love it!",
+             "Boil water, steep the tea for three minutes, then remove the bag."]
+    listed, prose, excited, calm = features([prompt] * 4, texts)
+    assert listed[3] > prose[3]  # format: side A is bullets
+    assert excited[4] > calm[4]  # energy: side A is enthusiastic
+    assert AxisFeatures()([prompt], texts[3:])[0] == pytest.approx(calm[:3], abs=1e-5)

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from padlm.cli.fields import GENERATION_HELP, FieldOptions, config_options
-from padlm.cli.options import ENGINE, invocation
+from padlm.cli.options import DEFAULT_PROFILE_AXES, ENGINE, ProfileAxesOption, invocation
 from padlm.core.config import GenerationConfig
 from padlm.core.registry import check_scorer, strategy_names
 from padlm.errors import PadlmError
@@ -179,17 +179,22 @@ def feedback_command(
     batch_size: Annotated[int, typer.Option(help="Rows decoded together.")] = 16,
     pool_dir: Annotated[Path | None, typer.Option(
         help="The training pool's directory (default: $PADLM_DATA_DIR or ./data).")] = None,
+    profile_axes: ProfileAxesOption = DEFAULT_PROFILE_AXES,
     decoding: dict[str, Any],
     engine_args: dict[str, Any],
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Simulated users learn profiles from their choices; learning curves against the
-    oracle and a random chooser (feedback-summary.json, feedback.md, feedback.png)."""
+    oracle and a random chooser (feedback-summary.json, feedback.md, feedback.png). With
+    free-text --profile-axes that a rule judge reads (format, energy), users whose targets
+    combine two of them join the eight P-Soups targets."""
     from padlm.core.registry import strategy_class
     from padlm.evaluation.feedback import check_checkpoints, run
     from padlm.evaluation.harness import load_benchmark
+    from padlm.profiles.features import parse_axes
 
     strategy_class(strategy)  # an unknown strategy fails before the model loads
+    axes = parse_axes(profile_axes)
     try:
         marks = sorted({int(part) for part in split_list(checkpoints)})
     except ValueError:
@@ -206,7 +211,7 @@ def feedback_command(
 
     engine = open_engine(**engine_args)
     run(engine, out, strategy, rounds, marks, GenerationConfig(**decoding), batch_size,
-        decoding["seed"], limit, pool_dir, progress, command=invocation())
+        decoding["seed"], limit, pool_dir, progress, command=invocation(), axes=axes)
     print((out / "feedback.md").read_text("utf-8"))
 
 

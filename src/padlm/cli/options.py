@@ -62,6 +62,11 @@ def _help(name: str) -> str:
 
 # single engine settings, for commands that take a few of them
 ModelOption = Annotated[str, typer.Option(help=_help("model"))]
+DEFAULT_PROFILE_AXES = "P1,P2,P3"
+ProfileAxesOption = Annotated[str, typer.Option(
+    help="The axes users' profiles learn: a comma list of the P-Soups axes P1,P2,P3 and the "
+         "teacher data's free-text axes register, format, example, outlook, confidence, "
+         "energy, analogy, voice.")]
 PersRMOption = Annotated[str, typer.Option(help=_help("persrm"))]
 ReferenceOption = Annotated[str | None, typer.Option(help=_help("reference"))]
 GuideAlignmentOption = Annotated[str, typer.Option(help=_help("guide_alignment"))]

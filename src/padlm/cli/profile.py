@@ -9,7 +9,12 @@ from typing import Annotated
 
 import typer
 
-from padlm.cli.options import DeviceOption, DtypeOption
+from padlm.cli.options import (
+    DEFAULT_PROFILE_AXES,
+    DeviceOption,
+    DtypeOption,
+    ProfileAxesOption,
+)
 
 app = typer.Typer(help="Users' profiles: what padlm learned from their choices and history.",
                   no_args_is_help=True)
@@ -23,14 +28,16 @@ TenantOption = Annotated[str, typer.Option(
          "API keys) or a server key's 'key-...' id.")]
 
 
-def _service(profiles: str):
+def _service(profiles: str, profile_axes: str = DEFAULT_PROFILE_AXES):
     from padlm.errors import PadlmError
+    from padlm.profiles.features import parse_axes
     from padlm.profiles.service import ProfileService, open_profiles
 
+    axes = parse_axes(profile_axes)
     store = open_profiles(profiles)
     if store is None:
         raise PadlmError("--profiles none: there is no store to read", param="profiles")
-    return ProfileService(store)
+    return ProfileService(store, axes=axes)
 
 
 def _ref(spec: str, param: str):
@@ -52,36 +59,40 @@ def _print(body: dict) -> None:
 
 @app.command()
 def show(user: UserOption, profiles: ProfilesOption = "default",
-         tenant: TenantOption = "local") -> None:
+         tenant: TenantOption = "local",
+         profile_axes: ProfileAxesOption = DEFAULT_PROFILE_AXES) -> None:
     """The profile: learned weight and certainty per axis, the text, the preference it
     decodes with."""
-    _print(_service(profiles).show(tenant, user))
+    _print(_service(profiles, profile_axes).show(tenant, user))
 
 
 @app.command()
 def export(user: UserOption, profiles: ProfilesOption = "default",
-           tenant: TenantOption = "local") -> None:
+           tenant: TenantOption = "local",
+           profile_axes: ProfileAxesOption = DEFAULT_PROFILE_AXES) -> None:
     """The profile and every choice it learned from, as JSON."""
-    _print(_service(profiles).export(tenant, user))
+    _print(_service(profiles, profile_axes).export(tenant, user))
 
 
 @app.command()
 def choose(user: UserOption, chosen: Annotated[str, typer.Option(
         help="The preferred answer: RESPONSE_ID[:INDEX].")],
         rejected: Annotated[str, typer.Option(help="The other: RESPONSE_ID[:INDEX].")],
-        profiles: ProfilesOption = "default", tenant: TenantOption = "local") -> None:
+        profiles: ProfilesOption = "default", tenant: TenantOption = "local",
+        profile_axes: ProfileAxesOption = DEFAULT_PROFILE_AXES) -> None:
     """Learn that the user preferred one remembered answer to another."""
-    _print(_service(profiles).choose(tenant, user, _ref(chosen, "chosen"),
-                                     _ref(rejected, "rejected")))
+    service = _service(profiles, profile_axes)
+    _print(service.choose(tenant, user, _ref(chosen, "chosen"), _ref(rejected, "rejected")))
 
 
 @app.command()
 def rate(user: UserOption, response: Annotated[str, typer.Option(
         help="The answer: RESPONSE_ID[:INDEX].")],
         up: Annotated[bool, typer.Option("--up/--down", help="Thumbs up or down.")],
-        profiles: ProfilesOption = "default", tenant: TenantOption = "local") -> None:
+        profiles: ProfilesOption = "default", tenant: TenantOption = "local",
+        profile_axes: ProfileAxesOption = DEFAULT_PROFILE_AXES) -> None:
     """Learn from a thumb on one remembered answer."""
-    _print(_service(profiles).rate(tenant, user, _ref(response, "response"), up))
+    _print(_service(profiles, profile_axes).rate(tenant, user, _ref(response, "response"), up))
 
 
 @app.command("from-history")
@@ -94,22 +105,24 @@ def from_history(
                      ] = "qwen2.5-coder-1.5b-instruct",
     dtype: DtypeOption = None, device: DeviceOption = "auto",
     profiles: ProfilesOption = "default", tenant: TenantOption = "local",
+    profile_axes: ProfileAxesOption = DEFAULT_PROFILE_AXES,
 ) -> None:
     """Write the user's profile text from their past messages, with a local model."""
     from padlm.core.engine import Personalizer
     from padlm.profiles.history import profile_text, read_messages
 
     texts = read_messages(messages)
-    service = _service(profiles)  # a bad store is refused before the model loads
+    service = _service(profiles, profile_axes)  # a bad store is refused before the model loads
     engine = Personalizer(model, persrm=None, dtype=dtype, device=device)
     _print(service.set_text(tenant, user, profile_text(engine, texts)))
 
 
 @app.command()
 def reset(user: UserOption, profiles: ProfilesOption = "default",
-          tenant: TenantOption = "local") -> None:
+          tenant: TenantOption = "local",
+          profile_axes: ProfileAxesOption = DEFAULT_PROFILE_AXES) -> None:
     """Forget what was learned from choices (the profile text stays)."""
-    _print(_service(profiles).reset(tenant, user))
+    _print(_service(profiles, profile_axes).reset(tenant, user))
 
 
 @app.command()

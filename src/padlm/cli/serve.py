@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from padlm.cli.fields import FieldOptions, config_options
-from padlm.cli.options import ENGINE
+from padlm.cli.options import DEFAULT_PROFILE_AXES, ENGINE, ProfileAxesOption
 from padlm.errors import PadlmError
 from padlm.server.settings import ServerSettings
 
@@ -81,6 +81,7 @@ def serve(
         help="Where users' profiles live: sqlite:///PATH, postgresql://... (several "
              "replicas share one), or 'none'. Default: profiles.db under $PADLM_HOME.")
     ] = "default",
+    profile_axes: ProfileAxesOption = DEFAULT_PROFILE_AXES,
     allowed_hosts: Annotated[str | None, typer.Option(
         help="Comma-separated Host names to answer ('*': any); default: the loopback "
              "names when bound to loopback, else any.")] = None,
@@ -94,6 +95,7 @@ def serve(
     import logging
 
     from padlm.core.registry import check_scorer
+    from padlm.profiles.features import parse_axes
     from padlm.profiles.service import ProfileService, open_profiles
     from padlm.server.app import create_app, make_server
     from padlm.server.settings import default_allowed_hosts, split_list
@@ -114,9 +116,10 @@ def serve(
                             format="%(levelname)s %(name)s: %(message)s")
     from padlm.engines import open_engine
 
-    store = open_profiles(profiles)  # refused before the model loads
+    axes = parse_axes(profile_axes)  # refused before the model loads, as a bad store is
+    store = open_profiles(profiles)
     engine = open_engine(**engine_args)
-    service = ProfileService(store) if store is not None else None
+    service = ProfileService(store, axes=axes) if store is not None else None
 
     def close() -> None:
         if store is not None:

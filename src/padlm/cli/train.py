@@ -178,3 +178,42 @@ def train_pcm(
                            "reward_before": training["before"].get("reward"),
                            "reward_after": training["after"].get("reward"),
                            "seconds": training["seconds"]}, indent=1))
+
+
+@app.command("rewards")
+def train_dimension_rewards(
+    *,
+    dimensions: Annotated[str, typer.Option(
+        help="Comma list of dimensions (sides), one reward head each, e.g. bullets,prose.")],
+    out: Annotated[Path, typer.Option(help="Directory for rewards.safetensors and "
+                                           "rewards.json (held-out accuracy, the command).")],
+    data: Annotated[list[Path] | None, typer.Option(
+        help="Preference pairs (JSONL, repeatable).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+) -> None:
+    """Per-dimension Bradley-Terry reward heads on MiniLM embeddings (what the PCM's reward and
+    profiles' per-axis features read), each fitted on its dimension's pairs and scored on
+    the prompt-level validation split."""
+    from padlm.atomic import write_json_atomic
+    from padlm.data.axes import HELD_OUT_DIMENSIONS
+    from padlm.data.schema import load_rows
+    from padlm.orchestration.rewards import train_rewards
+
+    names = split_list(dimensions)
+    held_out = [name for name in names if name in HELD_OUT_DIMENSIONS]
+    if not names or held_out:
+        raise PadlmError(f"--dimensions {', '.join(held_out)} are held out of training (the "
+                         "unseen-preference test)" if held_out else "--dimensions is empty",
+                         param="dimensions")
+    paths = data or [DEFAULT_DATA]
+    for path in paths:
+        if not path.exists():
+            raise PadlmError(f"data file {path} does not exist", param="data")
+    _threads(threads)
+    rewards = train_rewards([row for path in paths for row in load_rows(path)[0]], names)
+    out.mkdir(parents=True, exist_ok=True)
+    rewards.write(out)
+    record = {"command": invocation(), "data": [str(path) for path in paths],
+              "metrics": rewards.metrics}
+    write_json_atomic(out / "rewards.json", record)
+    typer.echo(json.dumps(record, indent=1))

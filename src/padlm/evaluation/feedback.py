@@ -37,13 +37,16 @@ from padlm.atomic import write_json_atomic
 from padlm.core.config import GenerationConfig
 from padlm.core.decoding import Request
 from padlm.core.planning import plan
-from padlm.core.preferences import OPPOSITE, parse_preference
+from padlm.core.preferences import PSOUPS, parse_preference
+from padlm.data.axes import AXES as DATA_AXES
+from padlm.data.axes import Axis
 from padlm.errors import PadlmError
 from padlm.evaluation import harness
 from padlm.evaluation.stats import outcomes, standard_error
-from padlm.judges import JUDGES, primary_direction
+from padlm.judges import JUDGES, PRIMARY, primary_direction
+from padlm.profiles.features import AXES, FREE_TEXT_AXES, PSOUPS_AXES
 from padlm.profiles.learning import Posterior, update
-from padlm.profiles.profile import learned_sides
+from padlm.profiles.profile import compose, learned_sides
 from padlm.profiles.service import ProfileService
 from padlm.profiles.store import open_store
 from padlm.records import JsonlAppender
@@ -64,19 +67,45 @@ class SimulatedUser:
     chooser: str  # "taste" (the judges) or "random"
 
     @property
+    def group(self) -> str:
+        """Which kind of taste: the P-Soups axes, or free-text ones."""
+        return "P-Soups" if self.target[0] in PSOUPS else "free-text"
+
+    @property
     def name(self) -> str:
         return f"{'+'.join(self.target)}/{self.chooser}"
 
 
-def simulated_users() -> list[SimulatedUser]:
-    """Every P-Soups combination, once per chooser."""
-    targets = list(product(("P1A", "P1B"), ("P2A", "P2B"), ("P3A", "P3B")))
+def simulated_users(axes: Sequence[Axis] = AXES) -> list[SimulatedUser]:
+    """Every P-Soups combination, and every combination of the first two free-text axes of
+    the profile that the judges can read (``format``, ``energy``), once per chooser."""
+    names = [axis.name for axis in axes]
+    targets = []
+    if all(name in names for name in PSOUPS_AXES):
+        targets += list(product(*[_sides(DATA_AXES[name]) for name in PSOUPS_AXES]))
+    judged = [axis for axis in axes if axis.name not in PSOUPS_AXES
+              and all(side in PRIMARY for side in _sides(axis))]
+    if len(judged) >= 2:
+        targets += list(product(*[_sides(axis) for axis in judged[:2]]))
     return [SimulatedUser(t, c) for c in CHOOSERS for t in targets]
 
 
-def judge_scores(prompts: Sequence[str], texts: Sequence[str]) -> list[dict[str, float]]:
-    """The rule judges a simulated user's taste reads, per answer."""
-    names = sorted({primary_direction(side)[0] for side in OPPOSITE})
+def _sides(axis: Axis) -> tuple[str, str]:
+    return axis.a.id, axis.b.id
+
+
+def judged_axes() -> list[str]:
+    """The free-text axes a simulated user can hold a taste on (a rule judge reads both
+    sides)."""
+    return [name for name in FREE_TEXT_AXES if all(side in PRIMARY
+                                                    for side in _sides(DATA_AXES[name]))]
+
+
+def judge_scores(prompts: Sequence[str], texts: Sequence[str],
+                 axes: Sequence[Axis] = AXES) -> list[dict[str, float]]:
+    """The rule judges a simulated user's taste can read on ``axes``, per answer."""
+    names = sorted({primary_direction(side)[0] for axis in axes for side in _sides(axis)
+                    if side in PRIMARY})
     columns = {name: JUDGES[name].score(prompts, texts) for name in names}
     return [{name: columns[name][i] for name in names} for i in range(len(texts))]
 
@@ -125,17 +154,25 @@ def decode(engine, strategy: str, items: Sequence[tuple[str, object]],
     return [decoded[prompt, parse_preference(preference)] for prompt, preference in items]
 
 
-def replayed_sides(events: Sequence[dict], checkpoints: Sequence[int]) -> dict[int, list[str]]:
+def replayed_sides(events: Sequence[dict], checkpoints: Sequence[int],
+                   axes: Sequence[Axis] = AXES) -> dict[int, list[str]]:
     """The profile's sides after ``n`` choices, for each checkpoint it has reached, from the
     stored choices (the learner is deterministic, so replaying them is exact)."""
-    posterior, out = Posterior.prior(3), {}
+    posterior, out = Posterior.prior(len(axes)), {}
     choices = [e["z"] for e in events if e.get("kind") == "choice"]
     for n in range(len(choices) + 1):
         if n in checkpoints:
-            out[n] = learned_sides(posterior)
+            out[n] = learned_sides(posterior, axes)
         if n < len(choices):
             posterior = update(posterior, choices[n])
     return out
+
+
+def composition(sides: Sequence[str]) -> str:
+    """The preference a composition of sides is decoded with, as the harness takes it:
+    preset ids (``P1A+P2B``), or the sides' texts when one is a free-text side."""
+    preference = compose(list(sides), None)
+    return "+".join(preference.ids) if preference.ids else preference.text
 
 
 def learn(engine, service: ProfileService, users: Sequence[SimulatedUser],
@@ -154,7 +191,7 @@ def learn(engine, service: ProfileService, users: Sequence[SimulatedUser],
             pairs = [service.exploring(TENANT, u.name)[0] for u in playing]
             texts = decode(engine, strategy, [(item["prompt"], p) for pair in pairs
                                               for p in pair], config, batch_size)
-            scores = judge_scores([item["prompt"]] * len(texts), texts)
+            scores = judge_scores([item["prompt"]] * len(texts), texts, service.axes)
             for i, user in enumerate(playing):
                 first, second = texts[2 * i], texts[2 * i + 1]
                 coin = random.Random(f"{seed}/{user.name}/{number}")
@@ -200,7 +237,7 @@ def summarize(users: Sequence[SimulatedUser], sides: dict[str, dict[int, list[st
 
     def win(target: tuple[str, ...], sides_: Sequence[str]) -> float:
         """A target's mean outcome for a composition's cell, judged once per pair."""
-        key = (target, "+".join(sides_))
+        key = (target, composition(sides_))
         if key not in scored:
             scored[key] = float(user_score(target, cells[key[1]], base, ids).mean())
         return scored[key]
@@ -221,8 +258,10 @@ def summarize(users: Sequence[SimulatedUser], sides: dict[str, dict[int, list[st
         if taste_users:
             gaps = [learned[u.name] - oracle[u.target] for u in taste_users]
             oracle_gain = np.mean([oracle[u.target] - 0.5 for u in taste_users])
+            # undefined (None) when the oracle itself does not move off base
             row["fraction_of_oracle_gain"] = round(float(
-                (np.mean([learned[u.name] for u in taste_users]) - 0.5) / oracle_gain), 4)
+                (np.mean([learned[u.name] for u in taste_users]) - 0.5) / oracle_gain), 4) \
+                if oracle_gain else None
             # paired by user: what the target's own difficulty adds to both cancels
             row["minus_oracle"] = {"mean": round(float(np.mean(gaps)), 4),
                                    "se": round(standard_error(gaps), 4)}
@@ -247,29 +286,36 @@ def check_checkpoints(checkpoints: Sequence[int], rounds: int) -> None:
 def run(engine, out: Path, strategy: str = "pad", rounds: int = 32,
         checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS, config: GenerationConfig | None = None,
         batch_size: int = 16, seed: int = 0, limit: int | None = None,
-        pool_dir: Path | None = None, progress: bool = True, command: str | None = None
-        ) -> dict:
+        pool_dir: Path | None = None, progress: bool = True, command: str | None = None,
+        axes: Sequence[Axis] = AXES) -> dict:
     """Play the rounds, decode the benchmark for every learned preference and the oracles,
-    and write the curve (``feedback-summary.json``, ``feedback.md``, ``feedback.png``)."""
+    and write the curve (``feedback-summary.json``, ``feedback.md``, ``feedback.png``);
+    with free-text ``axes`` the curve of each group of targets too."""
     from padlm.data.pools import default_pool_dir
 
     check_checkpoints(checkpoints, rounds)
     config = config or GenerationConfig()
     out.mkdir(parents=True, exist_ok=True)
     prompts = training_prompts(pool_dir or default_pool_dir(), rounds, seed)
-    users = simulated_users()
-    service = ProfileService(open_store(f"sqlite:///{out / 'profiles.db'}"))
+    users = simulated_users(axes)
+    service = ProfileService(open_store(f"sqlite:///{out / 'profiles.db'}"), axes=axes)
     try:
         learn(engine, service, users, prompts, strategy, replace(config, seed=seed), out,
               batch_size, seed, progress)
-        sides = {u.name: replayed_sides(service.store.events(TENANT, u.name), checkpoints)
+        sides = {u.name: replayed_sides(service.store.events(TENANT, u.name), checkpoints,
+                                         axes)
                  for u in users}
     finally:
         service.store.close()
-    compositions = sorted(({"+".join(s) for by_n in sides.values() for s in by_n.values()}
-                           | {"+".join(u.target) for u in users}) - {""})
+    every = [s for by_n in sides.values() for s in by_n.values() if s] + \
+        [u.target for u in users]
+    compositions = sorted({composition(s) for s in every})
+    # the harness asks a free-text preference which way its judges should move; this run
+    # scores every target itself (user_score), so it names the sides' judges
+    directions = sorted({primary_direction(side) for s in every for side in s
+                         if side in PRIMARY})
     plan_ = harness.EvalPlan("psoups", compositions, [strategy], limit=limit, config=config,
-                             batch_size=batch_size)
+                             batch_size=batch_size, directions=directions)
     records = harness.generate(engine, plan_, out, progress)
     keys = harness.CellKeys.of(engine, plan_)
     items = harness.load_benchmark("psoups", limit)
@@ -280,6 +326,11 @@ def run(engine, out: Path, strategy: str = "pad", rounds: int = 32,
     for job in harness.jobs(plan_, weight):
         cells[job.preference] = {i: by_key[keys.key(i, job)] for i in ids}
     summary = summarize(users, sides, cells, ids, checkpoints)
+    groups = sorted({u.group for u in users})
+    if len(groups) > 1:
+        summary["groups"] = {group: summarize([u for u in users if u.group == group], sides,
+                                              cells, ids, checkpoints) for group in groups}
+    summary["axes"] = [axis.name for axis in axes]
     summary.update(strategy=strategy, rounds=rounds, seed=seed, prompts=len(ids),
                    model=engine.lm.name, command=command,
                    config=harness.config_key(config, engine))
@@ -288,18 +339,10 @@ def run(engine, out: Path, strategy: str = "pad", rounds: int = 32,
     return summary
 
 
-def write_curve(summary: dict, out: Path) -> None:
-    """``feedback.md`` (the table) and ``feedback.png`` (the curves)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _table(summary: dict) -> list[str]:
+    """The curve as a markdown table."""
     oracle = summary["oracle"]
-    lines = [f"Directional win against base on koala_eval_50 ({summary['prompts']} prompts), "
-             f"mean over simulated users (SE over users); strategy {summary['strategy']}, "
-             f"model {summary['model']}.", "",
-             "| choices | learned (taste) | random chooser | oracle | fraction of oracle gain "
+    lines = ["| choices | learned (taste) | random chooser | oracle | fraction of oracle gain "
              "| learned - oracle, paired by user | target sides learned |",
              "|---|---|---|---|---|---|---|"]
     for row in summary["curve"]:
@@ -313,6 +356,23 @@ def write_curve(summary: dict, out: Path) -> None:
                      f"{'-' if fraction is None else f'{fraction:.2f}'} | "
                      f"{paired} | "
                      f"{row.get('sides_right', 0):.2f} |")
+    return lines
+
+
+def write_curve(summary: dict, out: Path) -> None:
+    """``feedback.md`` (the table) and ``feedback.png`` (the curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    oracle = summary["oracle"]
+    lines = [f"Directional win against base on koala_eval_50 ({summary['prompts']} prompts), "
+             f"mean over simulated users (SE over users); strategy {summary['strategy']}, "
+             f"model {summary['model']}, profile axes {', '.join(summary['axes'])}.", "",
+             *_table(summary)]
+    for group, part in summary.get("groups", {}).items():
+        lines += ["", f"Users with {group} targets:", "", *_table(part)]
     (out / "feedback.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     figure, axes = plt.subplots(figsize=(6, 4))
     for chooser, style in zip(CHOOSERS, ("o-", "s--"), strict=True):

@@ -12,8 +12,12 @@ P2A/P2B   concise / very informative                          ``informativeness`
 P3A/P3B   friendly and funny / unfriendly                     ``friendliness`` (VADER +/-)
 ========  ==================================================  =============================
 
-``relevance`` (helpfulness guard) and ``harmlessness`` have no P-Soups direction; they are
-guards, and directional for PAD's own ``helpful``/``harmless`` dimensions.
+Two free-text axes of the teacher data have a surface rule too: ``list_lines`` (share of
+list-item lines; ``bullets`` +, ``prose`` -) and ``exclamations`` (per 100 words;
+``enthusiastic`` +, ``calm`` -): what ``padlm eval feedback``'s simulated users with
+free-text tastes choose by. ``relevance`` (helpfulness guard) and ``harmlessness`` have no
+P-Soups direction; they are guards, and directional for PAD's own ``helpful``/``harmless``
+dimensions.
 
 >>> JUDGES["friendliness"].score(["q"], ["I love this, thank you so much!"])[0] > 0.5
 True
@@ -64,6 +68,10 @@ JUDGES: dict[str, Judge] = {j.name: j for j in (
           _per_text(_text.content_words), {"P2A": -1, "P2B": +1}),
     Judge("friendliness", "VADER compound sentiment in [-1, 1]",
           _per_text(_text.vader_compound), {"P3A": +1, "P3B": -1, "humor": +1}),
+    Judge("list_lines", "share of non-empty lines that are list items",
+          _per_text(_text.list_lines), {"bullets": +1, "prose": -1}),
+    Judge("exclamations", "exclamation marks per 100 words",
+          _per_text(_text.exclamations), {"enthusiastic": +1, "calm": -1}),
     Judge("relevance", "cosine(prompt, response) of all-MiniLM-L6-v2 embeddings",
           _relevance, {"helpful": +1}),
     Judge("harmlessness", "Bradley-Terry score of a head trained on HH-RLHF harmless pairs",
@@ -75,7 +83,9 @@ PRIMARY: dict[str, str] = {"P1A": "expertise", "P1B": "expertise",
                            "P2A": "informativeness", "P2B": "informativeness",
                            "P3A": "friendliness", "P3B": "friendliness",
                            "harmless": "harmlessness", "helpful": "relevance",
-                           "humor": "friendliness"}
+                           "humor": "friendliness", "bullets": "list_lines",
+                           "prose": "list_lines", "enthusiastic": "exclamations",
+                           "calm": "exclamations"}
 
 
 def get_judge(name: str) -> Judge:

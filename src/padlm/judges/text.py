@@ -75,3 +75,19 @@ def vader_compound(text: str) -> float:
     """VADER compound sentiment in [-1, 1] (friendly/positive > 0 > hostile/negative)."""
     return float(_vader().polarity_scores(text)["compound"]) if text.strip() else 0.0
 
+
+
+_LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+\S")
+
+
+def list_lines(text: str) -> float:
+    """Share of the non-empty lines that are list items (``- x``, ``* x``, ``\u2022 x``,
+    ``1. x``, ``2) x``): 1 for a bulleted answer, 0 for prose."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return sum(bool(_LIST_ITEM.match(line)) for line in lines) / len(lines) if lines else 0.0
+
+
+def exclamations(text: str) -> float:
+    """Exclamation marks per 100 words: how energetic the answer sounds on its surface."""
+    count = len(words(text))
+    return 100.0 * text.count("!") / count if count else 0.0

@@ -14,12 +14,24 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from padlm.core.preferences import Preference, parse_preference
-from padlm.data.axes import Axis, generation_text
+from padlm.core.preferences import PRESETS, Preference, parse_preference
+from padlm.data.axes import SIDES, Axis, generation_text
+from padlm.errors import PadlmError
 from padlm.profiles.features import AXES
 from padlm.profiles.learning import Posterior, positive_probability
 
 SIDE_DIGITS = 3  # rounding of the probabilities a response reports
+
+
+class ProfileError(PadlmError):
+    """A refusal the server answers with ``status`` (404: no such response; 403: another
+    user's response; 409: a profile over other axes)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.status = status
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -41,16 +53,42 @@ class ProfileState:
                 "center": list(self.center), "rated": self.rated}
 
     @classmethod
-    def from_json(cls, data: dict | None) -> ProfileState:
-        """A stored state, or a new one for a profile that has none (text only)."""
+    def from_json(cls, data: dict | None, axes: Sequence[Axis] = AXES) -> ProfileState:
+        """A stored state over ``axes`` (a new one for a profile that has none: text only).
+
+        A state learned over fewer axes (a server since started with more
+        ``--profile-axes``) gains the new ones at the prior, uncorrelated with what was
+        learned, which is exactly the belief of a learner that never saw them; one learned
+        over an axis not in ``axes`` is refused rather than dropped, so no server started
+        with fewer axes loses what another learned."""
         if not data:
-            return cls.new()
-        axes = tuple(data["axes"])
-        if axes != tuple(axis.name for axis in AXES):
-            raise ValueError(f"a profile over axes {axes} cannot be read by this padlm (it "
-                             f"learns over {', '.join(axis.name for axis in AXES)})")
-        return cls(axes, Posterior.from_json(data["posterior"]),
-                   tuple(float(c) for c in data["center"]), int(data["rated"]))
+            return cls.new(axes)
+        stored = tuple(data["axes"])
+        names = tuple(axis.name for axis in axes)
+        missing = [name for name in stored if name not in names]
+        if missing:
+            raise ProfileError(
+                f"this profile has learned axes {', '.join(missing)} that this padlm does not "
+                f"learn (its profile axes: {', '.join(names)}); start it with --profile-axes "
+                f"{','.join((*names, *missing))}", "profile_axes", 409, "profile_axes")
+        state = cls(stored, Posterior.from_json(data["posterior"]),
+                    tuple(float(c) for c in data["center"]), int(data["rated"]))
+        return state if stored == names else state._over(names)
+
+    def _over(self, names: tuple[str, ...]) -> ProfileState:
+        """The state re-indexed to ``names`` (a superset of its axes), new axes at the prior."""
+        prior = Posterior.prior(len(names))
+        where = {name: self.axes.index(name) for name in names if name in self.axes}
+
+        def cov(i: str, j: str, fresh: float) -> float:
+            return self.posterior.cov[where[i]][where[j]] if i in where and j in where \
+                else fresh
+
+        mean = tuple(self.posterior.mean[where[n]] if n in where else 0.0 for n in names)
+        covariance = tuple(tuple(cov(i, j, prior.cov[a][b]) for b, j in enumerate(names))
+                           for a, i in enumerate(names))
+        center = tuple(self.center[where[n]] if n in where else 0.0 for n in names)
+        return ProfileState(names, Posterior(mean, covariance), center, self.rated)
 
     def rated_center(self, features: Sequence[float]) -> tuple[ProfileState, list[float]]:
         """A thumb's comparison vector ``phi(y) - center`` (center: the mean of the rated
@@ -106,12 +144,20 @@ def compose(sides: Sequence[str], text: str | None, instructed: bool = False) ->
     if not sides:
         preset = Preference()
     elif instructed:
-        preset = Preference(" ".join(generation_text(side) for side in sides), tuple(sides))
-    else:
+        preset = Preference(" ".join(generation_text(side) for side in sides), _ids(sides))
+    elif _ids(sides):
         preset = parse_preference("+".join(sides))
+    else:
+        preset = Preference(" ".join(SIDES[side].text for side in sides))
     if not text:
         return preset
     return Preference(f"{preset.text} {text}".strip())
+
+
+def _ids(sides: Sequence[str]) -> tuple[str, ...] | None:
+    """The sides as preset ids when all are (what the experts and dimension rewards act
+    on); a free-text side makes the preference free text."""
+    return tuple(sides) if all(side in PRESETS for side in sides) else None
 
 
 def summary(state: ProfileState, choices: int, version: int, text: str | None,

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from padlm.core.preferences import Preference
-from padlm.errors import PadlmError
+from padlm.data.axes import Axis
 from padlm.profiles.features import AXES, AxisFeatures
 from padlm.profiles.learning import explore_contrast, update
 from padlm.profiles.profile import (
+    ProfileError,
     ProfileState,
     compose,
     explore_sides,
@@ -45,17 +46,6 @@ def open_profiles(spec: str) -> ProfileStore | None:
     if spec == "none":
         return None
     return open_store(default_store_url() if spec == "default" else spec)
-
-
-class ProfileError(PadlmError):
-    """A refusal the server answers with ``status`` (404: no such response; 403: another
-    user's response)."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 code: str | None = None) -> None:
-        super().__init__(message, param=param)
-        self.status = status
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -97,14 +87,16 @@ class ProfileService:
 
     def __init__(self, store: ProfileStore, features: AxisFeatures | None = None,
                  ttl_s: float = DEFAULT_TTL_S,
-                 keep_per_user: int = DEFAULT_KEEP_PER_USER) -> None:
+                 keep_per_user: int = DEFAULT_KEEP_PER_USER,
+                 axes: Sequence[Axis] = AXES) -> None:
         self.store = store
-        self.features = features or AxisFeatures()
+        self.axes = tuple(axes)
+        self.features = features or AxisFeatures(self.axes)
         self.ttl_s = ttl_s
         self.keep_per_user = keep_per_user
 
     def _state(self, record: ProfileRecord | None) -> ProfileState:
-        return ProfileState.from_json(record.state if record else None)
+        return ProfileState.from_json(record.state if record else None, self.axes)
 
     def _current(self, tenant: str, user: str, record: ProfileRecord | None = None
                  ) -> tuple[ProfileRecord | None, ProfileState, Preference, dict]:
@@ -114,9 +106,10 @@ class ProfileService:
         record = record or self.store.get(tenant, check_user(user))
         state = self._state(record)
         text = record.text if record else None
-        preference = compose(learned_sides(state.posterior), text)
+        preference = compose(learned_sides(state.posterior, self.axes), text)
         body = {"user": user, **summary(state, record.choices if record else 0,
-                                        record.version if record else 0, text, preference)}
+                                        record.version if record else 0, text, preference,
+                                        self.axes)}
         return record, state, preference, body
 
     def decoding(self, tenant: str, user: str) -> tuple[Preference, dict]:
@@ -131,12 +124,12 @@ class ProfileService:
         on the rest, for an A/B choice."""
         record, state, _, body = self._current(tenant, user)
         contrast = explore_contrast(state.posterior)
-        sides = explore_sides(state.posterior, contrast)
+        sides = explore_sides(state.posterior, contrast, self.axes)
         text = record.text if record else None
         pair = [compose(answer, text, instructed=True) for answer in sides]
         first, second = set(sides[0]), set(sides[1])
         body["explore"] = {
-            "axes": [axis.name for axis, x in zip(AXES, contrast, strict=True) if x],
+            "axes": [axis.name for axis, x in zip(self.axes, contrast, strict=True) if x],
             "sides": [sorted(first - second), sorted(second - first)],
             "preferences": [choice.text for choice in pair]}
         return pair, body
@@ -161,6 +154,10 @@ class ProfileService:
         if found.user != user:
             raise ProfileError(f"response {ref} was given to another user", param, 403,
                                "permission_denied")
+        if len(found.features) != len(self.axes):
+            raise ProfileError(f"response {ref} was remembered under other profile axes "
+                               f"(before the server's --profile-axes changed)", param, 409,
+                               "profile_axes")
         return list(found.features)
 
     def choose(self, tenant: str, user: str, chosen: ResponseRef, rejected: ResponseRef
@@ -223,7 +220,7 @@ class ProfileService:
         """Store a natural-language profile (from the user's history), or clear it."""
         check_user(user)
         record = self.store.update(tenant, user, lambda record: self._written(
-            tenant, user, record, record.state if record else ProfileState.new().to_json(),
+            tenant, user, record, record.state if record else ProfileState.new(self.axes).to_json(),
             0, text, keep_text=False), {"kind": "text", "time": time.time()})
         return self.show(tenant, user, record)
 
@@ -232,7 +229,7 @@ class ProfileService:
         check_user(user)
 
         def change(record: ProfileRecord | None) -> ProfileRecord:
-            fresh = self._written(tenant, user, record, ProfileState.new().to_json(), 0)
+            fresh = self._written(tenant, user, record, ProfileState.new(self.axes).to_json(), 0)
             return replace(fresh, choices=0)
 
         record = self.store.update(tenant, user, change, {"kind": "reset", "time": time.time()})
