@@ -215,3 +215,25 @@ def test_playground_ab_learns_the_users_profile(default_lm, tmp_path):
         expect(status).to_contain_text("400")
         expect(status).to_contain_text("needs a server with profiles")
         expect(page.locator("#ab-prefer-1")).to_be_disabled()
+
+
+def test_playground_ab_names_free_text_sides(tiny_engine, tmp_path):
+    """A server learning free-text axes too (--profile-axes): the table has a row per axis
+    and each answer names its free-text sides by their own names."""
+    from playwright.sync_api import expect
+
+    from padlm.profiles.features import parse_axes
+
+    profiles = ProfileService(open_store(f"sqlite:///{tmp_path / 'p.db'}"),
+                              axes=parse_axes("P1,P2,P3,format,energy"))
+    with playground(tiny_engine, profiles) as (page, _):
+        expect(page.locator("#ab-profile tbody tr")).to_have_count(5)
+        page.fill("#prompt", "Say hi.")
+        page.fill("#max-tokens", "4")
+        page.click("#ab-run")  # the tiny random model may answer blanks: only the labels count
+        expect(page.locator("#ab-status")).to_have_attribute("data-state", "ready",
+                                                             timeout=60_000)
+        assert page.locator("#ab-side-0").inner_text() == \
+            "(P1A: simple · P2A: concise · P3A: friendly · bullets · enthusiastic)"
+        assert page.locator("#ab-side-1").inner_text() == \
+            "(P1B: expert · P2B: detailed · P3B: unfriendly · prose · calm)"

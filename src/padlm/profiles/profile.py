@@ -115,6 +115,15 @@ def learned_sides(posterior: Posterior, axes: Sequence[Axis] = AXES,
     return sides
 
 
+def contrasted_sides(contrast: Sequence[int], axes: Sequence[Axis] = AXES
+                     ) -> tuple[list[str], list[str]]:
+    """Each explore answer's sides on the axes ``contrast`` moves, in axis order
+    (``x_a = +1``: the first answer takes side A)."""
+    moved = [(axis, x) for axis, x in zip(axes, contrast, strict=True) if x]
+    return ([(axis.a if x > 0 else axis.b).id for axis, x in moved],
+            [(axis.b if x > 0 else axis.a).id for axis, x in moved])
+
+
 def explore_sides(posterior: Posterior, contrast: Sequence[int],
                   axes: Sequence[Axis] = AXES) -> tuple[list[str], list[str]]:
     """The sides of an explore pair's two answers for ``contrast``
@@ -122,12 +131,8 @@ def explore_sides(posterior: Posterior, contrast: Sequence[int],
     axis, and the profile's own lean (if any) on both for the rest, so neither answer gives
     up what the profile already knows."""
     kept = learned_sides(posterior, axes, skip=[a for a, x in enumerate(contrast) if x])
-    first, second = list(kept), list(kept)
-    for axis, x in zip(axes, contrast, strict=True):
-        if x:
-            first.append(axis.a.id if x > 0 else axis.b.id)
-            second.append(axis.b.id if x > 0 else axis.a.id)
-    return sorted(first), sorted(second)
+    first, second = contrasted_sides(contrast, axes)
+    return sorted([*kept, *first]), sorted([*kept, *second])
 
 
 def compose(sides: Sequence[str], text: str | None, instructed: bool = False) -> Preference:

@@ -22,6 +22,7 @@ from padlm.profiles.profile import (
     ProfileError,
     ProfileState,
     compose,
+    contrasted_sides,
     explore_sides,
     learned_sides,
     summary,
@@ -127,10 +128,9 @@ class ProfileService:
         sides = explore_sides(state.posterior, contrast, self.axes)
         text = record.text if record else None
         pair = [compose(answer, text, instructed=True) for answer in sides]
-        first, second = set(sides[0]), set(sides[1])
         body["explore"] = {
             "axes": [axis.name for axis, x in zip(self.axes, contrast, strict=True) if x],
-            "sides": [sorted(first - second), sorted(second - first)],
+            "sides": list(contrasted_sides(contrast, self.axes)),
             "preferences": [choice.text for choice in pair]}
         return pair, body
 
