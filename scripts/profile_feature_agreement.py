@@ -28,42 +28,47 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from itertools import product
 from pathlib import Path
 
 import numpy as np
 
 from padlm.atomic import write_json_atomic
+from padlm.data.axes import Axis
 from padlm.data.pools import default_pool_dir, self_instruct_prompts
 from padlm.evaluation.feedback import ROUNDS_FILE, judge_scores
 from padlm.judges import primary_direction
-from padlm.profiles.features import AXES, AxisFeatures
+from padlm.profiles.features import AXES, AxisFeatures, parse_axes
 from padlm.records import read_jsonl
 
 
-def agreement(features: list[list[float]], judges: list[dict[str, float]]) -> dict:
-    """Per axis: pairs (answers 2i, 2i+1) where both differences are non-zero, and the share
-    of them whose signs agree."""
+def agreement(features: list[list[float]], judges: list[dict[str, float]],
+              axes: Sequence[Axis] = AXES) -> dict:
+    """Per axis: pairs (answers 2i, 2i+1) where both differences are non-zero, the share of
+    them whose signs agree, and how many pairs the judge scored alike (a simulated user's
+    abstention) although the feature differed."""
     out = {}
-    for index, axis in enumerate(AXES):
+    for index, axis in enumerate(axes):
         judge, sign = primary_direction(axis.a.id)
-        agree = counted = 0
+        agree = counted = ties = 0
         for i in range(0, len(features), 2):
             feature = features[i][index] - features[i + 1][index]
             judged = sign * (judges[i][judge] - judges[i + 1][judge])
+            ties += bool(feature) and not judged
             if feature and judged:
                 counted += 1
                 agree += (feature > 0) == (judged > 0)
         out[axis.name] = {"pairs": counted, "agree": round(agree / counted, 3)
-                          if counted else None}
+                          if counted else None, "judge_ties": ties}
     return out
 
 
-def design_features(rounds: list[dict]) -> list[list[float]]:
+def design_features(rounds: list[dict], axes: Sequence[Axis] = AXES) -> list[list[float]]:
     """Per answer and axis: +1 when it was decoded for side A, -1 for side B, 0 for neither
     (its preference text names each side's preset text)."""
     return [[1.0 if axis.a.text in preference else -1.0 if axis.b.text in preference else 0.0
-             for axis in AXES] for r in rounds for preference in r["preferences"]]
+             for axis in axes] for r in rounds for preference in r["preferences"]]
 
 
 def ideal_sides_right(agree: list[float], choices: int, trials: int = 4000,
@@ -97,7 +102,8 @@ def ideal_sides_right(agree: list[float], choices: int, trials: int = 4000,
             "targets_right": round(whole / trials, 3)}
 
 
-def persrm_features(prompts: list[str], texts: list[str]) -> list[list[float]]:
+def persrm_features(prompts: list[str], texts: list[str], axes: Sequence[Axis] = AXES
+                    ) -> list[list[float]]:
     """``(R(y | A) - R(y | B)) / 2`` per axis with the shipped PersRM (its implicit reward)."""
     from padlm.core.engine import Personalizer
     from padlm.core.prompting import render
@@ -110,7 +116,7 @@ def persrm_features(prompts: list[str], texts: list[str]) -> list[list[float]]:
                  or [tokenizer.eos_token_id] for t in texts]
     neutral = [render(tokenizer, p, "", engine.placement) for p in prompts]
     columns = []
-    for axis in AXES:
+    for axis in axes:
         sides = [scorer.score_ids([render(tokenizer, p, side.text, engine.placement)
                                    for p in prompts], responses, neutral)
                  for side in (axis.a, axis.b)]
@@ -124,22 +130,26 @@ def main() -> None:
     parser.add_argument("--persrm-pairs", type=int, default=0,
                         help="also score the first N pairs with the PersRM (0: not)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile-axes", default="P1,P2,P3",
+                        help="the axes the run's profiles learned (its --profile-axes)")
     args = parser.parse_args()
+    axes = parse_axes(args.profile_axes)
     pool = {p.id: p.prompt for p in self_instruct_prompts(default_pool_dir())}
     rounds = read_jsonl(args.run / ROUNDS_FILE)
     prompts = [pool[r["prompt"]] for r in rounds for _ in r["texts"]]
     texts = [t for r in rounds for t in r["texts"]]
-    judges = judge_scores(prompts, texts)
+    judges = judge_scores(prompts, texts, axes)
     record = {"run": str(args.run), "pairs": len(rounds),
-              "rewards": agreement(AxisFeatures()(prompts, texts), judges),
-              "design": agreement(design_features(rounds), judges)}
-    rates = [record["design"][axis.name]["agree"] for axis in AXES]
-    record["ideal"] = [ideal_sides_right(rates, n) for n in (2, 4, 8, 16, 32)]
+              "rewards": agreement(AxisFeatures(axes)(prompts, texts), judges, axes),
+              "design": agreement(design_features(rounds, axes), judges, axes)}
+    if axes == AXES:  # the ceiling's model is the P-Soups users' three-axis majority
+        rates = [record["design"][axis.name]["agree"] for axis in AXES]
+        record["ideal"] = [ideal_sides_right(rates, n) for n in (2, 4, 8, 16, 32)]
     if args.persrm_pairs:
         n = 2 * args.persrm_pairs
         began = time.perf_counter()
-        scored = persrm_features(prompts[:n], texts[:n])
-        record["persrm"] = {**agreement(scored, judges[:n]),
+        scored = persrm_features(prompts[:n], texts[:n], axes)
+        record["persrm"] = {**agreement(scored, judges[:n], axes),
                             "seconds_per_answer": round((time.perf_counter() - began) / n, 3)}
     write_json_atomic(args.out, record)
     print(json.dumps(record, indent=2))
