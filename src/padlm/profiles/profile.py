@@ -143,9 +143,10 @@ def compose(sides: Sequence[str], text: str | None, instructed: bool = False) ->
     ``instructed`` (explore pairs): each side's text followed by the stronger instruction
     the data sampler uses (:func:`~padlm.data.axes.generation_text`). Why: a choice teaches
     only as much as the two answers really differ, and a small model follows a mild
-    preference loosely; on 40 training-pool prompts (SmolLM2, ``pad``, 64 tokens) the
-    all-A/all-B pair moved the simulated user's judges the intended way 0.90 / 0.78 / 0.95
-    of the time (P1 / P2 / P3) with the instructions, 0.82 / 0.75 / 0.85 without."""
+    preference loosely; on 40 training-pool prompts (SmolLM2, ``pad``, 64 tokens;
+    ``scripts/explore_instruction_check.py``) the all-A/all-B pair moved the simulated
+    user's judges the intended way 0.90 / 0.775 / 0.95 of the time (P1 / P2 / P3) with the
+    instructions, 0.825 / 0.75 / 0.85 without."""
     if not sides:
         preset = Preference()
     elif instructed:
