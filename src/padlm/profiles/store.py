@@ -371,11 +371,26 @@ class SqliteStore(ProfileStore):
             cx = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                  check_same_thread=False)
             cx.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            cx.execute("PRAGMA journal_mode = WAL")
+            self._wal(cx)
         except sqlite3.Error as exc:
             raise PadlmError(f"cannot open the profile store {self.url}: {exc}",
                              param="profiles") from exc
         return cx
+
+    def _wal(self, cx: sqlite3.Connection) -> None:
+        """Switch to WAL, retrying while another connection holds the lock: SQLite answers
+        a journal-mode change on a file another replica is just creating with SQLITE_BUSY
+        at once, without waiting out ``busy_timeout`` (seen as "database is locked" when
+        several stores open a new file together)."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                cx.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if not self._retryable(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05))
 
     def _retryable(self, exc: BaseException) -> bool:
         code = getattr(exc, "sqlite_errorcode", None)
