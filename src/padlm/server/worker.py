@@ -446,12 +446,14 @@ class BatchWorker:
                     if self._owners[id(row)][0].ended]
             if not gone:
                 continue
-            batch.leave(gone)
+            # counted before the rows leave: whoever sees them gone (a metrics scrape, a
+            # test on another thread) also sees them counted
             for row in gone:
                 job, _ = self._owners.pop(id(row))
                 job.remaining -= 1
                 if job.cancelled:
                     self.stats["rows_cancelled"] += 1
+            batch.leave(gone)
         self._forget_ended()
 
     def _forget_ended(self) -> None:
