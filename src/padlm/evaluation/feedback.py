@@ -83,8 +83,7 @@ def simulated_users(axes: Sequence[Axis] = AXES) -> list[SimulatedUser]:
     targets = []
     if all(name in names for name in PSOUPS_AXES):
         targets += list(product(*[_sides(DATA_AXES[name]) for name in PSOUPS_AXES]))
-    judged = [axis for axis in axes if axis.name not in PSOUPS_AXES
-              and all(side in PRIMARY for side in _sides(axis))]
+    judged = [axis for axis in axes if axis.name in judged_axes()]
     if len(judged) >= 2:
         targets += list(product(*[_sides(axis) for axis in judged[:2]]))
     return [SimulatedUser(t, c) for c in CHOOSERS for t in targets]
@@ -142,8 +141,8 @@ def decode(engine, strategy: str, items: Sequence[tuple[str, object]],
     """Each (prompt, preference) with ``strategy``, users' rows sharing batches; texts in
     order. A (prompt, preference) several users were shown is decoded once (users of alike
     profiles are often shown the same pair; one input decodes to one text at one config)."""
-    distinct = list(dict.fromkeys((prompt, parse_preference(preference))
-                                  for prompt, preference in items))
+    keys = [(prompt, parse_preference(preference)) for prompt, preference in items]
+    distinct = list(dict.fromkeys(keys))
     requests = [plan(engine, strategy, Request(prompt, preference, config))
                 for prompt, preference in distinct]
     texts = []
@@ -151,7 +150,7 @@ def decode(engine, strategy: str, items: Sequence[tuple[str, object]],
         rows = engine.batch(strategy).run(requests[start:start + batch_size])
         texts.extend(row.text for row in rows)
     decoded = dict(zip(distinct, texts, strict=True))
-    return [decoded[prompt, parse_preference(preference)] for prompt, preference in items]
+    return [decoded[key] for key in keys]
 
 
 def replayed_sides(events: Sequence[dict], checkpoints: Sequence[int],
